@@ -1,0 +1,13 @@
+"""zest: pick the layers worth fine-tuning from one minibatch, then fine-tune them sparsely."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from zest.datasets import Dataset, known_datasets, load_dataset  # noqa: E402
+from zest.errors import ZestError  # noqa: E402
+from zest.layers import Layer, candidate_layers  # noqa: E402
+from zest.models import Task, known_models, load_model  # noqa: E402
+
+__all__ = ["Dataset", "Layer", "Task", "ZestError", "__version__", "candidate_layers",
+           "known_datasets", "known_models", "load_dataset", "load_model"]

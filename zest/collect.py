@@ -1,0 +1,162 @@
+"""``zest collect metrics``: per-layer zero-shot metrics of a (model, dataset) pair as records.
+
+Implements step 1 of ZEST (project page, "we first collect zero-shot forward, backward, and
+static metrics from the model"): for each of ``batches`` minibatches, one probe
+(:func:`zest.probe.probe`) and every requested metric, one row per (layer, batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from zest.datasets import Dataset, load_dataset
+from zest.errors import InvalidInputError
+from zest.layers import Layer, candidate_layers, check_granularity, select_layers
+from zest.metrics import compute_metrics, get_metric, needs_of, resolve_metrics
+from zest.models import Task, load_model, resolve_device
+from zest.probe import probe
+from zest.records import METRIC_PREFIX, group_key, zest_version
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class DataOptions:
+    """How to load a data set (DESIGN §7 options shared by every command)."""
+
+    image_size: int | None = None
+    max_length: int = 128
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None = None,
+              seed: int = 0, device: str = "cpu", checkpoint: str | None = None
+              ) -> tuple[nn.Module, Task, Dataset]:
+    """Loads a data set and a model with a head of the data set's class count; text data is
+    tokenised with the model's tokenizer."""
+    options = options or DataOptions()
+    common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
+                  max_val=options.max_val, max_test=options.max_test,
+                  text_column=options.text_column, label_column=options.label_column,
+                  **options.extra)
+    image_size = options.image_size or 64
+    data = load_dataset(dataset_spec, image_size=image_size, **common)
+    model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
+                             checkpoint=checkpoint, image_size=image_size)
+    if task.modality != data.modality:
+        raise InvalidInputError(f"model {model_spec!r} takes {task.modality} inputs but data set "
+                                f"{dataset_spec!r} is {data.modality}; pair image models with "
+                                "image data and text models with text data")
+    if data.modality == "text":
+        data = load_dataset(dataset_spec, image_size=image_size, tokenizer=task.tokenizer,
+                            **common)
+    return model, task, data
+
+
+def probe_layers(model: nn.Module, task: Task, layer_names: Sequence[str] | None = None
+                 ) -> list[Layer]:
+    """The candidate layers, optionally restricted to ``layer_names``."""
+    return select_layers(candidate_layers(model, task.head_name), layer_names)
+
+
+def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metrics: Sequence[str],
+                  probe_loss: str = "supcon", layer_names: Sequence[str] | None = None,
+                  granularity: str = "module", progress: ProgressCallback | None = None,
+                  device: Any = None) -> pd.DataFrame:
+    """Probes each batch and returns one row per (layer, batch) with ``m_<metric>`` columns
+    (without the model / dataset identity columns)."""
+    check_granularity(granularity)
+    layers = probe_layers(model, task, layer_names)
+    needs = needs_of(metrics)
+    rows = []
+    for index, batch in enumerate(batches):
+        result = probe(model, task, batch, layers=layers, needs=needs, loss=probe_loss,
+                       device=device, batch_label=f"batch {index}")
+        values = compute_metrics(result.contexts, metrics)
+        for layer in layers:
+            row = {"layer": layer.name, "layer_type": layer.type, "block": layer.block,
+                   "depth": layer.depth, "n_params": layer.n_params}
+            row.update({METRIC_PREFIX + k: v for k, v in values[layer.name].items()})
+            row.update({"probe_loss": probe_loss, "batch_size": task.batch_size(batch),
+                        "batch": index, "probe_seconds": result.seconds})
+            rows.append(row)
+        if progress is not None:
+            progress(index + 1, len(batches))
+    frame = pd.DataFrame(rows)
+    return aggregate_blocks(frame, metrics) if granularity == "block" else frame
+
+
+def aggregate_blocks(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Combines layer rows into one row per (block, batch) with each metric's aggregate."""
+    how = {"mean": "mean", "sum": "sum", "max": "max",
+           "rss": lambda s: float(np.sqrt((s.astype(float) ** 2).sum()))}
+    spec: dict[str, Any] = {METRIC_PREFIX + m: how[get_metric(m).aggregate] for m in metrics}
+    spec.update({"depth": "mean", "n_params": "sum", "probe_loss": "first",
+                 "batch_size": "first", "probe_seconds": "first",
+                 "layer_type": lambda s: "block"})
+    blocks = frame.groupby(["block", "batch"], sort=False).agg(spec).reset_index()
+    blocks["layer"] = blocks["block"]
+    return blocks
+
+
+def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
+                    batches: int = 1, metrics: str | Sequence[str] = "all",
+                    probe_loss: str = "supcon", seed: int = 0,
+                    options: DataOptions | None = None, granularity: str = "module",
+                    layer_names: Sequence[str] | None = None, device: str = "cpu",
+                    checkpoint: str | None = None, progress: ProgressCallback | None = None
+                    ) -> pd.DataFrame:
+    """Metric records of one (model, dataset) group (DESIGN §4).
+
+    Args:
+        model_spec: Model spec (see :func:`zest.load_model`).
+        dataset_spec: Data set spec (see :func:`zest.load_dataset`).
+        batch_size: Probe minibatch size (≥ 2 with ``supcon``).
+        batches: Number of distinct minibatches; each gives one row per layer (``batch`` column).
+        metrics: ``all``, a family or a list of metric names.
+        probe_loss: ``supcon`` or ``ce``.
+        seed: Seed of the split, the head and the minibatches.
+        options: Data loading options.
+        granularity: ``module`` (a row per layer) or ``block``.
+        layer_names: Restrict to these layers or blocks.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        checkpoint: Weights for ``timm:<arch>``.
+        progress: Called as ``progress(done, total)`` after each batch.
+
+    Returns:
+        One row per (layer, batch).
+    """
+    if batches < 1:
+        raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if probe_loss == "supcon" and batch_size < 2:
+        raise InvalidInputError(f"--batch-size {batch_size} is too small for the supcon probe "
+                                "loss; use --batch-size 2 or more (32 recommended)")
+    names = resolve_metrics(metrics)
+    check_granularity(granularity)
+    torch_device = resolve_device(device)
+    model, task, data = load_pair(model_spec, dataset_spec, options=options, seed=seed,
+                                  device=str(torch_device), checkpoint=checkpoint)
+    minibatches = data.batches("train", batch_size, batches, seed=seed)
+    frame = metrics_frame(model, task, minibatches, metrics=names, probe_loss=probe_loss,
+                          layer_names=layer_names, granularity=granularity, progress=progress,
+                          device=torch_device)
+    frame.insert(0, "group", group_key(model_spec, dataset_spec))
+    frame.insert(0, "dataset", dataset_spec)
+    frame.insert(0, "model", model_spec)
+    frame["modality"] = task.modality
+    frame["seed"] = seed
+    frame["zest_version"] = zest_version()
+    return frame

@@ -1,0 +1,114 @@
+"""``zest collect grid``: metrics and ground truth for every (model, dataset) pair of a TOML grid.
+
+A grid file (``metric_collection/<name>.toml``) has a ``[defaults]`` table and one ``[[group]]``
+table per pair; a group's keys override the defaults. Each group writes
+``<out_dir>/metrics/<group>.parquet`` and ``<out_dir>/groundtruth/<group>.parquet``; what is
+already there is skipped, so the grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zest.collect import DataOptions, collect_metrics
+from zest.errors import InvalidInputError
+from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+from zest.records import METRICS_KEY, append_records, existing_keys, group_key
+
+GRID_KEYS = {"model", "dataset", "seeds", "batches", "batch_size", "probe_loss", "metrics",
+             "steps", "lr", "gt_batch_size", "n_jobs", "image_size", "max_length", "max_train",
+             "max_val", "max_test", "val_fraction", "test_fraction", "out_dir", "data_seed",
+             "checkpoint", "text_column", "label_column"}
+
+
+@dataclass
+class GridGroup:
+    """One (model, dataset) pair of a grid with its resolved settings."""
+
+    model: str
+    dataset: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return group_key(self.model, self.dataset)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.settings.get(name, default)
+
+    def options(self) -> DataOptions:
+        extra = {k: self.settings[k] for k in ("val_fraction", "test_fraction")
+                 if k in self.settings}
+        return DataOptions(image_size=self.get("image_size"),
+                           max_length=self.get("max_length", 128),
+                           max_train=self.get("max_train"), max_val=self.get("max_val"),
+                           max_test=self.get("max_test"),
+                           text_column=self.get("text_column", "text"),
+                           label_column=self.get("label_column", "label"), extra=extra)
+
+
+def read_grid(path: str | Path) -> tuple[list[GridGroup], Path]:
+    """Parses a grid file; returns its groups and the output folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"grid file {str(path)!r} does not exist; see "
+                                "metric_collection/*.toml for examples")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"grid file {str(path)!r} is not valid TOML: {exc}") from None
+    defaults = spec.get("defaults", {})
+    groups = []
+    for i, entry in enumerate(spec.get("group", [])):
+        merged = {**defaults, **entry}
+        unknown = set(merged) - GRID_KEYS
+        if unknown:
+            raise InvalidInputError(f"grid {str(path)!r}, group {i}: unknown keys "
+                                    f"{sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+        if "model" not in merged or "dataset" not in merged:
+            raise InvalidInputError(f"grid {str(path)!r}, group {i}: needs model and dataset")
+        groups.append(GridGroup(merged.pop("model"), merged.pop("dataset"), merged))
+    if not groups:
+        raise InvalidInputError(f"grid {str(path)!r} lists no [[group]]")
+    # a relative out_dir is relative to the working directory (the repository root)
+    return groups, Path(defaults.get("out_dir", "data/records"))
+
+
+def grid_jobs(path: str | Path) -> Iterator[tuple[str, GridGroup, Path]]:
+    """The (kind, group, output file) work items of a grid, in order."""
+    groups, out_dir = read_grid(path)
+    for group in groups:
+        yield "metrics", group, out_dir / "metrics" / f"{group.key}.parquet"
+        yield "groundtruth", group, out_dir / "groundtruth" / f"{group.key}.parquet"
+
+
+def run_grid_item(kind: str, group: GridGroup, out: Path,
+                  progress: Callable[[int, int], None] | None = None) -> str:
+    """Runs (or resumes) one work item; returns a short status."""
+    seeds = [int(s) for s in group.get("seeds", [0, 1])]
+    if kind == "metrics":
+        batches = int(group.get("batches", 4))
+        seed = int(group.get("data_seed", 0))
+        wanted = {(group.key, layer_batch) for layer_batch in range(batches)}
+        done = {(g, b) for g, _layer, b, _s in existing_keys(out, METRICS_KEY)}
+        if wanted <= done:
+            return "done"
+        frame = collect_metrics(group.model, group.dataset,
+                                batch_size=int(group.get("batch_size", 32)), batches=batches,
+                                metrics=group.get("metrics", "all"),
+                                probe_loss=group.get("probe_loss", "supcon"), seed=seed,
+                                options=group.options(), checkpoint=group.get("checkpoint"),
+                                progress=progress)
+        append_records(frame, out, METRICS_KEY)
+        return "collected"
+    config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
+                               batch_size=int(group.get("gt_batch_size", 32)))
+    collect_groundtruth(group.model, group.dataset, out, config=config, seeds=seeds,
+                        options=group.options(), data_seed=int(group.get("data_seed", 0)),
+                        checkpoint=group.get("checkpoint"), n_jobs=int(group.get("n_jobs", 1)),
+                        progress=progress)
+    return "collected"

@@ -1,0 +1,486 @@
+"""Ground truth: how much fine-tuning one layer (plus a fresh head) helps (ZEST, DESIGN §4).
+
+For every candidate layer and seed, the layer's weight and bias are trained together with a
+freshly initialised head for ``steps`` steps on the train split, then accuracy and cross-entropy
+are measured on the val split. The head-only baseline uses the same steps, learning rate, head
+initialisation and batch order, so ``gt_gain = gt_score − gt_baseline`` isolates the layer.
+
+Speed: everything before the tuned layer's block is frozen, so its output is computed once per
+example (eval mode, no augmentation) and reused for every step and every layer of that block
+(:mod:`zest.stages`); only the suffix runs forward and backward. The whole model stays in eval
+mode (frozen normalisation statistics, no dropout) so cached and uncached runs compute the same
+thing.
+
+Jobs are (block, seed) pairs, run serially, with joblib (``n_jobs``) or on a dask.distributed
+cluster; the driver alone appends finished rows to the record file (atomically, under a lock),
+so a killed collector resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zest.collect import DataOptions, load_pair
+from zest.datasets import Dataset
+from zest.errors import DataError, InvalidInputError, RecordError
+from zest.layers import Layer, candidate_layers, group_by_block, select_layers
+from zest.models import Task, check_finite
+from zest.records import (
+    GROUNDTRUTH_KEY,
+    append_records,
+    check_writable,
+    group_key,
+    read_records,
+    zest_version,
+)
+from zest.stages import StagePlan, concat_states, slice_state, stage_plan
+
+BASELINE = "__head__"
+MIN_VAL_EXAMPLES = 20
+SETTING_COLUMNS = ("gt_steps", "gt_lr", "gt_batch_size", "gt_train_size", "gt_val_size",
+                   "image_size", "max_length")
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """Settings of one ground-truth collection.
+
+    Attributes:
+        steps: Optimisation steps per layer (and for the head-only baseline).
+        lr: Adam learning rate, shared by the layer and the head.
+        batch_size: Training minibatch size.
+        eval_batch_size: Batch size of the cache pass and of validation.
+        use_cache: Reuse the frozen prefix's outputs (disable only to measure or debug).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise InvalidInputError(f"--steps must be a positive integer, got {self.steps!r}")
+        if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidInputError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise InvalidInputError(f"batch sizes must be ≥ 1, got {self.batch_size} and "
+                                    f"{self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """What a worker needs to rebuild the (model, data) pair of a group."""
+
+    model: str
+    dataset: str
+    options: DataOptions = field(default_factory=DataOptions)
+    data_seed: int = 0
+    device: str = "cpu"
+    checkpoint: str | None = None
+
+    def key(self) -> tuple:
+        return (self.model, self.dataset, repr(self.options), self.data_seed, self.device,
+                self.checkpoint)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: the layers of one block (or the baseline) for one seed."""
+
+    pair: PairSpec
+    config: GroundTruthConfig
+    block: str
+    layers: tuple[str, ...]
+    seed: int
+    threads: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one layer
+# ---------------------------------------------------------------------------------------------
+
+_PAIRS: dict[tuple, tuple[nn.Module, Task, Dataset]] = {}
+
+
+def _cached_pair(pair: PairSpec) -> tuple[nn.Module, Task, Dataset]:
+    """The loaded (model, task, data) of ``pair``, kept per process so a worker loads each
+    group once (jobs restore the model before they return)."""
+    key = pair.key()
+    if key not in _PAIRS:
+        if len(_PAIRS) >= 2:
+            _PAIRS.pop(next(iter(_PAIRS)))
+        _PAIRS[key] = load_pair(pair.model, pair.dataset, options=pair.options,
+                                seed=pair.data_seed, device=pair.device,
+                                checkpoint=pair.checkpoint)
+    return _PAIRS[key]
+
+
+def _split_inputs(task: Task, data: Dataset, split: str, device: Any) -> tuple[Any, torch.Tensor]:
+    part = data.splits[split]
+    if task.modality == "image":
+        return part.x, part.y
+    if not isinstance(part.x, dict):
+        raise DataError(f"text data set {data.name} was loaded without a tokenizer")
+    return part.x, part.y
+
+
+def _batch_of(task: Task, inputs: Any, labels: torch.Tensor, index: torch.Tensor) -> Any:
+    if task.modality == "image":
+        return inputs[index], labels[index]
+    return {"input_ids": inputs["input_ids"][index],
+            "attention_mask": inputs["attention_mask"][index], "labels": labels[index]}
+
+
+def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The example indices of each training step: seeded epochs of a random permutation (the
+    same for every layer of a seed, so only the tuned layer differs between jobs)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(batch_size, n_examples)
+    order: list[torch.Tensor] = []
+    while len(order) < steps:
+        perm = torch.randperm(n_examples, generator=generator)
+        for start in range(0, n_examples - size + 1, size):
+            order.append(perm[start:start + size])
+            if len(order) == steps:
+                break
+    return order
+
+
+class _Trainer:
+    """Trains (layer + head) or the head alone, with or without the prefix cache."""
+
+    def __init__(self, model: nn.Module, task: Task, data: Dataset, config: GroundTruthConfig,
+                 plan: StagePlan | None) -> None:
+        self.model = model
+        self.task = task
+        self.config = config
+        self.plan = plan
+        self.device = next(model.parameters()).device
+        self.train_inputs, self.train_labels = _split_inputs(task, data, "train", self.device)
+        self.val_inputs, self.val_labels = _split_inputs(task, data, "val", self.device)
+        self.head = task.head(model)
+
+    # -- cache ----------------------------------------------------------------------------
+    def prefix_states(self, stop: int) -> tuple[Any, Any]:
+        """Outputs of stages ``0..stop-1`` for every train and val example."""
+        return (self._run_prefix(self.train_inputs, self.train_labels, stop),
+                self._run_prefix(self.val_inputs, self.val_labels, stop))
+
+    def _run_prefix(self, inputs: Any, labels: torch.Tensor, stop: int) -> Any:
+        assert self.plan is not None
+        chunks = []
+        n = labels.shape[0]
+        with torch.no_grad():
+            for start in range(0, n, self.config.eval_batch_size):
+                index = torch.arange(start, min(n, start + self.config.eval_batch_size))
+                batch = _batch_of(self.task, inputs, labels, index)
+                state = self.plan.start(self.task.model_inputs(batch, self.device))
+                chunks.append(self.plan.run(state, 0, stop))
+        return concat_states(chunks)
+
+    # -- one run --------------------------------------------------------------------------
+    def logits(self, cache: Any, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
+               first_stage: int) -> torch.Tensor:
+        """Logits of examples ``index``: from the cache from ``first_stage`` on, or the full
+        forward when uncached."""
+        if self.plan is None or cache is None:
+            batch = _batch_of(self.task, inputs, labels, index)
+            return self.task.forward(self.model, batch, self.device).logits
+        state = slice_state(cache, index)
+        features = self.plan.features(self.plan.run(state, first_stage))
+        return self.head(features)
+
+    def fit_and_score(self, params: list[nn.Parameter], seed: int, first_stage: int,
+                      train_cache: Any, val_cache: Any, label: str) -> dict[str, float]:
+        """Trains ``params`` (head included) for ``config.steps`` and scores on val."""
+        self.task.reset_head(self.model, seed=seed)
+        optimizer = torch.optim.Adam(params, lr=self.config.lr)
+        order = batch_order(self.train_labels.shape[0], self.config.batch_size,
+                            self.config.steps, seed)
+        start = time.perf_counter()
+        for step, index in enumerate(order):
+            logits = self.logits(train_cache, self.train_inputs, self.train_labels, index,
+                                 first_stage)
+            loss = F.cross_entropy(logits, self.train_labels[index].to(logits.device))
+            check_finite(loss, f"step {step} of {label}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        accuracy, val_loss = self.evaluate(val_cache, first_stage)
+        return {"score": accuracy, "loss": val_loss, "seconds": time.perf_counter() - start}
+
+    def evaluate(self, val_cache: Any, first_stage: int) -> tuple[float, float]:
+        n = self.val_labels.shape[0]
+        correct, total_loss = 0, 0.0
+        with torch.no_grad():
+            for start in range(0, n, self.config.eval_batch_size):
+                index = torch.arange(start, min(n, start + self.config.eval_batch_size))
+                logits = self.logits(val_cache, self.val_inputs, self.val_labels, index,
+                                     first_stage)
+                target = self.val_labels[index].to(logits.device)
+                correct += int((logits.argmax(dim=1) == target).sum())
+                total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        return correct / n, total_loss / n
+
+
+def run_job(job: Job) -> list[dict[str, Any]]:
+    """Runs one job and returns one result dict per layer (or one for the baseline).
+
+    The model is restored to its loaded state before returning, also when training fails.
+    """
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    model, task, data = _cached_pair(job.pair)
+    sample = _batch_of(task, *_split_inputs(task, data, "train", None), torch.arange(2))
+    plan = stage_plan(model, task, sample) if job.config.use_cache else None
+    trainer = _Trainer(model, task, data, job.config, plan)
+    head_params = list(trainer.head.parameters())
+    requires = {p: p.requires_grad for p in model.parameters()}
+    training = {m: m.training for m in model.modules()}
+    saved_head = {k: v.detach().clone() for k, v in trainer.head.state_dict().items()}
+    results = []
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if job.block == BASELINE:
+            stop = len(plan.names) if plan is not None else 0
+            train_cache, val_cache = trainer.prefix_states(stop) if plan is not None \
+                else (None, None)
+            for p in head_params:
+                p.requires_grad_(True)
+            out = trainer.fit_and_score(head_params, job.seed, stop, train_cache, val_cache,
+                                        f"the head-only baseline (seed {job.seed})")
+            results.append({"layer": BASELINE, **out, "cached": plan is not None})
+            return results
+        stages = [plan.stage_of(name) for name in job.layers] if plan is not None else [None]
+        first = None if None in stages else min(stages)
+        if plan is not None and first is not None:
+            train_cache, val_cache = trainer.prefix_states(first)
+        else:
+            train_cache = val_cache = None
+            first = 0
+        for name in job.layers:
+            module = model.get_submodule(name)
+            own = [p for p in module._parameters.values() if p is not None]  # noqa: SLF001
+            saved = [p.detach().clone() for p in own]
+            try:
+                for p in own + head_params:
+                    p.requires_grad_(True)
+                out = trainer.fit_and_score(own + head_params, job.seed, first, train_cache,
+                                            val_cache, f"layer {name} (seed {job.seed})")
+            finally:
+                with torch.no_grad():
+                    for p, value in zip(own, saved, strict=True):
+                        p.copy_(value)
+                        p.requires_grad_(False)
+            results.append({"layer": name, **out, "cached": train_cache is not None})
+        return results
+    finally:
+        with torch.no_grad():
+            trainer.head.load_state_dict(saved_head)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.train(flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GroundTruthPlan:
+    """The jobs of one collection and what is already done."""
+
+    pair: PairSpec
+    config: GroundTruthConfig
+    layers: list[Layer]
+    seeds: list[int]
+    jobs: list[Job]
+    done: int
+    settings: dict[str, Any]
+
+
+def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike, *,
+                     config: GroundTruthConfig | None = None, seeds: Sequence[int] = (0, 1),
+                     options: DataOptions | None = None, layer_names: Sequence[str] | None = None,
+                     data_seed: int = 0, device: str = "cpu", checkpoint: str | None = None,
+                     n_jobs: int = 1) -> GroundTruthPlan:
+    """Validates the inputs and lists the jobs still to run for ``out``."""
+    config = config or GroundTruthConfig()
+    options = options or DataOptions()
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidInputError("--seeds is empty; pass e.g. --seeds 0,1")
+    out = check_writable(out)
+    pair = PairSpec(model_spec, dataset_spec, options, data_seed, device, checkpoint)
+    model, task, data = _cached_pair(pair)
+    n_val = len(data.splits["val"])
+    if n_val < MIN_VAL_EXAMPLES:
+        raise DataError(f"data set {dataset_spec!r} has only {n_val} validation examples (at "
+                        f"least {MIN_VAL_EXAMPLES} are needed to score a layer); raise --max-val "
+                        "or use a larger data set")
+    layers = select_layers(candidate_layers(model, task.head_name), layer_names)
+    settings = {"gt_steps": config.steps, "gt_lr": float(config.lr),
+                "gt_batch_size": config.batch_size, "gt_train_size": len(data.splits["train"]),
+                "gt_val_size": n_val,
+                "image_size": data.image_size if data.modality == "image" else 0,
+                "max_length": data.max_length if data.modality == "text" else 0}
+    group = group_key(model_spec, dataset_spec)
+    done_keys: set[tuple] = set()
+    if out.exists():
+        existing = read_records(out)
+        groups = set(existing["group"].unique())
+        if groups and groups != {group}:
+            raise RecordError(f"{str(out)!r} holds group {sorted(groups)[0]!r}, not {group!r}; "
+                              "write each (model, dataset) group to its own file")
+        for column, value in settings.items():
+            if column in existing and len(existing) and existing[column].iloc[0] != value:
+                raise RecordError(f"{str(out)!r} was collected with {column}="
+                                  f"{existing[column].iloc[0]}, not {value}; use the same "
+                                  "settings or another --out")
+        done_keys = {(layer, int(seed)) for layer, seed in
+                     existing[["layer", "gt_seed"]].itertuples(index=False, name=None)}
+    threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0
+    jobs = []
+    done = 0
+    for seed in seeds:
+        jobs.append(Job(pair, config, BASELINE, (), seed, threads))
+        for block, members in group_by_block(layers).items():
+            missing = tuple(m.name for m in members if (m.name, seed) not in done_keys)
+            done += len(members) - len(missing)
+            if missing:
+                jobs.append(Job(pair, config, block, missing, seed, threads))
+    return GroundTruthPlan(pair, config, layers, seeds, jobs, done, settings)
+
+
+def _execute(jobs: Sequence[Job], n_jobs: int, backend: str, scheduler: str | None
+             ) -> Iterator[tuple[Job, list[dict[str, Any]]]]:
+    if backend == "dask":
+        try:
+            from dask.distributed import Client, as_completed
+        except ImportError:
+            raise InvalidInputError("--backend dask needs dask.distributed; run: pip install "
+                                    "'zest[dask]'") from None
+        if not scheduler:
+            raise InvalidInputError("--backend dask needs --scheduler ADDRESS (e.g. "
+                                    "tcp://127.0.0.1:8786)")
+        with Client(scheduler) as client:
+            futures = {client.submit(run_job, job, pure=False): job for job in jobs}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        return
+    if backend != "loky":
+        raise InvalidInputError(f"unknown backend {backend!r}; use 'loky' or 'dask'")
+    if n_jobs <= 1:
+        for job in jobs:
+            yield job, run_job(job)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
+    results = parallel(delayed(_run_with_job)(job) for job in jobs)
+    yield from results
+
+
+def _run_with_job(job: Job) -> tuple[Job, list[dict[str, Any]]]:
+    return job, run_job(job)
+
+
+def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike, *,
+                        config: GroundTruthConfig | None = None, seeds: Sequence[int] = (0, 1),
+                        options: DataOptions | None = None,
+                        layer_names: Sequence[str] | None = None, data_seed: int = 0,
+                        device: str = "cpu", checkpoint: str | None = None, n_jobs: int = 1,
+                        backend: str = "loky", scheduler: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Collects (or resumes) the ground-truth records of one group into ``out``.
+
+    Args:
+        model_spec: Model spec.
+        dataset_spec: Data set spec.
+        out: Parquet file; rows already there are kept and not recomputed.
+        config: Steps, learning rate, batch sizes.
+        seeds: Ground-truth seeds (head initialisation and batch order).
+        options: Data loading options (image size, caps, ...).
+        layer_names: Restrict to these layers or blocks.
+        data_seed: Seed of the train/val/test split.
+        device: ``cpu``/``cuda``/``auto``.
+        checkpoint: Weights for ``timm:<arch>``.
+        n_jobs: Parallel joblib workers (torch threads are split between them).
+        backend: ``loky`` (joblib) or ``dask``.
+        scheduler: dask.distributed scheduler address for ``backend="dask"``.
+        progress: Called as ``progress(layers_done, layers_total)``.
+
+    Returns:
+        All the rows of ``out`` after the run.
+    """
+    if n_jobs < 1:
+        raise InvalidInputError(f"--n-jobs must be ≥ 1, got {n_jobs}")
+    if backend not in ("loky", "dask"):
+        raise InvalidInputError(f"unknown backend {backend!r}; use 'loky' or 'dask'")
+    plan = plan_groundtruth(model_spec, dataset_spec, out, config=config, seeds=seeds,
+                            options=options, layer_names=layer_names, data_seed=data_seed,
+                            device=device, checkpoint=checkpoint, n_jobs=n_jobs)
+    total = len(plan.layers) * len(plan.seeds)
+    done = plan.done
+    if progress is not None:
+        progress(done, total)
+    layer_info = {layer.name: layer for layer in plan.layers}
+    baselines: dict[int, dict[str, float]] = {}
+    baseline_jobs = [j for j in plan.jobs if j.block == BASELINE]
+    layer_jobs = [j for j in plan.jobs if j.block != BASELINE]
+    for job, results in _execute(baseline_jobs, n_jobs, backend, scheduler):
+        baselines[job.seed] = results[0]
+    for job, results in _execute(layer_jobs, n_jobs, backend, scheduler):
+        rows = [_row(plan, layer_info[r["layer"]], r, baselines[job.seed], job.seed)
+                for r in results]
+        append_records(pd.DataFrame(rows), out, GROUNDTRUTH_KEY)
+        done += len(rows)
+        if progress is not None:
+            progress(done, total)
+    return read_records(out) if Path(out).exists() else pd.DataFrame()
+
+
+def _row(plan: GroundTruthPlan, layer: Layer, result: dict[str, Any], baseline: dict[str, float],
+         seed: int) -> dict[str, Any]:
+    pair = plan.pair
+    return {
+        "model": pair.model, "dataset": pair.dataset, "group": group_key(pair.model, pair.dataset),
+        "layer": layer.name, "layer_type": layer.type, "block": layer.block,
+        "depth": layer.depth, "n_params": layer.n_params,
+        "gt_score": result["score"], "gt_baseline": baseline["score"],
+        "gt_gain": result["score"] - baseline["score"],
+        "gt_loss": result["loss"], "gt_loss_baseline": baseline["loss"],
+        "gt_loss_gain": baseline["loss"] - result["loss"],
+        "gt_seed": seed, "gt_seconds": result["seconds"], "gt_cached": bool(result["cached"]),
+        **plan.settings, "data_seed": pair.data_seed, "zest_version": zest_version(),
+    }
+
+
+def seed_list(text: str | Iterable[int]) -> list[int]:
+    """Parses ``--seeds 0,1,2``."""
+    if not isinstance(text, str):
+        return [int(s) for s in text]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--seeds must be comma-separated integers, got {text!r}") \
+            from None
+    if not seeds:
+        raise InvalidInputError("--seeds is empty; pass e.g. --seeds 0,1")
+    return sorted(set(seeds))

@@ -1,0 +1,114 @@
+"""Candidate-layer discovery and block grouping (DESIGN §3, "Layer").
+
+A candidate layer is a module, named by its ``named_modules()`` name, that directly owns a weight
+of ndim ≥ 2 (Conv, Linear, Embedding, ...). The classification head and everything inside it is
+never a candidate. Layers are identified by name only; ``depth`` (0..1) is the position in module
+order, which is the forward order for the supported families.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from zest.errors import InvalidInputError, UnknownNameError, closest_names
+
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A candidate layer.
+
+    Attributes:
+        name: ``named_modules()`` name.
+        type: Class name of the module (``Conv2d``, ``Linear``, ``Embedding``, ...).
+        depth: Position among the candidates in forward order, scaled to [0, 1].
+        n_params: Parameters the module owns directly (weight and bias).
+        block: Name of the enclosing block (see :func:`block_of`).
+    """
+
+    name: str
+    type: str
+    depth: float
+    n_params: int
+    block: str
+
+    def to_dict(self) -> dict:
+        """The layer as a plain dict."""
+        return asdict(self)
+
+
+def block_of(name: str) -> str:
+    """The enclosing block of a layer: the prefix up to the last integer path component
+    (``encoder.layer.3.attention.self.query`` → ``encoder.layer.3``, ``blocks.2.1.conv_pw`` →
+    ``blocks.2.1``); for layers outside an indexed container, their parent module
+    (``bert.embeddings.word_embeddings`` → ``bert.embeddings``) or, at top level, themselves."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if _INDEX.match(parts[i]):
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) if len(parts) > 1 else name
+
+
+def owns_matrix_weight(module: nn.Module) -> bool:
+    """True when the module directly owns a parameter ``weight`` with ndim ≥ 2."""
+    weight = module._parameters.get("weight")  # noqa: SLF001 - direct ownership only
+    return isinstance(weight, nn.Parameter) and weight.ndim >= 2
+
+
+def candidate_layers(model: nn.Module, head_name: str) -> list[Layer]:
+    """Every candidate layer of ``model`` in forward order, the head excluded."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or name == head_name or name.startswith(head_name + "."):
+            continue
+        if owns_matrix_weight(module):
+            found.append((name, module))
+    n = len(found)
+    layers = []
+    for i, (name, module) in enumerate(found):
+        n_params = sum(p.numel() for p in module._parameters.values() if p is not None)  # noqa: SLF001
+        layers.append(Layer(name=name, type=type(module).__name__,
+                            depth=i / (n - 1) if n > 1 else 0.0, n_params=int(n_params),
+                            block=block_of(name)))
+    return layers
+
+
+def select_layers(layers: Sequence[Layer], names: Sequence[str] | None) -> list[Layer]:
+    """Restricts ``layers`` to ``names`` (in model order); an unknown name raises with the
+    closest candidate names suggested."""
+    if not names:
+        return list(layers)
+    by_name = {layer.name: layer for layer in layers}
+    blocks = {layer.block for layer in layers}
+    wanted: set[str] = set()
+    for name in names:
+        if name in by_name:
+            wanted.add(name)
+        elif name in blocks:
+            wanted.update(layer.name for layer in layers if layer.block == name)
+        else:
+            close = closest_names(name, list(by_name) + sorted(blocks))
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+                "; run `zest rank` or list candidates with zest.candidate_layers(model, task)"
+            raise UnknownNameError(f"no candidate layer named {name!r}{hint}")
+    return [layer for layer in layers if layer.name in wanted]
+
+
+def group_by_block(layers: Sequence[Layer]) -> dict[str, list[Layer]]:
+    """Layers grouped by enclosing block, blocks in forward order."""
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.block, []).append(layer)
+    return groups
+
+
+def check_granularity(granularity: str) -> str:
+    """Validates ``--granularity``."""
+    if granularity not in ("module", "block"):
+        raise InvalidInputError(f"unknown granularity {granularity!r}; use 'module' or 'block'")
+    return granularity

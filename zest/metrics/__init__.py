@@ -1,0 +1,124 @@
+"""Zero-shot layer metrics, registered by name in three families (DESIGN §3, "Metric").
+
+A metric is a pure function ``LayerContext -> float`` registered with
+``@register_metric(name, family=..., needs={...}, direction=...)``. ``needs`` names what the probe
+must compute for it (see :data:`zest.probe.NEEDS`); ``direction`` is +1 when a larger value means
+"tune this layer" in the metric's source paper, -1 when a smaller one does, 0 when the source
+gives no direction. Importing this package registers every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from zest._registry import Registry
+from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
+from zest.probe import NEEDS, LayerContext
+
+FAMILIES = ("static", "forward", "backward")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A registered metric."""
+
+    name: str
+    family: str
+    needs: frozenset[str]
+    direction: int
+    function: Callable[[LayerContext], float]
+    aggregate: str = "mean"
+
+    def __call__(self, context: LayerContext) -> float:
+        return float(self.function(context))
+
+
+METRICS: Registry[MetricInfo] = Registry("metric")
+
+
+MetricFunction = Callable[[LayerContext], float]
+
+
+AGGREGATES = ("mean", "sum", "rss", "max")
+
+
+def register_metric(name: str, *, family: str, needs: Iterable[str] = (), direction: int = 0,
+                    aggregate: str = "mean") -> Callable[[MetricFunction], MetricFunction]:
+    """Registers a metric function under ``name``.
+
+    Args:
+        name: Registry name (the record column is ``m_<name>``).
+        family: ``static``, ``forward`` or ``backward``.
+        needs: Probe quantities the metric reads (:data:`zest.probe.NEEDS`).
+        direction: +1 if the source paper tunes layers with large values, -1 small, 0 none.
+        aggregate: How ``--granularity block`` combines a block's layers: ``mean``, ``sum``,
+            ``rss`` (root of the sum of squares, for norms) or ``max``.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    needs = frozenset(needs) | {"weight"}
+    if needs - NEEDS:
+        raise ValueError(f"metric {name}: unknown needs {sorted(needs - NEEDS)}")
+
+    def decorator(function: MetricFunction) -> MetricFunction:
+        info = MetricInfo(name, family, needs, direction, function, aggregate)
+        METRICS.register(name, family=family)(info)
+        return function
+
+    return decorator
+
+
+def get_metric(name: str) -> MetricInfo:
+    """The registered metric ``name`` (unknown names list close and known ones)."""
+    return METRICS.get(name)
+
+
+def metric_names(family: str | None = None) -> list[str]:
+    """Registered metric names, optionally of one family, in registration order."""
+    return [n for n in METRICS.names() if family is None or METRICS.get(n).family == family]
+
+
+def resolve_metrics(spec: str | Sequence[str] | None) -> list[str]:
+    """Parses ``--metrics``: ``all``, a family name, or a comma-separated list of names."""
+    if spec is None or spec == "all":
+        return metric_names()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        if item in FAMILIES:
+            names.extend(metric_names(item))
+        elif item in METRICS:
+            names.append(item)
+        else:
+            raise UnknownNameError(unknown_name_message("metric", item,
+                                                        METRICS.names() + list(FAMILIES)))
+    if not names:
+        raise InvalidInputError(f"--metrics {spec!r} selects no metric; use 'all', a family "
+                                f"({', '.join(FAMILIES)}) or metric names")
+    return list(dict.fromkeys(names))
+
+
+def needs_of(names: Iterable[str]) -> set[str]:
+    """Union of the probe quantities the named metrics need."""
+    result: set[str] = set()
+    for name in names:
+        result |= get_metric(name).needs
+    return result
+
+
+def compute_metrics(contexts: dict[str, LayerContext], names: Sequence[str]
+                    ) -> dict[str, dict[str, float]]:
+    """``{layer: {metric: value}}`` for every context and named metric."""
+    infos = [get_metric(n) for n in names]
+    return {layer: {info.name: info(ctx) for info in infos} for layer, ctx in contexts.items()}
+
+
+from zest.metrics import backward, forward, static  # noqa: E402,F401  (registers the metrics)
+
+__all__ = ["METRICS", "MetricInfo", "compute_metrics", "get_metric", "metric_names",
+           "needs_of", "register_metric", "resolve_metrics"]

@@ -1,0 +1,78 @@
+"""Backward metrics: functions of the gradient of the probe loss (supcon or ce)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from zest.metrics import register_metric
+from zest.probe import LayerContext
+
+NOT_AVAILABLE = float("nan")
+
+
+@register_metric("grad_norm", family="backward", needs={"grad"}, direction=1, aggregate="rss")
+def grad_norm(ctx: LayerContext) -> float:
+    """``‖∇W L‖_F``."""
+    return float(ctx.grad.double().norm())
+
+
+@register_metric("rgn", family="backward", needs={"grad"}, direction=1)
+def rgn(ctx: LayerContext) -> float:
+    """Relative gradient norm ``‖∇W L‖ / ‖W‖`` (Lee et al. 2023, "Surgical Fine-Tuning Improves
+    Adaptation to Distribution Shifts", auto-RGN: larger → tune)."""
+    norm = ctx.weight.double().norm()
+    return float(ctx.grad.double().norm() / norm) if norm > 0 else 0.0
+
+
+@register_metric("snip", family="backward", needs={"grad"}, direction=1, aggregate="sum")
+def snip(ctx: LayerContext) -> float:
+    """SNIP saliency summed over the layer: ``Σ |W ⊙ ∇W L|`` (Lee et al. 2019)."""
+    return float((ctx.weight.double() * ctx.grad.double()).abs().sum())
+
+
+@register_metric("grasp", family="backward", needs={"grad", "hvp"}, direction=1,
+                 aggregate="sum")
+def grasp(ctx: LayerContext) -> float:
+    """GraSP score summed over the layer: ``−Σ W ⊙ (H ∇W L)`` (Wang et al. 2020), with the
+    Hessian-vector product from one finite-difference pass over the candidate weights."""
+    return float(-(ctx.weight.double() * ctx.hvp.double()).sum())
+
+
+@register_metric("fisher", family="backward", needs={"fisher"}, direction=1, aggregate="sum")
+def fisher(ctx: LayerContext) -> float:
+    """Fisher information of the layer's output channels (Theis et al. 2018; Turner et al.
+    2020, as in zero-cost-nas): ``Σ_k ½ · mean_n (Σ_s a_nks · δ_nks)²`` with ``a`` the output,
+    ``δ = ∂L/∂a``, ``k`` channels and ``s`` spatial / token positions. For an output broadcast
+    over the batch (position embeddings) δ is already summed over the examples."""
+    if ctx.fisher_channels is None:  # the output has no gradient on this batch
+        return NOT_AVAILABLE
+    return float(ctx.fisher_channels.sum())
+
+
+@register_metric("synflow", family="backward", needs={"synflow"}, direction=1, aggregate="sum")
+def synflow(ctx: LayerContext) -> float:
+    """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
+    ``R = 1ᵀ f(1; |θ|)`` computed data-free in float64 (Tanaka et al. 2020)."""
+    return float((ctx.weight.double().abs() * ctx.synflow_grad.double()).sum())
+
+
+@register_metric("plain", family="backward", needs={"grad"}, aggregate="sum")
+def plain(ctx: LayerContext) -> float:
+    """First-order Taylor term ``Σ W ⊙ ∇W L`` ("plain" of Abdelfattah et al. 2021)."""
+    return float((ctx.weight.double() * ctx.grad.double()).sum())
+
+
+@register_metric("grad_snr", family="backward", needs={"grad_halves"}, direction=1)
+def grad_snr(ctx: LayerContext) -> float:
+    """Agreement of the two half-batch gradients: cosine similarity of the contributions of the
+    first and second half of the batch to ``∇W L`` (they sum to it); 1 = both halves push the
+    layer the same way, 0 = unrelated, −1 = opposed. NaN for outputs broadcast over the batch
+    (e.g. position embeddings), which have no per-example gradient."""
+    if ctx.grad_halves is None:  # output broadcast over the batch: no per-example split
+        return NOT_AVAILABLE
+    g1, g2 = (g.double().flatten() for g in ctx.grad_halves)
+    if g1.norm() == 0 or g2.norm() == 0:
+        return 0.0
+    return float(F.cosine_similarity(g1, g2, dim=0))
+
+

@@ -1,0 +1,49 @@
+"""Static metrics: functions of the weight alone (no data)."""
+
+from __future__ import annotations
+
+from zest.metrics import register_metric
+from zest.probe import LayerContext
+
+
+@register_metric("n_params", family="static", direction=1, aggregate="sum")
+def n_params(ctx: LayerContext) -> float:
+    """Parameters the layer owns: ``numel(W) + numel(b)``."""
+    return float(ctx.layer.n_params)
+
+
+@register_metric("depth", family="static")
+def depth(ctx: LayerContext) -> float:
+    """Relative position of the layer in forward order, in [0, 1]."""
+    return float(ctx.layer.depth)
+
+
+@register_metric("weight_norm", family="static", aggregate="rss")
+def weight_norm(ctx: LayerContext) -> float:
+    """Frobenius norm ``‖W‖_F``."""
+    return float(ctx.weight.double().norm())
+
+
+@register_metric("weight_std", family="static")
+def weight_std(ctx: LayerContext) -> float:
+    """Standard deviation of the entries of ``W`` (unbiased)."""
+    return float(ctx.weight.double().std()) if ctx.weight.numel() > 1 else 0.0
+
+
+@register_metric("fan_in", family="static", aggregate="mean")
+def fan_in(ctx: LayerContext) -> float:
+    """Inputs per output neuron: ``prod(W.shape[1:])`` (in·k·k for convolutions, the embedding
+    dimension for embeddings)."""
+    return float(ctx.weight[0].numel())
+
+
+@register_metric("fan_out", family="static", aggregate="sum")
+def fan_out(ctx: LayerContext) -> float:
+    """Output neurons: ``W.shape[0]`` (out channels, out features, vocabulary rows)."""
+    return float(ctx.weight.shape[0])
+
+
+@register_metric("spectral_norm", family="static", aggregate="max")
+def spectral_norm(ctx: LayerContext) -> float:
+    """Largest singular value ``σ_max`` of ``W`` reshaped to (out, in·k·k)."""
+    return float(ctx.singular_values()[0])

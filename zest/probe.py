@@ -1,0 +1,402 @@
+"""One forward and one backward pass with hooks → a :class:`LayerContext` per layer (DESIGN §3).
+
+The probe is the only place that runs the model for zero-shot metrics. It runs
+
+1. one forward pass with forward hooks on the candidate layers (activation summaries) and tensor
+   hooks on their outputs (output-gradient summaries), then one backward pass with
+   ``torch.autograd.grad`` (``.grad`` of the model is never touched);
+2. at most one extra pass on the batch, only when a requested metric needs a Hessian-vector
+   product (GraSP): a finite-difference ``H g ≈ (∇L(θ + εg) − ∇L(θ)) / ε``;
+3. a data-free SynFlow pass on a single all-ones input, only when ``synflow`` is requested
+   (Tanaka et al. 2020 use exactly such an input; one example suffices because the score is
+   linear in the batch size).
+
+Everything it changes is restored in ``finally``: ``requires_grad``, train/eval flags, parameter
+values and dtypes; every hook is removed, also when a metric raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zest.errors import InvalidInputError
+from zest.layers import Layer, candidate_layers, select_layers
+from zest.models import Batch, Task, check_finite
+
+#: The quantities a metric may declare it needs (``needs=`` of ``register_metric``).
+NEEDS = frozenset({
+    "weight",        # the weight and bias (always present)
+    "grad",          # ∇W of the probe loss
+    "grad_halves",   # the two half-batch contributions to ∇W
+    "hvp",           # Hessian-vector product H·∇W (restricted to the candidate weights)
+    "synflow",       # ∂R/∂|W| of the data-free SynFlow objective
+    "activations",   # mean / std / sparsity of the layer's output
+    "binary_codes",  # B×B kernel of the output's binary codes (NASWOT)
+    "features",      # a row sample of the output features (channels last)
+    "fisher",        # per-channel (Σ_spatial a·δ)² summaries of output × output gradient
+    "labels",        # the labels of the batch
+})
+
+MAX_FEATURE_ROWS = 256
+HVP_EPSILON = 1e-2
+
+
+@dataclass
+class LayerContext:
+    """Everything the metrics may read about one layer, from one probe.
+
+    Tensors are detached; a metric must not modify them. Optional fields are ``None`` unless a
+    requested metric declared that it needs them.
+    """
+
+    layer: Layer
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    grad: torch.Tensor | None = None
+    grad_halves: tuple[torch.Tensor, torch.Tensor] | None = None
+    hvp: torch.Tensor | None = None
+    synflow_grad: torch.Tensor | None = None
+    activation_stats: dict[str, float] | None = None
+    binary_kernel: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    fisher_channels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The weight reshaped to (out, in·k·k) (rows = output neurons)."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def singular_values(self) -> torch.Tensor:
+        """Singular values of :meth:`weight_matrix`, descending, float64 (memoised)."""
+        if "singular_values" not in self.cache:
+            w = self.weight_matrix().double()
+            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            eig = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+            self.cache["singular_values"] = eig.flip(0)
+        return self.cache["singular_values"]
+
+
+@dataclass
+class ProbeResult:
+    """The contexts of one probe, in forward order, with the loss and timings."""
+
+    contexts: dict[str, LayerContext]
+    loss: float
+    seconds: float
+    passes: list[str]
+
+
+def _valid_mask(out: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """Token mask (B, T) when ``out`` is a (B, T, ...) token tensor of a text batch."""
+    if not isinstance(batch, Mapping) or "attention_mask" not in batch or out.ndim < 3:
+        return None
+    mask = batch["attention_mask"]
+    if mask.shape[0] == out.shape[0] and mask.shape[1] == out.shape[1]:
+        return mask.to(out.device).bool()
+    return None
+
+
+def _channels_last_rows(out: torch.Tensor, mask: torch.Tensor | None, channel_dim: int
+                        ) -> torch.Tensor:
+    """Output as (positions, channels), padding positions dropped."""
+    if channel_dim == 1 and out.ndim > 2:
+        out = out.movedim(1, -1)
+    if mask is not None:
+        return out[mask]
+    return out.reshape(-1, out.shape[-1])
+
+
+def _channel_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1  # noqa: SLF001
+
+
+class _Recorder:
+    """Forward and tensor hooks of one probe; summarises what the metrics need."""
+
+    def __init__(self, layers: Sequence[Layer], modules: dict[str, nn.Module], needs: set[str],
+                 batch: Batch, batch_size: int) -> None:
+        self.layers = layers
+        self.modules = modules
+        self.needs = needs
+        self.batch = batch
+        self.batch_size = batch_size
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self.activation_stats: dict[str, dict[str, float]] = {}
+        self.binary_kernels: dict[str, torch.Tensor] = {}
+        self.features: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    def attach(self) -> None:
+        for layer in self.layers:
+            module = self.modules[layer.name]
+            self.handles.append(module.register_forward_hook(self._forward_hook(layer.name)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, _inputs: tuple, out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or name in self.outputs:
+                return  # a module called twice keeps the summaries of its first call
+            per_example = out.shape[0] == self.batch_size
+            if not per_example and out.shape[0] != 1:
+                return
+            # outputs broadcast over the batch (position embeddings) are summarised as such;
+            # they have no per-example gradient, so no half-batch split
+            self.outputs[name] = out
+            summary = out.detach() if per_example else \
+                out.detach().expand(self.batch_size, *out.shape[1:])
+            self._summarise_forward(name, module, summary)
+            if out.requires_grad and self.needs & {"fisher", "grad_halves"}:
+                self.handles.append(out.register_hook(
+                    self._grad_hook(name, module, out, per_example)))
+
+        return hook
+
+    def _summarise_forward(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
+        mask = _valid_mask(out, self.batch)
+        if "activations" in self.needs or "features" in self.needs:
+            rows = _channels_last_rows(out, mask, _channel_dim(module)).float()
+            if "activations" in self.needs:
+                self.activation_stats[name] = {
+                    "mean": float(rows.mean()),
+                    "std": float(rows.std()) if rows.numel() > 1 else 0.0,
+                    "sparsity": float((rows <= 0).float().mean()),
+                }
+            if "features" in self.needs:
+                if rows.shape[0] > MAX_FEATURE_ROWS:
+                    pick = torch.randperm(rows.shape[0], generator=self._generator)
+                    rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
+                self.features[name] = rows.detach().cpu()
+        if "binary_codes" in self.needs:
+            codes = (out > 0).double()
+            valid = torch.ones_like(codes)
+            if mask is not None:
+                shape = mask.shape + (1,) * (out.ndim - 2)
+                valid = valid * mask.view(shape).double()
+            codes = (codes * valid).reshape(out.shape[0], -1)
+            anti = ((1 - codes) * valid.reshape(out.shape[0], -1))
+            self.binary_kernels[name] = (codes @ codes.T + anti @ anti.T).cpu()
+
+    def _grad_hook(self, name: str, module: nn.Module, out: torch.Tensor, per_example: bool):
+        def hook(grad: torch.Tensor) -> None:
+            if "grad_halves" in self.needs and per_example:
+                self.output_grads[name] = grad.detach()
+            if "fisher" in self.needs:
+                act = out.detach()
+                channel_dim = _channel_dim(module) % act.ndim
+                reduce = [d for d in range(1, act.ndim) if d != channel_dim]
+                g_nk = (act * grad).sum(dim=reduce) if reduce else act * grad
+                self.fisher[name] = 0.5 * g_nk.double().pow(2).mean(dim=0).cpu()
+
+        return hook
+
+
+def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer] | None = None,
+          layer_names: Sequence[str] | None = None, needs: Iterable[str] = ("weight", "grad"),
+          loss: str = "supcon", device: torch.device | str | None = None,
+          batch_label: str = "probe batch") -> ProbeResult:
+    """Runs the probe on one batch and returns a context per candidate layer.
+
+    Args:
+        model: The model (left exactly as it was).
+        task: Its task adapter.
+        batch: One minibatch.
+        layers: Candidate layers (default: all of :func:`~zest.layers.candidate_layers`).
+        layer_names: Restrict the candidates to these names or block names.
+        needs: Quantities to compute (a subset of :data:`NEEDS`), usually the union of the
+            requested metrics' ``needs``.
+        loss: ``supcon`` (supervised contrastive on the head input, τ = 0.07) or ``ce``.
+        device: Where to run (default: where the model is).
+        batch_label: How error messages name the batch (e.g. ``"batch 3"``).
+
+    Returns:
+        A :class:`ProbeResult`.
+    """
+    needs = set(needs) | {"weight"}
+    unknown = needs - NEEDS
+    if unknown:
+        raise InvalidInputError(f"unknown probe needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+    if loss not in ("supcon", "ce"):
+        raise InvalidInputError(f"unknown probe loss {loss!r}; use 'supcon' or 'ce'")
+    batch_size = task.batch_size(batch)
+    if loss == "supcon" and batch_size < 2:
+        raise InvalidInputError(f"--batch-size {batch_size} is too small for the supcon probe "
+                                "loss; use --batch-size 2 or more (32 recommended)")
+    if layers is None:
+        layers = candidate_layers(model, task.head_name)
+    layers = select_layers(layers, layer_names)
+    if not layers:
+        raise InvalidInputError("no candidate layer to probe; check --layers")
+    if device is None:
+        device = next(model.parameters()).device
+    modules = {layer.name: model.get_submodule(layer.name) for layer in layers}
+    weights = [modules[layer.name].weight for layer in layers]
+    needs_backward = bool(needs & {"grad", "grad_halves", "hvp", "fisher"})
+
+    start = time.perf_counter()
+    passes: list[str] = []
+    training = {m: m.training for m in model.modules()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    recorder = _Recorder(layers, modules, needs, batch, batch_size)
+    saved_storages: dict[torch.Tensor, torch.Tensor] = {}
+    grads: list[torch.Tensor] | None = None
+    hvps: list[torch.Tensor] | None = None
+    synflow_grads: list[torch.Tensor] | None = None
+    halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        recorder.attach()
+        with torch.enable_grad():
+            output = task.forward(model, batch, device)
+            loss_value = task.loss(output, loss)
+            check_finite(loss_value, batch_label)
+            passes.append("forward")
+            if needs_backward:
+                grads = list(torch.autograd.grad(loss_value, weights,
+                                                 retain_graph="grad_halves" in needs,
+                                                 allow_unused=True))
+                grads = [g if g is not None else torch.zeros_like(w)
+                         for g, w in zip(grads, weights, strict=True)]
+                passes.append("backward")
+            if "grad_halves" in needs and grads is not None:
+                by_name = {layer.name: g for layer, g in zip(layers, grads, strict=True)}
+                halves = _half_batch_gradients(recorder, modules, by_name, batch_size)
+        recorder.detach()
+        del output
+        if "hvp" in needs and grads is not None:
+            hvps = _finite_difference_hvp(model, task, batch, device, loss, weights, grads,
+                                          saved_storages, batch_label)
+            _swap_back(saved_storages)
+            passes.append("hvp")
+        if "synflow" in needs:
+            synflow_grads = _synflow(model, task, batch, device, weights, saved_storages)
+            _swap_back(saved_storages)
+            passes.append("synflow")
+    finally:
+        recorder.detach()
+        _swap_back(saved_storages)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.train(flag)
+
+    labels = task.labels(batch).detach().cpu() if "labels" in needs else None
+    contexts: dict[str, LayerContext] = {}
+    for i, layer in enumerate(layers):
+        module = modules[layer.name]
+        bias = module._parameters.get("bias")  # noqa: SLF001
+        contexts[layer.name] = LayerContext(
+            layer=layer,
+            weight=module.weight.detach(),
+            bias=bias.detach() if bias is not None else None,
+            grad=grads[i].detach() if grads is not None else None,
+            grad_halves=halves.get(layer.name),
+            hvp=hvps[i] if hvps is not None else None,
+            synflow_grad=synflow_grads[i] if synflow_grads is not None else None,
+            activation_stats=recorder.activation_stats.get(layer.name),
+            binary_kernel=recorder.binary_kernels.get(layer.name),
+            features=recorder.features.get(layer.name),
+            fisher_channels=recorder.fisher.get(layer.name),
+            labels=labels,
+        )
+    return ProbeResult(contexts=contexts, loss=float(loss_value.detach()),
+                       seconds=time.perf_counter() - start, passes=passes)
+
+
+def _swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Puts the original storages back into parameters and buffers."""
+    for tensor, original in saved.items():
+        tensor.data = original
+    saved.clear()
+
+
+def _half_batch_gradients(recorder: _Recorder, modules: dict[str, nn.Module],
+                          grads: dict[str, torch.Tensor], batch_size: int
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Splits each layer's ∇W into the contributions of the two halves of the batch.
+
+    ``∇W = J_Wᵀ δ`` is linear in the output gradient δ, so back-propagating δ masked to the first
+    half through the layer's own operation alone gives the first part; the second is the rest.
+    """
+    half = batch_size // 2
+    result = {}
+    for name, delta in recorder.output_grads.items():
+        first = delta.clone()
+        first[half:] = 0
+        g1 = torch.autograd.grad(recorder.outputs[name], modules[name].weight,
+                                 grad_outputs=first, retain_graph=True)[0].detach()
+        result[name] = (g1, grads[name] - g1)
+    recorder.output_grads.clear()
+    recorder.outputs.clear()
+    return result
+
+
+def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,
+                           weights: list[nn.Parameter], grads: list[torch.Tensor],
+                           saved: dict[torch.Tensor, torch.Tensor], batch_label: str
+                           ) -> list[torch.Tensor]:
+    """``H g ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖g‖ / ε`` over the candidate weights (one extra pass).
+
+    The original weight storages are kept in ``saved`` and swapped back by the caller, so the
+    model returns bit-for-bit to its state even if this pass raises.
+    """
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    if norm == 0.0:
+        return [torch.zeros_like(g) for g in grads]
+    step = HVP_EPSILON / norm
+    with torch.no_grad():
+        for w, g in zip(weights, grads, strict=True):
+            saved[w] = w.data
+            w.data = w.data + step * g
+    with torch.enable_grad():
+        output = task.forward(model, batch, device)
+        value = task.loss(output, loss)
+        check_finite(value, f"{batch_label} (Hessian-vector pass)")
+        shifted = torch.autograd.grad(value, weights, allow_unused=True)
+    return [((s if s is not None else torch.zeros_like(g)) - g).detach() / step
+            for s, g in zip(shifted, grads, strict=True)]
+
+
+def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
+             weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor]
+             ) -> list[torch.Tensor]:
+    """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) in float64 on a single all-ones input (Tanaka et al. 2020).
+
+    Parameters are replaced by float64 absolute values and buffers by float64 copies; the
+    original storages go to ``saved`` and are swapped back by the caller.
+    """
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                saved[tensor] = tensor.data
+                value = tensor.data.double()
+                tensor.data = value.abs() if isinstance(tensor, nn.Parameter) else value
+    if task.modality == "image":
+        x = task.model_inputs(batch, device)
+        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
+    else:
+        ids = batch["input_ids"][:1].to(device)
+        inputs = {"input_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids)}
+    with torch.enable_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        grads = torch.autograd.grad(logits.sum(), weights, allow_unused=True)
+    return [(g if g is not None else torch.zeros_like(w)).detach().clone()
+            for g, w in zip(grads, weights, strict=True)]

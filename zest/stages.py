@@ -1,0 +1,176 @@
+"""Stage plans: a model's forward cut at block boundaries, for the frozen-prefix cache.
+
+The ground-truth collector fine-tunes one layer at a time with everything before the layer's
+block frozen, so the output of that frozen prefix can be computed once per example and reused
+(ZEST ground truth, DESIGN §4). A :class:`StagePlan` knows, for one architecture family, how to
+run the forward stage by stage: ``state = plan.start(inputs)``, ``state = plan.run(state, i, j)``,
+``features = plan.features(state)`` (the head input). States are dicts of tensors whose first
+dimension is the example, so they can be cached, sliced and concatenated.
+
+Plans exist for timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs and Hugging Face
+BERT-style encoders; every plan is checked against the model's own forward on a sample batch
+before use (:func:`stage_plan`), and other architectures fall back to the uncached loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zest.models import Batch, Task
+
+State = dict[str, torch.Tensor]
+StageFunction = Callable[[State], State]
+
+
+@dataclass
+class StagePlan:
+    """A forward pass cut into consecutive stages; ``names[i]`` is the block run by stage i."""
+
+    names: list[str]
+    functions: list[StageFunction]
+    start: Callable[[Any], State]
+    features: Callable[[State], torch.Tensor]
+
+    def stage_of(self, layer_name: str) -> int | None:
+        """The stage that runs the layer ``layer_name``: the one whose name is the layer's name
+        or a dotted prefix of it (``None`` if no stage does)."""
+        for i, name in enumerate(self.names):
+            if layer_name == name or layer_name.startswith(name + "."):
+                return i
+        return None
+
+    def run(self, state: State, first: int, stop: int | None = None) -> State:
+        """Runs stages ``first .. stop-1`` (to the end when ``stop`` is None)."""
+        for function in self.functions[first:stop]:
+            state = function(state)
+        return state
+
+
+def _image_state(x: torch.Tensor) -> State:
+    return {"x": x}
+
+
+def _timm_efficientnet_plan(model: nn.Module) -> StagePlan:
+    names = ["conv_stem"]
+    functions: list[StageFunction] = [lambda s: {"x": model.bn1(model.conv_stem(s["x"]))}]
+    for i, stage in enumerate(model.blocks):
+        for j, block in enumerate(stage):
+            names.append(f"blocks.{i}.{j}")
+            functions.append(lambda s, b=block: {"x": b(s["x"])})
+    names.append("conv_head")
+    functions.append(lambda s: {"x": model.bn2(model.conv_head(s["x"]))})
+    return StagePlan(names, functions, _image_state,
+                     lambda s: model.forward_head(s["x"], pre_logits=True))
+
+
+def _timm_resnet_plan(model: nn.Module) -> StagePlan:
+    names = ["conv1"]
+    functions: list[StageFunction] = [
+        lambda s: {"x": model.maxpool(model.act1(model.bn1(model.conv1(s["x"]))))}]
+    for k in range(1, 5):
+        for j, block in enumerate(getattr(model, f"layer{k}")):
+            names.append(f"layer{k}.{j}")
+            functions.append(lambda s, b=block: {"x": b(s["x"])})
+    return StagePlan(names, functions, _image_state,
+                     lambda s: model.forward_head(s["x"], pre_logits=True))
+
+
+def _timm_vit_plan(model: nn.Module) -> StagePlan:
+    def embed(s: State) -> State:
+        x = model.patch_embed(s["x"])
+        x = model._pos_embed(x)  # noqa: SLF001 - timm's own stage
+        x = model.patch_drop(x)
+        return {"x": model.norm_pre(x)}
+
+    names = ["patch_embed"]
+    functions: list[StageFunction] = [embed]
+    for i, block in enumerate(model.blocks):
+        names.append(f"blocks.{i}")
+        functions.append(lambda s, b=block: {"x": b(s["x"])})
+    return StagePlan(names, functions, _image_state,
+                     lambda s: model.forward_head(model.norm(s["x"]), pre_logits=True))
+
+
+def _bert_plan(model: nn.Module) -> StagePlan:
+    bert = model.bert
+    prefix = "bert"
+
+    def mask4d(s: State) -> Any:
+        return bert._create_attention_masks(  # noqa: SLF001 - the model's own mask builder
+            attention_mask=s["attention_mask"], encoder_attention_mask=None,
+            embedding_output=s["hidden"], encoder_hidden_states=None, past_key_values=None)[0]
+
+    names = [f"{prefix}.embeddings"]
+    functions: list[StageFunction] = [
+        lambda s: {"hidden": bert.embeddings(input_ids=s["input_ids"]),
+                   "attention_mask": s["attention_mask"]}]
+    for i, layer in enumerate(bert.encoder.layer):
+        names.append(f"{prefix}.encoder.layer.{i}")
+
+        def run_layer(s: State, layer: nn.Module = layer) -> State:
+            out = layer(s["hidden"], mask4d(s))
+            hidden = out[0] if isinstance(out, tuple) else out
+            return {"hidden": hidden, "attention_mask": s["attention_mask"]}
+
+        functions.append(run_layer)
+    if bert.pooler is not None:
+        names.append(f"{prefix}.pooler")
+        functions.append(lambda s: {"pooled": bert.pooler(s["hidden"])})
+    else:
+        functions.append(lambda s: {"pooled": s["hidden"][:, 0]})
+        names.append(f"{prefix}.no_pooler")
+    return StagePlan(names, functions,
+                     lambda inputs: {"input_ids": inputs["input_ids"],
+                                     "attention_mask": inputs["attention_mask"]},
+                     lambda s: model.dropout(s["pooled"]))
+
+
+def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
+    if task.family == "bert" and hasattr(model, "bert") and hasattr(model, "dropout"):
+        return _bert_plan(model)
+    if task.modality != "image":
+        return None
+    if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return _timm_efficientnet_plan(model)
+    if all(hasattr(model, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
+        return _timm_resnet_plan(model)
+    if all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")):
+        return _timm_vit_plan(model)
+    return None
+
+
+def stage_plan(model: nn.Module, task: Task, sample: Batch) -> StagePlan | None:
+    """The stage plan of ``model``, verified on ``sample`` against the model's own forward
+    (``None`` when the family has no plan or the plan does not reproduce the logits)."""
+    plan = _candidate_plan(model, task)
+    if plan is None:
+        return None
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = task.forward(model, sample).logits
+            inputs = task.model_inputs(sample, next(model.parameters()).device)
+            got = task.head(model)(plan.features(plan.run(plan.start(inputs), 0)))
+        ok = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    except (AttributeError, TypeError, RuntimeError, IndexError):
+        ok = False
+    finally:
+        for m, flag in training.items():
+            m.train(flag)
+    return plan if ok else None
+
+
+def slice_state(state: State, index: torch.Tensor) -> State:
+    """The examples ``index`` of a state."""
+    return {k: v[index] for k, v in state.items()}
+
+
+def concat_states(states: list[State]) -> State:
+    """Concatenates states along the example dimension."""
+    return {k: torch.cat([s[k] for s in states]) for k in states[0]}
