@@ -19,7 +19,7 @@ from zest.datasets import Dataset, load_dataset
 from zest.errors import InvalidInputError
 from zest.layers import Layer, candidate_layers, check_granularity, select_layers
 from zest.metrics import compute_metrics, get_metric, needs_of, resolve_metrics
-from zest.models import Task, load_model, resolve_device
+from zest.models import Task, check_model_spec, load_model, resolve_device
 from zest.probe import probe
 from zest.records import METRIC_PREFIX, group_key, zest_version
 
@@ -46,6 +46,7 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
     """Loads a data set and a model with a head of the data set's class count; text data is
     tokenised with the model's tokenizer."""
     options = options or DataOptions()
+    check_model_spec(model_spec)
     common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
                   max_val=options.max_val, max_test=options.max_test,
                   text_column=options.text_column, label_column=options.label_column,

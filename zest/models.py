@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from zest._registry import Registry
-from zest.errors import DataError, InvalidInputError, NonFiniteLossError, UnknownNameError
+from zest.errors import (
+    DataError,
+    InvalidInputError,
+    NonFiniteLossError,
+    UnknownNameError,
+    unknown_name_message,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -192,9 +198,23 @@ ModelBuilder = Callable[..., tuple[nn.Module, Task]]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
+def check_model_spec(spec: str) -> str:
+    """Validates a model spec without loading anything (unknown names list the known ones)."""
+    if not isinstance(spec, str) or not spec:
+        raise InvalidInputError(f"model spec must be a non-empty string, got {spec!r}")
+    if spec.startswith(("timm:", "hf:")):
+        if not spec.split(":", 1)[1]:
+            raise InvalidInputError(f"model spec {spec!r} lacks its name; use timm:<arch> or "
+                                    "hf:<local dir>")
+        return spec
+    if spec not in MODELS:
+        raise UnknownNameError(unknown_name_message("model", spec, known_models()))
+    return spec
+
+
 def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | None = None,
-               seed: int = 0, device: str = "cpu", image_size: int | None = None
-               ) -> tuple[nn.Module, Task]:
+               seed: int = 0, device: str = "cpu", image_size: int | None = None,
+               reset_head: bool = True) -> tuple[nn.Module, Task]:
     """Loads a model with a freshly initialised ``num_classes`` head.
 
     Args:
@@ -207,6 +227,9 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
         seed: Seed of the head initialisation and of tiny random models.
         device: ``cpu``, ``cuda`` or ``auto``.
         image_size: Input size for architectures with a fixed size (ViT).
+        reset_head: Re-initialise the head (seeded). ``False`` keeps a pretrained head where
+            ``num_classes`` matches it (e.g. the ImageNet head of ``efficientnet_lite0`` with
+            ``num_classes=1000``).
 
     Returns:
         The model (in eval mode, on ``device``) and its :class:`Task`.
@@ -216,6 +239,7 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     if checkpoint is not None and not spec.startswith("timm:"):
         raise InvalidInputError(f"--checkpoint is only used with timm:<arch> specs, not {spec!r}; "
                                 "for Hugging Face models use hf:<local dir>")
+    check_model_spec(spec)
     torch.manual_seed(seed)
     if spec.startswith("timm:"):
         model, task = _build_timm(spec, spec.split(":", 1)[1], num_classes, checkpoint=checkpoint,
@@ -225,7 +249,8 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     else:
         builder = MODELS.get(spec)
         model, task = builder(num_classes=num_classes, image_size=image_size)
-    task.reset_head(model, seed=seed)
+    if reset_head:
+        task.reset_head(model, seed=seed)
     model.eval()
     return model.to(resolve_device(device)), task
 
@@ -307,16 +332,22 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
                                     ".safetensors") from None
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
-    head_keys = {k for k in state if k.split(".")[0] in ("classifier", "head", "fc")}
     model_state = model.state_dict()
+    is_head = {k: k.split(".")[0] in ("classifier", "head", "fc") for k in state}
+    mismatched = [k for k, v in state.items() if k in model_state and not is_head[k]
+                  and tuple(model_state[k].shape) != tuple(v.shape)]
     filtered = {k: v for k, v in state.items()
-                if k not in head_keys or (k in model_state and model_state[k].shape == v.shape)}
-    missing, unexpected = model.load_state_dict(filtered, strict=False)
-    missing = [k for k in missing if k.split(".")[0] not in ("classifier", "head", "fc")]
-    if missing or unexpected:
+                if k in model_state and tuple(model_state[k].shape) == tuple(v.shape)}
+    missing = [k for k in model_state if k not in filtered and k.split(".")[0]
+               not in ("classifier", "head", "fc")]
+    unexpected = [k for k in state if k not in model_state]
+    if mismatched or missing or unexpected:
         raise InvalidInputError(f"checkpoint {str(path)!r} does not fit this architecture: "
-                                f"{len(missing)} missing keys (e.g. {missing[:2]}), "
-                                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+                                f"{len(mismatched)} tensors of another shape (e.g. "
+                                f"{mismatched[:2]}), {len(missing)} missing (e.g. {missing[:2]}), "
+                                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); pass the "
+                                "checkpoint of this timm architecture")
+    model.load_state_dict(filtered, strict=False)
 
 
 def _load_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -350,7 +381,8 @@ def _efficientnet_lite(variant: int) -> ModelBuilder:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
         _load_in_order(model, state, f"efficientnet_lite{variant} weights ({path})")
-        model.reset_classifier(num_classes)
+        if num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
         return model, _timm_task(f"efficientnet_lite{variant}", model, num_classes, "timm_cnn")
 
     return build

@@ -1,0 +1,148 @@
+"""The probe: one forward + one backward pass, and the model left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import image_batch
+from zest.errors import InvalidInputError, NonFiniteLossError
+from zest.metrics import compute_metrics, metric_names, needs_of
+from zest.models import load_model
+from zest.probe import _Recorder, probe
+
+ALL_NEEDS = needs_of(metric_names())
+
+
+def snapshot(model):
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "dtypes": {n: p.dtype for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "grads": {n: None if p.grad is None else p.grad.clone()
+                  for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                     + len(m._backward_hooks) for m in model.modules()),
+    }
+
+
+def assert_same(before, after):
+    for key in ("params", "buffers"):
+        for name, value in before[key].items():
+            assert torch.equal(value, after[key][name]), f"{key} {name} changed"
+    assert before["dtypes"] == after["dtypes"]
+    for name, grad in before["grads"].items():
+        other = after["grads"][name]
+        assert (grad is None and other is None) or torch.equal(grad, other), name
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+
+
+def _perturb_state(model):
+    """A model state that a careless probe would change: mixed flags, existing grads."""
+    model.train()
+    params = list(model.parameters())
+    params[0].requires_grad_(False)
+    params[-1].grad = torch.full_like(params[-1], 0.5)
+    modules = list(model.modules())
+    modules[1].eval()
+
+
+def test_probe_leaves_model_exactly_as_it_was(tiny):
+    _spec, model, task, batch = tiny
+    _perturb_state(model)
+    before = snapshot(model)
+    result = probe(model, task, batch, needs=ALL_NEEDS)
+    values = compute_metrics(result.contexts, metric_names())
+    assert values
+    assert_same(before, snapshot(model))
+    assert result.passes == ["forward", "backward", "hvp", "synflow"]
+
+
+def test_model_restored_when_a_hook_raises(monkeypatch):
+    model, task = load_model("tiny_cnn", 3)
+    _perturb_state(model)
+    before = snapshot(model)
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("metric summary failed")
+
+    monkeypatch.setattr(_Recorder, "_summarise_forward", boom)
+    with pytest.raises(RuntimeError, match="metric summary failed"):
+        probe(model, task, image_batch(), needs=ALL_NEEDS)
+    assert_same(before, snapshot(model))
+
+
+def test_model_restored_when_synflow_pass_raises(monkeypatch):
+    model, task = load_model("tiny_cnn", 3)
+    before = snapshot(model)
+    import zest.probe as probe_module
+
+    original = probe_module._synflow
+
+    def failing(*args, **kwargs):
+        original(*args, **kwargs)  # leaves the model in its float64 |θ| state
+        raise RuntimeError("synflow failed")
+
+    monkeypatch.setattr(probe_module, "_synflow", failing)
+    with pytest.raises(RuntimeError, match="synflow failed"):
+        probe(model, task, image_batch(), needs=ALL_NEEDS)
+    assert_same(before, snapshot(model))
+
+
+def test_model_restored_when_loss_is_not_finite():
+    model, task = load_model("tiny_cnn", 3)
+    before = snapshot(model)
+    x, y = image_batch()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="batch 7"):
+        probe(model, task, (x, y), needs=ALL_NEEDS, batch_label="batch 7")
+    assert_same(before, snapshot(model))
+
+
+def test_model_intact_when_a_metric_raises_during_collection(monkeypatch):
+    from zest.collect import metrics_frame
+    from zest.metrics import METRICS, MetricInfo
+
+    model, task = load_model("tiny_cnn", 3)
+    _perturb_state(model)
+    before = snapshot(model)
+
+    def bad(_ctx):
+        raise ValueError("bad metric")
+
+    monkeypatch.setitem(METRICS._items, "snip",
+                        MetricInfo("snip", "backward", frozenset({"grad", "weight"}), 1, bad))
+    with pytest.raises(ValueError, match="bad metric"):
+        metrics_frame(model, task, [image_batch()], metrics=metric_names())
+    assert_same(before, snapshot(model))
+
+
+def test_supcon_needs_two_examples():
+    model, task = load_model("tiny_cnn", 3)
+    x, y = image_batch(1)
+    with pytest.raises(InvalidInputError, match="batch-size"):
+        probe(model, task, (x, y), needs={"grad"})
+    result = probe(model, task, image_batch(2), needs={"grad"}, loss="ce")
+    assert result.contexts
+
+
+def test_only_needed_passes_run():
+    model, task = load_model("tiny_cnn", 3)
+    result = probe(model, task, image_batch(), needs={"activations"})
+    assert result.passes == ["forward"]
+    result = probe(model, task, image_batch(), needs={"grad"})
+    assert result.passes == ["forward", "backward"]
+
+
+def test_half_batch_gradients_sum_to_the_gradient(tiny):
+    _spec, model, task, batch = tiny
+    result = probe(model, task, batch, needs={"grad", "grad_halves"})
+    for name, ctx in result.contexts.items():
+        if ctx.grad_halves is None:
+            continue
+        total = ctx.grad_halves[0] + ctx.grad_halves[1]
+        assert torch.allclose(total, ctx.grad, atol=1e-6, rtol=1e-4), name
