@@ -164,7 +164,9 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     ``L = mean_i  -1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )`` on
     L2-normalised features ``z``; anchors without a positive are skipped.
     """
-    z = F.normalize(features.float(), dim=1)
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    z = F.normalize(features, dim=1)
     n = z.shape[0]
     if n < 2:
         raise InvalidInputError(f"supcon needs a batch of at least 2 examples, got {n}; "

@@ -117,6 +117,24 @@ def _channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1  # noqa: SLF001
 
 
+def _binary_code_kernel(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``K = c cᵀ + (1−c)(1−c)ᵀ`` of the binary codes ``c = 1[out > 0]`` per example, padding
+    positions counting in neither term. Float32 is exact here (integer counts < 2²⁴)."""
+    n = out.shape[0]
+    codes = (out > 0).reshape(n, -1).float()
+    if mask is None:
+        width = codes.shape[1]
+        agree = codes @ codes.T
+        ones = codes.sum(dim=1)
+        # (1−c)(1−c)ᵀ = width − s_i − s_j + c cᵀ
+        return (2 * agree + width - ones[:, None] - ones[None, :]).double()
+    shape = mask.shape + (1,) * (out.ndim - 2)
+    valid = mask.view(shape).expand_as(out).reshape(n, -1).float()
+    codes = codes * valid
+    anti = valid - codes
+    return (codes @ codes.T + anti @ anti.T).double()
+
+
 class _Recorder:
     """Forward and tensor hooks of one probe; summarises what the metrics need."""
 
@@ -128,6 +146,7 @@ class _Recorder:
         self.batch = batch
         self.batch_size = batch_size
         self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, tuple[tuple, dict]] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
         self.activation_stats: dict[str, dict[str, float]] = {}
         self.binary_kernels: dict[str, torch.Tensor] = {}
@@ -139,7 +158,8 @@ class _Recorder:
     def attach(self) -> None:
         for layer in self.layers:
             module = self.modules[layer.name]
-            self.handles.append(module.register_forward_hook(self._forward_hook(layer.name)))
+            self.handles.append(module.register_forward_hook(self._forward_hook(layer.name),
+                                                             with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -147,7 +167,7 @@ class _Recorder:
         self.handles.clear()
 
     def _forward_hook(self, name: str):
-        def hook(module: nn.Module, _inputs: tuple, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or name in self.outputs:
                 return  # a module called twice keeps the summaries of its first call
             per_example = out.shape[0] == self.batch_size
@@ -156,6 +176,8 @@ class _Recorder:
             # outputs broadcast over the batch (position embeddings) are summarised as such;
             # they have no per-example gradient, so no half-batch split
             self.outputs[name] = out
+            if "grad_halves" in self.needs and per_example:
+                self.inputs[name] = (args, kwargs)
             summary = out.detach() if per_example else \
                 out.detach().expand(self.batch_size, *out.shape[1:])
             self._summarise_forward(name, module, summary)
@@ -167,28 +189,21 @@ class _Recorder:
 
     def _summarise_forward(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
         mask = _valid_mask(out, self.batch)
-        if "activations" in self.needs or "features" in self.needs:
-            rows = _channels_last_rows(out, mask, _channel_dim(module)).float()
-            if "activations" in self.needs:
-                self.activation_stats[name] = {
-                    "mean": float(rows.mean()),
-                    "std": float(rows.std()) if rows.numel() > 1 else 0.0,
-                    "sparsity": float((rows <= 0).float().mean()),
-                }
-            if "features" in self.needs:
-                if rows.shape[0] > MAX_FEATURE_ROWS:
-                    pick = torch.randperm(rows.shape[0], generator=self._generator)
-                    rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
-                self.features[name] = rows.detach().cpu()
+        if "activations" in self.needs:
+            values = out[mask] if mask is not None else out  # layout does not matter here
+            self.activation_stats[name] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()) if values.numel() > 1 else 0.0,
+                "sparsity": float((values <= 0).sum()) / values.numel(),
+            }
+        if "features" in self.needs:
+            rows = _channels_last_rows(out, mask, _channel_dim(module))
+            if rows.shape[0] > MAX_FEATURE_ROWS:
+                pick = torch.randperm(rows.shape[0], generator=self._generator)
+                rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
+            self.features[name] = rows.float().detach().cpu()
         if "binary_codes" in self.needs:
-            codes = (out > 0).double()
-            valid = torch.ones_like(codes)
-            if mask is not None:
-                shape = mask.shape + (1,) * (out.ndim - 2)
-                valid = valid * mask.view(shape).double()
-            codes = (codes * valid).reshape(out.shape[0], -1)
-            anti = ((1 - codes) * valid.reshape(out.shape[0], -1))
-            self.binary_kernels[name] = (codes @ codes.T + anti @ anti.T).cpu()
+            self.binary_kernels[name] = _binary_code_kernel(out, mask).cpu()
 
     def _grad_hook(self, name: str, module: nn.Module, out: torch.Tensor, per_example: bool):
         def hook(grad: torch.Tensor) -> None:
@@ -269,12 +284,11 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
             check_finite(loss_value, batch_label)
             passes.append("forward")
             if needs_backward:
-                grads = list(torch.autograd.grad(loss_value, weights,
-                                                 retain_graph="grad_halves" in needs,
-                                                 allow_unused=True))
+                grads = list(torch.autograd.grad(loss_value, weights, allow_unused=True))
                 grads = [g if g is not None else torch.zeros_like(w)
                          for g, w in zip(grads, weights, strict=True)]
                 passes.append("backward")
+            recorder.detach()  # the half-batch split below must not re-fire the output hooks
             if "grad_halves" in needs and grads is not None:
                 by_name = {layer.name: g for layer, g in zip(layers, grads, strict=True)}
                 halves = _half_batch_gradients(recorder, modules, by_name, batch_size)
@@ -332,20 +346,32 @@ def _half_batch_gradients(recorder: _Recorder, modules: dict[str, nn.Module],
                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Splits each layer's ∇W into the contributions of the two halves of the batch.
 
-    ``∇W = J_Wᵀ δ`` is linear in the output gradient δ, so back-propagating δ masked to the first
-    half through the layer's own operation alone gives the first part; the second is the rest.
+    ``∇W = J_Wᵀ δ`` is a sum over examples, so re-running the layer alone on the first half of
+    its recorded inputs and back-propagating the first half of its output gradient δ gives the
+    first half's part (half a layer forward and half a weight gradient per layer); the second
+    half's part is the rest.
     """
     half = batch_size // 2
     result = {}
-    for name, delta in recorder.output_grads.items():
-        first = delta.clone()
-        first[half:] = 0
-        g1 = torch.autograd.grad(recorder.outputs[name], modules[name].weight,
-                                 grad_outputs=first, retain_graph=True)[0].detach()
-        result[name] = (g1, grads[name] - g1)
+    with torch.enable_grad():
+        for name, delta in recorder.output_grads.items():
+            args, kwargs = recorder.inputs[name]
+            module = modules[name]
+            first_args = tuple(_first_rows(a, half, batch_size) for a in args)
+            first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
+            out = module(*first_args, **first_kwargs)
+            g1 = torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0].detach()
+            result[name] = (g1, grads[name] - g1)
     recorder.output_grads.clear()
     recorder.outputs.clear()
+    recorder.inputs.clear()
     return result
+
+
+def _first_rows(value: Any, half: int, batch_size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch_size:
+        return value[:half].detach()
+    return value
 
 
 def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,

@@ -34,7 +34,10 @@ def snip(ctx: LayerContext) -> float:
                  aggregate="sum")
 def grasp(ctx: LayerContext) -> float:
     """GraSP score summed over the layer: ``−Σ W ⊙ (H ∇W L)`` (Wang et al. 2020), with the
-    Hessian-vector product from one finite-difference pass over the candidate weights."""
+    Hessian-vector product from one one-sided finite-difference pass over the candidate weights
+    (perturbation of norm 1e-2 along ∇L). On piecewise-linear (ReLU) networks the difference
+    also sees activation kinks that the exact Hessian ignores, so it approximates the exact
+    double-backward value rather than reproducing it (see tests/test_metrics.py)."""
     return float(-(ctx.weight.double() * ctx.hvp.double()).sum())
 
 

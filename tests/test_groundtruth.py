@@ -1,0 +1,198 @@
+"""Ground-truth collector: cache equivalence, resumability, parallel backends, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from zest.collect import DataOptions
+from zest.errors import InvalidInputError, RecordError, UnknownNameError
+from zest.groundtruth import GroundTruthConfig, batch_order, collect_groundtruth
+from zest.records import read_records
+
+OPTIONS = DataOptions(image_size=16, max_train=96, max_val=48)
+VALUE_COLUMNS = ["gt_score", "gt_baseline", "gt_gain", "gt_loss", "gt_loss_baseline",
+                 "gt_loss_gain"]
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["gt_seed", "layer"]).reset_index(drop=True)
+
+
+def _run(tmp_path: Path, name: str, **kwargs) -> pd.DataFrame:
+    config = kwargs.pop("config", GroundTruthConfig(steps=3, batch_size=16))
+    return collect_groundtruth(kwargs.pop("model", "tiny_cnn"), "digits", tmp_path / name,
+                               config=config, seeds=kwargs.pop("seeds", [0]),
+                               options=kwargs.pop("options", OPTIONS), **kwargs)
+
+
+@pytest.mark.parametrize("model", ["tiny_cnn", "tiny_bert"])
+def test_cached_and_uncached_give_the_same_records(tmp_path, model):
+    dataset_options = OPTIONS if model == "tiny_cnn" else DataOptions(max_length=24,
+                                                                      max_train=96, max_val=48)
+    kwargs = dict(model=model, options=dataset_options, seeds=[0, 1])
+    if model == "tiny_bert":
+        cached = collect_groundtruth(model, "rotten_tomatoes", tmp_path / "a.parquet",
+                                     config=GroundTruthConfig(steps=3, batch_size=16),
+                                     seeds=[0, 1], options=dataset_options)
+        plain = collect_groundtruth(model, "rotten_tomatoes", tmp_path / "b.parquet",
+                                    config=GroundTruthConfig(steps=3, batch_size=16,
+                                                             use_cache=False),
+                                    seeds=[0, 1], options=dataset_options)
+    else:
+        cached = _run(tmp_path, "a.parquet", **kwargs)
+        plain = _run(tmp_path, "b.parquet",
+                     config=GroundTruthConfig(steps=3, batch_size=16, use_cache=False), **kwargs)
+    assert cached["gt_cached"].all() and not plain["gt_cached"].any()
+    a, b = _sorted(cached), _sorted(plain)
+    assert list(a["layer"]) == list(b["layer"])
+    pd.testing.assert_frame_equal(a[VALUE_COLUMNS], b[VALUE_COLUMNS], atol=1e-4, rtol=1e-4)
+
+
+def test_records_have_schema_and_one_row_per_layer_and_seed(tmp_path):
+    frame = _run(tmp_path, "gt.parquet", seeds=[0, 1])
+    assert not frame.duplicated(["layer", "gt_seed"]).any()
+    assert len(frame) == 2 * frame["layer"].nunique()
+    assert (frame["gt_gain"] - (frame["gt_score"] - frame["gt_baseline"])).abs().max() < 1e-12
+    assert (frame["gt_loss_gain"]
+            - (frame["gt_loss_baseline"] - frame["gt_loss"])).abs().max() < 1e-12
+    for column in ("gt_steps", "gt_lr", "gt_seed", "gt_seconds", "layer_type", "depth"):
+        assert column in frame
+    # the baseline is shared by every layer of a seed
+    assert frame.groupby("gt_seed")["gt_baseline"].nunique().max() == 1
+
+
+def test_batch_order_is_seeded_and_covers_epochs():
+    a = batch_order(10, 4, 6, seed=3)
+    b = batch_order(10, 4, 6, seed=3)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert len(a) == 6 and all(len(x) == 4 for x in a)
+    first_epoch = set(int(i) for batch in a[:2] for i in batch)
+    assert len(first_epoch) == 8
+
+
+def test_resume_skips_done_rows(tmp_path):
+    full = _run(tmp_path, "full.parquet")
+    partial = _run(tmp_path, "part.parquet", layer_names=["conv_stem"])
+    assert set(partial["layer"]) == {"conv_stem"}
+    resumed = _run(tmp_path, "part.parquet")
+    pd.testing.assert_frame_equal(_sorted(full)[VALUE_COLUMNS], _sorted(resumed)[VALUE_COLUMNS])
+
+
+SCRIPT = """
+import sys
+from zest.collect import DataOptions
+from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+collect_groundtruth("tiny_cnn", "digits", sys.argv[1],
+                    config=GroundTruthConfig(steps=int(sys.argv[2]), batch_size=16),
+                    seeds=[0, 1], options=DataOptions(image_size=16, max_train=96, max_val=48))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_gives_the_uninterrupted_records(tmp_path):
+    steps = "40"
+    reference = tmp_path / "reference.parquet"
+    subprocess.run([sys.executable, "-c", SCRIPT, str(reference), steps], check=True)
+    target = tmp_path / "killed.parquet"
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target), steps])
+    deadline = time.time() + 120
+    while time.time() < deadline and not target.exists():
+        time.sleep(0.05)
+    assert target.exists(), "the collector wrote nothing before the deadline"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rows_at_kill = len(read_records(target))
+    expected = read_records(reference)
+    assert rows_at_kill < len(expected), "killed too late to test resumption"
+    subprocess.run([sys.executable, "-c", SCRIPT, str(target), steps], check=True)
+    resumed = read_records(target)
+    assert len(resumed) == len(expected)
+    assert not resumed.duplicated(["layer", "gt_seed"]).any()
+    pd.testing.assert_frame_equal(_sorted(expected)[VALUE_COLUMNS],
+                                  _sorted(resumed)[VALUE_COLUMNS], atol=1e-5, rtol=1e-5)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_joblib_workers_give_the_serial_records(tmp_path):
+    serial = _run(tmp_path, "serial.parquet", seeds=[0, 1])
+    parallel = _run(tmp_path, "parallel.parquet", seeds=[0, 1], n_jobs=2)
+    pd.testing.assert_frame_equal(_sorted(serial)[VALUE_COLUMNS],
+                                  _sorted(parallel)[VALUE_COLUMNS], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_serial_records(tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    serial = _run(tmp_path, "serial.parquet", seeds=[0, 1])
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        remote = _run(tmp_path, "dask.parquet", seeds=[0, 1], backend="dask",
+                      scheduler=cluster.scheduler_address)
+    pd.testing.assert_frame_equal(_sorted(serial)[VALUE_COLUMNS],
+                                  _sorted(remote)[VALUE_COLUMNS], atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_layer_suggests_close_names(tmp_path):
+    with pytest.raises(UnknownNameError, match="conv_stem"):
+        _run(tmp_path, "x.parquet", layer_names=["conv_stemm"])
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_non_positive_steps(steps):
+    with pytest.raises(InvalidInputError, match="--steps"):
+        GroundTruthConfig(steps=steps)
+
+
+def test_refuses_to_append_to_another_group_or_setting(tmp_path):
+    _run(tmp_path, "g.parquet", layer_names=["conv_stem"])
+    before = (tmp_path / "g.parquet").read_bytes()
+    with pytest.raises(RecordError, match="group"):
+        _run(tmp_path, "g.parquet", model="tiny_resnet")
+    with pytest.raises(RecordError, match="gt_steps"):
+        _run(tmp_path, "g.parquet", config=GroundTruthConfig(steps=4, batch_size=16))
+    assert (tmp_path / "g.parquet").read_bytes() == before
+
+
+def test_refuses_another_schema_version(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _run(tmp_path, "v.parquet", layer_names=["conv_stem"])
+    table = pq.read_table(tmp_path / "v.parquet")
+    table = table.replace_schema_metadata({b"zest.schema_version": b"999"})
+    pq.write_table(table, tmp_path / "v.parquet")
+    with pytest.raises(RecordError, match="schema version 999"):
+        _run(tmp_path, "v.parquet")
+    assert pa is not None
+
+
+def test_too_small_validation_split(tmp_path):
+    with pytest.raises(Exception, match="validation examples") as info:
+        _run(tmp_path, "small.parquet", options=DataOptions(image_size=16, max_train=96,
+                                                              max_val=5))
+    assert "--max-val" in str(info.value)
+    assert not (tmp_path / "small.parquet").exists()
+
+
+def test_cli_groundtruth_bad_steps(tmp_path):
+    from typer.testing import CliRunner
+
+    from zest.cli import app
+
+    out = tmp_path / "gt.parquet"
+    result = CliRunner().invoke(app, ["collect", "groundtruth", "--model", "tiny_cnn",
+                                      "--dataset", "digits", "--steps", "0", "--out", str(out)])
+    assert result.exit_code == 1 and "--steps" in result.output
+    assert not out.exists()
+    assert os.path.exists(tmp_path)
