@@ -2,7 +2,7 @@
 
 Issue target: ≤ 3× on efficientnet_lite0 (32 images, 64 px) and minilm (32 × 128 tokens).
 Plain and probe runs are interleaved and the medians compared, so background load affects
-both alike. Usage:  python benchmarks/probe_cost.py [--repeats 5] [--out benchmarks/results/probe_cost.json]
+both alike. Usage: python benchmarks/probe_cost.py [--repeats 5] [--out FILE.json]
 """
 
 from __future__ import annotations
