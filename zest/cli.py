@@ -212,3 +212,134 @@ def collect_grid_command(
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+
+# -- predictor -------------------------------------------------------------------------------------
+RecordsOption = Annotated[Path, typer.Option(help="Folder with metrics/ and groundtruth/ "
+                                             "record files.")]
+TargetOption = Annotated[str, typer.Option(help="gt_loss_gain (steadier) or gt_gain.")]
+
+
+@app.command("train-predictor")
+def train_predictor_command(
+    records: RecordsOption = Path("data/records"),
+    out: Annotated[Path, typer.Option(help="Predictor JSON file.")] = Path(
+        "zest/predictors/universal.json"),
+    backend: Annotated[str, typer.Option(help="lightgbm or pairwise_logistic.")] = "lightgbm",
+    target: TargetOption = "gt_loss_gain",
+    normalization: Annotated[str, typer.Option(help="rank or robust_z (within group).")]
+    = "rank",
+    seed: SeedOption = 0,
+) -> None:
+    """Train the universal predictor on every group of the records (with a LOGO CV summary)."""
+    from zest.training import train_predictor
+
+    with _user_errors():
+        ranker, summary = train_predictor(records, out, backend=backend, target=target,
+                                          normalization=normalization, seed=seed)
+        typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
+                   f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
+                   f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")
+
+
+@app.command("evaluate-predictor")
+def evaluate_predictor_command(
+    predictor: Annotated[str, typer.Option(help="Predictor JSON file or 'universal'.")]
+    = "universal",
+    records: RecordsOption = Path("data/records"),
+    out_dir: Annotated[Path, typer.Option(help="Folder for report.md, results.json, "
+                                          "plot PNGs.")] = Path("predictor_training"),
+    report: Annotated[Path | None, typer.Option(help="Also write the markdown report here.")]
+    = Path("data/predictors/universal.report.md"),
+    schemes: Annotated[str, typer.Option(help="Comma-separated: logo, lodo, lomo, "
+                                         "cross_modality.")] = "logo,lodo,lomo,cross_modality",
+    target: Annotated[str | None, typer.Option(help="Default: the predictor's target.")] = None,
+) -> None:
+    """Held-out evaluation of the predictor next to every single metric and the baselines."""
+    from zest.training import evaluate_predictor
+
+    with _user_errors():
+        summary = evaluate_predictor(predictor, records, out_dir, report=report,
+                                     schemes=_names(schemes) or [], target=target)
+        for line in summary:
+            typer.echo(line)
+
+
+@app.command("rank")
+def rank_command(
+    model: ModelOption,
+    dataset: DatasetOption,
+    predictor: Annotated[str, typer.Option(help="'universal' or a predictor JSON file.")]
+    = "universal",
+    by: Annotated[str | None, typer.Option(help="Rank by this single metric instead.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Choose the k best layers.")] = None,
+    param_budget: Annotated[float | None, typer.Option(help="Choose the best layers within "
+                                                       "this fraction of the parameters.")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Minibatch size.")] = 32,
+    batches: Annotated[int, typer.Option(help="Rank on N minibatches and report stability.")]
+    = 1,
+    out: Annotated[Path | None, typer.Option(help="Write the table (.csv or .json).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of score over depth.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table or peft.")] = "table",
+    seed: SeedOption = 0,
+    image_size: ImageSizeOption = None,
+    max_length: MaxLengthOption = 128,
+    max_train: MaxTrainOption = None,
+    text_column: TextColumnOption = "text",
+    label_column: LabelColumnOption = "label",
+    layers: LayersOption = None,
+    granularity: GranularityOption = "module",
+    device: DeviceOption = "cpu",
+    checkpoint: CheckpointOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Rank the layers of a model for fine-tuning on a data set, from one minibatch."""
+    from zest.collect import load_pair
+    from zest.errors import InvalidInputError
+    from zest.models import resolve_device
+    from zest.ranking import load_predictor, rank
+
+    with _user_errors():
+        if top_k is not None and param_budget is not None:
+            raise InvalidInputError("pass either --top-k or --param-budget, not both")
+        if output_format not in ("table", "peft"):
+            raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
+        if out is not None and out.suffix not in (".csv", ".json"):
+            raise InvalidInputError(f"--out {out} must end in .csv or .json")
+        if batches < 1:
+            raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
+        if by is None:
+            load_predictor(predictor)  # fail before loading the model
+        torch_device = resolve_device(device)
+        model_, task, data = load_pair(model, dataset, options=_options(
+            image_size, max_length, max_train, None, text_column, label_column), seed=seed,
+            device=str(torch_device), checkpoint=str(checkpoint) if checkpoint else None)
+        minibatches = data.batches("train", batch_size, batches, seed=seed)
+        ranking = rank(model_, task, minibatches, predictor=predictor, by=by,
+                       granularity=granularity, layer_names=_names(layers), device=torch_device)
+        chosen = ranking.top(top_k) if top_k else (
+            ranking.select(param_budget) if param_budget else ranking.top(min(5, len(
+                ranking.table))))
+        table = ranking.to_frame()
+        table["chosen"] = table["layer"].isin(chosen)
+        if output_format == "peft":
+            typer.echo(repr(chosen))
+        else:
+            shown = table[["rank", "layer", "type", "params", "score", "chosen"]]
+            typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            share = table.loc[table["chosen"], "params"].sum() / ranking.total_params
+            typer.echo(f"\n{len(chosen)} layers chosen, {share:.2%} of {ranking.total_params:,} "
+                       f"parameters; ranked by {ranking.by} in {ranking.seconds:.2f} s")
+            if ranking.stability:
+                s = ranking.stability
+                typer.echo(f"stability over {s['batches']} minibatches: mean pairwise Kendall τ "
+                           f"{s['kendall_tau']:.3f}, top-5 Jaccard {s['top5_jaccard']:.3f}")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix == ".csv":
+                table.to_csv(out, index=False)
+            else:
+                table.to_json(out, orient="records", indent=1)
+        if plot is not None:
+            ranking.plot(plot, chosen=chosen)

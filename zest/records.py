@@ -114,11 +114,18 @@ def write_records(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def file_lock(path: str | os.PathLike, timeout: float = 600.0) -> FileLock:

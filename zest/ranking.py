@@ -1,0 +1,214 @@
+"""``zest.rank``: one minibatch → metrics → predictor → ranked layers (ZEST inference).
+
+The universal predictor (or a single metric with ``by=``) scores every candidate layer; a
+:class:`Ranking` then picks the top-k layers or the best layers within a parameter budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import kendalltau
+from torch import nn
+
+from zest.collect import metrics_frame
+from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
+from zest.layers import check_granularity
+from zest.metrics import METRICS, get_metric
+from zest.models import Batch, Task
+from zest.predictor import ZestRanker
+from zest.records import METRIC_PREFIX
+
+SHIPPED_PREDICTORS = ("universal",)
+
+
+def shipped_predictor_path(name: str = "universal") -> Path:
+    """Path of a predictor shipped inside the package (``zest/predictors/<name>.json``)."""
+    return Path(str(resources.files("zest") / "predictors" / f"{name}.json"))
+
+
+def load_predictor(predictor: str | os.PathLike | ZestRanker = "universal") -> ZestRanker:
+    """A fitted ranker: ``"universal"`` (shipped), a JSON file path, or a ranker instance."""
+    if isinstance(predictor, ZestRanker):
+        return predictor
+    if str(predictor) in SHIPPED_PREDICTORS:
+        path = shipped_predictor_path(str(predictor))
+        if not path.is_file():
+            raise InvalidInputError(f"the shipped predictor {predictor!r} is missing from this "
+                                    "installation; reinstall zest or pass --predictor FILE")
+        return ZestRanker.load(path)
+    path = Path(predictor)
+    if not path.exists():
+        raise InvalidInputError(f"unknown predictor {str(predictor)!r}: neither a shipped one "
+                                f"({', '.join(SHIPPED_PREDICTORS)}) nor an existing file")
+    return ZestRanker.load(path)
+
+
+@dataclass
+class Ranking:
+    """Layers ranked for fine-tuning, best first.
+
+    Attributes:
+        table: One row per layer: ``rank, layer, type, params, score, depth, block`` plus the
+            metric values used.
+        total_params: Parameters of the whole model (for budgets).
+        by: ``predictor:<name>`` or ``metric:<name>``.
+        seconds: Wall time of the probe(s) and scoring.
+        stability: With several minibatches: mean pairwise Kendall τ between their rankings and
+            mean top-k Jaccard overlap.
+    """
+
+    table: pd.DataFrame
+    total_params: int
+    by: str
+    seconds: float
+    stability: dict[str, float] | None = None
+    batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The ranked table (a copy)."""
+        return self.table.copy()
+
+    def top(self, k: int) -> list[str]:
+        """Names of the ``k`` best layers."""
+        if not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"--top-k must be a positive integer, got {k!r}")
+        if k > len(self.table):
+            raise InvalidInputError(f"--top-k {k} exceeds the {len(self.table)} candidate "
+                                    "layers; pass a smaller k")
+        return self.table["layer"].head(k).tolist()
+
+    def select(self, param_budget: float) -> list[str]:
+        """Best layers, in rank order, whose parameters fit in ``param_budget`` (a fraction of
+        the model's parameters in (0, 1]); layers too large for what is left are skipped."""
+        if not isinstance(param_budget, int | float) or not 0 < param_budget <= 1:
+            raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+        allowed = param_budget * self.total_params
+        chosen, used = [], 0
+        for layer, params in zip(self.table["layer"], self.table["params"], strict=True):
+            if used + params <= allowed:
+                chosen.append(layer)
+                used += params
+        if not chosen:
+            smallest = int(self.table["params"].min())
+            raise InvalidInputError(f"--param-budget {param_budget} ({int(allowed)} parameters) "
+                                    f"is smaller than the smallest layer ({smallest}); raise it "
+                                    f"to at least {smallest / self.total_params:.2g}")
+        return chosen
+
+    def plot(self, path: str | os.PathLike | None = None, chosen: Sequence[str] | None = None):
+        """Score over depth with the chosen layers marked; saved to ``path`` if given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        chosen = set(chosen or self.top(min(5, len(self.table))))
+        table = self.table.sort_values("depth")
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.plot(table["depth"], table["score"], "-", color="0.7", zorder=1)
+        marked = table["layer"].isin(chosen)
+        ax.scatter(table.loc[~marked, "depth"], table.loc[~marked, "score"], s=14, c="0.4",
+                   zorder=2, label="layer")
+        ax.scatter(table.loc[marked, "depth"], table.loc[marked, "score"], s=40, c="tab:red",
+                   zorder=3, label=f"chosen ({marked.sum()})")
+        ax.set_xlabel("relative depth")
+        ax.set_ylabel(f"score ({self.by})")
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig
+
+
+def _metric_direction(name: str) -> int:
+    direction = get_metric(name).direction
+    return direction if direction != 0 else 1
+
+
+def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
+         predictor: str | os.PathLike | ZestRanker = "universal", by: str | None = None,
+         probe_loss: str | None = None, granularity: str = "module",
+         layer_names: Sequence[str] | None = None, device: Any = None) -> Ranking:
+    """Ranks the candidate layers of ``model`` for fine-tuning on the task of ``batches``.
+
+    Args:
+        model: The pretrained model (left unchanged).
+        task: Its task adapter.
+        batches: One minibatch (an ``(x, y)`` tuple or a dict), or a ``list`` of minibatches
+            (scores are averaged over them and the ranking's stability across them reported).
+        predictor: ``"universal"``, a predictor JSON file, or a fitted :class:`ZestRanker`.
+        by: Rank by this single metric (with its paper's direction) instead of the predictor.
+        probe_loss: ``supcon`` or ``ce``; default: the predictor's training setting.
+        granularity: ``module`` or ``block``.
+        layer_names: Restrict to these candidates.
+        device: Where to run the probe.
+
+    Returns:
+        A :class:`Ranking`.
+    """
+    check_granularity(granularity)
+    batch_list = list(batches) if isinstance(batches, list) else [batches]
+    if not batch_list:
+        raise InvalidInputError("no minibatch to rank on; pass at least one batch")
+    start = time.perf_counter()
+    if by is not None:
+        if by not in METRICS:
+            raise UnknownNameError(unknown_name_message("metric for --by", by, METRICS.names()))
+        ranker, names, label = None, [by], f"metric:{by}"
+        loss = probe_loss or "supcon"
+    else:
+        ranker = load_predictor(predictor)
+        names = [m[len(METRIC_PREFIX):] for m in ranker.metrics_]
+        label = f"predictor:{predictor if isinstance(predictor, str) else 'custom'}"
+        loss = probe_loss or (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
+            "probe_loss", "supcon")
+    frame = metrics_frame(model, task, batch_list, metrics=names, probe_loss=loss,
+                          layer_names=layer_names, granularity=granularity, device=device)
+    frame["modality"] = task.modality
+    per_batch = []
+    for _, part in frame.groupby("batch", sort=True):
+        part = part.reset_index(drop=True).assign(group="__inference__")
+        if ranker is not None:
+            scores = ranker.predict(part)
+        else:
+            scores = _metric_direction(by) * part[METRIC_PREFIX + by].to_numpy(dtype=float)
+        per_batch.append(pd.Series(scores, index=part["layer"]))
+    scores = pd.concat(per_batch, axis=1).mean(axis=1)
+    first = frame[frame["batch"] == frame["batch"].min()].set_index("layer")
+    table = pd.DataFrame({"layer": scores.index, "type": first.loc[scores.index, "layer_type"],
+                          "params": first.loc[scores.index, "n_params"].astype(int),
+                          "score": scores.to_numpy(), "depth": first.loc[scores.index, "depth"],
+                          "block": first.loc[scores.index, "block"]}).reset_index(drop=True)
+    for name in names:
+        table[name] = first.loc[table["layer"], METRIC_PREFIX + name].to_numpy()
+    table = table.sort_values("score", ascending=False, kind="stable", na_position="last")
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table = table.reset_index(drop=True)
+    total = sum(p.numel() for p in model.parameters())
+    stability = _stability(per_batch) if len(per_batch) > 1 else None
+    return Ranking(table=table, total_params=int(total), by=label,
+                   seconds=time.perf_counter() - start, stability=stability,
+                   batch_scores=[s.to_numpy() for s in per_batch])
+
+
+def _stability(per_batch: list[pd.Series], k: int = 5) -> dict[str, float]:
+    taus, jaccards = [], []
+    for a, b in itertools.combinations(per_batch, 2):
+        taus.append(kendalltau(a.to_numpy(), b.loc[a.index].to_numpy()).statistic)
+        top_a = set(a.sort_values(ascending=False).index[:k])
+        top_b = set(b.sort_values(ascending=False).index[:k])
+        jaccards.append(len(top_a & top_b) / len(top_a | top_b))
+    return {"kendall_tau": float(np.nanmean(taus)), f"top{k}_jaccard": float(np.mean(jaccards)),
+            "batches": len(per_batch)}
