@@ -1,0 +1,25 @@
+"""Sparse fine-tuners (GPS, SPSFT) and baselines with one interface (DESIGN §6).
+
+```python
+tuner = zest.finetune.SPSFT(model, task, layers, ratio=0.05)   # or GPS(..., k=8)
+tuner.fit(data, epochs=3)
+tuner.delta().save("run/delta.safetensors")
+```
+"""
+
+from __future__ import annotations
+
+from zest._registry import Registry
+from zest.finetune.base import EpochRecord, Tuner
+from zest.finetune.baselines import BitFit, Full, Head, Layers, LoRA
+from zest.finetune.delta import Delta, DeltaEntry, apply_delta
+from zest.finetune.gps import GPS
+from zest.finetune.spsft import SPSFT
+
+METHODS: Registry[type[Tuner]] = Registry("fine-tuning method")
+for _name, _cls in (("gps", GPS), ("spsft", SPSFT), ("full", Full), ("head", Head),
+                    ("bitfit", BitFit), ("layers", Layers), ("lora", LoRA)):
+    METHODS.register(_name)(_cls)
+
+__all__ = ["GPS", "METHODS", "SPSFT", "BitFit", "Delta", "DeltaEntry", "EpochRecord", "Full",
+           "Head", "Layers", "LoRA", "Tuner", "apply_delta"]

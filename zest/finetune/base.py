@@ -1,0 +1,264 @@
+"""The shared fine-tuning loop: prepare (select + wrap), train, validate, export a delta.
+
+Every method (GPS, SPSFT and the baselines) is a :class:`Tuner`: construction only validates its
+arguments; :meth:`Tuner.fit` selects what to train (``_prepare``), trains it with AdamW and
+cross-entropy, validates every epoch, and keeps the history; :meth:`Tuner.delta` returns only
+the trained entries (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zest.datasets import Dataset
+from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
+from zest.finetune.delta import Delta, DeltaEntry
+from zest.layers import candidate_layers
+from zest.models import Task
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_layer_names(model: nn.Module, task: Task, layers: Sequence[str] | str | None,
+                        allow_any_module: bool = False) -> list[str]:
+    """Validates the chosen layer names (``"all"`` → every candidate layer)."""
+    candidates = [layer.name for layer in candidate_layers(model, task.head_name)]
+    if layers == "all":
+        return candidates
+    if layers is None or isinstance(layers, str):
+        raise InvalidInputError(f"layers must be a list of layer names or 'all', got {layers!r}")
+    names = list(dict.fromkeys(layers))
+    if not names:
+        raise InvalidInputError("no layer chosen; pass layer names, 'all', or use "
+                                "zest.rank(...).top(k)")
+    modules = dict(model.named_modules())
+    for name in names:
+        if name in candidates:
+            continue
+        if allow_any_module and name in modules and \
+                isinstance(getattr(modules[name], "weight", None), nn.Parameter):
+            continue
+        close = closest_names(name, candidates)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"no candidate layer named {name!r}{hint}")
+    return names
+
+
+@dataclass
+class EpochRecord:
+    """Metrics of one epoch."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class Tuner:
+    """Base class: fine-tunes a model on a data set, training only what ``_prepare`` chooses.
+
+    Args:
+        model: The model to tune in place.
+        task: Its task adapter.
+        layers: Chosen layer names (or ``"all"``); unused by ``full``, ``head`` and ``bitfit``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: Seed of batch order and selection.
+        device: Where to train (default: where the model is).
+    """
+
+    model: nn.Module
+    task: Task
+    layers: Sequence[str] | str | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: Any = None
+    method: str = field(default="base", init=False)
+    uses_layers: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
+        if self.uses_layers:
+            self.layer_names = resolve_layer_names(self.model, self.task, self.layers,
+                                                   allow_any_module=self._allows_any_module())
+        else:
+            self.layer_names = []
+        self._check_layers()
+
+    # -- hooks for subclasses ------------------------------------------------------------------
+    def _allows_any_module(self) -> bool:
+        return False
+
+    def _check_layers(self) -> None:
+        """Raises for a layer type the method cannot handle."""
+
+    def _prepare(self, data: Dataset, batch_size: int) -> None:
+        """Selects and wraps what to train; sets ``requires_grad``."""
+        raise NotImplementedError
+
+    def _delta_entries(self) -> list[DeltaEntry]:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- shared machinery --------------------------------------------------------------------
+    def _freeze_all(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def _head_parameters(self) -> list[nn.Parameter]:
+        return list(self.task.head(self.model).parameters())
+
+    def fit(self, data: Dataset, epochs: int = 3, batch_size: int = 32,
+            progress: ProgressCallback | None = None, max_steps: int | None = None) -> Tuner:
+        """Selects, then trains for ``epochs`` with validation after each one.
+
+        Args:
+            data: A data set (text data must be tokenised with ``task.tokenizer``).
+            epochs: Passes over the train split.
+            batch_size: Training batch size.
+            progress: Called with a dict after every step (``step``, ``loss``) and epoch.
+            max_steps: Stop after this many steps (for benchmarks).
+
+        Returns:
+            ``self``; ``history_``, ``trainable_params_``, ``peak_memory_mb_`` and
+            ``seconds_`` are set.
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
+        self.device_ = self.device or next(self.model.parameters()).device
+        start = time.perf_counter()
+        self._prepare(data, batch_size)
+        params = self.trainable_parameters()
+        if not params:
+            raise InvalidInputError(f"{self.method}: nothing to train; choose at least one layer")
+        self.trainable_params_ = self.count_trainable()
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.history_: list[EpochRecord] = []
+        self.stopped_ = None
+        self._last_good = self._snapshot()
+        step = 0
+        for epoch in range(1, epochs + 1):
+            epoch_start = time.perf_counter()
+            self._train_mode()
+            total_loss, correct, seen = 0.0, 0, 0
+            loader = data.train_loader(batch_size=batch_size, shuffle=True,
+                                       seed=self.seed * 1000 + epoch)
+            for batch in loader:
+                output = self.task.forward(self.model, batch, self.device_)
+                loss = F.cross_entropy(output.logits, output.labels)
+                if not bool(torch.isfinite(loss.detach())):
+                    self._restore(self._last_good)
+                    self.stopped_ = (f"non-finite loss at step {step} (epoch {epoch}); training "
+                                     "stopped and the last good delta kept; lower the "
+                                     "learning rate")
+                    raise NonFiniteLossError(self.stopped_)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = output.labels.shape[0]
+                total_loss += float(loss.detach()) * n
+                correct += int((output.logits.argmax(1) == output.labels).sum())
+                seen += n
+                step += 1
+                if step % 20 == 0:
+                    self._last_good = self._snapshot()
+                if progress is not None:
+                    progress({"step": step, "epoch": epoch, "loss": float(loss.detach())})
+                if max_steps is not None and step >= max_steps:
+                    break
+            self._last_good = self._snapshot()
+            val_loss, val_accuracy = self.evaluate(data, "val")
+            record = EpochRecord(epoch, total_loss / max(seen, 1), correct / max(seen, 1),
+                                 val_loss, val_accuracy, time.perf_counter() - epoch_start)
+            self.history_.append(record)
+            if progress is not None:
+                progress({"epoch_done": epoch, **record.__dict__})
+            if max_steps is not None and step >= max_steps:
+                break
+        self.seconds_ = time.perf_counter() - start
+        self.peak_memory_mb_ = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.model.eval()
+        return self
+
+    def _train_mode(self) -> None:
+        """Train mode, except normalisation layers whose parameters are frozen: their running
+        statistics stay frozen too (so the delta describes the whole change)."""
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(  # noqa: SLF001
+                    p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+
+    def evaluate(self, data: Dataset, split: str = "val", batch_size: int = 128
+                 ) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on a split."""
+        training = self.model.training
+        self.model.eval()
+        total, correct, n = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for batch in data.loader(split, batch_size=batch_size):
+                    output = self.task.forward(self.model, batch, self.device_ if hasattr(
+                        self, "device_") else None)
+                    total += float(F.cross_entropy(output.logits, output.labels,
+                                                   reduction="sum"))
+                    correct += int((output.logits.argmax(1) == output.labels).sum())
+                    n += output.labels.shape[0]
+        finally:
+            self.model.train(training)
+        return total / max(n, 1), correct / max(n, 1)
+
+    def count_trainable(self) -> int:
+        """Number of trained values (sparse entries count once each)."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {str(i): p.detach().clone() for i, p in enumerate(self.trainable_parameters())}
+
+    def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.trainable_parameters()):
+                p.copy_(snapshot[str(i)])
+
+    def delta(self) -> Delta:
+        """Only what was trained, as a :class:`~zest.finetune.delta.Delta`."""
+        if not hasattr(self, "trainable_params_"):
+            raise InvalidInputError("nothing trained yet; call fit() first")
+        entries = self._delta_entries()
+        return Delta(entries=entries, meta={
+            "method": self.method, "model": self.task.spec, "num_classes": self.task.num_classes,
+            "layers": list(self.layer_names), "trainable_params": int(self.trainable_params_)})
+
+    def _trained_norm_buffers(self) -> dict[str, torch.Tensor]:
+        """Running statistics of normalisation layers that trained (and so updated them)."""
+        buffers = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(  # noqa: SLF001
+                    p.requires_grad for p in module.parameters(recurse=False)):
+                for key, value in module.named_buffers(recurse=False):
+                    if value is not None and value.is_floating_point():
+                        buffers[f"{name}.{key}"] = value
+        return buffers
+
+    def _dense_entries(self, parameters: dict[str, nn.Parameter]) -> list[DeltaEntry]:
+        """Dense entries: the trained tensor minus the pretrained one is not needed for head or
+        bias (they are stored whole, ``mode="replace"``)."""
+        return [DeltaEntry(name=name, kind="replace", tensors={"value": p.detach().cpu()},
+                           shape=list(p.shape)) for name, p in parameters.items()]

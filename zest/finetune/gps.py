@@ -1,0 +1,222 @@
+"""GPS: gradient-based parameter selection (Zhang et al., CVPR 2024; gps-paper §3).
+
+§3.1: the importance of a weight is the modulus of the gradient of the *supervised contrastive*
+loss (τ = 0.07, on the head input, no classification head) accumulated over selection batches;
+two views per example (augmented images; dropout noise for text). For every output neuron of a
+chosen layer, its top-K input connections are selected ("at least one" per neuron).
+§3.2: only the selected entries train; the head and the biases train; normalisation layers and
+position embeddings stay frozen (as in the reference implementation).
+
+Implementation: the selected entries are a vector of values at fixed indices, added into the
+weight in the forward pass through a ``torch.nn.utils.parametrize`` parametrization
+(``W + scatter(values)``): the frozen weight has no gradient and no optimizer state. The
+reference dense-masked implementation (a full-size gradient masked by a hook) is available as
+``implementation="dense_mask"`` for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from zest.datasets import Dataset
+from zest.errors import InvalidInputError
+from zest.finetune.base import Tuner
+from zest.finetune.delta import DeltaEntry
+from zest.models import Task, supervised_contrastive_loss
+
+FROZEN_NAME_PARTS = ("position_embeddings", "pos_embed", "norm")
+
+
+class SparseDelta(nn.Module):
+    """Parametrization ``W ↦ W + scatter(values at indices)`` over rows of W viewed 2-D."""
+
+    def __init__(self, indices: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.zeros(indices.shape, dtype=dtype,
+                                               device=indices.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        flat = weight.reshape(weight.shape[0], -1)
+        return flat.scatter_add(1, self.indices, self.values).view_as(weight)
+
+
+def two_views(task: Task, model: nn.Module, batch, device, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of two views of a batch: augmented images, or two dropout passes."""
+    if task.modality == "image":
+        x, y = batch
+        views = [augment_images(x, generator) for _ in range(2)]
+        features = [task.forward(model, (v, y), device).features for v in views]
+    else:
+        features = [task.forward(model, batch, device).features for _ in range(2)]
+    labels = task.labels(batch).to(features[0].device)
+    return torch.cat(features), torch.cat([labels, labels])
+
+
+def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """SupCon-style view: random resized crop (scale 0.6–1) and brightness/contrast jitter,
+    per image, seeded (no flips: digits and text-like images are not mirror-symmetric)."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        scale = 0.6 + 0.4 * float(torch.rand(1, generator=generator))
+        ch, cw = max(2, int(round(h * scale ** 0.5))), max(2, int(round(w * scale ** 0.5)))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+        crop = x[i:i + 1, :, top:top + ch, left:left + cw]
+        crop = nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+        brightness = 0.8 + 0.4 * float(torch.rand(1, generator=generator))
+        contrast = 0.8 + 0.4 * float(torch.rand(1, generator=generator))
+        mean = crop.mean()
+        out[i] = ((crop - mean) * contrast + mean) * brightness
+    return out.clamp(0, 1)
+
+
+@dataclass
+class GPS(Tuner):
+    """GPS on the chosen layers (ZEST) or on every layer (``layers="all"``, the paper's default).
+
+    Args:
+        k: Input connections kept per output neuron (top-K by |gradient|).
+        selection_batches: Batches whose supervised-contrastive gradients are accumulated.
+        implementation: ``sparse`` (values at fixed indices) or ``dense_mask`` (reference:
+            dense gradient masked by a hook; only for comparison).
+    """
+
+    k: int = 1
+    selection_batches: int = 8
+    implementation: str = "sparse"
+    method: str = field(default="gps", init=False)
+
+    def _check_layers(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {self.k!r}")
+        if self.implementation not in ("sparse", "dense_mask"):
+            raise InvalidInputError(f"unknown GPS implementation {self.implementation!r}; use "
+                                    "'sparse' or 'dense_mask'")
+        if self.layers == "all":
+            self.layer_names = [n for n in self.layer_names
+                                if not any(p in n for p in FROZEN_NAME_PARTS)]
+        for name in self.layer_names:
+            if any(part in name for part in FROZEN_NAME_PARTS):
+                raise InvalidInputError(f"GPS keeps {name!r} frozen (normalisation layers and "
+                                        "position embeddings stay frozen, as in the paper); "
+                                        "drop it from --layers or use --method layers")
+            weight = self.model.get_submodule(name).weight
+            width = weight[0].numel()
+            if self.k > width:
+                raise InvalidInputError(f"k={self.k} is larger than the {width} input connections "
+                                        f"per neuron of {name!r}; use k ≤ {width}")
+
+    def importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
+        """|Σ ∇W L_supcon| over ``selection_batches`` batches, per chosen layer (§3.1)."""
+        weights = {name: self.model.get_submodule(name).weight for name in self.layer_names}
+        total = {name: torch.zeros_like(w) for name, w in weights.items()}
+        training = {m: m.training for m in self.model.modules()}
+        requires = {p: p.requires_grad for p in self.model.parameters()}
+        generator = torch.Generator().manual_seed(self.seed)
+        try:
+            self._freeze_all()
+            for w in weights.values():
+                w.requires_grad_(True)
+            # dropout noise makes the two text views; images keep frozen BatchNorm statistics
+            self.model.train(self.task.modality == "text")
+            batches = data.batches("train", batch_size, self.selection_batches, seed=self.seed)
+            for batch in batches:
+                features, labels = two_views(self.task, self.model, batch, self.device_,
+                                             generator)
+                loss = supervised_contrastive_loss(features, labels)
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                for name, g in zip(weights, grads, strict=True):
+                    if g is not None:
+                        total[name] += g.detach()
+        finally:
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+            for m, flag in training.items():
+                m.train(flag)
+        return {name: t.abs() for name, t in total.items()}
+
+    def _prepare(self, data: Dataset, batch_size: int) -> None:
+        scores = self.importance(data, batch_size)
+        self._freeze_all()
+        self.indices_: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor] = {}
+        self._trainable: list[nn.Parameter] = []
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            flat = scores[name].reshape(scores[name].shape[0], -1)
+            indices = flat.topk(self.k, dim=1).indices.sort(dim=1).values
+            self.indices_[name] = indices
+            if self.implementation == "sparse":
+                parametrize.register_parametrization(module, "weight",
+                                                     SparseDelta(indices, module.weight.dtype))
+                self._trainable.append(module.parametrizations.weight[0].values)
+            else:
+                weight = module.weight
+                self._originals[name] = weight.detach().clone()
+                mask = torch.zeros_like(flat)
+                mask.scatter_(1, indices, 1.0)
+                mask = mask.view_as(weight)
+                weight.requires_grad_(True)
+                weight.register_hook(lambda g, m=mask: g * m)
+                self._trainable.append(weight)
+            bias = module._parameters.get("bias")  # noqa: SLF001
+            if bias is not None:
+                bias.requires_grad_(True)
+                self._trainable.append(bias)
+        for p in self._head_parameters():
+            p.requires_grad_(True)
+            self._trainable.append(p)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(getattr(self, "_trainable", []))
+
+    def count_trainable(self) -> int:
+        """Selected weight entries + biases + head."""
+        count = sum(int(i.numel()) for i in self.indices_.values())
+        head = {id(p) for p in self._head_parameters()}
+        for name in self.layer_names:
+            bias = self.model.get_submodule(name)._parameters.get("bias")  # noqa: SLF001
+            count += bias.numel() if bias is not None else 0
+        count += sum(p.numel() for p in self._head_parameters() if id(p) in head)
+        return count
+
+    def _delta_entries(self) -> list[DeltaEntry]:
+        entries = []
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            indices = self.indices_[name]
+            if self.implementation == "sparse":
+                values = module.parametrizations.weight[0].values.detach()
+                shape = list(module.parametrizations.weight.original.shape)
+            else:
+                flat = (module.weight.detach() - self._originals[name]).reshape(
+                    indices.shape[0], -1)
+                values = flat.gather(1, indices)
+                shape = list(module.weight.shape)
+            entries.append(DeltaEntry(name=f"{name}.weight", kind="sparse_add",
+                                      tensors={"indices": indices.cpu(),
+                                               "values": values.cpu()}, shape=shape))
+            bias = module._parameters.get("bias")  # noqa: SLF001
+            if bias is not None:
+                entries += self._dense_entries({f"{name}.bias": bias})
+        head = self.task.head_name
+        entries += self._dense_entries({f"{head}.{n}": p for n, p in
+                                        self.task.head(self.model).named_parameters()})
+        return entries
+
+    def merge(self) -> nn.Module:
+        """Folds the trained entries into the weights and removes the parametrizations."""
+        if self.implementation == "sparse":
+            for name in self.layer_names:
+                module = self.model.get_submodule(name)
+                if parametrize.is_parametrized(module, "weight"):
+                    parametrize.remove_parametrizations(module, "weight",
+                                                        leave_parametrized=True)
+        return self.model

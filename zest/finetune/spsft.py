@@ -1,0 +1,241 @@
+"""SPSFT: structured-pruning-based sparse fine-tuning (spsft-paper §3).
+
+§3.1: score every output neuron of a chosen layer, keep the top-r, and train a dense
+``W_f ∈ R^{r×d_in}`` initialised to zero, added to those rows only. The forward uses additivity,
+``f(W + M W_f, x) = f(W, x) + scatter_rows(f(W_f, x))`` (Eq. 5): the frozen ``W`` receives no
+gradient and ``W_f x`` is not cached (``M`` is a fixed row scatter). Normalisation layers get the
+per-row (per-channel) variant: ``r`` trainable scale offsets on the normalised input.
+§3.2 / Appendix A: importance by the L2 norm of the neuron's weight vector, by Taylor importance
+``η_i = Σ_j |ḡ_j w_j|`` (``ḡ`` the mean gradient over the selection data), or by the
+quantile-mean Taylor importance (class-wise ``η_i^t`` on each class's data, averaged over the
+0 %, 10 %, …, 100 % quantiles over classes; Eq. 6–7).
+
+The extra output is added by a forward hook on the layer, so module names stay as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zest.datasets import Dataset
+from zest.errors import InvalidInputError
+from zest.finetune.base import Tuner
+from zest.finetune.delta import DeltaEntry
+
+IMPORTANCES = ("l2", "taylor", "qm_taylor")
+QUANTILES = torch.linspace(0, 1, 11)
+NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
+
+
+def _is_same_padding_conv(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv2dSame"
+
+
+def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor,
+                x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``f(W_f, x)`` for the selected rows, and the output dimension to scatter into."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight_rows), -1
+    if isinstance(module, nn.Conv2d):
+        groups = module.groups
+        if groups == 1:
+            inputs, conv_groups = x, 1
+        elif module.in_channels == groups and module.out_channels == groups:
+            inputs, conv_groups = x[:, rows], len(rows)  # depthwise: row i reads channel i
+        else:
+            raise InvalidInputError("grouped convolutions other than depthwise are not "
+                                    "supported by SPSFT; use --method gps or layers")
+        padding = module.padding
+        if _is_same_padding_conv(module):
+            from timm.layers import pad_same
+
+            inputs = pad_same(inputs, module.weight.shape[-2:], module.stride, module.dilation)
+            padding = 0
+        return F.conv2d(inputs, weight_rows, None, module.stride, padding, module.dilation,
+                        conv_groups), 1
+    if isinstance(module, nn.LayerNorm):
+        normalized = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        return normalized[..., rows] * weight_rows, -1
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+        use_batch = module.training or module.running_mean is None
+        normalized = F.batch_norm(x, None if use_batch else module.running_mean,
+                                  None if use_batch else module.running_var, None, None,
+                                  use_batch, 0.0, module.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return normalized[:, rows] * weight_rows.view(shape), 1
+    raise InvalidInputError(f"SPSFT cannot handle {type(module).__name__} layers; use "
+                            "--method gps or layers for them")
+
+
+@dataclass
+class SPSFT(Tuner):
+    """SPSFT on the chosen layers.
+
+    Args:
+        ratio: Share of each layer's output neurons to tune, in (0, 1].
+        r: Number of neurons per layer (overrides ``ratio``).
+        importance: ``l2``, ``taylor`` or ``qm_taylor``.
+        selection_batches: Batches for the Taylor importances.
+    """
+
+    ratio: float | None = 0.05
+    r: int | None = None
+    importance: str = "taylor"
+    selection_batches: int = 8
+    method: str = field(default="spsft", init=False)
+
+    def _allows_any_module(self) -> bool:
+        return True  # normalisation layers may be named explicitly (per-row variant)
+
+    def _check_layers(self) -> None:
+        if self.importance not in IMPORTANCES:
+            raise InvalidInputError(f"unknown importance {self.importance!r}; use one of "
+                                    f"{', '.join(IMPORTANCES)}")
+        if self.r is None and (self.ratio is None or not 0 < self.ratio <= 1):
+            raise InvalidInputError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        if self.r is not None and (not isinstance(self.r, int) or self.r < 1):
+            raise InvalidInputError(f"r must be a positive integer, got {self.r!r}")
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES)):
+                raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
+                                        "it tunes Linear, Conv2d, LayerNorm and BatchNorm rows — "
+                                        "use --method gps or layers for this layer")
+            if isinstance(module, nn.Conv2d) and module.groups not in (1, module.in_channels):
+                raise InvalidInputError(f"SPSFT cannot handle the grouped convolution {name!r}; "
+                                        "use --method gps or layers")
+            rows = module.weight.shape[0]
+            if self.rows_for(rows) > rows:
+                raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "
+                                        f"{name!r}; use r ≤ {rows} or a ratio")
+
+    def rows_for(self, out_features: int) -> int:
+        """Neurons tuned in a layer with ``out_features`` outputs."""
+        if self.r is not None:
+            return self.r
+        return max(1, round(self.ratio * out_features))
+
+    # -- importance ------------------------------------------------------------------------------
+    def neuron_importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
+        """Importance per output neuron of each chosen layer (§3.2, Appendix A)."""
+        weights = {n: self.model.get_submodule(n).weight for n in self.layer_names}
+        if self.importance == "l2":
+            return {n: w.detach().reshape(w.shape[0], -1).norm(dim=1) for n, w in weights.items()}
+        grads = self._mean_gradients(data, batch_size, weights, by_class=(
+            self.importance == "qm_taylor"))
+        scores = {}
+        for name, w in weights.items():
+            flat_w = w.detach().reshape(w.shape[0], -1)
+            if self.importance == "taylor":
+                scores[name] = (grads[name].reshape(w.shape[0], -1) * flat_w).abs().sum(dim=1)
+            else:
+                per_class = torch.stack([(g.reshape(w.shape[0], -1) * flat_w).abs().sum(dim=1)
+                                         for g in grads[name]])  # (classes, rows)
+                scores[name] = torch.quantile(per_class.double(), QUANTILES.double(),
+                                              dim=0).mean(dim=0).float()
+        return scores
+
+    def _mean_gradients(self, data: Dataset, batch_size: int, weights: dict[str, nn.Parameter],
+                        by_class: bool) -> dict[str, Any]:
+        """Mean gradient of the cross-entropy over the selection data (per class if asked)."""
+        training = {m: m.training for m in self.model.modules()}
+        requires = {p: p.requires_grad for p in self.model.parameters()}
+        names = list(weights)
+        classes = self.task.num_classes
+        sums = {n: torch.zeros((classes,) + tuple(w.shape) if by_class else w.shape)
+                for n, w in weights.items()}
+        counts = torch.zeros(classes if by_class else 1)
+        try:
+            self._freeze_all()
+            for w in weights.values():
+                w.requires_grad_(True)
+            self.model.eval()
+            for batch in data.batches("train", batch_size, self.selection_batches,
+                                      seed=self.seed):
+                output = self.task.forward(self.model, batch, self.device_)
+                losses = F.cross_entropy(output.logits, output.labels, reduction="none")
+                if not by_class:
+                    grads = torch.autograd.grad(losses.sum(), list(weights.values()))
+                    for n, g in zip(names, grads, strict=True):
+                        sums[n] += g.cpu()
+                    counts[0] += len(losses)
+                    continue
+                present = output.labels.unique().tolist()
+                for i, t in enumerate(present):
+                    selected = output.labels == t
+                    grads = torch.autograd.grad(losses[selected].sum(), list(weights.values()),
+                                                retain_graph=i < len(present) - 1)
+                    for n, g in zip(names, grads, strict=True):
+                        sums[n][t] += g.cpu()
+                    counts[t] += int(selected.sum())
+        finally:
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+            for m, flag in training.items():
+                m.train(flag)
+        if not by_class:
+            return {n: s / counts[0] for n, s in sums.items()}
+        seen = counts > 0
+        return {n: [s[t] / counts[t] for t in range(classes) if seen[t]]
+                for n, s in sums.items()}
+
+    # -- wrapping --------------------------------------------------------------------------------
+    def _prepare(self, data: Dataset, batch_size: int) -> None:
+        scores = self.neuron_importance(data, batch_size)
+        self._freeze_all()
+        self.rows_: dict[str, torch.Tensor] = {}
+        self.deltas_: dict[str, nn.Parameter] = {}
+        self._handles = []
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            weight = module.weight
+            r = self.rows_for(weight.shape[0])
+            rows = scores[name].topk(r).indices.sort().values.to(weight.device)
+            if isinstance(module, NORM_TYPES):
+                delta = nn.Parameter(torch.zeros(r, dtype=weight.dtype, device=weight.device))
+            elif isinstance(module, nn.Conv2d) and module.groups > 1:
+                delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]),
+                                                 dtype=weight.dtype, device=weight.device))
+            else:
+                delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]),
+                                                 dtype=weight.dtype, device=weight.device))
+            self.rows_[name] = rows
+            self.deltas_[name] = delta
+            self._handles.append(module.register_forward_hook(self._hook(rows, delta)))
+        for p in self._head_parameters():
+            p.requires_grad_(True)
+
+    @staticmethod
+    def _hook(rows: torch.Tensor, delta: nn.Parameter):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            extra, dim = _row_output(module, rows, delta, args[0])
+            return out.index_add(dim % out.ndim, rows, extra.to(out.dtype))
+
+        return hook
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(getattr(self, "deltas_", {}).values()) + self._head_parameters()
+
+    def _delta_entries(self) -> list[DeltaEntry]:
+        entries = []
+        for name in self.layer_names:
+            weight = self.model.get_submodule(name).weight
+            entries.append(DeltaEntry(name=f"{name}.weight", kind="rows_add",
+                                      tensors={"indices": self.rows_[name].cpu(),
+                                               "rows": self.deltas_[name].detach().cpu()},
+                                      shape=list(weight.shape)))
+        head = self.task.head_name
+        entries += self._dense_entries({f"{head}.{n}": p for n, p in
+                                        self.task.head(self.model).named_parameters()})
+        return entries
+
+    def remove_hooks(self) -> None:
+        """Detaches the row updates (the model computes as the base model again)."""
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
