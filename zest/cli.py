@@ -343,3 +343,95 @@ def rank_command(
                 table.to_json(out, orient="records", indent=1)
         if plot is not None:
             ranking.plot(plot, chosen=chosen)
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+@app.command("finetune")
+def finetune_command(
+    model: ModelOption,
+    dataset: DatasetOption,
+    out: Annotated[Path, typer.Option(help="Run directory to write.")],
+    method: Annotated[str, typer.Option(help="gps, spsft, layers, full, head, bitfit or lora.")]
+    = "spsft",
+    layers: Annotated[str, typer.Option("--layers", help="auto (zest rank), top:K, all, or "
+                                        "comma-separated layer names.")] = "auto",
+    param_budget: Annotated[float | None, typer.Option(help="With --layers auto: best layers "
+                                                       "within this share of parameters.")]
+    = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    k: Annotated[int, typer.Option(help="GPS: input connections per neuron.")] = 1,
+    ratio: Annotated[float, typer.Option(help="SPSFT: share of neurons per layer.")] = 0.05,
+    rows: Annotated[int | None, typer.Option("--r", help="SPSFT: neurons per layer (overrides "
+                                             "--ratio).")] = None,
+    importance: Annotated[str, typer.Option(help="SPSFT: l2, taylor or qm_taylor.")] = "taylor",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
+    seed: SeedOption = 0,
+    image_size: ImageSizeOption = None,
+    max_length: MaxLengthOption = 128,
+    max_train: MaxTrainOption = None,
+    max_val: MaxValOption = None,
+    text_column: TextColumnOption = "text",
+    label_column: LabelColumnOption = "label",
+    device: DeviceOption = "cpu",
+    checkpoint: CheckpointOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta."""
+    from zest.pipeline import run_finetune
+
+    method_options = {"gps": {"k": k}, "spsft": {"ratio": ratio, "r": rows,
+                                                 "importance": importance},
+                      "lora": {"rank": lora_rank}}.get(method, {})
+    with _user_errors(), _progress(f"{method}", quiet) as progress:
+        def report(event: dict) -> None:
+            if progress is not None and "step" in event:
+                progress(event["step"], event["step"])
+            if "epoch_done" in event and not quiet:
+                typer.echo(f"epoch {event['epoch_done']}: train acc "
+                           f"{event['train_accuracy']:.3f}, val acc {event['val_accuracy']:.3f}, "
+                           f"val loss {event['val_loss']:.4f}", err=True)
+
+        metrics = run_finetune(model, dataset, out, method=method, layers=layers,
+                               param_budget=param_budget, epochs=epochs, lr=lr,
+                               batch_size=batch_size, seed=seed,
+                               options=_options(image_size, max_length, max_train, max_val,
+                                                text_column, label_column),
+                               device=device, checkpoint=str(checkpoint) if checkpoint else None,
+                               predictor=predictor, method_options=method_options,
+                               progress=report)
+        typer.echo(f"test accuracy {metrics['test_accuracy']:.4f}; "
+                   f"{metrics['trainable_params']:,} trainable parameters "
+                   f"({metrics['trainable_share']:.2%}); run written to {out}")
+
+
+@app.command("apply-delta")
+def apply_delta_command(
+    model: ModelOption,
+    delta: Annotated[Path, typer.Option(help="delta.safetensors (with its .json sidecar).")],
+    out: Annotated[Path, typer.Option(help="Merged weights (.safetensors).")],
+    seed: SeedOption = 0,
+    checkpoint: CheckpointOption = None,
+) -> None:
+    """Merge a delta into a fresh base model and save the merged weights."""
+    from safetensors.torch import save_file
+
+    from zest.errors import InvalidInputError
+    from zest.finetune import Delta, apply_delta
+    from zest.models import load_model
+
+    with _user_errors():
+        if out.suffix != ".safetensors":
+            raise InvalidInputError(f"--out {out} must end in .safetensors")
+        loaded = Delta.load(delta)
+        num_classes = int(loaded.meta.get("num_classes") or 2)
+        base, _task = load_model(model, num_classes, seed=seed,
+                                 checkpoint=str(checkpoint) if checkpoint else None)
+        apply_delta(base, loaded, model_spec=model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
+        save_file(state, str(out), metadata={"zest_delta": str(delta)})
+        typer.echo(f"merged {len(loaded.entries)} delta entries ({loaded.numel():,} values) "
+                   f"into {model}; wrote {out}")

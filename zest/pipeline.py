@@ -1,0 +1,139 @@
+"""``zest finetune``: resolve the layers (``auto`` = ``zest.rank``), fine-tune, write a run dir.
+
+A run directory holds ``config.json``, ``metrics.json`` (per-epoch train/val accuracy and loss,
+test accuracy, trainable parameters, peak memory, wall time), ``delta.safetensors`` +
+``delta.json`` and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from zest.collect import DataOptions, load_pair
+from zest.errors import InvalidInputError
+from zest.finetune import METHODS, Tuner
+from zest.models import resolve_device
+from zest.ranking import Ranking, rank
+
+LAYERLESS_METHODS = ("full", "head", "bitfit")
+
+
+def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[], Ranking],
+                   param_budget: float | None = None) -> tuple[list[str] | str, dict]:
+    """``auto`` (top-5 or the budget), ``top:K``, ``all`` or comma-separated names."""
+    info: dict[str, Any] = {}
+    if spec is None:
+        spec = "auto"
+    if not isinstance(spec, str):
+        return list(spec), info
+    if spec == "all":
+        return "all", info
+    if spec == "auto" or spec.startswith("top:"):
+        ranking = ranking_factory()
+        info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
+                "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
+                    orient="records")}
+        if spec.startswith("top:"):
+            try:
+                k = int(spec[4:])
+            except ValueError:
+                raise InvalidInputError(f"--layers {spec!r}: use top:K with an integer K") \
+                    from None
+            return ranking.top(k), info
+        if param_budget is not None:
+            return ranking.select(param_budget), info
+        return ranking.top(min(5, len(ranking.table))), info
+    if param_budget is not None:
+        raise InvalidInputError("--param-budget goes with --layers auto, not with layer names")
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise InvalidInputError("--layers is empty; pass auto, top:K, all or layer names")
+    return names, info
+
+
+def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
+                 method: str = "spsft", layers: str | Sequence[str] | None = "auto",
+                 param_budget: float | None = None, epochs: int = 3, lr: float = 1e-3,
+                 batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
+                 device: str = "cpu", checkpoint: str | None = None,
+                 predictor: str = "universal", method_options: dict[str, Any] | None = None,
+                 progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Fine-tunes and writes a run directory; returns the metrics dict."""
+    tuner_class = METHODS.get(method)
+    if param_budget is not None and not 0 < param_budget <= 1:
+        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise InvalidInputError(f"run directory {str(out_dir)!r} is not writable")
+    torch_device = resolve_device(device)
+    model, task, data = load_pair(model_spec, dataset_spec, options=options, seed=seed,
+                                  device=str(torch_device), checkpoint=checkpoint)
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    chosen: list[str] | str | None = None
+    if method not in LAYERLESS_METHODS:
+        def make_ranking() -> Ranking:
+            return rank(model, task, data.batches("train", batch_size, 1, seed=seed),
+                        predictor=predictor, device=torch_device)
+
+        chosen, info = resolve_layers(layers, make_ranking, param_budget)
+    kwargs = dict(method_options or {})
+    tuner: Tuner = tuner_class(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
+    config = {"model": model_spec, "dataset": dataset_spec, "method": method,
+              "layers_spec": layers if isinstance(layers, str) or layers is None else
+              list(layers), "layers": tuner.layer_names, "param_budget": param_budget,
+              "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+              "method_options": kwargs, "data": data.summary(), **info}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    failure = None
+    try:
+        tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress)
+    except Exception as exc:  # keep the last good delta, then re-raise
+        failure = exc
+    delta = tuner.delta() if hasattr(tuner, "trainable_params_") else None
+    if delta is not None:
+        delta.meta.update({"dataset": dataset_spec})
+        delta.save(out_dir / "delta.safetensors")
+    if failure is not None:
+        raise failure
+    test_loss, test_accuracy = tuner.evaluate(data, "test")
+    total_params = sum(p.numel() for p in model.parameters())
+    metrics = {
+        "epochs": [record.__dict__ for record in tuner.history_],
+        "test_accuracy": test_accuracy, "test_loss": test_loss,
+        "trainable_params": int(tuner.trainable_params_),
+        "trainable_share": tuner.trainable_params_ / total_params,
+        "delta_values": int(delta.numel()) if delta is not None else 0,
+        "peak_memory_mb": tuner.peak_memory_mb_, "wall_seconds": time.perf_counter() - start,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_curves(metrics, out_dir / "curve.png", title=f"{model_spec} / {dataset_spec} / {method}")
+    return metrics
+
+
+def plot_curves(metrics: dict[str, Any], path: Path, title: str = "") -> None:
+    """Learning curve: train and val accuracy per epoch, test accuracy marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in metrics["epochs"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [e["train_accuracy"] for e in metrics["epochs"]], "o-", label="train")
+    ax.plot(epochs, [e["val_accuracy"] for e in metrics["epochs"]], "o-", label="val")
+    ax.axhline(metrics["test_accuracy"], color="k", linestyle="--",
+               label=f"test {metrics['test_accuracy']:.3f}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
