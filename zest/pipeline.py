@@ -34,16 +34,18 @@ def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[
     if spec == "all":
         return "all", info
     if spec == "auto" or spec.startswith("top:"):
-        ranking = ranking_factory()
-        info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
-                "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
-                    orient="records")}
+        k = None
         if spec.startswith("top:"):
             try:
                 k = int(spec[4:])
             except ValueError:
                 raise InvalidInputError(f"--layers {spec!r}: use top:K with an integer K") \
                     from None
+        ranking = ranking_factory()
+        info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
+                "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
+                    orient="records")}
+        if k is not None:
             return ranking.top(k), info
         if param_budget is not None:
             return ranking.select(param_budget), info

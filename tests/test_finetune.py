@@ -1,0 +1,221 @@
+"""Fine-tuners: GPS, SPSFT and baselines; deltas; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from zest.collect import DataOptions, load_pair
+from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError
+from zest.finetune import GPS, METHODS, SPSFT, Delta, LoRA, apply_delta
+from zest.layers import candidate_layers
+from zest.models import load_model
+
+IMAGE = ("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
+                                           max_test=32))
+TEXT = ("tiny_bert", "rotten_tomatoes", DataOptions(max_length=24, max_train=64, max_val=32,
+                                                    max_test=32))
+
+
+def pair(case):
+    model, task, data = load_pair(case[0], case[1], options=case[2])
+    names = [layer.name for layer in candidate_layers(model, task.head_name)]
+    if task.modality == "text":
+        names = [n for n in names if "encoder" in n]
+    return model, task, data, names[-3:]
+
+
+def outputs(model, task, data):
+    batch = data.batches("val", 16, 1)[0]
+    with torch.no_grad():
+        return task.forward(model, batch).logits
+
+
+@pytest.mark.parametrize("case", [IMAGE, TEXT], ids=["image", "text"])
+@pytest.mark.parametrize("method", ["gps", "spsft", "lora", "layers", "full", "head", "bitfit"])
+def test_delta_reproduces_the_tuned_model(tmp_path, case, method):
+    model, task, data, layers = pair(case)
+    kwargs = {} if method in ("full", "head", "bitfit") else {"layers": layers}
+    tuner = METHODS.get(method)(model, task, lr=1e-2, **kwargs).fit(data, epochs=1,
+                                                                  batch_size=16)
+    path = tuner.delta().save(tmp_path / "delta.safetensors")
+    fresh, fresh_task = load_model(case[0], task.num_classes)
+    assert not torch.allclose(outputs(fresh, fresh_task, data), outputs(model, task, data))
+    apply_delta(fresh, path, model_spec=case[0])
+    torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gps_sparse_keeps_no_dense_gradient_or_optimizer_state():
+    model, task, data, layers = pair(IMAGE)
+    tuner = GPS(model, task, layers=layers, k=2).fit(data, epochs=1, batch_size=16)
+    for name in layers:
+        module = model.get_submodule(name)
+        assert parametrize.is_parametrized(module, "weight")
+        original = module.parametrizations.weight.original
+        assert not original.requires_grad and original.grad is None
+        values = module.parametrizations.weight[0].values
+        assert values.shape == (original.shape[0], 2)
+    trained = {id(p) for p in tuner.trainable_parameters()}
+    assert all(id(model.get_submodule(n).parametrizations.weight.original) not in trained
+               for n in layers)
+    head = sum(p.numel() for p in task.head(model).parameters())
+    biases = sum(model.get_submodule(n).bias.numel() for n in layers
+                 if model.get_submodule(n).bias is not None)
+    entries = sum(model.get_submodule(n).parametrizations.weight.original.shape[0] * 2
+                  for n in layers)
+    assert tuner.trainable_params_ == entries + biases + head
+
+
+def test_gps_selects_top_k_gradient_per_neuron():
+    model, task, data, layers = pair(IMAGE)
+    tuner = GPS(model, task, layers=layers, k=3, selection_batches=2)
+    tuner.device_ = torch.device("cpu")
+    scores = tuner.importance(data, 16)
+    tuner.fit(data, epochs=1, batch_size=16)
+    for name in layers:
+        flat = scores[name].reshape(scores[name].shape[0], -1)
+        expected = flat.topk(3, dim=1).indices.sort(dim=1).values
+        assert torch.equal(tuner.indices_[name], expected)
+
+
+def test_gps_dense_mask_matches_sparse_selection_and_updates_only_selected():
+    model, task, data, layers = pair(IMAGE)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
+    GPS(model, task, layers=layers, k=1, implementation="dense_mask").fit(
+        data, epochs=1, batch_size=16)
+    for name in layers:
+        change = (model.get_submodule(name).weight.detach() - before[name]).reshape(
+            before[name].shape[0], -1)
+        changed = (change != 0).sum(dim=1)
+        assert (changed <= 1).all()
+        assert model.get_submodule(name).weight.grad is not None  # the dense reference
+
+
+def test_spsft_frozen_weight_gets_no_gradient_and_starts_at_the_base_model():
+    model, task, data, layers = pair(TEXT)
+    base_out = outputs(model, task, data)
+    tuner = SPSFT(model, task, layers=layers, ratio=0.25, importance="l2")
+    tuner.device_ = torch.device("cpu")
+    tuner._prepare(data, 16)
+    torch.testing.assert_close(outputs(model, task, data), base_out)  # W_f starts at zero
+    batch = data.batches("train", 16, 1)[0]
+    loss = torch.nn.functional.cross_entropy(task.forward(model, batch).logits,
+                                             batch["labels"])
+    loss.backward()
+    for name in layers:
+        module = model.get_submodule(name)
+        assert module.weight.grad is None and not module.weight.requires_grad
+        assert tuner.deltas_[name].grad is not None
+        assert tuner.deltas_[name].shape[0] == max(1, round(0.25 * module.weight.shape[0]))
+        norms = module.weight.detach().norm(dim=1)
+        expected = norms.topk(len(tuner.rows_[name])).indices.sort().values
+        assert torch.equal(tuner.rows_[name], expected)
+
+
+def test_spsft_quantile_mean_taylor_is_the_mean_of_eleven_quantiles():
+    model, task, data, layers = pair(IMAGE)
+    tuner = SPSFT(model, task, layers=layers[:1], ratio=0.5, importance="qm_taylor",
+                  selection_batches=2)
+    tuner.device_ = torch.device("cpu")
+    scores = tuner.neuron_importance(data, 16)[layers[0]]
+    weights = {layers[0]: model.get_submodule(layers[0]).weight}
+    per_class_grads = tuner._mean_gradients(data, 16, weights, by_class=True)[layers[0]]
+    w = weights[layers[0]].detach().reshape(weights[layers[0]].shape[0], -1)
+    eta = torch.stack([(g.reshape(w.shape[0], -1) * w).abs().sum(1) for g in per_class_grads])
+    expected = torch.stack([torch.quantile(eta.double(), q / 10, dim=0)
+                            for q in range(11)]).mean(0)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-12)
+
+
+def test_spsft_norm_layer_per_row_variant(tmp_path):
+    model, task, data, _ = pair(TEXT)
+    norm = "bert.encoder.layer.1.output.LayerNorm"
+    tuner = SPSFT(model, task, layers=[norm], r=4, importance="taylor").fit(
+        data, epochs=1, batch_size=16)
+    assert tuner.deltas_[norm].shape == (4,)
+    path = tuner.delta().save(tmp_path / "d.safetensors")
+    fresh, fresh_task = load_model("tiny_bert", task.num_classes)
+    apply_delta(fresh, path)
+    torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wraps_exactly_the_chosen_modules():
+    model, task, data, layers = pair(TEXT)
+    LoRA(model, task, layers=layers[:2]).fit(data, epochs=1, batch_size=16)
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(layers[:2])
+
+
+def test_delta_is_small_and_refuses_another_model(tmp_path):
+    model, task, data, layers = pair(IMAGE)
+    tuner = SPSFT(model, task, layers=layers, ratio=0.1).fit(data, epochs=1, batch_size=16)
+    delta = tuner.delta()
+    total = sum(p.numel() for p in model.parameters())
+    assert delta.numel() < 0.2 * total
+    path = delta.save(tmp_path / "d.safetensors")
+    other, _ = load_model("tiny_resnet", task.num_classes)
+    snapshot = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(InvalidInputError, match="tiny_cnn"):
+        apply_delta(other, path, model_spec="tiny_resnet")
+    with pytest.raises(InvalidInputError, match="no parameter"):
+        apply_delta(other, path)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in snapshot.items())
+    wrong_classes, _ = load_model("tiny_cnn", task.num_classes + 2)
+    snapshot = {k: v.clone() for k, v in wrong_classes.state_dict().items()}
+    with pytest.raises(InvalidInputError, match="num_classes"):
+        apply_delta(wrong_classes, path)
+    assert all(torch.equal(v, wrong_classes.state_dict()[k]) for k, v in snapshot.items())
+    loaded = Delta.load(path)
+    assert loaded.meta["method"] == "spsft" and loaded.meta["layers"] == layers
+
+
+def test_bad_inputs():
+    model, task, data, layers = pair(IMAGE)
+    with pytest.raises(InvalidInputError, match="no layer chosen"):
+        GPS(model, task, layers=[])
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        GPS(model, task, layers=[layers[0] + "x"])
+    width = model.get_submodule(layers[0]).weight[0].numel()
+    with pytest.raises(InvalidInputError, match="larger than"):
+        GPS(model, task, layers=layers[:1], k=width + 1)
+    rows = model.get_submodule(layers[0]).weight.shape[0]
+    with pytest.raises(InvalidInputError, match="larger than"):
+        SPSFT(model, task, layers=layers[:1], r=rows + 1)
+    for ratio in (0.0, 1.5):
+        with pytest.raises(InvalidInputError, match="ratio"):
+            SPSFT(model, task, layers=layers[:1], ratio=ratio)
+    text_model, text_task, _, _ = pair(TEXT)
+    with pytest.raises(InvalidInputError, match="gps"):
+        SPSFT(text_model, text_task, layers=["bert.embeddings.word_embeddings"])
+    with pytest.raises(InvalidInputError, match="position embeddings"):
+        GPS(text_model, text_task, layers=["bert.embeddings.position_embeddings"])
+
+
+def test_budget_outside_range_and_auto_layers():
+    import pandas as pd
+
+    from zest.pipeline import resolve_layers
+    from zest.ranking import Ranking
+
+    ranking = Ranking(pd.DataFrame({"layer": ["a", "b"], "params": [10, 30]}), 100, "x", 0.0)
+    for budget in (0.0, 1.5, -0.1):
+        with pytest.raises(InvalidInputError, match="param-budget"):
+            ranking.select(budget)
+    assert ranking.select(0.2) == ["a"]
+    with pytest.raises(InvalidInputError, match="smallest layer"):
+        ranking.select(0.05)
+    with pytest.raises(InvalidInputError, match="top:K"):
+        resolve_layers("top:x", lambda: None)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_delta(tmp_path):
+    from zest.pipeline import run_finetune
+
+    with pytest.raises(NonFiniteLossError, match="step"):
+        run_finetune(IMAGE[0], IMAGE[1], tmp_path, method="layers", layers="conv_stem",
+                     lr=1e30, epochs=2, batch_size=16, options=IMAGE[2])
+    delta = Delta.load(tmp_path / "delta.safetensors")
+    assert all(torch.isfinite(t).all() for e in delta.entries for t in e.tensors.values())
