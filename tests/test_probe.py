@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -146,3 +148,17 @@ def test_half_batch_gradients_sum_to_the_gradient(tiny):
             continue
         total = ctx.grad_halves[0] + ctx.grad_halves[1]
         assert torch.allclose(total, ctx.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_synflow_retries_in_float64_when_float32_overflows():
+    model, task = load_model("tiny_cnn", 3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(300.0)  # data forward stays finite, SynFlow does not
+    before = snapshot(model)
+    result = probe(model, task, image_batch(), needs={"synflow"})
+    values = compute_metrics(result.contexts, ["synflow"])
+    assert all(math.isfinite(v["synflow"]) for v in values.values())
+    assert max(v["synflow"] for v in values.values()) > 3.4e38  # beyond float32's range
+    assert_same(before, snapshot(model))

@@ -9,7 +9,7 @@ The probe is the only place that runs the model for zero-shot metrics. It runs
    product (GraSP): a finite-difference ``H g ≈ (∇L(θ + εg) − ∇L(θ)) / ε``;
 3. a data-free SynFlow pass on a single all-ones input, only when ``synflow`` is requested
    (Tanaka et al. 2020 use exactly such an input; one example suffices because the score is
-   linear in the batch size).
+   linear in the batch size), in the model's dtype with a float64 retry on overflow.
 
 Everything it changes is restored in ``finally``: ``requires_grad``, train/eval flags, parameter
 values and dtypes; every hook is removed, also when a metric raises.
@@ -403,20 +403,32 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
 def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
              weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor]
              ) -> list[torch.Tensor]:
-    """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) in float64 on a single all-ones input (Tanaka et al. 2020).
+    """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) on a single all-ones input (Tanaka et al. 2020).
 
-    Parameters are replaced by float64 absolute values and buffers by float64 copies; the
-    original storages go to ``saved`` and are swapped back by the caller.
+    Parameters are replaced by their absolute values (original storages go to ``saved`` and are
+    swapped back by the caller). The pass runs in the model's dtype and is repeated in float64
+    only when that overflows (SynFlow's products over depth can exceed float32's range).
     """
+    grads = _synflow_pass(model, task, batch, device, weights, saved, None)
+    if all(bool(torch.isfinite(g).all()) for g in grads):
+        return grads
+    _swap_back(saved)
+    return _synflow_pass(model, task, batch, device, weights, saved, torch.float64)
+
+
+def _synflow_pass(model: nn.Module, task: Task, batch: Batch, device: Any,
+                  weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor],
+                  dtype: torch.dtype | None) -> list[torch.Tensor]:
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             if tensor.is_floating_point():
                 saved[tensor] = tensor.data
-                value = tensor.data.double()
+                value = tensor.data.to(dtype) if dtype is not None else tensor.data
                 tensor.data = value.abs() if isinstance(tensor, nn.Parameter) else value
     if task.modality == "image":
         x = task.model_inputs(batch, device)
-        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
+        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]), dtype=dtype or x.dtype,
+                                 device=x.device)
     else:
         ids = batch["input_ids"][:1].to(device)
         inputs = {"input_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids)}
@@ -424,5 +436,5 @@ def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
         out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
         logits = out.logits if hasattr(out, "logits") else out
         grads = torch.autograd.grad(logits.sum(), weights, allow_unused=True)
-    return [(g if g is not None else torch.zeros_like(w)).detach().clone()
+    return [(g if g is not None else torch.zeros_like(w)).detach().double()
             for g, w in zip(grads, weights, strict=True)]

@@ -55,7 +55,8 @@ def fisher(ctx: LayerContext) -> float:
 @register_metric("synflow", family="backward", needs={"synflow"}, direction=1, aggregate="sum")
 def synflow(ctx: LayerContext) -> float:
     """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
-    ``R = 1ᵀ f(1; |θ|)`` computed data-free in float64 (Tanaka et al. 2020)."""
+    ``R = 1ᵀ f(1; |θ|)`` computed data-free on one all-ones input, in the model's dtype and in
+    float64 when that overflows (Tanaka et al. 2020)."""
     return float((ctx.weight.double().abs() * ctx.synflow_grad.double()).sum())
 
 
