@@ -346,26 +346,54 @@ def _half_batch_gradients(recorder: _Recorder, modules: dict[str, nn.Module],
                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Splits each layer's ∇W into the contributions of the two halves of the batch.
 
-    ``∇W = J_Wᵀ δ`` is a sum over examples, so re-running the layer alone on the first half of
-    its recorded inputs and back-propagating the first half of its output gradient δ gives the
-    first half's part (half a layer forward and half a weight gradient per layer); the second
+    ``∇W = J_Wᵀ δ`` is a sum over examples, so the weight gradient of the first half of the
+    recorded inputs and output gradients δ is the first half's part (computed directly for
+    Linear and Conv2d, by re-running the layer alone on the first half otherwise); the second
     half's part is the rest.
     """
     half = batch_size // 2
     result = {}
-    with torch.enable_grad():
-        for name, delta in recorder.output_grads.items():
-            args, kwargs = recorder.inputs[name]
-            module = modules[name]
-            first_args = tuple(_first_rows(a, half, batch_size) for a in args)
-            first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
-            out = module(*first_args, **first_kwargs)
-            g1 = torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0].detach()
-            result[name] = (g1, grads[name] - g1)
+    for name, delta in recorder.output_grads.items():
+        args, kwargs = recorder.inputs[name]
+        module = modules[name]
+        g1 = _direct_half_gradient(module, args, kwargs, delta, half)
+        if g1 is None:  # any other module type: re-run it alone on the first half
+            with torch.enable_grad():
+                first_args = tuple(_first_rows(a, half, batch_size) for a in args)
+                first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
+                out = module(*first_args, **first_kwargs)
+                g1 = torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0]
+        g1 = g1.detach()
+        result[name] = (g1, grads[name] - g1)
     recorder.output_grads.clear()
     recorder.outputs.clear()
     recorder.inputs.clear()
     return result
+
+
+def _direct_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
+                          half: int) -> torch.Tensor | None:
+    """``∇W`` of the first ``half`` examples straight from the recorded input and output
+    gradient, for Linear and Conv2d (timm's dynamic "same" padding included); ``None`` for
+    other modules."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0][:half].detach()
+    d = delta[:half]
+    if type(module) is nn.Linear:
+        return d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv2d) and type(module).__name__ in ("Conv2d", "Conv2dSame"):
+        padding = module.padding
+        if type(module).__name__ == "Conv2dSame":
+            from timm.layers import pad_same
+
+            x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
+            padding = (0, 0)
+        if isinstance(padding, str):
+            return None
+        return torch.nn.grad.conv2d_weight(x, module.weight.shape, d, module.stride, padding,
+                                           module.dilation, module.groups)
+    return None
 
 
 def _first_rows(value: Any, half: int, batch_size: int) -> Any:
