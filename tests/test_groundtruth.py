@@ -196,3 +196,21 @@ def test_cli_groundtruth_bad_steps(tmp_path):
     assert result.exit_code == 1 and "--steps" in result.output
     assert not out.exists()
     assert os.path.exists(tmp_path)
+
+
+def test_trimming_padding_keeps_the_outputs():
+    import torch
+
+    from tests.conftest import text_batch
+    from zest.models import load_model
+    from zest.stages import trim_padding
+
+    model, task = load_model("tiny_bert", 3)
+    batch = text_batch(task)
+    padded = {k: torch.nn.functional.pad(v, (0, 7)) if k != "labels" else v
+              for k, v in batch.items()}
+    trimmed = trim_padding(padded)
+    assert trimmed["input_ids"].shape[1] == batch["input_ids"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(task.forward(model, padded).logits,
+                                   task.forward(model, trimmed).logits, atol=1e-5, rtol=1e-5)

@@ -44,7 +44,7 @@ from zest.records import (
     read_records,
     zest_version,
 )
-from zest.stages import StagePlan, concat_states, slice_state, stage_plan
+from zest.stages import StagePlan, concat_states, slice_state, stage_plan, trim_padding
 
 BASELINE = "__head__"
 MIN_VAL_EXAMPLES = 20
@@ -137,11 +137,13 @@ def _split_inputs(task: Task, data: Dataset, split: str, device: Any) -> tuple[A
     return part.x, part.y
 
 
-def _batch_of(task: Task, inputs: Any, labels: torch.Tensor, index: torch.Tensor) -> Any:
+def _batch_of(task: Task, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
+              trim: bool = True) -> Any:
     if task.modality == "image":
         return inputs[index], labels[index]
-    return {"input_ids": inputs["input_ids"][index],
-            "attention_mask": inputs["attention_mask"][index], "labels": labels[index]}
+    batch = {"input_ids": inputs["input_ids"][index],
+             "attention_mask": inputs["attention_mask"][index], "labels": labels[index]}
+    return trim_padding(batch) if trim else batch
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -186,7 +188,7 @@ class _Trainer:
         with torch.no_grad():
             for start in range(0, n, self.config.eval_batch_size):
                 index = torch.arange(start, min(n, start + self.config.eval_batch_size))
-                batch = _batch_of(self.task, inputs, labels, index)
+                batch = _batch_of(self.task, inputs, labels, index, trim=False)
                 state = self.plan.start(self.task.model_inputs(batch, self.device))
                 chunks.append(self.plan.run(state, 0, stop))
         return concat_states(chunks)

@@ -166,9 +166,29 @@ def stage_plan(model: nn.Module, task: Task, sample: Batch) -> StagePlan | None:
     return plan if ok else None
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "hidden", "token_type_ids")
+
+
 def slice_state(state: State, index: torch.Tensor) -> State:
-    """The examples ``index`` of a state."""
-    return {k: v[index] for k, v in state.items()}
+    """The examples ``index`` of a state, trailing padding trimmed (see :func:`trim_padding`)."""
+    return trim_padding({k: v[index] for k, v in state.items()})
+
+
+def trim_padding(state: dict[str, Any]) -> dict[str, Any]:
+    """Drops the token columns after the longest sequence of a (right-padded) text batch.
+
+    Padding positions are masked out of attention, so the outputs at real tokens do not change
+    (up to float rounding); a batch of short sentences then costs what its longest one costs.
+    """
+    mask = state.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        return state
+    length = int(mask.sum(dim=1).max())
+    width = mask.shape[1]
+    if length >= width or length == 0:
+        return state
+    return {k: v[:, :length] if k in TOKEN_KEYS and v.ndim >= 2 and v.shape[1] == width else v
+            for k, v in state.items()}
 
 
 def concat_states(states: list[State]) -> State:
