@@ -4,10 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from zest import finetune  # noqa: E402
 from zest.datasets import Dataset, known_datasets, load_dataset  # noqa: E402
 from zest.errors import ZestError  # noqa: E402
+from zest.finetune import apply_delta  # noqa: E402
 from zest.layers import Layer, candidate_layers  # noqa: E402
 from zest.models import Task, known_models, load_model  # noqa: E402
+from zest.ranking import Ranking, rank  # noqa: E402
 
-__all__ = ["Dataset", "Layer", "Task", "ZestError", "__version__", "candidate_layers",
-           "known_datasets", "known_models", "load_dataset", "load_model"]
+__all__ = ["Dataset", "Layer", "Ranking", "Task", "ZestError", "__version__", "apply_delta",
+           "candidate_layers", "finetune", "known_datasets", "known_models", "load_dataset",
+           "load_model", "rank"]

@@ -249,3 +249,28 @@ def plot_summary(results: pd.DataFrame, path: str, scheme: str = "logo", top: in
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def groundtruth_summary(groundtruth: pd.DataFrame) -> pd.DataFrame:
+    """Per group: head-only accuracy, best one-layer gain, spread of gains, seed-to-seed τ of
+    ``gt_gain`` and ``gt_loss_gain`` (the noise ceilings), layers, seeds and CPU time."""
+    tau_gain = noise_ceiling(groundtruth, "gt_gain")
+    tau_loss = noise_ceiling(groundtruth, "gt_loss_gain")
+    rows = []
+    for group, frame in groundtruth.groupby("group"):
+        per_layer = frame.groupby("layer")[["gt_gain", "gt_loss_gain"]].mean()
+        rows.append({
+            "group": group, "layers": frame["layer"].nunique(),
+            "seeds": frame["gt_seed"].nunique(),
+            "head_only_accuracy": float(frame.groupby("gt_seed")["gt_baseline"].first().mean()),
+            "best_gain": float(per_layer["gt_gain"].max()),
+            "best_layer": str(per_layer["gt_gain"].idxmax()),
+            "gain_std": float(per_layer["gt_gain"].std()),
+            "gain_min": float(per_layer["gt_gain"].min()),
+            "tau_gain": tau_gain.get(group, float("nan")),
+            "tau_loss_gain": tau_loss.get(group, float("nan")),
+            "steps": int(frame["gt_steps"].iloc[0]),
+            "train": int(frame["gt_train_size"].iloc[0]), "val": int(frame["gt_val_size"].iloc[0]),
+            "cpu_hours": float(frame["gt_seconds"].sum() / 3600),
+        })
+    return pd.DataFrame(rows)
