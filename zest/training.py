@@ -63,9 +63,11 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
         cv = {"logo": summary, "groups": int(groups)}
     ranker = ZestRanker(**_ranker_params(template)).fit(table, table[target].to_numpy(),
                                                          metric_cols)
-    probe = {"probe_loss": str(metrics["probe_loss"].iloc[0]),
-             "batch_size": int(metrics["batch_size"].iloc[0]),
-             "batches_per_group": int(metrics["batch"].nunique())}
+    probe = {"probe_loss": str(metrics["probe_loss"].iloc[0]) if "probe_loss" in metrics
+             else "supcon",
+             "batch_size": int(metrics["batch_size"].iloc[0]) if "batch_size" in metrics
+             else None,
+             "batches_per_group": int(metrics["batch"].nunique()) if "batch" in metrics else 1}
     ranker.save(out, target=target, probe=probe, cv=cv,
                 groups=sorted(table["group"].unique().tolist()))
     return ranker, summary
