@@ -58,7 +58,12 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "fisher": (1e-6, 1e-14),
     "synflow": (1e-6, 1e-12),
     "grad_snr": (1e-6, 1e-9),
+    "kappa": (1e-6, 1e-9),
+    "class_separation": (1e-5, 1e-9),  # pooled features are kept in float32
+    "fim_score": (1e-6, 1e-12),
+    "repr_shift": (1e-6, 1e-12),  # TinyNet has no blocks: checked on tiny_vit below
 }
+NOT_ON_TINYNET = {"repr_shift"}
 
 # zest.probe.HVP_EPSILON (the norm of the finite-difference step) used for the comparison of
 # GraSP with the exact Hessian-vector product. With the default 1e-2 the step crosses ReLU kinks
@@ -146,6 +151,49 @@ def _params(model: nn.Module, grad_for: tuple[str, ...] = ()) -> dict[str, torch
 # ------------------------------------------------------------------- direct computations
 
 
+def _kappa(w: torch.Tensor) -> torch.Tensor:
+    sigma = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
+    return sigma[0] / (sigma[-1] + 1e-8)  # the formula of peft's KappaTuneSelector
+
+
+def direct_class_separation(outputs: dict[str, torch.Tensor], labels: torch.Tensor
+                            ) -> dict[str, float]:
+    result = {}
+    for name, out in outputs.items():
+        z = out.mean(dim=(2, 3)) if out.ndim == 4 else out
+        overall = z.mean(dim=0)
+        between = within = 0.0
+        for c in sorted(set(labels.tolist())):
+            members = [z[i] for i in range(len(labels)) if labels[i] == c]
+            centre = sum(members) / len(members)
+            between += len(members) * float(((centre - overall) ** 2).sum())
+            within += sum(float(((m - centre) ** 2).sum()) for m in members)
+        result[name] = between / within
+    return result
+
+
+def direct_fim_share(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, kind: str
+                     ) -> dict[str, float]:
+    """Each example runs the layer with its own copy of (W, b): ∂L/∂copy_n is example n's
+    contribution g_n; mean_n ‖g_n‖² per layer, divided by its sum over the layers."""
+    base = _params(model)
+    fisher = {}
+    for name in LAYERS:
+        copies = [(base[f"{name}.weight"].clone().requires_grad_(True),
+                   base[f"{name}.bias"].clone().requires_grad_(True)) for _ in range(len(x))]
+        outs = [functional_forward({**base, f"{name}.weight": w, f"{name}.bias": b},
+                                   x[i:i + 1]) for i, (w, b) in enumerate(copies)]
+        logits = torch.cat([o[0] for o in outs])
+        features = torch.cat([o[1] for o in outs])
+        flat = [t for pair in copies for t in pair]
+        grads = torch.autograd.grad(direct_loss(kind, logits, features, labels), flat)
+        norms = [float(grads[2 * i].pow(2).sum() + grads[2 * i + 1].pow(2).sum())
+                 for i in range(len(x))]
+        fisher[name] = sum(norms) / len(norms)
+    total = sum(fisher.values())
+    return {name: value / total for name, value in fisher.items()}
+
+
 def direct_static(model: nn.Module) -> dict[str, dict[str, float]]:
     result = {}
     for i, name in enumerate(LAYERS):
@@ -159,6 +207,7 @@ def direct_static(model: nn.Module) -> dict[str, dict[str, float]]:
             "fan_in": float(math.prod(w.shape[1:])),
             "fan_out": float(w.shape[0]),
             "spectral_norm": float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)),
+            "kappa": float(_kappa(w)),
         }
     return result
 
@@ -273,6 +322,8 @@ def direct_metrics(model: nn.Module, batch, kind: str) -> dict[str, dict[str, fl
     for name, values in direct_forward(outputs).items():
         result[name].update(values)
     fisher = direct_fisher(outputs, deltas)
+    separation = direct_class_separation(outputs, labels)
+    fim = direct_fim_share(model, x, labels, kind)
     grads, hvps = direct_gradients(model, x, labels, kind)
     halves = direct_half_gradients(model, x, labels, kind)
     synflow = direct_synflow(model)
@@ -288,6 +339,8 @@ def direct_metrics(model: nn.Module, batch, kind: str) -> dict[str, dict[str, fl
             "fisher": fisher[name],
             "synflow": synflow[name],
             "grad_snr": float((g1 * g2).sum() / (g1.norm() * g2.norm())),
+            "class_separation": separation[name],
+            "fim_score": fim[name],
         })
     return result
 
@@ -364,6 +417,9 @@ def _assert_close(probed, direct, name: str, rtol: float | None = None) -> None:
 def test_metric_matches_direct_computation(values, name, kind):
     assert name in TOLERANCES, f"no direct computation for metric {name!r}"
     probed, direct = values[kind]
+    if name in NOT_ON_TINYNET:
+        assert all(math.isnan(probed[layer][name]) for layer in LAYERS)  # n/a, never a zero
+        return
     _assert_close(probed, direct, name, rtol=GRASP_RTOL[kind] if name == "grasp" else None)
 
 
@@ -507,8 +563,10 @@ def test_text_model_excludes_padding_and_handles_broadcast_outputs():
     assert broadcast in values
     for layer, row in values.items():
         for name, value in row.items():
-            if layer == broadcast and name == "grad_snr":
-                assert math.isnan(value)
+            if layer == broadcast and name in ("grad_snr", "fim_score"):
+                assert math.isnan(value)  # no per-example gradient of a broadcast output
+            elif name == "repr_shift" and not layer.startswith("bert.encoder.layer."):
+                assert math.isnan(value)  # embeddings and pooler: input and output differ
             else:
                 assert math.isfinite(value), (layer, name, value)
 
@@ -537,3 +595,50 @@ def test_unknown_metric_name_suggests_the_close_one():
         zm.get_metric("snipp")
     with pytest.raises(UnknownNameError, match="'snip'"):
         zm.needs_of(["snipp"])
+
+
+def test_repr_shift_matches_direct_computation_on_transformer_blocks():
+    """1 − cos of the first token between each ViT block's input and output, mean over the
+    batch, given to every layer of the block; n/a (NaN) for the patch embedding."""
+    from tests.conftest import image_batch
+    from zest.layers import candidate_layers
+    from zest.models import load_model
+
+    model, task = load_model("tiny_vit", 3)
+    batch = image_batch(8)
+    captured = {}
+    handles = [block.register_forward_hook(
+        lambda _m, args, out, i=i: captured.__setitem__(f"blocks.{i}", (args[0], out)))
+        for i, block in enumerate(model.blocks)]
+    with torch.no_grad():
+        task.forward(model, batch)
+    for handle in handles:
+        handle.remove()
+    expected = {}
+    for block, (x, y) in captured.items():
+        cos = torch.nn.functional.cosine_similarity(x[:, 0].double(), y[:, 0].double(), dim=1)
+        expected[block] = float((1 - cos).mean())
+    result = probe(model, task, batch, needs=zm.needs_of(["repr_shift"]))
+    values = zm.compute_metrics(result.contexts, ["repr_shift"])
+    for layer in candidate_layers(model, task.head_name):
+        got = values[layer.name]["repr_shift"]
+        if layer.block in expected:
+            assert got == pytest.approx(expected[layer.block], rel=1e-6, abs=1e-12)
+        else:
+            assert math.isnan(got), layer.name
+
+
+def test_kappa_agrees_with_peft_kappatune_selector(tiny):
+    """zest's κ equals peft's KappaTuneSelector on Linear layers; peft also scores the head,
+    which zest never offers as a candidate."""
+    from peft.helpers import KappaTuneSelector
+
+    model, task, batch = tiny
+    selector = KappaTuneSelector(model.float(), show_progress=False)
+    selector._compute_kappas()
+    peft_kappas = selector._condition_numbers
+    model.double()
+    assert "head" in peft_kappas  # peft scores the classification head too
+    ours = _probe_values(model, task, batch, "ce", names=["kappa"])
+    assert "head" not in ours
+    assert ours["fc"]["kappa"] == pytest.approx(peft_kappas["fc"], rel=1e-4)

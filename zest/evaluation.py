@@ -19,13 +19,14 @@ import pandas as pd
 from scipy.stats import kendalltau, spearmanr
 
 from zest.errors import InvalidInputError
+from zest.metrics import get_metric
 from zest.predictor import ZestRanker, join_records
 from zest.records import METRIC_PREFIX
 
 SCHEMES = ("logo", "lodo", "lomo", "cross_modality")
 RANDOM_DRAWS = 50
-#: Peer layer selectors with the direction their paper tunes (+1: large values first).
-FIXED_DIRECTION_SELECTORS = {"rgn": 1}
+#: Peer layer selectors, ranked with the direction their paper tunes (registered with the metric).
+PEER_SELECTORS = ("rgn", "kappa", "fim_score", "repr_shift", "class_separation")
 
 
 def ndcg_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -132,10 +133,10 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
                 for column in metric_cols:
                     methods[column[len(METRIC_PREFIX):]] = signs[column] * \
                         test[column].to_numpy(dtype=float)
-                for name, direction in FIXED_DIRECTION_SELECTORS.items():
+                for name in PEER_SELECTORS:
                     column = METRIC_PREFIX + name
-                    if column in test:
-                        methods[f"{name} (paper direction)"] = direction * \
+                    if column in test and test[column].notna().any():
+                        methods[f"{name} (paper direction)"] = get_metric(name).direction * \
                             test[column].to_numpy(dtype=float)
                 methods["first_k"] = -test["depth"].to_numpy(dtype=float)
                 methods["last_k"] = test["depth"].to_numpy(dtype=float)

@@ -41,6 +41,9 @@ NEEDS = frozenset({
     "features",      # a row sample of the output features (channels last)
     "fisher",        # per-channel (Σ_spatial a·δ)² summaries of output × output gradient
     "labels",        # the labels of the batch
+    "pooled",        # per-example pooled output features (spatial / token mean), (B, C)
+    "per_example_fisher",  # mean over examples of ‖per-example ∇(W, b)‖² (empirical Fisher)
+    "block_shift",   # 1 − cos(block input, block output) of the enclosing block
 })
 
 MAX_FEATURE_ROWS = 256
@@ -67,6 +70,10 @@ class LayerContext:
     features: torch.Tensor | None = None
     fisher_channels: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    fisher_diagonal: float | None = None
+    fisher_diagonal_total: float | None = None
+    block_shift: float | None = None
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def weight_matrix(self) -> torch.Tensor:
@@ -135,11 +142,44 @@ def _binary_code_kernel(out: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return (codes @ codes.T + anti @ anti.T).double()
 
 
+def _pooled(out: torch.Tensor, mask: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    """Per-example features: mean over spatial positions or (valid) tokens, (B, C)."""
+    out = out.detach()
+    if out.ndim == 2:
+        return out
+    if channel_dim == 1:
+        return out.flatten(2).mean(dim=2)
+    if mask is not None:
+        weights = mask.to(out.dtype).view(mask.shape + (1,) * (out.ndim - 2))
+        return (out * weights).sum(dim=1).flatten(1) / weights.sum(dim=1).flatten(1).clamp(min=1)
+    return out.flatten(1, -2).mean(dim=1)
+
+
+def _representation_shift(x: Any, y: Any, batch_size: int) -> float:
+    """Mean over examples of 1 − cos between a block's input and output representative
+    vectors: the first token for (B, T, H) tensors, the globally pooled features for (B, C, H, W).
+    NaN when input and output are not comparable (different shapes, not float tensors)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or \
+            not x.is_floating_point() or x.shape != y.shape or x.shape[0] != batch_size:
+        return float("nan")
+    if x.ndim == 3:
+        a, b = x[:, 0], y[:, 0]
+    elif x.ndim == 4:
+        a, b = x.mean(dim=(2, 3)), y.mean(dim=(2, 3))
+    elif x.ndim == 2:
+        a, b = x, y
+    else:
+        return float("nan")
+    cos = torch.nn.functional.cosine_similarity(a.detach().double(), b.detach().double(), dim=1)
+    return float((1 - cos).mean())
+
+
 class _Recorder:
     """Forward and tensor hooks of one probe; summarises what the metrics need."""
 
     def __init__(self, layers: Sequence[Layer], modules: dict[str, nn.Module], needs: set[str],
-                 batch: Batch, batch_size: int) -> None:
+                 batch: Batch, batch_size: int, model: nn.Module) -> None:
+        self.model_root = model
         self.layers = layers
         self.modules = modules
         self.needs = needs
@@ -152,7 +192,10 @@ class _Recorder:
         self.binary_kernels: dict[str, torch.Tensor] = {}
         self.features: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+        self.block_shifts: dict[str, float] = {}
         self.handles: list[Any] = []
+        self.keeps_inputs = bool(needs & {"grad_halves", "per_example_fisher"})
         self._generator = torch.Generator().manual_seed(0)
 
     def attach(self) -> None:
@@ -160,6 +203,10 @@ class _Recorder:
             module = self.modules[layer.name]
             self.handles.append(module.register_forward_hook(self._forward_hook(layer.name),
                                                              with_kwargs=True))
+        if "block_shift" in self.needs:
+            for block in dict.fromkeys(layer.block for layer in self.layers):
+                module = self.model_root.get_submodule(block)
+                self.handles.append(module.register_forward_hook(self._block_hook(block)))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -176,12 +223,13 @@ class _Recorder:
             # outputs broadcast over the batch (position embeddings) are summarised as such;
             # they have no per-example gradient, so no half-batch split
             self.outputs[name] = out
-            if "grad_halves" in self.needs and per_example:
+            if self.keeps_inputs and per_example:
                 self.inputs[name] = (args, kwargs)
             summary = out.detach() if per_example else \
                 out.detach().expand(self.batch_size, *out.shape[1:])
             self._summarise_forward(name, module, summary)
-            if out.requires_grad and self.needs & {"fisher", "grad_halves"}:
+            if out.requires_grad and self.needs & {"fisher", "grad_halves",
+                                                   "per_example_fisher"}:
                 self.handles.append(out.register_hook(
                     self._grad_hook(name, module, out, per_example)))
 
@@ -204,10 +252,22 @@ class _Recorder:
             self.features[name] = rows.float().detach().cpu()
         if "binary_codes" in self.needs:
             self.binary_kernels[name] = _binary_code_kernel(out, mask).cpu()
+        if "pooled" in self.needs:
+            self.pooled[name] = _pooled(out, mask, _channel_dim(module)).float().cpu()
+
+    def _block_hook(self, block: str):
+        def hook(_module: nn.Module, args: tuple, out: Any) -> None:
+            if block in self.block_shifts:
+                return
+            x = args[0] if args else None
+            y = out[0] if isinstance(out, tuple) else out
+            self.block_shifts[block] = _representation_shift(x, y, self.batch_size)
+
+        return hook
 
     def _grad_hook(self, name: str, module: nn.Module, out: torch.Tensor, per_example: bool):
         def hook(grad: torch.Tensor) -> None:
-            if "grad_halves" in self.needs and per_example:
+            if self.keeps_inputs and per_example:
                 self.output_grads[name] = grad.detach()
             if "fisher" in self.needs:
                 act = out.detach()
@@ -259,18 +319,20 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
         device = next(model.parameters()).device
     modules = {layer.name: model.get_submodule(layer.name) for layer in layers}
     weights = [modules[layer.name].weight for layer in layers]
-    needs_backward = bool(needs & {"grad", "grad_halves", "hvp", "fisher"})
+    needs_backward = bool(needs & {"grad", "grad_halves", "hvp", "fisher",
+                                   "per_example_fisher"})
 
     start = time.perf_counter()
     passes: list[str] = []
     training = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
-    recorder = _Recorder(layers, modules, needs, batch, batch_size)
+    recorder = _Recorder(layers, modules, needs, batch, batch_size, model)
     saved_storages: dict[torch.Tensor, torch.Tensor] = {}
     grads: list[torch.Tensor] | None = None
     hvps: list[torch.Tensor] | None = None
     synflow_grads: list[torch.Tensor] | None = None
     halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    fisher_diagonal: dict[str, float] = {}
     try:
         model.eval()
         for p in model.parameters():
@@ -292,6 +354,11 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
             if "grad_halves" in needs and grads is not None:
                 by_name = {layer.name: g for layer, g in zip(layers, grads, strict=True)}
                 halves = _half_batch_gradients(recorder, modules, by_name, batch_size)
+            if "per_example_fisher" in needs:
+                fisher_diagonal = _per_example_fisher(recorder, modules, batch)
+            recorder.output_grads.clear()
+            recorder.outputs.clear()
+            recorder.inputs.clear()
         recorder.detach()
         del output
         if "hvp" in needs and grads is not None:
@@ -329,6 +396,10 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
             features=recorder.features.get(layer.name),
             fisher_channels=recorder.fisher.get(layer.name),
             labels=labels,
+            pooled=recorder.pooled.get(layer.name),
+            fisher_diagonal=fisher_diagonal.get(layer.name),
+            fisher_diagonal_total=sum(fisher_diagonal.values()) if fisher_diagonal else None,
+            block_shift=recorder.block_shifts.get(layer.block),
         )
     return ProbeResult(contexts=contexts, loss=float(loss_value.detach()),
                        seconds=time.perf_counter() - start, passes=passes)
@@ -365,9 +436,6 @@ def _half_batch_gradients(recorder: _Recorder, modules: dict[str, nn.Module],
                 g1 = torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0]
         g1 = g1.detach()
         result[name] = (g1, grads[name] - g1)
-    recorder.output_grads.clear()
-    recorder.outputs.clear()
-    recorder.inputs.clear()
     return result
 
 
@@ -394,6 +462,77 @@ def _direct_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: t
         return torch.nn.grad.conv2d_weight(x, module.weight.shape, d, module.stride, padding,
                                            module.dilation, module.groups)
     return None
+
+
+def _per_example_fisher(recorder: _Recorder, modules: dict[str, nn.Module], batch: Batch
+                        ) -> dict[str, float]:
+    """``mean_n ‖g_n‖²`` per layer, ``g_n`` the contribution of example n to ∇(W, b) (the
+    layer's part of the diagonal empirical Fisher; Lodha et al. 2023)."""
+    result = {}
+    for name, delta in recorder.output_grads.items():
+        args, kwargs = recorder.inputs[name]
+        norms = _per_example_squared_norms(modules[name], args, kwargs, delta)
+        result[name] = float(norms.mean())
+    return result
+
+
+def _per_example_squared_norms(module: nn.Module, args: tuple, kwargs: dict,
+                               delta: torch.Tensor) -> torch.Tensor:
+    """‖∂/∂(W, b) of example n's part‖² for every n, from the recorded input and δ: Gram-matrix
+    identities for Linear and Embedding, unfolding for Conv2d, a per-example loop otherwise."""
+    x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+    d = delta.double()
+    n = d.shape[0]
+    bias = module._parameters.get("bias")  # noqa: SLF001
+    if x is not None and not kwargs and type(module) is nn.Linear:
+        xs, ds = x.double().reshape(n, -1, x.shape[-1]), d.reshape(n, -1, d.shape[-1])
+        norms = ((ds @ ds.transpose(1, 2)) * (xs @ xs.transpose(1, 2))).sum(dim=(1, 2))
+        return norms + (ds.sum(dim=1).pow(2).sum(dim=1) if bias is not None else 0)
+    if x is not None and not kwargs and isinstance(module, nn.Embedding):
+        ids = x.reshape(n, -1)
+        ds = d.reshape(n, ids.shape[1], -1)
+        same = (ids[:, :, None] == ids[:, None, :]).double()
+        if module.padding_idx is not None:
+            keep = (ids != module.padding_idx).double()
+            same = same * keep[:, :, None] * keep[:, None, :]
+        return ((ds @ ds.transpose(1, 2)) * same).sum(dim=(1, 2))
+    if x is not None and not kwargs and isinstance(module, nn.Conv2d) and \
+            type(module).__name__ in ("Conv2d", "Conv2dSame") and \
+            module.groups in (1, module.in_channels) and not isinstance(module.padding, str):
+        padding = module.padding
+        if type(module).__name__ == "Conv2dSame":
+            from timm.layers import pad_same
+
+            x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
+            padding = (0, 0)
+        cols = torch.nn.functional.unfold(x.double(), module.kernel_size, module.dilation,
+                                          padding, module.stride)
+        ds = d.flatten(2)  # (B, C_out, L)
+        if module.groups == 1:
+            grads = ds @ cols.transpose(1, 2)
+        else:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            cols = cols.view(n, module.in_channels, k, -1)
+            grads = torch.einsum("bcl,bckl->bck", ds, cols)
+        norms = grads.pow(2).flatten(1).sum(dim=1)
+        return norms + (ds.sum(dim=2).pow(2).sum(dim=1) if bias is not None else 0)
+    norms = []
+    params = [p for p in (module.weight, bias) if p is not None]
+    with torch.enable_grad():
+        for i in range(n):
+            item_args = tuple(_rows(a, i, n) for a in args)
+            item_kwargs = {k: _rows(v, i, n) for k, v in kwargs.items()}
+            out = module(*item_args, **item_kwargs)
+            grads = torch.autograd.grad(out, params, grad_outputs=delta[i:i + 1],
+                                        allow_unused=True)
+            norms.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    return torch.tensor(norms, dtype=torch.float64)
+
+
+def _rows(value: Any, i: int, batch_size: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch_size:
+        return value[i:i + 1].detach()
+    return value
 
 
 def _first_rows(value: Any, half: int, batch_size: int) -> Any:

@@ -80,3 +80,16 @@ def grad_snr(ctx: LayerContext) -> float:
     return float(F.cosine_similarity(g1, g2, dim=0))
 
 
+
+
+@register_metric("fim_score", family="backward", needs={"per_example_fisher"}, direction=1)
+def fim_score(ctx: LayerContext) -> float:
+    """The layer's share of the diagonal empirical Fisher (Lodha et al. 2023, "On Surgical
+    Fine-Tuning for Language Encoders"): ``mean_n ‖g_n‖²`` summed over the layer's weight and
+    bias, divided by the same sum over all probed layers; ``g_n`` is example n's contribution
+    to the gradient of the probe loss. Per-example gradients come from the recorded inputs and
+    output gradients (Gram identities for Linear/Embedding, unfolding for Conv2d, a per-example
+    loop otherwise): about one extra weight-gradient pass. Larger → tune (direction +1)."""
+    if ctx.fisher_diagonal is None or not ctx.fisher_diagonal_total:
+        return NOT_AVAILABLE
+    return ctx.fisher_diagonal / ctx.fisher_diagonal_total

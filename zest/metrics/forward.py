@@ -61,3 +61,38 @@ def effective_rank(ctx: LayerContext) -> float:
     p = sigma / total
     p = p[p > 0]
     return float(math.exp(-(p * p.log()).sum()))
+
+
+@register_metric("repr_shift", family="forward", needs={"block_shift"}, direction=1)
+def repr_shift(ctx: LayerContext) -> float:
+    """Representation shift of the layer's enclosing block: mean over examples of
+    ``1 − cos(h_in, h_out)`` between the block's input and output representative vectors (the
+    first / [CLS] token for transformer blocks, globally pooled features for CNN blocks), from
+    the one forward pass; every layer of a block gets the block's score. Training-free layer
+    selection by block influence (cosine of a representative token, as in ShortGPT-style block
+    importance); tune the blocks that change the representation most (direction +1). NaN (n/a)
+    where the block's input and output are not comparable (embeddings, stems, blocks that
+    change shape)."""
+    return ctx.block_shift if ctx.block_shift is not None else NOT_AVAILABLE
+
+
+@register_metric("class_separation", family="forward", needs={"pooled", "labels"}, direction=1)
+def class_separation(ctx: LayerContext) -> float:
+    """Between-class over within-class variability of the pooled output features
+    (Xie et al., Findings of EMNLP 2022, hidden-state variability):
+    ``Σ_c n_c ‖μ_c − μ‖² / Σ_c Σ_{i∈c} ‖z_i − μ_c‖²`` on one labelled minibatch (z: spatial /
+    valid-token mean of the output). Larger = classes better separated at this layer
+    (direction +1). NaN with fewer than two classes in the batch."""
+    z = ctx.pooled.double()
+    labels = ctx.labels
+    classes = labels.unique()
+    if len(classes) < 2:
+        return NOT_AVAILABLE
+    mean = z.mean(dim=0)
+    between, within = 0.0, 0.0
+    for c in classes:
+        members = z[labels == c]
+        centre = members.mean(dim=0)
+        between += len(members) * float((centre - mean).pow(2).sum())
+        within += float((members - centre).pow(2).sum())
+    return between / within if within > 0 else NOT_AVAILABLE

@@ -47,3 +47,15 @@ def fan_out(ctx: LayerContext) -> float:
 def spectral_norm(ctx: LayerContext) -> float:
     """Largest singular value ``σ_max`` of ``W`` reshaped to (out, in·k·k)."""
     return float(ctx.singular_values()[0])
+
+
+KAPPA_EPSILON = 1e-8
+
+
+@register_metric("kappa", family="static", direction=-1, aggregate="max")
+def kappa(ctx: LayerContext) -> float:
+    """Condition number ``σ_max / (σ_min + 1e-8)`` of W reshaped to (out, in·k·k), as computed
+    by HF peft's ``KappaTuneSelector``. Peer selector: KappaTune (arXiv 2506.16289) tunes the
+    layers with the *lowest* κ (direction −1)."""
+    sigma = ctx.singular_values()
+    return float(sigma[0] / (sigma[-1] + KAPPA_EPSILON))
