@@ -111,3 +111,29 @@ def test_train_and_evaluate_predictor_cli(tmp_path):
     for name in ("report.md", "results.json", "logo.png"):
         assert (tmp_path / "eval" / name).exists()
     assert "| predictor |" in (tmp_path / "r.md").read_text()
+
+
+def test_to_lora_config_wraps_exactly_the_chosen_modules():
+    from peft import inject_adapter_in_model
+
+    model, task = load_model("tiny_bert", 3)
+    from tests.conftest import text_batch
+
+    ranking = rank(model, task, text_batch(task), by="n_params")
+    linear = ranking.table[ranking.table["type"] == "Linear"]
+    chosen = linear["layer"].head(2).tolist()
+    ranking.table = linear.reset_index(drop=True)
+    config = ranking.to_lora_config(k=2, r=4)
+    assert list(config.target_modules) == chosen or set(config.target_modules) == set(chosen)
+    inject_adapter_in_model(config, model)
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(chosen)
+    with pytest.raises(Exception, match="exactly one"):
+        ranking.to_lora_config()
+
+
+def test_rank_by_a_metric_that_is_not_available_shows_n_a():
+    result = runner.invoke(app, ["rank", "--model", "tiny_cnn", "--dataset", "digits",
+                                 "--batch-size", "8", "--by", "repr_shift", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "n/a" in result.output

@@ -327,7 +327,9 @@ def rank_command(
             typer.echo(repr(chosen))
         else:
             shown = table[["rank", "layer", "type", "params", "score", "chosen"]]
-            typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            shown = shown.astype({"score": object})
+            shown.loc[:, "score"] = [f"{v:.4f}" if v == v else "n/a" for v in table["score"]]
+            typer.echo(shown.to_string(index=False))
             share = table.loc[table["chosen"], "params"].sum() / ranking.total_params
             typer.echo(f"\n{len(chosen)} layers chosen, {share:.2%} of {ranking.total_params:,} "
                        f"parameters; ranked by {ranking.by} in {ranking.seconds:.2f} s")

@@ -105,6 +105,21 @@ class Ranking:
                                     f"to at least {smallest / self.total_params:.2g}")
         return chosen
 
+    def to_lora_config(self, k: int | None = None, param_budget: float | None = None,
+                       **lora_kwargs: Any):
+        """A ``peft.LoraConfig`` whose ``target_modules`` are exactly the chosen layers.
+
+        Full module names are used, so no other module whose name ends the same way is wrapped.
+        Pass ``k`` (top-k) or ``param_budget`` (share of the parameters); other keyword
+        arguments (``r``, ``lora_alpha``, ...) go to ``LoraConfig``.
+        """
+        from peft import LoraConfig
+
+        if (k is None) == (param_budget is None):
+            raise InvalidInputError("pass exactly one of k or param_budget")
+        chosen = self.top(k) if k is not None else self.select(param_budget)
+        return LoraConfig(target_modules=list(chosen), **lora_kwargs)
+
     def plot(self, path: str | os.PathLike | None = None, chosen: Sequence[str] | None = None):
         """Score over depth with the chosen layers marked; saved to ``path`` if given."""
         import matplotlib
