@@ -1,8 +1,10 @@
 """Peak training memory above the loaded model, per fine-tuning method (issue 6).
 
 Each (model, method) runs in a fresh subprocess (like the SPSFT paper's TTL − model): the
-resident set size after loading the model and data is the baseline, the peak resident set size
-over a few training steps minus that baseline is reported. Methods are matched in trainable
+resident set size after loading the model and data and after the method's selection step is the
+baseline; the kernel's peak-RSS mark is reset and the peak over a few training steps minus that
+baseline is reported (glibc is told to return freed memory at once, so cached arenas do not
+hide the training's own memory). Methods are matched in trainable
 parameters on the same layers: LoRA of rank 8 sets the budget; SPSFT's ratio and GPS's K are
 chosen to match it. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 Resumable: finished cases are kept in the output JSON.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -84,9 +87,11 @@ def child(model_spec: str, method: str, steps: int) -> dict:
     tuner._prepare(data, case["batch_size"])  # noqa: SLF001 - selection before the baseline
     params = tuner.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    import ctypes
     import gc
 
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     baseline = rss_mb()
     reset_peak()
     tuner._train_mode()  # noqa: SLF001
@@ -120,9 +125,13 @@ def main() -> None:
         for method in METHODS:
             if (model, method) in finished:
                 continue
+            # a fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
+            # resident set follows live memory (no arena caching between selection and training)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                   "MALLOC_TRIM_THRESHOLD_": "131072"}
             out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                                   "--child", model, method], capture_output=True, text=True,
-                                 check=True)
+                                 check=True, env=env)
             done["results"].append(json.loads(out.stdout.strip().splitlines()[-1]))
             done["machine"] = f"{platform.machine()} CPU; peak RSS above the loaded model"
             args.out.parent.mkdir(parents=True, exist_ok=True)
