@@ -95,7 +95,8 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
     failure = None
     try:
-        tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress)
+        tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
+                  test_each_epoch=True)
     except Exception as exc:  # keep the last good delta, then re-raise
         failure = exc
     delta = tuner.delta() if hasattr(tuner, "trainable_params_") else None
@@ -104,7 +105,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         delta.save(out_dir / "delta.safetensors")
     if failure is not None:
         raise failure
-    test_loss, test_accuracy = tuner.evaluate(data, "test")
+    test_loss, test_accuracy = tuner.history_[-1].test_loss, tuner.history_[-1].test_accuracy
     total_params = sum(p.numel() for p in model.parameters())
     metrics = {
         "epochs": [record.__dict__ for record in tuner.history_],
@@ -130,8 +131,8 @@ def plot_curves(metrics: dict[str, Any], path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [e["train_accuracy"] for e in metrics["epochs"]], "o-", label="train")
     ax.plot(epochs, [e["val_accuracy"] for e in metrics["epochs"]], "o-", label="val")
-    ax.axhline(metrics["test_accuracy"], color="k", linestyle="--",
-               label=f"test {metrics['test_accuracy']:.3f}")
+    ax.plot(epochs, [e["test_accuracy"] for e in metrics["epochs"]], "s--", color="k",
+            label=f"test (final {metrics['test_accuracy']:.3f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)

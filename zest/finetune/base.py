@@ -63,6 +63,8 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     seconds: float
+    test_loss: float | None = None
+    test_accuracy: float | None = None
 
 
 @dataclass
@@ -126,7 +128,8 @@ class Tuner:
         return list(self.task.head(self.model).parameters())
 
     def fit(self, data: Dataset, epochs: int = 3, batch_size: int = 32,
-            progress: ProgressCallback | None = None, max_steps: int | None = None) -> Tuner:
+            progress: ProgressCallback | None = None, max_steps: int | None = None,
+            test_each_epoch: bool = False) -> Tuner:
         """Selects, then trains for ``epochs`` with validation after each one.
 
         Args:
@@ -135,6 +138,7 @@ class Tuner:
             batch_size: Training batch size.
             progress: Called with a dict after every step (``step``, ``loss``) and epoch.
             max_steps: Stop after this many steps (for benchmarks).
+            test_each_epoch: Also score the test split after every epoch.
 
         Returns:
             ``self``; ``history_``, ``trainable_params_``, ``peak_memory_mb_`` and
@@ -187,6 +191,8 @@ class Tuner:
             val_loss, val_accuracy = self.evaluate(data, "val")
             record = EpochRecord(epoch, total_loss / max(seen, 1), correct / max(seen, 1),
                                  val_loss, val_accuracy, time.perf_counter() - epoch_start)
+            if test_each_epoch:
+                record.test_loss, record.test_accuracy = self.evaluate(data, "test")
             self.history_.append(record)
             if progress is not None:
                 progress({"epoch_done": epoch, **record.__dict__})
