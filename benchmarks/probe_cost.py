@@ -45,7 +45,9 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
 
     plain()
     full_probe()  # warm-up
-    plain_times, probe_times, all_times, per_need = [], [], [], {}
+    from zest.ranking import rank
+
+    plain_times, probe_times, all_times, rank_times, per_need = [], [], [], [], {}
     for _ in range(repeats):
         start = time.perf_counter()
         plain()
@@ -56,6 +58,9 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
         start = time.perf_counter()
         probe(model, task, batch, needs=all_needs)
         all_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        rank(model, task, batch)  # the shipped predictor
+        rank_times.append(time.perf_counter() - start)
     base = statistics.median(plain_times)
     for need in sorted(all_needs - {"weight"}):
         start = time.perf_counter()
@@ -68,6 +73,8 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
             "ratio": round(statistics.median(probe_times) / base, 2),
             "all_metrics": len(metric_names()),
             "all_ratio": round(statistics.median(all_times) / base, 2),
+            "rank_seconds": round(statistics.median(rank_times), 3),
+            "rank_ratio": round(statistics.median(rank_times) / base, 2),
             "single_need_ratios": per_need}
 
 
@@ -80,7 +87,8 @@ def main() -> None:
     for r in results:
         print(f"{r['model']:20s} batch {r['batch_shape']}: plain {r['plain_seconds']:.3f} s, "
               f"probe ({r['metrics']} metrics) {r['probe_seconds']:.3f} s -> {r['ratio']:.2f}x; "
-              f"with the peer selectors ({r['all_metrics']} metrics) {r['all_ratio']:.2f}x")
+              f"with the peer selectors ({r['all_metrics']} metrics) {r['all_ratio']:.2f}x; "
+              f"zest rank {r['rank_ratio']:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": f"{platform.processor() or platform.machine()}, "
                           f"{torch.get_num_threads()} torch threads",

@@ -1,0 +1,108 @@
+"""Regenerates the result tables of benchmarks/README.md from benchmarks/results/*.json.
+
+Nothing in those tables is typed by hand: run this after any benchmark.
+Usage: python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+README = Path("benchmarks/README.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+METHODS = [("full", "full"), ("lora", "LoRA r=8"), ("gps_dense_mask", "GPS dense-mask"),
+           ("gps", "GPS (ours)"), ("spsft", "SPSFT")]
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def probe_section() -> list[str]:
+    data = _load("probe_cost.json")
+    if not data:
+        return []
+    lines = ["### Probe cost (`probe_cost.json`)", "",
+             "| model | batch | plain fwd+bwd | probe | ratio | with peer selectors | zest rank |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        peers = f"{r['all_ratio']:.2f}× ({r['all_metrics']} metrics)" if "all_ratio" in r \
+            else "—"
+        ranked = f"{r['rank_ratio']:.2f}×" if "rank_ratio" in r else "—"
+        lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['plain_seconds']:.3f} s | "
+                     f"{r['probe_seconds']:.3f} s ({r['metrics']} metrics) | {r['ratio']:.2f}× | "
+                     f"{peers} | {ranked} |")
+    return lines + [""]
+
+
+def cache_section() -> list[str]:
+    data = _load("gt_cache.json")
+    if not data:
+        return []
+    lines = ["### Ground-truth cache (`gt_cache.json`)", "",
+             "| model | layers × steps | naive | cached | speed-up | max val-loss difference |",
+             "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['model']} | {r['layers']} × {r['steps']} | {r['naive_seconds']} s | "
+                     f"{r['cached_seconds']} s | {r['speedup']}× | "
+                     f"{r['max_abs_loss_difference']:.1e} |")
+    return lines + [""]
+
+
+def memory_section() -> list[str]:
+    data = _load("memory.json")
+    if not data:
+        return []
+    by = {(r["model"], r["method"]): r for r in data["results"]}
+    models = list(dict.fromkeys(r["model"] for r in data["results"]))
+    lines = ["### Training memory (`memory.json`): peak RSS above the loaded model", "",
+             "| model | " + " | ".join(label for _, label in METHODS) + " |",
+             "|---|" + "---|" * len(METHODS)]
+    for model in models:
+        cells = []
+        for method, _ in METHODS:
+            r = by.get((model, method))
+            cells.append(f"{r['peak_above_model_mb']:.1f} MB ({r['trainable_params']:,})"
+                         if r else "—")
+        batch = by[(model, "full")]["batch_size"] if (model, "full") in by else "?"
+        lines.append(f"| {model} (batch {batch}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    for model in models:
+        lora, spsft = by.get((model, "lora")), by.get((model, "spsft"))
+        dense, ours = by.get((model, "gps_dense_mask")), by.get((model, "gps"))
+        if lora and spsft and dense and ours:
+            key = "peak_above_model_mb"
+            spsft_vs_lora = 100 * (spsft[key] / lora[key] - 1)
+            ours_vs_dense = 100 * (ours[key] / dense[key] - 1)
+            lines.append(f"- {model}: SPSFT {spsft_vs_lora:+.1f} % vs LoRA; our GPS "
+                         f"{ours_vs_dense:+.1f} % vs dense-masked GPS.")
+    return lines + [""]
+
+
+def stability_section() -> list[str]:
+    data = _load("stability.json")
+    if not data:
+        return []
+    lines = ["### Ranking stability (`stability.json`)", "",
+             "| model | batch size | mean pairwise Kendall τ (8 minibatches) | top-5 Jaccard |",
+             "|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['kendall_tau']:.3f} | "
+                     f"{r['top5_jaccard']:.3f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    body = probe_section() + cache_section() + memory_section() + stability_section()
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n" + "\n".join(body) + f"\n{END}{tail}")
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
