@@ -214,3 +214,41 @@ def test_trimming_padding_keeps_the_outputs():
     with torch.no_grad():
         torch.testing.assert_close(task.forward(model, padded).logits,
                                    task.forward(model, trimmed).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_collects_both_kinds_and_skips_what_is_done(tmp_path):
+    from typer.testing import CliRunner
+
+    from zest.cli import app
+    from zest.records import write_records
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f"""
+[defaults]
+out_dir = "{tmp_path / 'records'}"
+seeds = [0]
+batches = 2
+batch_size = 8
+steps = 2
+gt_batch_size = 16
+image_size = 16
+max_train = 64
+max_val = 32
+
+[[group]]
+model = "tiny_cnn"
+dataset = "digits"
+""")
+    runner = CliRunner()
+    first = runner.invoke(app, ["collect", "grid", str(grid), "--quiet"])
+    assert first.exit_code == 0, first.output
+    metrics_file = tmp_path / "records" / "metrics" / "tiny_cnn__digits.parquet"
+    gt_file = tmp_path / "records" / "groundtruth" / "tiny_cnn__digits.parquet"
+    assert len(read_records(metrics_file)) == 2 * read_records(gt_file)["layer"].nunique()
+    second = runner.invoke(app, ["collect", "grid", str(grid), "--quiet"])
+    assert "done" in second.output.splitlines()[0]
+    # a metric registered after the collection makes the (cheap) metrics file be redone
+    write_records(read_records(metrics_file).drop(columns=["m_kappa"]), metrics_file)
+    third = runner.invoke(app, ["collect", "grid", str(grid), "--quiet"])
+    assert third.output.splitlines()[0].startswith("collected")
+    assert "m_kappa" in read_records(metrics_file)

@@ -120,6 +120,8 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
     table = join_records(metrics, groundtruth, target)
     metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
     ceilings = noise_ceiling(groundtruth, target)
+    both = {t: noise_ceiling(groundtruth, t) for t in ("gt_gain", "gt_loss_gain")
+            if t in groundtruth}
     rows = []
     for scheme in schemes:
         for fold in folds(table, scheme):
@@ -143,7 +145,8 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
                 for name, function in (extra_methods or {}).items():
                     methods[name] = function(test)
                 base = {"scheme": scheme, "fold": fold.name, "group": group,
-                        "n_layers": len(test), "noise_ceiling": ceilings.get(group, np.nan)}
+                        "n_layers": len(test), "noise_ceiling": ceilings.get(group, np.nan),
+                        **{f"noise_ceiling_{t}": c.get(group, np.nan) for t, c in both.items()}}
                 for name, scores in methods.items():
                     rows.append({**base, "method": name, **ranking_quality(scores, truth, k)})
                 rng = np.random.default_rng(seed)
@@ -209,6 +212,12 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         lines.append("|---|" + "---|" * len(pivot.columns))
         lines.append("| *noise ceiling* | " + " | ".join(f"{ceilings[g]:.3f}"
                                                        for g in pivot.columns) + " |")
+        for other in ("gt_gain", "gt_loss_gain"):
+            column = f"noise_ceiling_{other}"
+            if other != target and column in logo:
+                values = logo.drop_duplicates("group").set_index("group")[column]
+                lines.append(f"| *noise ceiling of {other}* | " + " | ".join(
+                    f"{values[g]:.3f}" for g in pivot.columns) + " |")
         for method, row in pivot.iterrows():
             lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         lines.append("")

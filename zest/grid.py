@@ -17,7 +17,8 @@ from typing import Any
 from zest.collect import DataOptions, collect_metrics
 from zest.errors import InvalidInputError
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
-from zest.records import METRICS_KEY, append_records, existing_keys, group_key
+from zest.metrics import resolve_metrics
+from zest.records import METRIC_PREFIX, file_lock, group_key, read_records, write_records
 
 GRID_KEYS = {"model", "dataset", "seeds", "batches", "batch_size", "probe_loss", "metrics",
              "steps", "lr", "gt_batch_size", "n_jobs", "image_size", "max_length", "max_train",
@@ -93,17 +94,21 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
     if kind == "metrics":
         batches = int(group.get("batches", 4))
         seed = int(group.get("data_seed", 0))
-        wanted = {(group.key, layer_batch) for layer_batch in range(batches)}
-        done = {(g, b) for g, _layer, b, _s in existing_keys(out, METRICS_KEY)}
-        if wanted <= done:
-            return "done"
+        names = resolve_metrics(group.get("metrics", "all"))
+        if out.exists():
+            existing = read_records(out)
+            complete = set(range(batches)) <= set(existing["batch"].unique()) and all(
+                METRIC_PREFIX + name in existing for name in names)
+            if complete:
+                return "done"
         frame = collect_metrics(group.model, group.dataset,
                                 batch_size=int(group.get("batch_size", 32)), batches=batches,
-                                metrics=group.get("metrics", "all"),
-                                probe_loss=group.get("probe_loss", "supcon"), seed=seed,
-                                options=group.options(), checkpoint=group.get("checkpoint"),
-                                progress=progress)
-        append_records(frame, out, METRICS_KEY)
+                                metrics=names, probe_loss=group.get("probe_loss", "supcon"),
+                                seed=seed, options=group.options(),
+                                checkpoint=group.get("checkpoint"), progress=progress)
+        # metrics are cheap: a file missing a batch or a newly registered metric is redone
+        with file_lock(out):
+            write_records(frame, out)
         return "collected"
     config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
                                batch_size=int(group.get("gt_batch_size", 32)))
