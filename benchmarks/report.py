@@ -1,4 +1,5 @@
-"""Regenerates the result tables of benchmarks/README.md from benchmarks/results/*.json.
+"""Regenerates the result tables of benchmarks/README.md and README.md from
+benchmarks/results/*.json.
 
 Nothing in those tables is typed by hand: run this after any benchmark.
 Usage: python benchmarks/report.py
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path("benchmarks/results")
-README = Path("benchmarks/README.md")
+READMES = (Path("benchmarks/README.md"), Path("README.md"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 METHODS = [("full", "full"), ("lora", "LoRA r=8"), ("gps_dense_mask", "GPS dense-mask"),
            ("gps", "GPS (ours)"), ("spsft", "SPSFT")]
@@ -97,10 +98,11 @@ def stability_section() -> list[str]:
 
 def main() -> None:
     body = probe_section() + cache_section() + memory_section() + stability_section()
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n" + "\n".join(body) + f"\n{END}{tail}")
+    for readme in READMES:
+        text = readme.read_text()
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{START}\n" + "\n".join(body) + f"\n{END}{tail}")
     print("\n".join(body))
 
 
