@@ -1,4 +1,6 @@
-"""Cost of the probe (all metrics, all layers) against one plain forward+backward pass.
+"""Cost of all metrics for all layers (the probe and the metric values computed from its
+contexts) against one plain forward+backward pass; also with the peer selectors and of
+``zest rank`` (probe + metrics + predictor).
 
 Issue target: ≤ 3× on efficientnet_lite0 (32 images, 64 px) and minilm (32 × 128 tokens).
 Plain and probe runs are interleaved and the medians compared, so background load affects
@@ -18,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from zest.collect import DataOptions, load_pair
-from zest.metrics import metric_names, needs_of
+from zest.metrics import compute_metrics, metric_names, needs_of
 from zest.probe import probe
+from zest.ranking import rank
 
 CASES = [("efficientnet_lite0", "digits", DataOptions(image_size=64)),
          ("minilm", "r8", DataOptions(max_length=128))]
@@ -40,28 +43,34 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
         F.cross_entropy(output.logits, output.labels).backward()
         model.zero_grad(set_to_none=True)
 
-    def full_probe() -> None:
-        probe(model, task, batch, needs=needs)
+    def full_probe() -> None:  # the probe and the metric values computed from it
+        compute_metrics(probe(model, task, batch, needs=needs).contexts, core)
 
-    plain()
-    full_probe()  # warm-up
-    from zest.ranking import rank
+    def all_metrics() -> None:
+        compute_metrics(probe(model, task, batch, needs=all_needs).contexts, metric_names())
 
-    plain_times, probe_times, all_times, rank_times, per_need = [], [], [], [], {}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        plain()
-        plain_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        full_probe()
-        probe_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        probe(model, task, batch, needs=all_needs)
-        all_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+    def ranked() -> None:
         rank(model, task, batch)  # the shipped predictor
-        rank_times.append(time.perf_counter() - start)
-    base = statistics.median(plain_times)
+
+    def ratio(function) -> tuple[float, float, float]:
+        """Median seconds of plain and of ``function``, alternating, after one warm-up each."""
+        plain()
+        function()
+        plain_times, times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            plain()
+            plain_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return (statistics.median(plain_times), statistics.median(times),
+                statistics.median(times) / statistics.median(plain_times))
+
+    base, probe_seconds, core_ratio = ratio(full_probe)
+    _, _, all_ratio = ratio(all_metrics)
+    _, rank_seconds, rank_ratio = ratio(ranked)
+    per_need = {}
     for need in sorted(all_needs - {"weight"}):
         start = time.perf_counter()
         probe(model, task, batch, needs={need})
@@ -69,12 +78,9 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
     shape = tuple(batch["input_ids"].shape) if task.modality == "text" else tuple(batch[0].shape)
     return {"model": model_spec, "dataset": dataset, "batch_shape": shape,
             "metrics": len(core), "plain_seconds": round(base, 3),
-            "probe_seconds": round(statistics.median(probe_times), 3),
-            "ratio": round(statistics.median(probe_times) / base, 2),
-            "all_metrics": len(metric_names()),
-            "all_ratio": round(statistics.median(all_times) / base, 2),
-            "rank_seconds": round(statistics.median(rank_times), 3),
-            "rank_ratio": round(statistics.median(rank_times) / base, 2),
+            "probe_seconds": round(probe_seconds, 3), "ratio": round(core_ratio, 2),
+            "all_metrics": len(metric_names()), "all_ratio": round(all_ratio, 2),
+            "rank_seconds": round(rank_seconds, 3), "rank_ratio": round(rank_ratio, 2),
             "single_need_ratios": per_need}
 
 

@@ -81,13 +81,31 @@ class LayerContext:
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def singular_values(self) -> torch.Tensor:
-        """Singular values of :meth:`weight_matrix`, descending, float64 (memoised)."""
+        """Singular values of :meth:`weight_matrix`, descending, float64 (memoised). The Gram
+        matrix of the smaller side is formed in the weight's dtype, its eigenvalues in float64."""
         if "singular_values" not in self.cache:
-            w = self.weight_matrix().double()
+            w = self.weight_matrix()
             gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-            eig = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+            eig = torch.linalg.eigvalsh(gram.double()).clamp(min=0).sqrt()
             self.cache["singular_values"] = eig.flip(0)
         return self.cache["singular_values"]
+
+    def reduction(self, name: str) -> float:
+        """Memoised float64-accumulated reductions shared by several metrics: ``weight_norm``,
+        ``grad_norm``, ``weight_dot_grad`` (Σ W⊙g) and ``abs_weight_dot_grad`` (Σ |W⊙g|)."""
+        if name not in self.cache:
+            if name == "weight_norm":
+                value = torch.linalg.vector_norm(self.weight, dtype=torch.float64)
+            elif name == "grad_norm":
+                value = torch.linalg.vector_norm(self.grad, dtype=torch.float64)
+            elif name == "weight_dot_grad":
+                value = (self.weight * self.grad).sum(dtype=torch.float64)
+            elif name == "abs_weight_dot_grad":
+                value = (self.weight * self.grad).abs().sum(dtype=torch.float64)
+            else:
+                raise KeyError(name)
+            self.cache[name] = float(value)
+        return self.cache[name]
 
 
 @dataclass
@@ -239,10 +257,11 @@ class _Recorder:
         mask = _valid_mask(out, self.batch)
         if "activations" in self.needs:
             values = out[mask] if mask is not None else out  # layout does not matter here
+            std, mean = torch.std_mean(values) if values.numel() > 1 else (values.new_zeros(()),
+                                                                          values.mean())
             self.activation_stats[name] = {
-                "mean": float(values.mean()),
-                "std": float(values.std()) if values.numel() > 1 else 0.0,
-                "sparsity": float((values <= 0).sum()) / values.numel(),
+                "mean": float(mean), "std": float(std),
+                "sparsity": 1.0 - float((values > 0).sum()) / values.numel(),
             }
         if "features" in self.needs:
             rows = _channels_last_rows(out, mask, _channel_dim(module))
@@ -603,5 +622,5 @@ def _synflow_pass(model: nn.Module, task: Task, batch: Batch, device: Any,
         out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
         logits = out.logits if hasattr(out, "logits") else out
         grads = torch.autograd.grad(logits.sum(), weights, allow_unused=True)
-    return [(g if g is not None else torch.zeros_like(w)).detach().double()
+    return [(g if g is not None else torch.zeros_like(w)).detach()
             for g, w in zip(grads, weights, strict=True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from zest.metrics import register_metric
@@ -13,21 +14,21 @@ NOT_AVAILABLE = float("nan")
 @register_metric("grad_norm", family="backward", needs={"grad"}, direction=1, aggregate="rss")
 def grad_norm(ctx: LayerContext) -> float:
     """``‖∇W L‖_F``."""
-    return float(ctx.grad.double().norm())
+    return ctx.reduction("grad_norm")
 
 
 @register_metric("rgn", family="backward", needs={"grad"}, direction=1)
 def rgn(ctx: LayerContext) -> float:
     """Relative gradient norm ``‖∇W L‖ / ‖W‖`` (Lee et al. 2023, "Surgical Fine-Tuning Improves
     Adaptation to Distribution Shifts", auto-RGN: larger → tune)."""
-    norm = ctx.weight.double().norm()
-    return float(ctx.grad.double().norm() / norm) if norm > 0 else 0.0
+    norm = ctx.reduction("weight_norm")
+    return ctx.reduction("grad_norm") / norm if norm > 0 else 0.0
 
 
 @register_metric("snip", family="backward", needs={"grad"}, direction=1, aggregate="sum")
 def snip(ctx: LayerContext) -> float:
     """SNIP saliency summed over the layer: ``Σ |W ⊙ ∇W L|`` (Lee et al. 2019)."""
-    return float((ctx.weight.double() * ctx.grad.double()).abs().sum())
+    return ctx.reduction("abs_weight_dot_grad")
 
 
 @register_metric("grasp", family="backward", needs={"grad", "hvp"}, direction=1,
@@ -38,7 +39,7 @@ def grasp(ctx: LayerContext) -> float:
     (perturbation of norm 1e-2 along ∇L). On piecewise-linear (ReLU) networks the difference
     also sees activation kinks that the exact Hessian ignores, so it approximates the exact
     double-backward value rather than reproducing it (see tests/test_metrics.py)."""
-    return float(-(ctx.weight.double() * ctx.hvp.double()).sum())
+    return float(-(ctx.weight * ctx.hvp).sum(dtype=torch.float64))
 
 
 @register_metric("fisher", family="backward", needs={"fisher"}, direction=1, aggregate="sum")
@@ -57,13 +58,13 @@ def synflow(ctx: LayerContext) -> float:
     """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
     ``R = 1ᵀ f(1; |θ|)`` computed data-free on one all-ones input, in the model's dtype and in
     float64 when that overflows (Tanaka et al. 2020)."""
-    return float((ctx.weight.double().abs() * ctx.synflow_grad.double()).sum())
+    return float((ctx.weight.abs() * ctx.synflow_grad).sum(dtype=torch.float64))
 
 
 @register_metric("plain", family="backward", needs={"grad"}, aggregate="sum")
 def plain(ctx: LayerContext) -> float:
     """First-order Taylor term ``Σ W ⊙ ∇W L`` ("plain" of Abdelfattah et al. 2021)."""
-    return float((ctx.weight.double() * ctx.grad.double()).sum())
+    return ctx.reduction("weight_dot_grad")
 
 
 @register_metric("grad_snr", family="backward", needs={"grad_halves"}, direction=1)

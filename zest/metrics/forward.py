@@ -54,7 +54,9 @@ def effective_rank(ctx: LayerContext) -> float:
     ≤ 256-row sample of the (positions × channels) output."""
     rows = ctx.features.double()
     rows = rows - rows.mean(dim=0, keepdim=True)
-    sigma = torch.linalg.svdvals(rows)
+    # singular values from the eigenvalues of the smaller Gram matrix (cheaper than an SVD)
+    gram = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
+    sigma = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
     total = sigma.sum()
     if total <= 0:
         return 0.0

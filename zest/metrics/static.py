@@ -21,7 +21,7 @@ def depth(ctx: LayerContext) -> float:
 @register_metric("weight_norm", family="static", aggregate="rss")
 def weight_norm(ctx: LayerContext) -> float:
     """Frobenius norm ``‖W‖_F``."""
-    return float(ctx.weight.double().norm())
+    return ctx.reduction("weight_norm")
 
 
 @register_metric("weight_std", family="static")
