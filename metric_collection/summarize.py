@@ -17,11 +17,12 @@ START, END = "<!-- summary:start -->", "<!-- summary:end -->"
 
 def table(records: Path) -> str:
     summary = groundtruth_summary(read_records(records / "groundtruth"))
-    lines = ["| group | layers × seeds | steps | train / val | head-only acc | best gain "
+    lines = ["| group | layers × seeds (rows) | steps | train / val | head-only acc | best gain "
              "(layer) | gain std | worst gain | seed τ (acc gain) | seed τ (loss gain) | "
              "CPU h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
-        lines.append(f"| {r['group']} | {r['layers']} × {r['seeds']} | {r['steps']} | "
+        lines.append(f"| {r['group']} | {r['layers']} × {r['seeds']} ({r['rows']}) | "
+                     f"{r['steps']} | "
                      f"{r['train']} / {r['val']} | {r['head_only_accuracy']:.3f} | "
                      f"{r['best_gain']:+.3f} (`{r['best_layer']}`) | {r['gain_std']:.3f} | "
                      f"{r['gain_min']:+.3f} | {r['tau_gain']:.2f} | {r['tau_loss_gain']:.2f} | "

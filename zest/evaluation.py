@@ -68,8 +68,11 @@ def noise_ceiling(groundtruth: pd.DataFrame, target: str) -> dict[str, float]:
     result = {}
     for group, frame in groundtruth.groupby("group"):
         table = frame.pivot_table(index="layer", columns="gt_seed", values=target)
-        taus = [kendalltau(table[a], table[b]).statistic
-                for a, b in itertools.combinations(table.columns, 2)]
+        taus = []
+        for a, b in itertools.combinations(table.columns, 2):
+            both = table[[a, b]].dropna()  # layers collected for both seeds
+            if len(both) >= 3:
+                taus.append(kendalltau(both[a], both[b]).statistic)
         result[group] = float(np.nanmean(taus)) if taus else float("nan")
     return result
 
@@ -270,7 +273,7 @@ def groundtruth_summary(groundtruth: pd.DataFrame) -> pd.DataFrame:
     for group, frame in groundtruth.groupby("group"):
         per_layer = frame.groupby("layer")[["gt_gain", "gt_loss_gain"]].mean()
         rows.append({
-            "group": group, "layers": frame["layer"].nunique(),
+            "group": group, "layers": frame["layer"].nunique(), "rows": len(frame),
             "seeds": frame["gt_seed"].nunique(),
             "head_only_accuracy": float(frame.groupby("gt_seed")["gt_baseline"].first().mean()),
             "best_gain": float(per_layer["gt_gain"].max()),
