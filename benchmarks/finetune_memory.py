@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _results
+
 CASES = {
     "minilm": {"dataset": "r8", "batch_size": 32, "max_length": 128},
     "efficientnet_lite2": {"dataset": "digits", "batch_size": 64, "image_size": 64},
@@ -119,7 +121,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.steps)))
         return
-    done = json.loads(args.out.read_text()) if args.out.exists() else {"results": []}
+    done = _results.load(args.out)
     finished = {(r["model"], r["method"]) for r in done["results"]}
     for model in CASES:
         for method in METHODS:
@@ -133,9 +135,8 @@ def main() -> None:
                                   "--child", model, method], capture_output=True, text=True,
                                  check=True, env=env)
             done["results"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            done["machine"] = f"{platform.machine()} CPU; peak RSS above the loaded model"
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(done, indent=2))
+            _results.save(args.out, done,
+                          f"{platform.machine()} CPU; peak RSS above the loaded model")
     for r in done["results"]:
         print(f"{r['model']:20s} {r['method']:15s} {r['trainable_params']:>10,} params  "
               f"peak above model {r['peak_above_model_mb']:8.1f} MB")

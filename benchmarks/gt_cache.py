@@ -9,12 +9,12 @@ Usage: python benchmarks/gt_cache.py [--steps 30] [--every 4] [--out FILE.json]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 from pathlib import Path
 
+import _results
 import torch
 
 from zest.collect import DataOptions, load_pair
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=4, help="take every n-th layer")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gt_cache.json"))
     args = parser.parse_args()
-    done = json.loads(args.out.read_text()) if args.out.exists() else {"results": []}
+    done = _results.load(args.out)
     finished = {r["model"] for r in done["results"]
                 if r["steps"] == args.steps}
     for model in CASES:
@@ -64,9 +64,8 @@ def main() -> None:
             continue
         result = run_case(model, args.steps, args.every)
         done["results"] = [r for r in done["results"] if r["model"] != model] + [result]
-        done["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(done, indent=2))
+        _results.save(args.out, done,
+                      f"{platform.machine()}, {torch.get_num_threads()} torch threads")
     for r in done["results"]:
         print(f"{r['model']:20s} {r['layers']} layers x {r['steps']} steps: naive "
               f"{r['naive_seconds']} s, cached {r['cached_seconds']} s -> {r['speedup']}x "

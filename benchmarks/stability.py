@@ -6,9 +6,10 @@ Usage: python benchmarks/stability.py [--batches 8] [--predictor universal] [--o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
+
+import _results
 
 from zest.collect import DataOptions, load_pair
 from zest.ranking import rank
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--predictor", default="universal")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stability.json"))
     args = parser.parse_args()
-    done = json.loads(args.out.read_text()) if args.out.exists() else {"results": []}
+    done = _results.load(args.out)
     finished = {(r["model"], r["batch_size"]) for r in done["results"]}
     for model_spec, dataset, options in CASES:
         if all((model_spec, b) in finished for b in BATCH_SIZES):
@@ -41,9 +42,7 @@ def main() -> None:
                                     **{k: v for k, v in ranking.stability.items()
                                        if k != "batches"},
                                     "seconds_per_batch": ranking.seconds / args.batches})
-            done["machine"] = platform.machine()
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(done, indent=2))
+            _results.save(args.out, done, platform.machine())
     for r in done["results"]:
         print(f"{r['model']:20s} batch {r['batch_size']:3d}: mean pairwise Kendall τ "
               f"{r['kendall_tau']:.3f}, top-5 Jaccard {r['top5_jaccard']:.3f}")

@@ -1,0 +1,21 @@
+"""Resumable result files shared by the benchmark scripts (finished cases are kept)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    """The results written so far (``{"results": []}`` when there are none)."""
+    return json.loads(path.read_text()) if path.exists() else {"results": []}
+
+
+def save(path: Path, data: dict, machine: str) -> None:
+    """Writes ``data`` atomically with a description of the machine."""
+    data["machine"] = machine
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
