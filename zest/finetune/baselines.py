@@ -114,6 +114,10 @@ class LoRA(Tuner):
             if not isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
                 raise InvalidInputError(f"LoRA cannot wrap {name!r} ({type(module).__name__}); "
                                         "use --method spsft or layers for it")
+            if isinstance(module, nn.Conv2d) and module.groups > 1:
+                raise InvalidInputError(f"LoRA cannot wrap the grouped convolution {name!r} "
+                                        f"(groups={module.groups}); use --method gps or "
+                                        "spsft for it")
 
     def lora_config(self):
         """The ``peft.LoraConfig`` used."""

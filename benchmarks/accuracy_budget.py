@@ -1,0 +1,148 @@
+"""Test accuracy at a parameter budget (issues 7 and 9): every method, 3 seeds, ~5 % and ~1 %.
+
+For each group and budget: full fine-tuning and head only (budget-free references), LoRA, GPS
+and SPSFT on all layers (sized to the budget), and layer choices of the same budget — ZEST
+(the shipped predictor), random-k, last-k, KappaTune (lowest κ) and FIM (highest share of the
+empirical Fisher) — each trained densely (``layers``); ZEST's choice also with GPS and SPSFT
+updates, where the budget counts the sparse entries. Resumable: every finished
+(group, budget, method, seed) is kept in the output JSON.
+Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--epochs 2] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import _results
+import numpy as np
+
+from zest.collect import DataOptions, load_pair
+from zest.finetune import METHODS
+from zest.layers import candidate_layers
+from zest.ranking import rank
+
+GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200,
+                                       max_test=500)),
+          ("minilm", "rotten_tomatoes", DataOptions(max_length=48, max_train=600, max_val=200,
+                                                    max_test=500)),
+          ("efficientnet_lite0", "digits", DataOptions(image_size=64, max_train=600,
+                                                       max_val=200, max_test=500)),
+          ("efficientnet_lite2", "mnist5k", DataOptions(image_size=64, max_train=600,
+                                                        max_val=200, max_test=500))]
+SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
+                                            max_test=32)),
+         ("tiny_bert", "rotten_tomatoes", DataOptions(max_length=24, max_train=64, max_val=32,
+                                                      max_test=32))]
+BUDGETS = (0.05, 0.01)
+
+
+def pick(order: list[str], cost: dict[str, int], budget: int) -> list[str]:
+    """Layers in ``order`` while their cost fits in ``budget`` (at least one)."""
+    chosen, used = [], 0
+    for name in order:
+        if used + cost[name] <= budget:
+            chosen.append(name)
+            used += cost[name]
+    return chosen or [min(order, key=lambda n: cost[n])]
+
+
+def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[str, dict]]:
+    """method label → (tuner name, keyword arguments) for one budget."""
+    layers = candidate_layers(model, task.head_name)
+    names = [layer.name for layer in layers]
+    total = sum(p.numel() for p in model.parameters())
+    budget = int(budget_share * total)
+    dense = {layer.name: layer.n_params for layer in layers}
+    modules = {n: model.get_submodule(n) for n in names}
+    batch = data.batches("train", 32, 1, seed=seed)[0]
+    zest = rank(model, task, batch).table["layer"].tolist()
+    scores = rank(model, task, batch, by="kappa").table["layer"].tolist()
+    fim = rank(model, task, batch, by="fim_score").table["layer"].tolist()
+    rng = np.random.default_rng(seed)
+    random_order = list(rng.permutation(names))
+    last = names[::-1]
+    spsft_ok = [n for n in names if getattr(modules[n], "groups", 1) in
+                (1, getattr(modules[n], "in_channels", 1)) and
+                type(modules[n]).__name__ != "Embedding"]
+    rows = sum(m.weight.shape[0] for m in modules.values())
+    k = max(1, round(budget / rows))
+    ratio = min(1.0, budget / sum(modules[n].weight.numel() for n in spsft_ok))
+    sparse_k = {n: modules[n].weight.shape[0] * 8 for n in names}  # GPS, K = 8
+    sparse_rows = {n: max(1, round(0.05 * modules[n].weight.shape[0]))
+                   * modules[n].weight[0].numel() for n in names}  # SPSFT, ratio 5 %
+    linear = [n for n in names if type(modules[n]).__name__ == "Linear"] or \
+        [n for n in names if getattr(modules[n], "groups", 1) == 1 and
+         type(modules[n]).__name__ != "Embedding"]
+    lora_rank = max(1, round(budget / sum(modules[n].weight.shape[0]
+                                          + modules[n].weight[0].numel() for n in linear)))
+    return {
+        "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank}),
+        "gps (all layers)": ("gps", {"layers": "all", "k": k}),
+        "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
+        "zest + dense": ("layers", {"layers": pick(zest, dense, budget)}),
+        "zest + gps": ("gps", {"layers": pick([n for n in zest if "position" not in n],
+                                              sparse_k, budget), "k": 8}),
+        "zest + spsft": ("spsft", {"layers": pick([n for n in zest if n in spsft_ok],
+                                                  sparse_rows, budget), "ratio": 0.05}),
+        "random-k + dense": ("layers", {"layers": pick(random_order, dense, budget)}),
+        "last-k + dense": ("layers", {"layers": pick(last, dense, budget)}),
+        "kappatune + dense": ("layers", {"layers": pick(scores, dense, budget)}),
+        "fim + dense": ("layers", {"layers": pick(fim, dense, budget)}),
+    }
+
+
+def run(group, method: str, tuner_name: str, kwargs: dict, seed: int, epochs: int) -> dict:
+    model_spec, dataset, options = group
+    model, task, data = load_pair(model_spec, dataset, options=options, seed=seed)
+    start = time.perf_counter()
+    tuner = METHODS.get(tuner_name)(model, task, lr=1e-3, seed=seed, **kwargs)
+    tuner.fit(data, epochs=epochs, batch_size=32)
+    _, test_accuracy = tuner.evaluate(data, "test")
+    total = sum(p.numel() for p in model.parameters())
+    return {"test_accuracy": test_accuracy, "trainable_params": int(tuner.trainable_params_),
+            "trainable_share": tuner.trainable_params_ / total,
+            "layers": len(tuner.layer_names), "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny models, for a quick check")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or Path("benchmarks/results/" + ("accuracy_smoke.json" if args.smoke
+                                                    else "accuracy_budget.json"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    done = _results.load(out)
+    keys = {(r["group"], r["budget"], r["method"], r["seed"]) for r in done["results"]}
+    for group in SMOKE if args.smoke else GROUPS:
+        name = f"{group[0]}__{group[1]}"
+        for seed in seeds:
+            todo = [("full", "full", {}, None), ("head", "head", {}, None)]
+            for budget in BUDGETS:
+                if all((name, budget, m, seed) in keys for m in (
+                        "zest + dense", "fim + dense")):
+                    continue
+                model, task, data = load_pair(group[0], group[1], options=group[2],
+                                              seed=seed)
+                for method, (tuner, kwargs) in plans(model, task, data, budget, seed).items():
+                    todo.append((method, tuner, kwargs, budget))
+            for method, tuner, kwargs, budget in todo:
+                if (name, budget, method, seed) in keys:
+                    continue
+                result = run(group, method, tuner, kwargs, seed, args.epochs)
+                done["results"].append({"group": name, "budget": budget, "method": method,
+                                        "seed": seed, **result})
+                keys.add((name, budget, method, seed))
+                _results.save(out, done, f"{platform.machine()} CPU, {args.epochs} epochs")
+    for r in done["results"]:
+        print(f"{r['group']:32s} {str(r['budget']):5s} {r['method']:28s} seed {r['seed']}: "
+              f"test acc {r['test_accuracy']:.3f} ({r['trainable_share']:.2%} trainable)")
+
+
+if __name__ == "__main__":
+    main()
