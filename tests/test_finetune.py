@@ -187,6 +187,9 @@ def test_bad_inputs():
     for ratio in (0.0, 1.5):
         with pytest.raises(InvalidInputError, match="ratio"):
             SPSFT(model, task, layers=layers[:1], ratio=ratio)
+    grouped = [n for n, module in model.named_modules() if getattr(module, "groups", 1) > 1]
+    with pytest.raises(InvalidInputError, match="grouped convolution"):
+        LoRA(model, task, layers=grouped[:1])
     text_model, text_task, _, _ = pair(TEXT)
     with pytest.raises(InvalidInputError, match="gps"):
         SPSFT(text_model, text_task, layers=["bert.embeddings.word_embeddings"])
