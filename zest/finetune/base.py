@@ -263,6 +263,12 @@ class Tuner:
                         buffers[f"{name}.{key}"] = value
         return buffers
 
+    def _head_entries(self) -> list[DeltaEntry]:
+        """The trained head, stored whole."""
+        head = self.task.head_name
+        return self._dense_entries({f"{head}.{n}": p for n, p in
+                                    self.task.head(self.model).named_parameters()})
+
     def _dense_entries(self, parameters: dict[str, nn.Parameter]) -> list[DeltaEntry]:
         """Dense entries: the trained tensor minus the pretrained one is not needed for head or
         bias (they are stored whole, ``mode="replace"``)."""

@@ -42,9 +42,7 @@ class Head(Tuner):
             p.requires_grad_(True)
 
     def _delta_entries(self) -> list[DeltaEntry]:
-        head = self.task.head_name
-        return self._dense_entries({f"{head}.{n}": p for n, p in
-                                    self.task.head(self.model).named_parameters()})
+        return self._head_entries()
 
 
 @dataclass
@@ -153,7 +151,5 @@ class LoRA(Tuner):
                                       shape=list(base.weight.shape),
                                       extra={"scaling": float(module.scaling["default"]),
                                              "embedding": embedding}))
-        head = self.task.head_name
-        entries += self._dense_entries({f"{head}.{n}": p for n, p in
-                                        self.task.head(self.model).named_parameters()})
+        entries += self._head_entries()
         return entries

@@ -180,12 +180,10 @@ class GPS(Tuner):
     def count_trainable(self) -> int:
         """Selected weight entries + biases + head."""
         count = sum(int(i.numel()) for i in self.indices_.values())
-        head = {id(p) for p in self._head_parameters()}
         for name in self.layer_names:
             bias = self.model.get_submodule(name)._parameters.get("bias")  # noqa: SLF001
             count += bias.numel() if bias is not None else 0
-        count += sum(p.numel() for p in self._head_parameters() if id(p) in head)
-        return count
+        return count + sum(p.numel() for p in self._head_parameters())
 
     def _delta_entries(self) -> list[DeltaEntry]:
         entries = []
@@ -206,9 +204,7 @@ class GPS(Tuner):
             bias = module._parameters.get("bias")  # noqa: SLF001
             if bias is not None:
                 entries += self._dense_entries({f"{name}.bias": bias})
-        head = self.task.head_name
-        entries += self._dense_entries({f"{head}.{n}": p for n, p in
-                                        self.task.head(self.model).named_parameters()})
+        entries += self._head_entries()
         return entries
 
     def merge(self) -> nn.Module:

@@ -196,14 +196,9 @@ class SPSFT(Tuner):
             weight = module.weight
             r = self.rows_for(weight.shape[0])
             rows = scores[name].topk(r).indices.sort().values.to(weight.device)
-            if isinstance(module, NORM_TYPES):
-                delta = nn.Parameter(torch.zeros(r, dtype=weight.dtype, device=weight.device))
-            elif isinstance(module, nn.Conv2d) and module.groups > 1:
-                delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]),
-                                                 dtype=weight.dtype, device=weight.device))
-            else:
-                delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]),
-                                                 dtype=weight.dtype, device=weight.device))
+            # W_f ∈ R^{r × d_in} (r scale offsets for normalisation layers), zero at the start
+            delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]), dtype=weight.dtype,
+                                             device=weight.device))
             self.rows_[name] = rows
             self.deltas_[name] = delta
             self._handles.append(module.register_forward_hook(self._hook(rows, delta)))
@@ -229,9 +224,7 @@ class SPSFT(Tuner):
                                       tensors={"indices": self.rows_[name].cpu(),
                                                "rows": self.deltas_[name].detach().cpu()},
                                       shape=list(weight.shape)))
-        head = self.task.head_name
-        entries += self._dense_entries({f"{head}.{n}": p for n, p in
-                                        self.task.head(self.model).named_parameters()})
+        entries += self._head_entries()
         return entries
 
     def remove_hooks(self) -> None:
