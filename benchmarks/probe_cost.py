@@ -4,7 +4,7 @@ contexts) against one plain forward+backward pass; also with the peer selectors 
 
 Issue target: ≤ 3× on efficientnet_lite0 (32 images, 64 px) and minilm (32 × 128 tokens).
 Plain and probe runs are interleaved and the medians compared, so background load affects
-both alike. Usage: python benchmarks/probe_cost.py [--repeats 5] [--out FILE.json]
+both alike. Usage: python benchmarks/probe_cost.py [--repeats 5] [--models M ...] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=[case[0] for case in CASES],
+                        help="only these models (default: all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/probe_cost.json"))
     args = parser.parse_args()
-    results = [measure(*case, repeats=args.repeats) for case in CASES]
+    results = [measure(*case, repeats=args.repeats) for case in CASES if case[0] in args.models]
     for r in results:
         print(f"{r['model']:20s} batch {r['batch_shape']}: plain {r['plain_seconds']:.3f} s, "
               f"probe ({r['metrics']} metrics) {r['probe_seconds']:.3f} s -> {r['ratio']:.2f}x; "

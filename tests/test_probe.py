@@ -150,7 +150,7 @@ def test_direct_half_batch_gradients_match_recomputing_the_layer(monkeypatch, sp
     model, task = load_model(spec, 3)
     batch = batch_for(task)
     direct = probe(model, task, batch, needs={"grad", "grad_halves"})
-    monkeypatch.setattr(probe_module, "_direct_half_gradient", lambda *args: None)
+    monkeypatch.setattr(probe_module, "_supports_direct_gradient", lambda module: False)
     recomputed = probe(model, task, batch, needs={"grad", "grad_halves"})
     checked = 0
     for name, ctx in direct.contexts.items():
@@ -175,3 +175,64 @@ def test_synflow_retries_in_float64_when_float32_overflows():
     assert all(math.isfinite(v["synflow"]) for v in values.values())
     assert max(v["synflow"] for v in values.values()) > 3.4e38  # beyond float32's range
     assert_same(before, snapshot(model))
+
+
+class _SharedBlockNet(torch.nn.Module):
+    """A tiny CNN whose middle convolution is applied twice (weights shared across calls)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, classes)
+
+    def forward_features(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(x))
+        x = torch.relu(self.shared(x))
+        return self.mix(x.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+@pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_bert", "timm:tf_efficientnet_lite0",
+                                  "shared"])
+@pytest.mark.parametrize("split", [False, True])
+def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
+    """Linear/Conv2d weight gradients the probe forms itself from inputs and output gradients
+    (per half batch) equal autograd's ∇W of the same loss, also for a module called twice and
+    for a subset of the layers."""
+    from tests.conftest import batch_for
+    from zest.models import Task
+
+    if spec == "shared":
+        model = _SharedBlockNet()
+        task = Task(spec="shared", modality="image", num_classes=3, head_name="head",
+                    family="custom")
+    else:
+        model, task = load_model(spec, 3)
+    batch = batch_for(task)
+    model.eval()
+    needs = {"grad", "grad_halves"} if split else {"grad"}
+    result = probe(model, task, batch, needs=needs)
+    names = list(result.contexts)
+    for subset in (names, names[len(names) // 2:]):
+        result = probe(model, task, batch, needs=needs, layer_names=subset)
+        weights = [model.get_submodule(name).weight for name in subset]
+        for w in model.parameters():
+            w.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        output = task.forward(model, batch)
+        expected = torch.autograd.grad(task.loss(output, "supcon"), weights, allow_unused=True)
+        for w in model.parameters():
+            w.requires_grad_(True)
+        for name, grad in zip(subset, expected, strict=True):
+            ctx = result.contexts[name]
+            grad = torch.zeros_like(ctx.weight) if grad is None else grad
+            torch.testing.assert_close(ctx.grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+            if split and ctx.grad_halves is not None:
+                torch.testing.assert_close(ctx.grad_halves[0] + ctx.grad_halves[1], grad,
+                                           atol=1e-6, rtol=1e-4, msg=name)

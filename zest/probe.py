@@ -4,7 +4,10 @@ The probe is the only place that runs the model for zero-shot metrics. It runs
 
 1. one forward pass with forward hooks on the candidate layers (activation summaries) and tensor
    hooks on their outputs (output-gradient summaries), then one backward pass with
-   ``torch.autograd.grad`` (``.grad`` of the model is never touched);
+   ``torch.autograd.grad`` (``.grad`` of the model is never touched). For Linear and Conv2d
+   layers the probe forms ``∇W`` itself from the recorded input and output gradient, one half
+   of the batch at a time, so the two half-batch gradients (``grad_snr``) come at no extra cost;
+   autograd only propagates input gradients through them;
 2. at most one extra pass on the batch, only when a requested metric needs a Hessian-vector
    product (GraSP): a finite-difference ``H g ≈ (∇L(θ + εg) − ∇L(θ)) / ε``;
 3. a data-free SynFlow pass on a single all-ones input, only when ``synflow`` is requested
@@ -17,6 +20,7 @@ values and dtypes; every hook is removed, also when a metric raises.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +49,9 @@ NEEDS = frozenset({
     "per_example_fisher",  # mean over examples of ‖per-example ∇(W, b)‖² (empirical Fisher)
     "block_shift",   # 1 − cos(block input, block output) of the enclosing block
 })
+
+#: The needs that take the backward pass.
+BACKWARD_NEEDS = frozenset({"grad", "grad_halves", "hvp", "fisher", "per_example_fisher"})
 
 MAX_FEATURE_ROWS = 256
 HVP_EPSILON = 1e-2
@@ -89,6 +96,17 @@ class LayerContext:
             eig = torch.linalg.eigvalsh(gram.double()).clamp(min=0).sqrt()
             self.cache["singular_values"] = eig.flip(0)
         return self.cache["singular_values"]
+
+    def largest_singular_value(self) -> float:
+        """``σ_max`` of :meth:`weight_matrix`: the largest eigenvalue of the smaller Gram matrix,
+        all in the weight's dtype (the top of the spectrum is well conditioned, unlike the
+        bottom that :meth:`singular_values` keeps in float64); reuses the full spectrum when
+        another metric already computed it."""
+        if "singular_values" in self.cache:
+            return float(self.cache["singular_values"][0])
+        w = self.weight_matrix()
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).double().sqrt())
 
     def reduction(self, name: str) -> float:
         """Memoised float64-accumulated reductions shared by several metrics: ``weight_norm``,
@@ -142,19 +160,38 @@ def _channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1  # noqa: SLF001
 
 
-def _binary_code_kernel(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``K = c cᵀ + (1−c)(1−c)ᵀ`` of the binary codes ``c = 1[out > 0]`` per example, padding
-    positions counting in neither term. Float32 is exact here (integer counts < 2²⁴)."""
-    n = out.shape[0]
-    codes = (out > 0).reshape(n, -1).float()
+def _activation_stats(values: torch.Tensor, positive: torch.Tensor) -> dict[str, float]:
+    """Mean, standard deviation (n − 1) and fraction ``≤ 0`` of ``values``.
+
+    One pass of two float32 sums (Σx, Σx²) combined in float64, which is several times faster
+    than ``torch.std_mean``; where the variance is small against the squared mean (|mean| > std),
+    so that the two sums would cancel, the two-pass ``torch.std_mean`` is used instead.
+    """
+    n = values.numel()
+    flat = values.reshape(-1)
+    mean = float(flat.sum()) / n
+    variance = (float(torch.dot(flat, flat)) - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    if n > 1 and variance < mean * mean:
+        std_t, mean_t = torch.std_mean(flat)
+        mean, variance = float(mean_t), float(std_t) ** 2
+    return {"mean": mean, "std": math.sqrt(max(variance, 0.0)),
+            "sparsity": 1.0 - float(torch.count_nonzero(positive)) / n}
+
+
+def _binary_code_kernel(positive: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``K = c cᵀ + (1−c)(1−c)ᵀ`` of the binary codes ``c = 1[out > 0]`` (``positive``) per
+    example, padding positions counting in neither term. Float32 is exact here (integer counts
+    < 2²⁴)."""
+    n = positive.shape[0]
+    codes = positive.reshape(n, -1).float()
     if mask is None:
         width = codes.shape[1]
         agree = codes @ codes.T
         ones = codes.sum(dim=1)
         # (1−c)(1−c)ᵀ = width − s_i − s_j + c cᵀ
         return (2 * agree + width - ones[:, None] - ones[None, :]).double()
-    shape = mask.shape + (1,) * (out.ndim - 2)
-    valid = mask.view(shape).expand_as(out).reshape(n, -1).float()
+    shape = mask.shape + (1,) * (positive.ndim - 2)
+    valid = mask.view(shape).expand_as(positive).reshape(n, -1).float()
     codes = codes * valid
     anti = valid - codes
     return (codes @ codes.T + anti @ anti.T).double()
@@ -214,11 +251,18 @@ class _Recorder:
         self.block_shifts: dict[str, float] = {}
         self.handles: list[Any] = []
         self.keeps_inputs = bool(needs & {"grad_halves", "per_example_fisher"})
+        self.needs_backward = bool(needs & BACKWARD_NEEDS)
+        #: layers whose ∇W the probe forms itself from the recorded input and output gradient
+        self.direct: set[str] = set()
+        self._called: set[str] = set()
         self._generator = torch.Generator().manual_seed(0)
 
     def attach(self) -> None:
         for layer in self.layers:
             module = self.modules[layer.name]
+            if self.needs_backward:
+                self.handles.append(module.register_forward_pre_hook(
+                    self._pre_hook(layer.name), with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._forward_hook(layer.name),
                                                              with_kwargs=True))
         if "block_shift" in self.needs:
@@ -231,6 +275,27 @@ class _Recorder:
             handle.remove()
         self.handles.clear()
 
+    def _pre_hook(self, name: str):
+        """Decides, per call, who forms the layer's ∇W: the probe itself (first call of a
+        Linear/Conv2d whose input carries a gradient: its weight is frozen for this call, so
+        autograd only propagates the input gradient, and the probe gets each half-batch's ∇W
+        from the recorded input and output gradient at no extra cost), or autograd (every
+        other case, e.g. the first layer, whose input needs no gradient)."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if len(args) == 1 and not kwargs else None
+            direct = (name not in self._called and isinstance(x, torch.Tensor)
+                      and x.requires_grad and x.ndim > 0 and x.shape[0] == self.batch_size
+                      and _supports_direct_gradient(module))
+            self._called.add(name)
+            module.weight.requires_grad_(not direct)
+            if direct:
+                self.direct.add(name)
+
+        return hook
+
+    def _keeps(self, name: str) -> bool:
+        return self.keeps_inputs or name in self.direct
+
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or name in self.outputs:
@@ -241,13 +306,13 @@ class _Recorder:
             # outputs broadcast over the batch (position embeddings) are summarised as such;
             # they have no per-example gradient, so no half-batch split
             self.outputs[name] = out
-            if self.keeps_inputs and per_example:
+            if self._keeps(name) and per_example:
                 self.inputs[name] = (args, kwargs)
             summary = out.detach() if per_example else \
                 out.detach().expand(self.batch_size, *out.shape[1:])
             self._summarise_forward(name, module, summary)
-            if out.requires_grad and self.needs & {"fisher", "grad_halves",
-                                                   "per_example_fisher"}:
+            if out.requires_grad and (name in self.direct or self.needs & {
+                    "fisher", "grad_halves", "per_example_fisher"}):
                 self.handles.append(out.register_hook(
                     self._grad_hook(name, module, out, per_example)))
 
@@ -255,14 +320,11 @@ class _Recorder:
 
     def _summarise_forward(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
         mask = _valid_mask(out, self.batch)
+        positive = out > 0 if self.needs & {"activations", "binary_codes"} else None
         if "activations" in self.needs:
             values = out[mask] if mask is not None else out  # layout does not matter here
-            std, mean = torch.std_mean(values) if values.numel() > 1 else (values.new_zeros(()),
-                                                                          values.mean())
-            self.activation_stats[name] = {
-                "mean": float(mean), "std": float(std),
-                "sparsity": 1.0 - float((values > 0).sum()) / values.numel(),
-            }
+            self.activation_stats[name] = _activation_stats(
+                values, positive[mask] if mask is not None else positive)
         if "features" in self.needs:
             rows = _channels_last_rows(out, mask, _channel_dim(module))
             if rows.shape[0] > MAX_FEATURE_ROWS:
@@ -270,7 +332,7 @@ class _Recorder:
                 rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
             self.features[name] = rows.float().detach().cpu()
         if "binary_codes" in self.needs:
-            self.binary_kernels[name] = _binary_code_kernel(out, mask).cpu()
+            self.binary_kernels[name] = _binary_code_kernel(positive, mask).cpu()
         if "pooled" in self.needs:
             self.pooled[name] = _pooled(out, mask, _channel_dim(module)).float().cpu()
 
@@ -286,7 +348,7 @@ class _Recorder:
 
     def _grad_hook(self, name: str, module: nn.Module, out: torch.Tensor, per_example: bool):
         def hook(grad: torch.Tensor) -> None:
-            if self.keeps_inputs and per_example:
+            if self._keeps(name) and per_example:
                 self.output_grads[name] = grad.detach()
             if "fisher" in self.needs:
                 act = out.detach()
@@ -338,8 +400,7 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
         device = next(model.parameters()).device
     modules = {layer.name: model.get_submodule(layer.name) for layer in layers}
     weights = [modules[layer.name].weight for layer in layers]
-    needs_backward = bool(needs & {"grad", "grad_halves", "hvp", "fisher",
-                                   "per_example_fisher"})
+    needs_backward = bool(needs & BACKWARD_NEEDS)
 
     start = time.perf_counter()
     passes: list[str] = []
@@ -365,14 +426,12 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
             check_finite(loss_value, batch_label)
             passes.append("forward")
             if needs_backward:
-                grads = list(torch.autograd.grad(loss_value, weights, allow_unused=True))
-                grads = [g if g is not None else torch.zeros_like(w)
-                         for g, w in zip(grads, weights, strict=True)]
+                grads, halves = _weight_gradients(loss_value, recorder, layers, modules,
+                                                  split="grad_halves" in needs)
                 passes.append("backward")
-            recorder.detach()  # the half-batch split below must not re-fire the output hooks
-            if "grad_halves" in needs and grads is not None:
-                by_name = {layer.name: g for layer, g in zip(layers, grads, strict=True)}
-                halves = _half_batch_gradients(recorder, modules, by_name, batch_size)
+            recorder.detach()  # the passes below must not re-fire the output hooks
+            for w in weights:
+                w.requires_grad_(True)
             if "per_example_fisher" in needs:
                 fisher_diagonal = _per_example_fisher(recorder, modules, batch)
             recorder.output_grads.clear()
@@ -381,9 +440,11 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
         recorder.detach()
         del output
         if "hvp" in needs and grads is not None:
-            hvps = _finite_difference_hvp(model, task, batch, device, loss, weights, grads,
-                                          saved_storages, batch_label)
+            hvps = _finite_difference_hvp(model, task, batch, device, loss, layers, modules,
+                                          grads, saved_storages, batch_label)
             _swap_back(saved_storages)
+            for w in weights:
+                w.requires_grad_(True)
             passes.append("hvp")
         if "synflow" in needs:
             synflow_grads = _synflow(model, task, batch, device, weights, saved_storages)
@@ -431,56 +492,106 @@ def _swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:
     saved.clear()
 
 
-def _half_batch_gradients(recorder: _Recorder, modules: dict[str, nn.Module],
-                          grads: dict[str, torch.Tensor], batch_size: int
-                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Splits each layer's ∇W into the contributions of the two halves of the batch.
+def _weight_gradients(loss: torch.Tensor, recorder: _Recorder, layers: Sequence[Layer],
+                      modules: dict[str, nn.Module], split: bool
+                      ) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """∇W of every candidate layer from the one backward pass, and with ``split`` the
+    contributions of the two halves of the batch.
 
-    ``∇W = J_Wᵀ δ`` is a sum over examples, so the weight gradient of the first half of the
-    recorded inputs and output gradients δ is the first half's part (computed directly for
-    Linear and Conv2d, by re-running the layer alone on the first half otherwise); the second
+    ``∇W = Σ_n J_W,nᵀ δ_n`` is a sum over examples. Layers the probe forms itself (see
+    ``_Recorder._pre_hook``) get each half's sum straight from the recorded input and output
+    gradient δ, and ∇W as their total: the same work autograd would have done, split in two.
+    For the other layers autograd returns ∇W; the first half's part is computed directly for
+    Linear and Conv2d, by re-running the layer alone on the first half otherwise, and the second
     half's part is the rest.
     """
-    half = batch_size // 2
-    result = {}
-    for name, delta in recorder.output_grads.items():
-        args, kwargs = recorder.inputs[name]
-        module = modules[name]
-        g1 = _direct_half_gradient(module, args, kwargs, delta, half)
-        if g1 is None:  # any other module type: re-run it alone on the first half
-            with torch.enable_grad():
-                first_args = tuple(_first_rows(a, half, batch_size) for a in args)
-                first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
-                out = module(*first_args, **first_kwargs)
-                g1 = torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0]
-        g1 = g1.detach()
-        result[name] = (g1, grads[name] - g1)
-    return result
+    autograd_layers = [layer for layer in layers if modules[layer.name].weight.requires_grad]
+    direct_outputs = [recorder.outputs[name] for name in recorder.direct
+                      if recorder.outputs[name].requires_grad]
+    # the direct layers' outputs are asked for only so that the pass reaches them when no
+    # weight needs autograd; their tensor hooks record δ either way
+    targets = [modules[layer.name].weight for layer in autograd_layers] + \
+        ([] if autograd_layers else direct_outputs)
+    autograd_grads = dict(zip((layer.name for layer in autograd_layers),
+                              torch.autograd.grad(loss, targets, allow_unused=True)
+                              if targets else (), strict=False))
+    half = recorder.batch_size // 2
+    grads: list[torch.Tensor] = []
+    halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in layers:
+        module = modules[layer.name]
+        delta = recorder.output_grads.get(layer.name)
+        from_autograd = autograd_grads.get(layer.name)
+        if layer.name in recorder.direct:
+            x = recorder.inputs[layer.name][0][0].detach()
+            if delta is None:  # the output does not reach the loss
+                parts = (torch.zeros_like(module.weight),) * 2
+            elif split:
+                parts = (_direct_weight_gradient(module, x[:half], delta[:half]),
+                         _direct_weight_gradient(module, x[half:], delta[half:]))
+            else:
+                parts = (_direct_weight_gradient(module, x, delta),
+                         torch.zeros_like(module.weight))
+            if from_autograd is not None:  # further calls of a module called more than once
+                parts = (parts[0], parts[1] + from_autograd)
+            grad = parts[0] + parts[1]
+            if split:
+                halves[layer.name] = (parts[0], parts[1])
+        else:
+            grad = from_autograd if from_autograd is not None else torch.zeros_like(module.weight)
+            if split and delta is not None:
+                first = _first_half_gradient(module, *recorder.inputs[layer.name], delta, half,
+                                             recorder.batch_size)
+                halves[layer.name] = (first, grad - first)
+        grads.append(grad.detach())
+    return grads, halves
 
 
-def _direct_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
-                          half: int) -> torch.Tensor | None:
-    """``∇W`` of the first ``half`` examples straight from the recorded input and output
-    gradient, for Linear and Conv2d (timm's dynamic "same" padding included); ``None`` for
-    other modules."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-        return None
-    x = args[0][:half].detach()
-    d = delta[:half]
+def _first_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
+                         half: int, batch_size: int) -> torch.Tensor:
+    """∇W of the first ``half`` examples of a layer autograd differentiated."""
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and \
+            _supports_direct_gradient(module):
+        return _direct_weight_gradient(module, args[0][:half].detach(), delta[:half])
+    with torch.enable_grad():  # any other module type: re-run it alone on the first half
+        first_args = tuple(_first_rows(a, half, batch_size) for a in args)
+        first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
+        out = module(*first_args, **first_kwargs)
+        return torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0].detach()
+
+
+def _supports_direct_gradient(module: nn.Module) -> bool:
+    """Whether :func:`_direct_weight_gradient` handles the module: Linear, and Conv2d with
+    numeric padding (timm's dynamic "same" padding ``Conv2dSame`` included)."""
     if type(module) is nn.Linear:
-        return d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv2d) and type(module).__name__ in ("Conv2d", "Conv2dSame"):
-        padding = module.padding
-        if type(module).__name__ == "Conv2dSame":
-            from timm.layers import pad_same
+        return True
+    return type(module).__name__ in ("Conv2d", "Conv2dSame") and \
+        isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
 
-            x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
-            padding = (0, 0)
-        if isinstance(padding, str):
-            return None
-        return torch.nn.grad.conv2d_weight(x, module.weight.shape, d, module.stride, padding,
-                                           module.dilation, module.groups)
-    return None
+
+def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Tensor
+                            ) -> torch.Tensor:
+    """``∇W = J_Wᵀ δ`` of the examples in ``x`` from the layer's input and output gradient."""
+    if type(module) is nn.Linear:
+        return (delta.reshape(-1, delta.shape[-1]).T @ x.reshape(-1, x.shape[-1])).detach()
+    padding = module.padding
+    if type(module).__name__ == "Conv2dSame":
+        from timm.layers import pad_same
+
+        x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
+        padding = (0, 0)
+    weight = module.weight.detach()
+    if module.groups > 1:
+        # oneDNN's grouped (depthwise) weight-gradient kernel is several times faster on
+        # channels-last tensors, conversion included (98 → 30 ms for efficientnet_lite0's 16
+        # depthwise convolutions at batch 32, measured on this project's 2-core machine)
+        x, delta, weight = (t.contiguous(memory_format=torch.channels_last)
+                            for t in (x, delta, weight))
+    # the real weight (not conv2d_weight's expanded placeholder) lets oneDNN pick its layout
+    grad = torch.ops.aten.convolution_backward(
+        delta, x, weight, None, module.stride, padding, module.dilation, False, (0, 0),
+        module.groups, (False, True, False))[1]
+    return grad.detach().contiguous()
 
 
 def _per_example_fisher(recorder: _Recorder, modules: dict[str, nn.Module], batch: Batch
@@ -561,10 +672,11 @@ def _first_rows(value: Any, half: int, batch_size: int) -> Any:
 
 
 def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,
-                           weights: list[nn.Parameter], grads: list[torch.Tensor],
-                           saved: dict[torch.Tensor, torch.Tensor], batch_label: str
-                           ) -> list[torch.Tensor]:
-    """``H g ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖g‖ / ε`` over the candidate weights (one extra pass).
+                           layers: Sequence[Layer], modules: dict[str, nn.Module],
+                           grads: list[torch.Tensor], saved: dict[torch.Tensor, torch.Tensor],
+                           batch_label: str) -> list[torch.Tensor]:
+    """``H g ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖g‖ / ε`` over the candidate weights (one extra pass,
+    whose weight gradients are formed like the main pass's, see :func:`_weight_gradients`).
 
     The original weight storages are kept in ``saved`` and swapped back by the caller, so the
     model returns bit-for-bit to its state even if this pass raises.
@@ -574,16 +686,21 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
         return [torch.zeros_like(g) for g in grads]
     step = HVP_EPSILON / norm
     with torch.no_grad():
-        for w, g in zip(weights, grads, strict=True):
+        for layer, g in zip(layers, grads, strict=True):
+            w = modules[layer.name].weight
             saved[w] = w.data
             w.data = w.data + step * g
-    with torch.enable_grad():
-        output = task.forward(model, batch, device)
-        value = task.loss(output, loss)
-        check_finite(value, f"{batch_label} (Hessian-vector pass)")
-        shifted = torch.autograd.grad(value, weights, allow_unused=True)
-    return [((s if s is not None else torch.zeros_like(g)) - g).detach() / step
-            for s, g in zip(shifted, grads, strict=True)]
+    recorder = _Recorder(layers, modules, {"grad"}, batch, task.batch_size(batch), model)
+    try:
+        recorder.attach()
+        with torch.enable_grad():
+            output = task.forward(model, batch, device)
+            value = task.loss(output, loss)
+            check_finite(value, f"{batch_label} (Hessian-vector pass)")
+            shifted, _ = _weight_gradients(value, recorder, layers, modules, split=False)
+    finally:
+        recorder.detach()
+    return [(s - g).detach() / step for s, g in zip(shifted, grads, strict=True)]
 
 
 def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,

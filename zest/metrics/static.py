@@ -46,7 +46,7 @@ def fan_out(ctx: LayerContext) -> float:
 @register_metric("spectral_norm", family="static", aggregate="max")
 def spectral_norm(ctx: LayerContext) -> float:
     """Largest singular value ``σ_max`` of ``W`` reshaped to (out, in·k·k)."""
-    return float(ctx.singular_values()[0])
+    return ctx.largest_singular_value()
 
 
 KAPPA_EPSILON = 1e-8
