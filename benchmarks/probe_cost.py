@@ -52,8 +52,10 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
     def ranked() -> None:
         rank(model, task, batch)  # the shipped predictor
 
-    def ratio(function) -> tuple[float, float, float]:
-        """Median seconds of plain and of ``function``, alternating, after one warm-up each."""
+    def ratio(function) -> tuple[float, float, float, list[float]]:
+        """Median seconds of plain and of ``function``, alternating, after one warm-up each;
+        their ratio and the quartiles of the ratios of adjacent pairs (the run-to-run spread on
+        a shared machine)."""
         plain()
         function()
         plain_times, times = [], []
@@ -64,12 +66,15 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
             start = time.perf_counter()
             function()
             times.append(time.perf_counter() - start)
+        pairs = [t / p for t, p in zip(times, plain_times, strict=True)]
+        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
         return (statistics.median(plain_times), statistics.median(times),
-                statistics.median(times) / statistics.median(plain_times))
+                statistics.median(times) / statistics.median(plain_times),
+                [round(quartiles[0], 2), round(quartiles[-1], 2)])
 
-    base, probe_seconds, core_ratio = ratio(full_probe)
-    _, _, all_ratio = ratio(all_metrics)
-    _, rank_seconds, rank_ratio = ratio(ranked)
+    base, probe_seconds, core_ratio, core_spread = ratio(full_probe)
+    _, rank_seconds, rank_ratio, rank_spread = ratio(ranked)
+    _, _, all_ratio, _ = ratio(all_metrics)  # last: its per-example passes churn memory
     per_need = {}
     for need in sorted(all_needs - {"weight"}):
         start = time.perf_counter()
@@ -79,6 +84,7 @@ def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -
     return {"model": model_spec, "dataset": dataset, "batch_shape": shape,
             "metrics": len(core), "plain_seconds": round(base, 3),
             "probe_seconds": round(probe_seconds, 3), "ratio": round(core_ratio, 2),
+            "ratio_iqr": core_spread, "rank_ratio_iqr": rank_spread, "repeats": repeats,
             "all_metrics": len(metric_names()), "all_ratio": round(all_ratio, 2),
             "rank_seconds": round(rank_seconds, 3), "rank_ratio": round(rank_ratio, 2),
             "single_need_ratios": per_need}
@@ -94,9 +100,11 @@ def main() -> None:
     results = [measure(*case, repeats=args.repeats) for case in CASES if case[0] in args.models]
     for r in results:
         print(f"{r['model']:20s} batch {r['batch_shape']}: plain {r['plain_seconds']:.3f} s, "
-              f"probe ({r['metrics']} metrics) {r['probe_seconds']:.3f} s -> {r['ratio']:.2f}x; "
+              f"probe ({r['metrics']} metrics) {r['probe_seconds']:.3f} s -> {r['ratio']:.2f}x "
+              f"(pairs IQR {r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f}); "
               f"with the peer selectors ({r['all_metrics']} metrics) {r['all_ratio']:.2f}x; "
-              f"zest rank {r['rank_ratio']:.2f}x")
+              f"zest rank {r['rank_ratio']:.2f}x "
+              f"(IQR {r['rank_ratio_iqr'][0]:.2f}-{r['rank_ratio_iqr'][1]:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": f"{platform.processor() or platform.machine()}, "
                           f"{torch.get_num_threads()} torch threads",

@@ -32,11 +32,21 @@ def probe_section() -> list[str]:
     for r in data["results"]:
         peers = f"{r['all_ratio']:.2f}× ({r['all_metrics']} metrics)" if "all_ratio" in r \
             else "—"
-        ranked = f"{r['rank_ratio']:.2f}×" if "rank_ratio" in r else "—"
+        ranked = f"{r['rank_ratio']:.2f}×{_spread(r, 'rank_ratio_iqr')}" \
+            if "rank_ratio" in r else "—"
         lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['plain_seconds']:.3f} s | "
-                     f"{r['probe_seconds']:.3f} s ({r['metrics']} metrics) | {r['ratio']:.2f}× | "
-                     f"{peers} | {ranked} |")
-    return lines + [""]
+                     f"{r['probe_seconds']:.3f} s ({r['metrics']} metrics) | "
+                     f"{r['ratio']:.2f}×{_spread(r, 'ratio_iqr')} | {peers} | {ranked} |")
+    repeats = data["results"][0].get("repeats") if data["results"] else None
+    note = (f"Ratio of medians over {repeats} alternating runs; in brackets the interquartile "
+            "range of the per-pair ratios, i.e. how much a single measurement on this shared "
+            "machine moves.") if repeats else ""
+    return lines + ["", note, ""] if note else lines + [""]
+
+
+def _spread(result: dict, key: str) -> str:
+    low_high = result.get(key)
+    return f" [{low_high[0]:.2f}–{low_high[1]:.2f}]" if low_high else ""
 
 
 def cache_section() -> list[str]:

@@ -236,3 +236,21 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
             if split and ctx.grad_halves is not None:
                 torch.testing.assert_close(ctx.grad_halves[0] + ctx.grad_halves[1], grad,
                                            atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7), (6, 5, 3, 4)])
+def test_binary_code_kernel_leaves_padding_out(shape):
+    """NASWOT's kernel with padding: K_ij = Σ over positions valid in both of c_i c_j +
+    (1 − c_i)(1 − c_j), against the explicit masked formula."""
+    from zest.probe import _binary_code_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    out = torch.randn(shape, generator=generator)
+    lengths = torch.tensor([5, 3, 1, 5, 2, 4])
+    mask = torch.arange(shape[1])[None, :] < lengths[:, None]
+    kernel = _binary_code_kernel(out > 0, mask)
+    valid = mask.view(mask.shape + (1,) * (len(shape) - 2)).expand(shape).reshape(shape[0], -1)
+    codes = (out > 0).reshape(shape[0], -1).double()
+    v = valid.double()
+    expected = (codes * v) @ (codes * v).T + ((1 - codes) * v) @ ((1 - codes) * v).T
+    torch.testing.assert_close(kernel, expected, rtol=0, atol=0)

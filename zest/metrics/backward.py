@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
 
 from zest.metrics import register_metric
-from zest.probe import LayerContext
+from zest.probe import LayerContext, sum64
 
 NOT_AVAILABLE = float("nan")
 
@@ -39,7 +38,7 @@ def grasp(ctx: LayerContext) -> float:
     (perturbation of norm 1e-2 along ∇L). On piecewise-linear (ReLU) networks the difference
     also sees activation kinks that the exact Hessian ignores, so it approximates the exact
     double-backward value rather than reproducing it (see tests/test_metrics.py)."""
-    return float(-(ctx.weight * ctx.hvp).sum(dtype=torch.float64))
+    return -sum64(ctx.weight * ctx.hvp)
 
 
 @register_metric("fisher", family="backward", needs={"fisher"}, direction=1, aggregate="sum")
@@ -58,7 +57,7 @@ def synflow(ctx: LayerContext) -> float:
     """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
     ``R = 1ᵀ f(1; |θ|)`` computed data-free on one all-ones input, in the model's dtype and in
     float64 when that overflows (Tanaka et al. 2020)."""
-    return float((ctx.weight.abs() * ctx.synflow_grad).sum(dtype=torch.float64))
+    return sum64(ctx.weight.abs() * ctx.synflow_grad)
 
 
 @register_metric("plain", family="backward", needs={"grad"}, aggregate="sum")
@@ -75,10 +74,11 @@ def grad_snr(ctx: LayerContext) -> float:
     (e.g. position embeddings), which have no per-example gradient."""
     if ctx.grad_halves is None:  # output broadcast over the batch: no per-example split
         return NOT_AVAILABLE
-    g1, g2 = (g.double().flatten() for g in ctx.grad_halves)
-    if g1.norm() == 0 or g2.norm() == 0:
+    g1, g2 = ctx.grad_halves
+    squares = sum64(g1 * g1) * sum64(g2 * g2)
+    if squares == 0:
         return 0.0
-    return float(F.cosine_similarity(g1, g2, dim=0))
+    return sum64(g1 * g2) / math.sqrt(squares)
 
 
 

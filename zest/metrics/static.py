@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from zest.metrics import register_metric
-from zest.probe import LayerContext
+from zest.probe import LayerContext, sum64
 
 
 @register_metric("n_params", family="static", direction=1, aggregate="sum")
@@ -27,7 +29,12 @@ def weight_norm(ctx: LayerContext) -> float:
 @register_metric("weight_std", family="static")
 def weight_std(ctx: LayerContext) -> float:
     """Standard deviation of the entries of ``W`` (unbiased)."""
-    return float(ctx.weight.double().std()) if ctx.weight.numel() > 1 else 0.0
+    n = ctx.weight.numel()
+    if n < 2:
+        return 0.0
+    mean = sum64(ctx.weight) / n
+    centred = ctx.weight - mean
+    return math.sqrt(sum64(centred * centred) / (n - 1))
 
 
 @register_metric("fan_in", family="static", aggregate="mean")
