@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -222,3 +224,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_delta(tmp_path):
                      lr=1e30, epochs=2, batch_size=16, options=IMAGE[2])
     delta = Delta.load(tmp_path / "delta.safetensors")
     assert all(torch.isfinite(t).all() for e in delta.entries for t in e.tensors.values())
+
+
+def test_finetune_lora_auto_takes_the_layers_of_to_lora_config(tmp_path):
+    """``zest finetune --method lora --layers top:K`` wraps exactly the modules
+    ``Ranking.to_lora_config(k=K)`` names, with the same predictor and probe batch."""
+    from zest.collect import load_pair
+    from zest.pipeline import run_finetune
+    from zest.ranking import rank
+
+    run_finetune(TEXT[0], TEXT[1], tmp_path, method="lora", layers="top:3", epochs=1,
+                 batch_size=16, options=TEXT[2])
+    config = json.loads((tmp_path / "config.json").read_text())
+    model, task, data = load_pair(TEXT[0], TEXT[1], options=TEXT[2], seed=0)
+    expected = rank(model, task, data.batches("train", 16, 1, seed=0)).to_lora_config(k=3)
+    assert set(config["layers"]) == set(expected.target_modules)  # peft keeps a set
+    assert len(config["layers"]) == 3
+
+
+def test_to_lora_config_passes_over_layers_lora_cannot_wrap():
+    """On a network with depthwise convolutions and norms, the chosen modules are all ones
+    peft can wrap, and peft wraps exactly them."""
+    from peft import inject_adapter_in_model
+
+    from tests.conftest import image_batch
+    from zest.finetune import lora_can_wrap
+    from zest.ranking import rank
+
+    model, task = load_model("timm:tf_efficientnet_lite0", 3)
+    ranking = rank(model, task, image_batch(4), by="fan_in")  # ranks depthwise convs low/high
+    assert not ranking.table["lora"].all()  # there are layers LoRA cannot take
+    config = ranking.to_lora_config(k=4, r=2)
+    chosen = list(config.target_modules)
+    assert len(chosen) == 4
+    assert all(lora_can_wrap(model.get_submodule(name)) for name in chosen)
+    assert set(chosen) == set(ranking.for_lora().top(4))
+    inject_adapter_in_model(config, model)
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(chosen)

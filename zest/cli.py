@@ -318,9 +318,11 @@ def rank_command(
         minibatches = data.batches("train", batch_size, batches, seed=seed)
         ranking = rank(model_, task, minibatches, predictor=predictor, by=by,
                        granularity=granularity, layer_names=_names(layers), device=torch_device)
-        chosen = ranking.top(top_k) if top_k else (
-            ranking.select(param_budget) if param_budget else ranking.top(min(5, len(
-                ranking.table))))
+        # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
+        source = ranking.for_lora() if output_format == "peft" else ranking
+        chosen = source.top(top_k) if top_k else (
+            source.select(param_budget) if param_budget else source.top(min(5, len(
+                source.table))))
         table = ranking.to_frame()
         table["chosen"] = table["layer"].isin(chosen)
         if output_format == "peft":

@@ -81,8 +81,10 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     chosen: list[str] | str | None = None
     if method not in LAYERLESS_METHODS:
         def make_ranking() -> Ranking:
-            return rank(model, task, data.batches("train", batch_size, 1, seed=seed),
-                        predictor=predictor, device=torch_device)
+            ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
+                           predictor=predictor, device=torch_device)
+            # LoRA takes its layers the way Ranking.to_lora_config does
+            return ranking.for_lora() if method == "lora" else ranking
 
         chosen, info = resolve_layers(layers, make_ranking, param_budget)
     kwargs = dict(method_options or {})

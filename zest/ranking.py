@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -113,12 +113,27 @@ class Ranking:
         Pass ``k`` (top-k) or ``param_budget`` (share of the parameters); other keyword
         arguments (``r``, ``lora_alpha``, ...) go to ``LoraConfig``.
         """
-        from peft import LoraConfig
+        from zest.finetune.lora import lora_config
 
         if (k is None) == (param_budget is None):
             raise InvalidInputError("pass exactly one of k or param_budget")
-        chosen = self.top(k) if k is not None else self.select(param_budget)
-        return LoraConfig(target_modules=list(chosen), **lora_kwargs)
+        wrappable = self.for_lora()
+        chosen = wrappable.top(k) if k is not None else wrappable.select(param_budget)
+        return lora_config(chosen, **lora_kwargs)
+
+    def for_lora(self) -> Ranking:
+        """This ranking restricted to the layers peft's LoRA can wrap (Linear, Embedding,
+        ungrouped Conv2d; see :func:`zest.finetune.lora_can_wrap`), re-numbered from 1, with the
+        same parameter total for budgets."""
+        if "lora" not in self.table.columns:
+            return self
+        table = self.table[self.table["lora"].astype(bool)].reset_index(drop=True)
+        if table.empty:
+            raise InvalidInputError("none of the ranked layers can take LoRA, which wraps Linear, "
+                                    "Embedding and ungrouped Conv2d modules (blocks: rank with "
+                                    "--granularity module); or use --method gps or spsft")
+        table["rank"] = range(1, len(table) + 1)
+        return replace(self, table=table)
 
     def plot(self, path: str | os.PathLike | None = None, chosen: Sequence[str] | None = None):
         """Score over depth with the chosen layers marked; saved to ``path`` if given."""
@@ -208,6 +223,9 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
                           "block": first.loc[scores.index, "block"]}).reset_index(drop=True)
     for name in names:
         table[name] = first.loc[table["layer"], METRIC_PREFIX + name].to_numpy()
+    from zest.finetune.lora import lora_can_wrap
+
+    table["lora"] = [lora_can_wrap(model.get_submodule(name)) for name in table["layer"]]
     table = table.sort_values("score", ascending=False, kind="stable", na_position="last")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table = table.reset_index(drop=True)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from zest._registry import Registry
 from zest.finetune.base import EpochRecord, Tuner
-from zest.finetune.baselines import BitFit, Full, Head, Layers, LoRA
+from zest.finetune.baselines import BitFit, Full, Head, Layers
 from zest.finetune.delta import Delta, DeltaEntry, apply_delta
 from zest.finetune.gps import GPS
+from zest.finetune.lora import LoRA, lora_can_wrap, lora_config
 from zest.finetune.spsft import SPSFT
 
 METHODS: Registry[type[Tuner]] = Registry("fine-tuning method")
@@ -22,4 +23,4 @@ for _name, _cls in (("gps", GPS), ("spsft", SPSFT), ("full", Full), ("head", Hea
     METHODS.register(_name)(_cls)
 
 __all__ = ["GPS", "METHODS", "SPSFT", "BitFit", "Delta", "DeltaEntry", "EpochRecord", "Full",
-           "Head", "Layers", "LoRA", "Tuner", "apply_delta"]
+           "Head", "Layers", "LoRA", "Tuner", "apply_delta", "lora_can_wrap", "lora_config"]

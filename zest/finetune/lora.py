@@ -1,0 +1,111 @@
+"""LoRA (Hu et al. 2022) through HF peft, and zest's one way of handing layers to peft.
+
+:func:`lora_config` builds every ``peft.LoraConfig`` zest makes (``Ranking.to_lora_config`` and
+the ``lora`` tuner alike); :func:`lora_can_wrap` says which layers it may name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from zest.datasets import Dataset
+from zest.errors import InvalidInputError
+from zest.finetune.base import Tuner
+from zest.finetune.delta import DeltaEntry
+
+
+def lora_can_wrap(module: nn.Module) -> bool:
+    """Whether peft's LoRA can wrap ``module``: Linear, Embedding and ungrouped Conv2d (peft
+    refuses grouped and depthwise convolutions, and has no LoRA for normalisation layers)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear | nn.Embedding)
+
+
+def lora_config(target_modules: Sequence[str], **lora_kwargs: Any):
+    """A ``peft.LoraConfig`` on exactly ``target_modules``.
+
+    Args:
+        target_modules: Full module names (``named_modules()`` of the model); full names
+            mean that no other module whose name merely ends the same way is wrapped.
+        **lora_kwargs: Other ``LoraConfig`` arguments (``r``, ``lora_alpha``, ...).
+    """
+    from peft import LoraConfig
+
+    names = list(target_modules)
+    if not names:
+        raise InvalidInputError("no layer to give LoRA; choose at least one layer")
+    if "target_modules" in lora_kwargs:
+        raise InvalidInputError("target_modules comes from the chosen layers; do not pass it")
+    return LoraConfig(target_modules=names, **lora_kwargs)
+
+
+@dataclass
+class LoRA(Tuner):
+    """LoRA (Hu et al. 2022) through HF peft on the chosen layers, plus the head.
+
+    ``target_modules`` are the chosen modules' full names, so no other module whose name ends
+    the same way is wrapped.
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: ``lora_alpha`` (scaling = alpha / rank).
+        dropout: ``lora_dropout``.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    method: str = field(default="lora", init=False)
+
+    def _check_layers(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidInputError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            if isinstance(module, nn.Conv2d) and module.groups > 1:
+                raise InvalidInputError(f"LoRA cannot wrap the grouped convolution {name!r} "
+                                        f"(groups={module.groups}); use --method gps or "
+                                        "spsft for it")
+            if not lora_can_wrap(module):
+                raise InvalidInputError(f"LoRA cannot wrap {name!r} ({type(module).__name__}); "
+                                        "use --method spsft or layers for it")
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` used (built by :func:`lora_config`)."""
+        return lora_config(self.layer_names, r=self.rank, lora_alpha=self.alpha,
+                           lora_dropout=self.dropout, bias="none")
+
+    def _prepare(self, data: Dataset, batch_size: int) -> None:
+        from peft import inject_adapter_in_model
+
+        self._freeze_all()
+        inject_adapter_in_model(self.lora_config(), self.model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        for p in self._head_parameters():
+            p.requires_grad_(True)
+
+    def _delta_entries(self) -> list[DeltaEntry]:
+        entries = []
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            base = module.base_layer
+            embedding = isinstance(base, nn.Embedding)
+            if embedding:
+                a = module.lora_embedding_A["default"].detach()
+                b = module.lora_embedding_B["default"].detach()
+            else:
+                a = module.lora_A["default"].weight.detach()
+                b = module.lora_B["default"].weight.detach()
+            entries.append(DeltaEntry(name=f"{name}.weight", kind="lora",
+                                      tensors={"A": a.cpu(), "B": b.cpu()},
+                                      shape=list(base.weight.shape),
+                                      extra={"scaling": float(module.scaling["default"]),
+                                             "embedding": embedding}))
+        entries += self._head_entries()
+        return entries
