@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from zest.errors import RecordError
+from zest.errors import InvalidInputError, RecordError
 from zest.evaluation import evaluate, markdown_report, ndcg_at_k, top_k_recall
 from zest.predictor import ZestRanker, join_records
 
@@ -119,3 +119,35 @@ def test_evaluate_all_schemes_and_report():
     assert (results["noise_ceiling"] > 0.9).all()
     report = markdown_report(results, "gt_loss_gain")
     assert "| predictor |" in report and "noise ceiling" in report
+
+
+def test_groups_still_being_collected_are_left_out():
+    """A group where one layer lacks its second seed is incomplete at min_seeds=2, complete at
+    1; groups without any ground truth for a layer are incomplete either way."""
+    from zest.training import incomplete_groups
+
+    metrics, groundtruth = synthetic_records(n_groups=3, n_layers=5)
+    groups = sorted(metrics["group"].unique())
+    drop = (groundtruth["group"] == groups[0]) & (groundtruth["layer"] == "layer.3") & \
+        (groundtruth["gt_seed"] == 1)
+    groundtruth = groundtruth[~drop]
+    assert incomplete_groups(metrics, groundtruth, min_seeds=2) == [groups[0]]
+    assert incomplete_groups(metrics, groundtruth, min_seeds=1) == []
+    missing = groundtruth[~((groundtruth["group"] == groups[1]) &
+                            (groundtruth["layer"] == "layer.0"))]
+    assert incomplete_groups(metrics, missing, min_seeds=1) == [groups[1]]
+    with pytest.raises(InvalidInputError, match="min-seeds"):
+        incomplete_groups(metrics, groundtruth, min_seeds=0)
+
+
+def test_report_names_the_groups_where_a_peer_selector_beats_the_predictor():
+    from zest.evaluation import _where_beaten
+
+    results = pd.DataFrame({
+        "scheme": "logo", "group": ["g1"] * 3 + ["g2"] * 3,
+        "method": ["predictor", "kappa (paper direction)", "random"] * 2,
+        "kendall": [0.2, 0.5, 0.0, 0.6, 0.1, 0.0]})
+    sentence = _where_beaten(results, "logo")
+    assert "g1: predictor 0.200 < kappa (paper direction) 0.500" in sentence
+    assert "peer selectors among them" in sentence and "g2" not in sentence
+    assert "No single metric" in _where_beaten(results[results["group"] == "g2"], "logo")

@@ -218,6 +218,9 @@ def collect_grid_command(
 RecordsOption = Annotated[Path, typer.Option(help="Folder with metrics/ and groundtruth/ "
                                              "record files.")]
 TargetOption = Annotated[str, typer.Option(help="gt_loss_gain (steadier) or gt_gain.")]
+MinSeedsOption = Annotated[int, typer.Option(
+    help="Use only groups whose every layer has ground truth from this many seeds (groups "
+         "still being collected are left out).")]
 
 
 @app.command("train-predictor")
@@ -230,13 +233,16 @@ def train_predictor_command(
     normalization: Annotated[str, typer.Option(help="rank or robust_z (within group).")]
     = "rank",
     seed: SeedOption = 0,
+    min_seeds: MinSeedsOption = 2,
 ) -> None:
-    """Train the universal predictor on every group of the records (with a LOGO CV summary)."""
+    """Train the universal predictor on every complete group of the records (with a LOGO CV
+    summary)."""
     from zest.training import train_predictor
 
     with _user_errors():
         ranker, summary = train_predictor(records, out, backend=backend, target=target,
-                                          normalization=normalization, seed=seed)
+                                          normalization=normalization, seed=seed,
+                                          min_seeds=min_seeds)
         typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
                    f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
                    f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")
@@ -254,13 +260,15 @@ def evaluate_predictor_command(
     schemes: Annotated[str, typer.Option(help="Comma-separated: logo, lodo, lomo, "
                                          "cross_modality.")] = "logo,lodo,lomo,cross_modality",
     target: Annotated[str | None, typer.Option(help="Default: the predictor's target.")] = None,
+    min_seeds: MinSeedsOption = 2,
 ) -> None:
     """Held-out evaluation of the predictor next to every single metric and the baselines."""
     from zest.training import evaluate_predictor
 
     with _user_errors():
         summary = evaluate_predictor(predictor, records, out_dir, report=report,
-                                     schemes=_names(schemes) or [], target=target)
+                                     schemes=_names(schemes) or [], target=target,
+                                     min_seeds=min_seeds)
         for line in summary:
             typer.echo(line)
 

@@ -205,7 +205,7 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         for _, row in part.iterrows():
             lines.append(f"| {row['method']} | {row['kendall']:.3f} | {row['spearman']:.3f} | "
                          f"{row['ndcg']:.3f} | {row['recall']:.3f} |")
-        lines.append("")
+        lines += ["", _where_beaten(results[results["scheme"] == scheme], scheme), ""]
     logo = results[results["scheme"] == "logo"]
     if not logo.empty:
         lines += ["## Per held-out group (logo): Kendall τ", ""]
@@ -224,18 +224,34 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         for method, row in pivot.iterrows():
             lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         lines.append("")
-        predictor = logo[logo["method"] == "predictor"].set_index("group")["kendall"]
-        beaten = []
-        for group in predictor.index:
-            others = logo[(logo["group"] == group) & (logo["method"] != "predictor")]
-            best = others.loc[others["kendall"].idxmax()]
-            if best["kendall"] > predictor[group]:
-                beaten.append(f"{group}: {best['method']} ({best['kendall']:.3f} vs "
-                              f"{predictor[group]:.3f})")
-        if beaten:
-            lines += ["Groups where another method beats the predictor (logo, Kendall τ): "
-                      + "; ".join(beaten) + ".", ""]
     return "\n".join(lines)
+
+
+def _where_beaten(results: pd.DataFrame, scheme: str) -> str:
+    """One sentence naming, per held-out group, the methods (peer selectors first) whose
+    Kendall τ beats the predictor's, or saying that none does."""
+    predictor = results[results["method"] == "predictor"].set_index("group")["kendall"]
+    peers = {name for name in PEER_SELECTORS} | {f"{name} (paper direction)"
+                                                 for name in PEER_SELECTORS}
+    beaten = []
+    for group, own in predictor.items():
+        others = results[(results["group"] == group) & (results["method"] != "predictor")
+                         & (results["kendall"] > own)]
+        if others.empty:
+            continue
+        others = others.sort_values("kendall", ascending=False)
+        names = [f"{m} {t:.3f}" for m, t in zip(others["method"], others["kendall"],
+                                                strict=True)]
+        peer_names = [n for n, m in zip(names, others["method"], strict=True) if m in peers]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        peer_note = f" (peer selectors among them: {', '.join(peer_names)})" if peer_names \
+            else ""
+        beaten.append(f"{group}: predictor {own:.3f} < {shown}{peer_note}")
+    if not beaten:
+        return f"No single metric, peer selector or baseline beats the predictor's Kendall τ on " \
+               f"any held-out group ({scheme})."
+    return f"Held-out groups where other methods beat the predictor ({scheme}, Kendall τ): " + \
+        "; ".join(beaten) + "."
 
 
 def plot_summary(results: pd.DataFrame, path: str, scheme: str = "logo", top: int = 12) -> None:

@@ -23,14 +23,35 @@ from zest.ranking import load_predictor
 from zest.records import METRIC_PREFIX, read_records
 
 
-def load_corpus(records: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metric and ground-truth records under ``records/metrics`` and ``records/groundtruth``."""
+def load_corpus(records: str | os.PathLike, min_seeds: int = 1
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metric and ground-truth records under ``records/metrics`` and ``records/groundtruth``,
+    keeping the groups whose ground truth is complete (see :func:`incomplete_groups`)."""
     records = Path(records)
     for kind in ("metrics", "groundtruth"):
         if not (records / kind).is_dir():
             raise RecordError(f"{str(records / kind)!r} does not exist; pass --records with the "
                               "folder that holds metrics/ and groundtruth/")
-    return read_records(records / "metrics"), read_records(records / "groundtruth")
+    metrics, groundtruth = read_records(records / "metrics"), read_records(records / "groundtruth")
+    partial = incomplete_groups(metrics, groundtruth, min_seeds)
+    return (metrics[~metrics["group"].isin(partial)].reset_index(drop=True),
+            groundtruth[~groundtruth["group"].isin(partial)].reset_index(drop=True))
+
+
+def incomplete_groups(metrics: pd.DataFrame, groundtruth: pd.DataFrame, min_seeds: int = 1
+                      ) -> list[str]:
+    """Groups in which some layer with metrics has ground truth from fewer than ``min_seeds``
+    seeds (a collection still running): a predictor trained or judged on them would see a
+    partial group, and their seed-to-seed noise ceiling would be missing."""
+    if min_seeds < 1:
+        raise InvalidInputError(f"--min-seeds must be at least 1, got {min_seeds}")
+    seeds = groundtruth.groupby(["group", "layer"])["gt_seed"].nunique()
+    partial = []
+    for group, layers in metrics.groupby("group")["layer"]:
+        counts = seeds.reindex([(group, layer) for layer in layers.unique()], fill_value=0)
+        if int(counts.min()) < min_seeds:
+            partial.append(str(group))
+    return sorted(partial)
 
 
 def _ranker_params(ranker: ZestRanker) -> dict[str, Any]:
@@ -42,11 +63,16 @@ def _ranker_params(ranker: ZestRanker) -> dict[str, Any]:
 
 def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
                     backend: str = "lightgbm", target: str = "gt_loss_gain",
-                    normalization: str = "rank", seed: int = 0) -> tuple[ZestRanker, dict]:
-    """Fits the predictor on every group and saves it with its LOGO summary."""
+                    normalization: str = "rank", seed: int = 0, min_seeds: int = 2
+                    ) -> tuple[ZestRanker, dict]:
+    """Fits the predictor on every complete group (ground truth from at least ``min_seeds``
+    seeds for every layer) and saves it with its LOGO summary."""
     if target not in TARGETS:
         raise InvalidInputError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
-    metrics, groundtruth = load_corpus(records)
+    metrics, groundtruth = load_corpus(records, min_seeds)
+    if metrics.empty:
+        raise RecordError(f"no group under {str(records)!r} has ground truth from {min_seeds} "
+                          "seeds for every layer; finish the collection or lower --min-seeds")
     table = join_records(metrics, groundtruth, target)
     metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
     template = ZestRanker(backend=backend, normalization=normalization, random_state=seed)
@@ -75,16 +101,17 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
 
 def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
                        out_dir: str | os.PathLike, *, report: str | os.PathLike | None = None,
-                       schemes: Sequence[str] = SCHEMES, target: str | None = None
-                       ) -> list[str]:
-    """Writes ``report.md``, ``results.json`` and ``<scheme>.png`` to ``out_dir``."""
+                       schemes: Sequence[str] = SCHEMES, target: str | None = None,
+                       min_seeds: int = 2) -> list[str]:
+    """Writes ``report.md``, ``results.json`` and ``<scheme>.png`` to ``out_dir``, holding out
+    each complete group (ground truth from at least ``min_seeds`` seeds for every layer)."""
     ranker = load_predictor(predictor)
     schemes = list(schemes) or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise InvalidInputError(f"unknown schemes {unknown}; use {', '.join(SCHEMES)}")
     target = target or getattr(ranker, "info_", {}).get("target", "gt_loss_gain")
-    metrics, groundtruth = load_corpus(records)
+    metrics, groundtruth = load_corpus(records, min_seeds)
     params = _ranker_params(ranker)
     results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
                        make_ranker=lambda: ZestRanker(**params))
