@@ -106,8 +106,50 @@ def stability_section() -> list[str]:
     return lines + [""]
 
 
+def ranking_section() -> list[str]:
+    """Held-out ranking quality from ``zest evaluate-predictor`` (predictor_training/)."""
+    path = Path("predictor_training/results.json")
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    per_group = data["per_group"]
+    summary = [r for r in data["summary"] if r["scheme"] == "logo"]
+    if not summary:
+        return []
+    groups = sorted({r["group"] for r in per_group if r["scheme"] == "logo"})
+    ceiling = [r["noise_ceiling"] for r in per_group
+               if r["scheme"] == "logo" and r["method"] == "predictor"]
+    peers = ("rgn (paper direction)", "kappa (paper direction)", "fim_score (paper direction)",
+             "repr_shift (paper direction)", "class_separation (paper direction)")
+    ordered = sorted(summary, key=lambda r: -r["kendall"])
+    singles = [r for r in ordered if r["method"] not in peers + ("predictor", "random",
+                                                                  "first_k", "last_k")]
+    shown = [r for r in ordered if r["method"] == "predictor"] + singles[:3] + \
+        [r for r in ordered if r["method"] in peers + ("random", "first_k", "last_k")]
+    lines = [f"### Ranking quality, leave-one-group-out over {len(groups)} groups "
+             "(`predictor_training/results.json`)", "",
+             f"Noise ceiling (ground truth's own seed-to-seed Kendall τ): "
+             f"{sum(ceiling) / len(ceiling):.3f}. Best three single metrics shown (signs fitted on "
+             "the training folds); peer selectors with their papers' directions. Full table, "
+             "other schemes and per-group values: "
+             "[predictor_training/report.md](/predictor_training/report.md).", "",
+             "| method | Kendall τ | Spearman ρ | NDCG@5 | top-5 recall |", "|---|---|---|---|---|"]
+    for r in shown:
+        lines.append(f"| {r['method']} | {r['kendall']:.3f} | {r['spearman']:.3f} | "
+                     f"{r['ndcg']:.3f} | {r['recall']:.3f} |")
+    cross = {r["method"]: r["kendall"] for r in data["summary"] if r["scheme"] == "cross_modality"}
+    if "predictor" in cross:
+        best = max((m for m in cross if m != "predictor"), key=lambda m: cross[m])
+        verdict = "above" if cross["predictor"] > cross[best] else "below"
+        lines += ["", f"Cross-modality (train on one modality, test on the other): predictor "
+                  f"Kendall τ {cross['predictor']:.3f}, {verdict} the best single method "
+                  f"({best}, {cross[best]:.3f})."]
+    return lines + ["", "![leave-one-group-out](/predictor_training/logo.png)", ""]
+
+
 def main() -> None:
-    body = probe_section() + cache_section() + memory_section() + stability_section()
+    body = ranking_section() + probe_section() + cache_section() + memory_section() + \
+        stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)

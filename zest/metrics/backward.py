@@ -56,7 +56,10 @@ def fisher(ctx: LayerContext) -> float:
 def synflow(ctx: LayerContext) -> float:
     """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
     ``R = 1ᵀ f(1; |θ|)`` computed data-free on one all-ones input, in the model's dtype and in
-    float64 when that overflows (Tanaka et al. 2020)."""
+    float64 when that overflows (Tanaka et al. 2020). On networks with bounded activations the
+    all-ones input through |θ| saturates them (ReLU6 in EfficientNet-Lite clips every unit at
+    6), so no gradient flows and the score is exactly 0 for every layer: measured, not
+    missing, but uninformative there (its Kendall τ against any ground truth is undefined)."""
     return sum64(ctx.weight.abs() * ctx.synflow_grad)
 
 
