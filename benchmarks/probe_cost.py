@@ -31,9 +31,9 @@ CASES = [("efficientnet_lite0", "digits", DataOptions(image_size=64)),
 def measure(model_spec: str, dataset: str, options: DataOptions, repeats: int) -> dict:
     model, task, data = load_pair(model_spec, dataset, options=options)
     batch = data.batches("train", 32, 1, seed=0)[0]
-    from zest.evaluation import PEER_SELECTORS
+    from zest.evaluation import predictor_metrics
 
-    core = [m for m in metric_names() if m not in PEER_SELECTORS or m == "rgn"]
+    core = predictor_metrics()
     needs = needs_of(core)
     all_needs = needs_of(metric_names())
 

@@ -151,3 +151,25 @@ def test_report_names_the_groups_where_a_peer_selector_beats_the_predictor():
     assert "g1: predictor 0.200 < kappa (paper direction) 0.500" in sentence
     assert "peer selectors among them" in sentence and "g2" not in sentence
     assert "No single metric" in _where_beaten(results[results["group"] == "g2"], "logo")
+
+
+def test_default_predictor_features_leave_the_peer_only_selectors_out(tmp_path):
+    """The shipped predictor must not make `zest rank` pay for fim_score's per-example
+    gradients: by default it learns from every metric but the peer-only selectors."""
+    from zest.evaluation import PEER_SELECTORS, predictor_metrics
+    from zest.records import write_records
+    from zest.training import train_predictor
+
+    metrics, gt = synthetic_records(n_groups=3, n_layers=8)
+    rng = np.random.default_rng(0)
+    for name in predictor_metrics() + ["kappa", "fim_score"]:
+        metrics[f"m_{name}"] = rng.normal(size=len(metrics))
+    for kind, frame in (("metrics", metrics), ("groundtruth", gt)):
+        for group, part in frame.groupby("group"):
+            write_records(part, tmp_path / kind / f"{group}.parquet")
+    ranker, _ = train_predictor(tmp_path, tmp_path / "p.json")
+    used = {m[2:] for m in ranker.metrics_}
+    assert used == set(predictor_metrics()) and "rgn" in used
+    assert not used & (set(PEER_SELECTORS) - {"rgn"})
+    with pytest.raises(RecordError, match="lack the metrics"):
+        train_predictor(tmp_path, tmp_path / "q.json", features=["a", "no_such_metric"])

@@ -98,7 +98,7 @@ def test_train_and_evaluate_predictor_cli(tmp_path):
             write_records(part, tmp_path / "records" / kind / f"{group}.parquet")
     predictor = tmp_path / "p.json"
     result = runner.invoke(app, ["train-predictor", "--records", str(tmp_path / "records"),
-                                 "--out", str(predictor)])
+                                 "--out", str(predictor), "--features", "a,b,c"])
     assert result.exit_code == 0, result.output
     assert "leave-one-group-out" in result.output
     spec = json.loads(predictor.read_text())

@@ -234,6 +234,9 @@ def train_predictor_command(
     = "rank",
     seed: SeedOption = 0,
     min_seeds: MinSeedsOption = 2,
+    features: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics to learn from (default: every metric but the peer-only "
+             "selectors kappa, fim_score, repr_shift, class_separation).")] = None,
 ) -> None:
     """Train the universal predictor on every complete group of the records (with a LOGO CV
     summary)."""
@@ -242,7 +245,7 @@ def train_predictor_command(
     with _user_errors():
         ranker, summary = train_predictor(records, out, backend=backend, target=target,
                                           normalization=normalization, seed=seed,
-                                          min_seeds=min_seeds)
+                                          min_seeds=min_seeds, features=_names(features))
         typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
                    f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
                    f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")

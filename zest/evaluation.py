@@ -19,7 +19,7 @@ import pandas as pd
 from scipy.stats import kendalltau, spearmanr
 
 from zest.errors import InvalidInputError
-from zest.metrics import get_metric
+from zest.metrics import get_metric, metric_names
 from zest.predictor import ZestRanker, join_records
 from zest.records import METRIC_PREFIX
 
@@ -27,6 +27,14 @@ SCHEMES = ("logo", "lodo", "lomo", "cross_modality")
 RANDOM_DRAWS = 50
 #: Peer layer selectors, ranked with the direction their paper tunes (registered with the metric).
 PEER_SELECTORS = ("rgn", "kappa", "fim_score", "repr_shift", "class_separation")
+
+
+def predictor_metrics() -> list[str]:
+    """The metrics the universal predictor reads by default: every registered metric except
+    the peer-only selectors. Those are evaluated beside it, but as features they would make
+    every ``zest rank`` pay for them (``fim_score`` needs per-example gradients, about 4× a
+    forward+backward pass on efficientnet_lite0; ``repr_shift`` exists only inside blocks)."""
+    return [name for name in metric_names() if name not in PEER_SELECTORS or name == "rgn"]
 
 
 def ndcg_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -113,15 +121,24 @@ def folds(table: pd.DataFrame, scheme: str) -> Iterator[Fold]:
 def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = "gt_loss_gain",
              schemes: Sequence[str] = SCHEMES, make_ranker: Callable[[], ZestRanker] = ZestRanker,
              k: int = 5, seed: int = 0,
-             extra_methods: dict[str, Callable[[pd.DataFrame], np.ndarray]] | None = None
-             ) -> pd.DataFrame:
+             extra_methods: dict[str, Callable[[pd.DataFrame], np.ndarray]] | None = None,
+             features: Sequence[str] | None = None) -> pd.DataFrame:
     """Every method on every held-out group of every scheme.
+
+    Args:
+        features: Metric names the predictor is fitted on (default: every metric in the
+            records); single metrics are always all evaluated.
 
     Returns:
         One row per (scheme, fold, group, method) with ``kendall, spearman, ndcg, recall``.
     """
     table = join_records(metrics, groundtruth, target)
     metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
+    feature_cols = metric_cols if features is None else [METRIC_PREFIX + f for f in features]
+    missing = sorted(set(feature_cols) - set(metric_cols))
+    if missing:
+        raise InvalidInputError(f"the records lack the predictor's metrics {missing}; recollect "
+                                "them with `zest collect grid` or drop them from the features")
     ceilings = noise_ceiling(groundtruth, target)
     both = {t: noise_ceiling(groundtruth, t) for t in ("gt_gain", "gt_loss_gain")
             if t in groundtruth}
@@ -129,7 +146,7 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
     for scheme in schemes:
         for fold in folds(table, scheme):
             train = table[table["group"].isin(fold.train_groups)]
-            ranker = make_ranker().fit(train, train[target].to_numpy(), metric_cols)
+            ranker = make_ranker().fit(train, train[target].to_numpy(), feature_cols)
             signs = metric_signs(train, metric_cols, target)
             for group in fold.test_groups:
                 test = table[table["group"] == group].reset_index(drop=True)

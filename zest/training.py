@@ -17,7 +17,14 @@ from typing import Any
 import pandas as pd
 
 from zest.errors import InvalidInputError, RecordError
-from zest.evaluation import SCHEMES, evaluate, markdown_report, plot_summary, summarise
+from zest.evaluation import (
+    SCHEMES,
+    evaluate,
+    markdown_report,
+    plot_summary,
+    predictor_metrics,
+    summarise,
+)
 from zest.predictor import TARGETS, ZestRanker, join_records
 from zest.ranking import load_predictor
 from zest.records import METRIC_PREFIX, read_records
@@ -63,10 +70,16 @@ def _ranker_params(ranker: ZestRanker) -> dict[str, Any]:
 
 def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
                     backend: str = "lightgbm", target: str = "gt_loss_gain",
-                    normalization: str = "rank", seed: int = 0, min_seeds: int = 2
-                    ) -> tuple[ZestRanker, dict]:
+                    normalization: str = "rank", seed: int = 0, min_seeds: int = 2,
+                    features: Sequence[str] | None = None) -> tuple[ZestRanker, dict]:
     """Fits the predictor on every complete group (ground truth from at least ``min_seeds``
-    seeds for every layer) and saves it with its LOGO summary."""
+    seeds for every layer) and saves it with its LOGO summary.
+
+    Args:
+        features: Metric names to learn from (default: :func:`~zest.evaluation.predictor_metrics`,
+            every metric but the peer-only selectors).
+    """
+    features = list(features) if features is not None else predictor_metrics()
     if target not in TARGETS:
         raise InvalidInputError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
     metrics, groundtruth = load_corpus(records, min_seeds)
@@ -74,7 +87,11 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
         raise RecordError(f"no group under {str(records)!r} has ground truth from {min_seeds} "
                           "seeds for every layer; finish the collection or lower --min-seeds")
     table = join_records(metrics, groundtruth, target)
-    metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
+    metric_cols = [METRIC_PREFIX + name for name in features]
+    missing = sorted(set(metric_cols) - set(table.columns))
+    if missing:
+        raise RecordError(f"the records lack the metrics {missing}; recollect them with "
+                          "`zest collect grid` or pass --features without them")
     template = ZestRanker(backend=backend, normalization=normalization, random_state=seed)
     template._validate()  # noqa: SLF001 - fail before the CV
     groups = table["group"].nunique()
@@ -82,7 +99,8 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     summary = {"kendall": float("nan"), "recall": float("nan")}
     if groups >= 2:
         results = evaluate(metrics, groundtruth, target=target, schemes=("logo",),
-                           make_ranker=lambda: ZestRanker(**_ranker_params(template)))
+                           make_ranker=lambda: ZestRanker(**_ranker_params(template)),
+                           features=features)
         mean = summarise(results)
         row = mean[mean["method"] == "predictor"].iloc[0]
         summary = {m: float(row[m]) for m in ("kendall", "spearman", "ndcg", "recall")}
@@ -114,7 +132,8 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
     metrics, groundtruth = load_corpus(records, min_seeds)
     params = _ranker_params(ranker)
     results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
-                       make_ranker=lambda: ZestRanker(**params))
+                       make_ranker=lambda: ZestRanker(**params),
+                       features=[m[len(METRIC_PREFIX):] for m in ranker.metrics_])
     if results.empty:
         raise RecordError("no held-out split could be formed; the records need at least two "
                           "groups (and both modalities for cross_modality)")
