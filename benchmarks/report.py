@@ -13,6 +13,7 @@ from pathlib import Path
 RESULTS = Path("benchmarks/results")
 READMES = (Path("benchmarks/README.md"), Path("README.md"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+STABLE_TAU = 0.8  # rankings this consistent across minibatches pick nearly the same top layers
 METHODS = [("full", "full"), ("lora", "LoRA r=8"), ("gps_dense_mask", "GPS dense-mask"),
            ("gps", "GPS (ours)"), ("spsft", "SPSFT")]
 
@@ -103,6 +104,18 @@ def stability_section() -> list[str]:
     for r in data["results"]:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['kendall_tau']:.3f} | "
                      f"{r['top5_jaccard']:.3f} |")
+    advice = []
+    for model in dict.fromkeys(r["model"] for r in data["results"]):
+        rows = sorted((r for r in data["results"] if r["model"] == model),
+                      key=lambda r: r["batch_size"])
+        enough = [r["batch_size"] for r in rows if r["kendall_tau"] >= STABLE_TAU]
+        advice.append(f"{model}: batch {enough[0]}" if enough else
+                      f"{model}: none of {[r['batch_size'] for r in rows]} reaches it")
+    groups = data["results"][0].get("predictor_groups") if data["results"] else None
+    lines += ["", f"Smallest batch size whose rankings agree at mean pairwise τ ≥ {STABLE_TAU} "
+              f"across minibatches: {'; '.join(advice)}."
+              + (f" Ranked by the shipped predictor trained on {len(groups)} groups."
+                 if groups else "")]
     return lines + [""]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import _results
 
 from zest.collect import DataOptions, load_pair
-from zest.ranking import rank
+from zest.ranking import load_predictor, rank
 
 CASES = [("efficientnet_lite0", "digits", DataOptions(image_size=64)),
          ("efficientnet_lite2", "digits", DataOptions(image_size=64)),
@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stability.json"))
     args = parser.parse_args()
     done = _results.load(args.out)
+    # a retrained predictor ranks differently: results of another one are redone
+    groups = sorted(load_predictor(args.predictor).groups_)
+    done["results"] = [r for r in done["results"] if r.get("predictor_groups") == groups]
     finished = {(r["model"], r["batch_size"]) for r in done["results"]}
     for model_spec, dataset, options in CASES:
         if all((model_spec, b) in finished for b in BATCH_SIZES):
@@ -41,7 +44,8 @@ def main() -> None:
                                     "batch_size": batch_size, "batches": args.batches,
                                     **{k: v for k, v in ranking.stability.items()
                                        if k != "batches"},
-                                    "seconds_per_batch": ranking.seconds / args.batches})
+                                    "seconds_per_batch": ranking.seconds / args.batches,
+                                    "predictor": args.predictor, "predictor_groups": groups})
             _results.save(args.out, done, platform.machine())
     for r in done["results"]:
         print(f"{r['model']:20s} batch {r['batch_size']:3d}: mean pairwise Kendall τ "
