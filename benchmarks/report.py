@@ -160,9 +160,24 @@ def ranking_section() -> list[str]:
     return lines + ["", "![leave-one-group-out](/predictor_training/logo.png)", ""]
 
 
+def speed_section() -> list[str]:
+    data = _load("rank_vs_groundtruth.json")
+    if not data:
+        return []
+    lines = ["### `zest rank` vs the brute-force ground truth (`rank_vs_groundtruth.json`)", "",
+             "| group | settings | ground truth (layers × seeds) | zest rank (batch 32) | "
+             "speed-up |", "|---|---|---|---|---|"]
+    for r in data["results"]:
+        settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        lines.append(f"| {r['group']} | {settings} | {r['groundtruth_seconds'] / 3600:.2f} CPU-h "
+                     f"({r['layers']} × {r['seeds']}) | {r['rank_seconds']:.2f} s | "
+                     f"{r['speedup']:,}× |")
+    return lines + [""]
+
+
 def main() -> None:
-    body = ranking_section() + probe_section() + cache_section() + memory_section() + \
-        stability_section()
+    body = ranking_section() + speed_section() + probe_section() + cache_section() + \
+        memory_section() + stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)
