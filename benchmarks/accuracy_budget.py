@@ -49,6 +49,16 @@ def pick(order: list[str], cost: dict[str, int], budget: int) -> list[str]:
     return chosen or [min(order, key=lambda n: cost[n])]
 
 
+def gps_k(layers: list[str], rows: dict[str, int], width: dict[str, int], budget: int) -> int:
+    """The largest K whose GPS entries, Σ rows · min(K, fan-in), fit in ``budget`` (at least 1);
+    neurons with fewer inputs keep all of them, as GPS on all layers does."""
+    k = 1
+    while k < max(width[n] for n in layers) and \
+            sum(rows[n] * min(k + 1, width[n]) for n in layers) <= budget:
+        k += 1
+    return k
+
+
 def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[str, dict]]:
     """method label → (tuner name, keyword arguments) for one budget."""
     layers = candidate_layers(model, task.head_name)
@@ -67,12 +77,18 @@ def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[
     spsft_ok = [n for n in names if getattr(modules[n], "groups", 1) in
                 (1, getattr(modules[n], "in_channels", 1)) and
                 type(modules[n]).__name__ != "Embedding"]
-    rows = sum(m.weight.shape[0] for m in modules.values())
-    k = max(1, round(budget / rows))
+    width = {n: modules[n].weight[0].numel() for n in names}
+    out_rows = {n: modules[n].weight.shape[0] for n in names}
+    gps_all = [n for n in names if "position" not in n]
+    k = gps_k(gps_all, out_rows, width, budget)
     ratio = min(1.0, budget / sum(modules[n].weight.numel() for n in spsft_ok))
-    sparse_k = {n: modules[n].weight.shape[0] * 8 for n in names}  # GPS, K = 8
-    sparse_rows = {n: max(1, round(0.05 * modules[n].weight.shape[0]))
-                   * modules[n].weight[0].numel() for n in names}  # SPSFT, ratio 5 %
+    # ZEST + sparse: ZEST's top layers holding about 4× the budget densely, updated at about
+    # 25 % density (GPS's K / SPSFT's neuron ratio sized so the entries fill the budget);
+    # GPS needs K ≤ every chosen layer's fan-in, so layers narrower than 16 inputs are skipped
+    zest_gps = pick([n for n in zest if n in gps_all and width[n] >= 16], dense, 4 * budget)
+    zest_gps_k = min(gps_k(zest_gps, out_rows, width, budget), min(width[n] for n in zest_gps))
+    zest_spsft = pick([n for n in zest if n in spsft_ok], dense, 4 * budget)
+    zest_ratio = min(1.0, budget / sum(dense[n] for n in zest_spsft))
     linear = [n for n in names if type(modules[n]).__name__ == "Linear"] or \
         [n for n in names if getattr(modules[n], "groups", 1) == 1 and
          type(modules[n]).__name__ != "Embedding"]
@@ -80,13 +96,11 @@ def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[
                                           + modules[n].weight[0].numel() for n in linear)))
     return {
         "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank}),
-        "gps (all layers)": ("gps", {"layers": "all", "k": k}),
+        "gps (all layers)": ("gps", {"layers": "all", "k": k}),  # K ≤ fan-in per neuron
         "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
         "zest + dense": ("layers", {"layers": pick(zest, dense, budget)}),
-        "zest + gps": ("gps", {"layers": pick([n for n in zest if "position" not in n],
-                                              sparse_k, budget), "k": 8}),
-        "zest + spsft": ("spsft", {"layers": pick([n for n in zest if n in spsft_ok],
-                                                  sparse_rows, budget), "ratio": 0.05}),
+        "zest + gps": ("gps", {"layers": zest_gps, "k": zest_gps_k}),
+        "zest + spsft": ("spsft", {"layers": zest_spsft, "ratio": zest_ratio}),
         "random-k + dense": ("layers", {"layers": pick(random_order, dense, budget)}),
         "last-k + dense": ("layers", {"layers": pick(last, dense, budget)}),
         "kappatune + dense": ("layers", {"layers": pick(scores, dense, budget)}),

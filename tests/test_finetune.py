@@ -262,3 +262,19 @@ def test_to_lora_config_passes_over_layers_lora_cannot_wrap():
     inject_adapter_in_model(config, model)
     wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert wrapped == set(chosen)
+
+
+def test_gps_on_all_layers_keeps_every_input_of_narrow_neurons():
+    """With layers="all", a k above a depthwise convolution's fan-in keeps all its inputs
+    (as GPS on every layer must); named layers still refuse such a k."""
+    model, task, data, _ = pair(IMAGE)
+    grouped = next(n for n, m in model.named_modules() if getattr(m, "groups", 1) > 1)
+    width = model.get_submodule(grouped).weight[0].numel()
+    tuner = GPS(model, task, layers="all", k=width + 2, selection_batches=1)
+    tuner.fit(data, epochs=1, batch_size=16)
+    assert tuner.indices_[grouped].shape[1] == width
+    wide = [n for n, idx in tuner.indices_.items() if idx.shape[1] == width + 2]
+    assert wide  # the other layers keep k
+    fresh, fresh_task, _, _ = pair(IMAGE)
+    with pytest.raises(InvalidInputError, match="larger than"):
+        GPS(fresh, fresh_task, layers=[grouped], k=width + 2)

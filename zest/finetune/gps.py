@@ -82,7 +82,9 @@ class GPS(Tuner):
     """GPS on the chosen layers (ZEST) or on every layer (``layers="all"``, the paper's default).
 
     Args:
-        k: Input connections kept per output neuron (top-K by |gradient|).
+        k: Input connections kept per output neuron (top-K by |gradient|). With
+            ``layers="all"``, neurons with fewer inputs (depthwise convolutions: 9 or 25) keep
+            all of theirs; a layer named explicitly must have at least ``k``.
         selection_batches: Batches whose supervised-contrastive gradients are accumulated.
         implementation: ``sparse`` (values at fixed indices) or ``dense_mask`` (reference:
             dense gradient masked by a hook; only for comparison).
@@ -109,7 +111,7 @@ class GPS(Tuner):
                                         "drop it from --layers or use --method layers")
             weight = self.model.get_submodule(name).weight
             width = weight[0].numel()
-            if self.k > width:
+            if self.k > width and self.layers != "all":
                 raise InvalidInputError(f"k={self.k} is larger than the {width} input connections "
                                         f"per neuron of {name!r}; use k ≤ {width}")
 
@@ -151,7 +153,7 @@ class GPS(Tuner):
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             flat = scores[name].reshape(scores[name].shape[0], -1)
-            indices = flat.topk(self.k, dim=1).indices.sort(dim=1).values
+            indices = flat.topk(min(self.k, flat.shape[1]), dim=1).indices.sort(dim=1).values
             self.indices_[name] = indices
             if self.implementation == "sparse":
                 parametrize.register_parametrization(module, "weight",
