@@ -175,9 +175,73 @@ def speed_section() -> list[str]:
     return lines + [""]
 
 
+def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
+    """Test accuracy at a parameter budget, mean ± std over seeds, with the verdict on ZEST's
+    claim: within 1 point of full fine-tuning, above random-k and last-k of the same size."""
+    data = _load(name)
+    if not data or not data["results"]:
+        return []
+    import statistics
+    from collections import defaultdict
+
+    cells: dict[tuple, list] = defaultdict(list)
+    shares: dict[tuple, list] = defaultdict(list)
+    for r in data["results"]:
+        key = (r["group"], r["budget"], r["method"])
+        cells[key].append(r["test_accuracy"])
+        shares[key].append(r["trainable_share"])
+
+    def mean(key):
+        return statistics.mean(cells[key]) if key in cells else None
+
+    def cell(key):
+        if key not in cells:
+            return "—"
+        values = cells[key]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return (f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f} "
+                f"({100 * statistics.mean(shares[key]):.3g} %, n={len(values)})")
+
+    budgets = sorted({r["budget"] for r in data["results"] if r["budget"] is not None},
+                     reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in data["results"] if r["budget"] is not None))
+    lines = [f"### Test accuracy at a parameter budget (`{name}`)", "",
+             "Test accuracy in % (mean ± std over seeds; in brackets the trainable share, head "
+             "included, and the number of seeds).", ""]
+    verdicts = []
+    for group in dict.fromkeys(r["group"] for r in data["results"]):
+        lines += [f"**{group}** — full fine-tuning {cell((group, None, 'full'))}, head only "
+                  f"{cell((group, None, 'head'))}", "",
+                  "| method | " + " | ".join(f"~{b:.0%} budget" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(cell((group, b, method)) for b in budgets)
+                         + " |")
+        lines.append("")
+        full = mean((group, None, "full"))
+        for b in budgets:
+            zest = mean((group, b, "zest + dense"))
+            if zest is None or full is None:
+                continue
+            misses = []
+            if zest < full - 0.01:
+                misses.append(f"{100 * (full - zest):.1f} points below full fine-tuning")
+            for other in ("random-k + dense", "last-k + dense"):
+                value = mean((group, b, other))
+                if value is not None and value >= zest:
+                    misses.append(f"not above {other} ({100 * value:.1f} vs {100 * zest:.1f})")
+            if misses:
+                verdicts.append(f"{group} at ~{b:.0%}: ZEST's dense choice is "
+                                + "; ".join(misses))
+    lines.append("Where ZEST's claim does not hold (within 1 point of full fine-tuning and above "
+                 "random-k and last-k): " + ("; ".join(verdicts) if verdicts else "nowhere")
+                 + ".")
+    return lines + [""]
+
+
 def main() -> None:
-    body = ranking_section() + speed_section() + probe_section() + cache_section() + \
-        memory_section() + stability_section()
+    body = ranking_section() + accuracy_section() + speed_section() + probe_section() + \
+        cache_section() + memory_section() + stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)
