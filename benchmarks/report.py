@@ -91,7 +91,32 @@ def memory_section() -> list[str]:
             ours_vs_dense = 100 * (ours[key] / dense[key] - 1)
             lines.append(f"- {model}: SPSFT {spsft_vs_lora:+.1f} % vs LoRA; our GPS "
                          f"{ours_vs_dense:+.1f} % vs dense-masked GPS.")
-    return lines + [""]
+    bars = {model: {label: (by[(model, method)]["peak_above_model_mb"], 0.0)
+                    for method, label in METHODS if (model, method) in by} for model in models}
+    path = RESULTS / "memory.png"
+    grouped_bars(bars, path, "peak RSS above the model (MB)")
+    return lines + ["", f"![training memory](/{path.as_posix()})", ""]
+
+
+def grouped_bars(values: dict[str, dict[str, tuple[float, float]]], path: Path,
+                 ylabel: str) -> None:
+    """One panel per group, a bar per method with its error bar (mean, std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(values), figsize=(4.5 * len(values), 4), squeeze=False)
+    for ax, (group, bars) in zip(axes[0], values.items(), strict=True):
+        labels = list(bars)
+        ax.bar(range(len(labels)), [bars[m][0] for m in labels],
+               yerr=[bars[m][1] for m in labels], color="tab:blue", capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(group, fontsize=10)
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def stability_section() -> list[str]:
@@ -236,6 +261,19 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     lines.append("Where ZEST's claim does not hold (within 1 point of full fine-tuning and above "
                  "random-k and last-k): " + ("; ".join(verdicts) if verdicts else "nowhere")
                  + ".")
+    if budgets:
+        first = budgets[0]
+        bars = {}
+        for group in dict.fromkeys(r["group"] for r in data["results"]):
+            keys = [(group, None, "full"), (group, None, "head")] + \
+                [(group, first, m) for m in methods]
+            bars[group] = {key[2]: (100 * statistics.mean(cells[key]),
+                                    100 * (statistics.stdev(cells[key])
+                                           if len(cells[key]) > 1 else 0.0))
+                           for key in keys if key in cells}
+        path = RESULTS / name.replace(".json", ".png")
+        grouped_bars(bars, path, f"test accuracy (%) at ~{first:.0%} budget")
+        lines += ["", f"![accuracy at a budget](/{path.as_posix()})"]
     return lines + [""]
 
 
