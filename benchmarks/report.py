@@ -13,7 +13,8 @@ from pathlib import Path
 RESULTS = Path("benchmarks/results")
 READMES = (Path("benchmarks/README.md"), Path("README.md"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-STABLE_TAU = 0.8  # rankings this consistent across minibatches pick nearly the same top layers
+STABLE_TAU = 0.8  # whole rankings this consistent across minibatches ...
+STABLE_JACCARD = 0.6  # ... and top-5 sets sharing most of their layers
 METHODS = [("full", "full"), ("lora", "LoRA r=8"), ("gps_dense_mask", "GPS dense-mask"),
            ("gps", "GPS (ours)"), ("spsft", "SPSFT")]
 
@@ -133,12 +134,14 @@ def stability_section() -> list[str]:
     for model in dict.fromkeys(r["model"] for r in data["results"]):
         rows = sorted((r for r in data["results"] if r["model"] == model),
                       key=lambda r: r["batch_size"])
-        enough = [r["batch_size"] for r in rows if r["kendall_tau"] >= STABLE_TAU]
+        enough = [r["batch_size"] for r in rows if r["kendall_tau"] >= STABLE_TAU
+                  and r["top5_jaccard"] >= STABLE_JACCARD]
         advice.append(f"{model}: batch {enough[0]}" if enough else
-                      f"{model}: none of {[r['batch_size'] for r in rows]} reaches it")
+                      f"{model}: none of {[r['batch_size'] for r in rows]} (top-5 Jaccard at most "
+                      f"{max(r['top5_jaccard'] for r in rows):.2f})")
     groups = data["results"][0].get("predictor_groups") if data["results"] else None
-    lines += ["", f"Smallest batch size whose rankings agree at mean pairwise τ ≥ {STABLE_TAU} "
-              f"across minibatches: {'; '.join(advice)}."
+    lines += ["", f"Smallest batch size whose rankings agree across minibatches (mean pairwise "
+              f"τ ≥ {STABLE_TAU} and top-5 Jaccard ≥ {STABLE_JACCARD}): {'; '.join(advice)}."
               + (f" Ranked by the shipped predictor trained on {len(groups)} groups."
                  if groups else "")]
     return lines + [""]
