@@ -20,7 +20,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from zest.errors import InvalidInputError
 from zest.metrics import get_metric, metric_names
-from zest.predictor import ZestRanker, join_records
+from zest.predictor import ZestRanker, join_records, require_metric_columns
 from zest.records import METRIC_PREFIX
 
 SCHEMES = ("logo", "lodo", "lomo", "cross_modality")
@@ -135,10 +135,8 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
     table = join_records(metrics, groundtruth, target)
     metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
     feature_cols = metric_cols if features is None else [METRIC_PREFIX + f for f in features]
-    missing = sorted(set(feature_cols) - set(metric_cols))
-    if missing:
-        raise InvalidInputError(f"the records lack the predictor's metrics {missing}; recollect "
-                                "them with `zest collect grid` or drop them from the features")
+    require_metric_columns(table, feature_cols, "recollect them with `zest collect grid` or "
+                           "drop them from the features")
     ceilings = noise_ceiling(groundtruth, target)
     both = {t: noise_ceiling(groundtruth, t) for t in ("gt_gain", "gt_loss_gain")
             if t in groundtruth}

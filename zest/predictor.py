@@ -95,6 +95,13 @@ def context_features(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def require_metric_columns(table: pd.DataFrame, columns: Sequence[str], fix: str) -> None:
+    """Raises :class:`RecordError` naming the metric columns ``table`` lacks, and ``fix``."""
+    missing = sorted(set(columns) - set(table.columns))
+    if missing:
+        raise RecordError(f"the records lack the metrics {missing[:8]}; {fix}")
+
+
 def normalize_within_groups(values: pd.DataFrame, groups: Sequence, method: str) -> pd.DataFrame:
     """Per-group normalisation of every column: ``rank`` → percentile in [0, 1] (ties averaged),
     ``robust_z`` → (x − median) / IQR. NaN stays NaN (a metric that does not apply)."""
@@ -144,10 +151,7 @@ class ZestRanker:
 
     # -- features ----------------------------------------------------------------------------
     def _design(self, table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-        missing = [m for m in metrics if m not in table.columns]
-        if missing:
-            raise RecordError(f"the records lack feature columns {missing[:5]} that this "
-                              "predictor uses; collect metrics with --metrics all")
+        require_metric_columns(table, metrics, "collect metrics with --metrics all")
         normalized = normalize_within_groups(table[list(metrics)].astype(float), table["group"],
                                              self.normalization)
         if self.use_context:

@@ -25,7 +25,7 @@ from zest.evaluation import (
     predictor_metrics,
     summarise,
 )
-from zest.predictor import TARGETS, ZestRanker, join_records
+from zest.predictor import TARGETS, ZestRanker, join_records, require_metric_columns
 from zest.ranking import load_predictor
 from zest.records import METRIC_PREFIX, read_records
 
@@ -88,10 +88,8 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
                           "seeds for every layer; finish the collection or lower --min-seeds")
     table = join_records(metrics, groundtruth, target)
     metric_cols = [METRIC_PREFIX + name for name in features]
-    missing = sorted(set(metric_cols) - set(table.columns))
-    if missing:
-        raise RecordError(f"the records lack the metrics {missing}; recollect them with "
-                          "`zest collect grid` or pass --features without them")
+    require_metric_columns(table, metric_cols, "recollect them with `zest collect grid` or "
+                           "pass --features without them")
     template = ZestRanker(backend=backend, normalization=normalization, random_state=seed)
     template._validate()  # noqa: SLF001 - fail before the CV
     groups = table["group"].nunique()
