@@ -133,9 +133,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     done = _results.load(out)
     keys = {(r["group"], r["budget"], r["method"], r["seed"]) for r in done["results"]}
-    for group in SMOKE if args.smoke else GROUPS:
-        name = f"{group[0]}__{group[1]}"
-        for seed in seeds:
+    # seed-major, so that a partial run already covers every group
+    for seed in seeds:
+        for group in SMOKE if args.smoke else GROUPS:
+            name = f"{group[0]}__{group[1]}"
             todo = [("full", "full", {}, None), ("head", "head", {}, None)]
             for budget in BUDGETS:
                 if all((name, budget, m, seed) in keys for m in (
