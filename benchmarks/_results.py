@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,3 +20,11 @@ def save(path: Path, data: dict, machine: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+def predictor_fingerprint(predictor: str = "universal") -> str:
+    """A short hash of a predictor's content: results ranked by another predictor are redone."""
+    from zest.ranking import load_predictor
+
+    spec = json.dumps(load_predictor(predictor).to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]

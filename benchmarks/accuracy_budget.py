@@ -132,6 +132,10 @@ def main() -> None:
                                                     else "accuracy_budget.json"))
     seeds = [int(s) for s in args.seeds.split(",")]
     done = _results.load(out)
+    # ZEST's choices depend on the predictor: those of another one are redone
+    fingerprint = _results.predictor_fingerprint()
+    done["results"] = [r for r in done["results"] if not r["method"].startswith("zest")
+                       or r.get("predictor_sha") == fingerprint]
     keys = {(r["group"], r["budget"], r["method"], r["seed"]) for r in done["results"]}
     # seed-major, so that a partial run already covers every group
     for seed in seeds:
@@ -151,7 +155,9 @@ def main() -> None:
                     continue
                 result = run(group, method, tuner, kwargs, seed, args.epochs)
                 done["results"].append({"group": name, "budget": budget, "method": method,
-                                        "seed": seed, **result})
+                                        "seed": seed, **result,
+                                        **({"predictor_sha": fingerprint}
+                                           if method.startswith("zest") else {})})
                 keys.add((name, budget, method, seed))
                 _results.save(out, done, f"{platform.machine()} CPU, {args.epochs} epochs")
     for r in done["results"]:

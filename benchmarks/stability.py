@@ -29,7 +29,8 @@ def main() -> None:
     done = _results.load(args.out)
     # a retrained predictor ranks differently: results of another one are redone
     groups = sorted(load_predictor(args.predictor).groups_)
-    done["results"] = [r for r in done["results"] if r.get("predictor_groups") == groups]
+    fingerprint = _results.predictor_fingerprint(args.predictor)
+    done["results"] = [r for r in done["results"] if r.get("predictor_sha") == fingerprint]
     finished = {(r["model"], r["batch_size"]) for r in done["results"]}
     for model_spec, dataset, options in CASES:
         if all((model_spec, b) in finished for b in BATCH_SIZES):
@@ -45,7 +46,8 @@ def main() -> None:
                                     **{k: v for k, v in ranking.stability.items()
                                        if k != "batches"},
                                     "seconds_per_batch": ranking.seconds / args.batches,
-                                    "predictor": args.predictor, "predictor_groups": groups})
+                                    "predictor": args.predictor, "predictor_groups": groups,
+                                    "predictor_sha": fingerprint})
             _results.save(args.out, done, platform.machine())
     for r in done["results"]:
         print(f"{r['model']:20s} batch {r['batch_size']:3d}: mean pairwise Kendall τ "

@@ -29,12 +29,21 @@ RANDOM_DRAWS = 50
 PEER_SELECTORS = ("rgn", "kappa", "fim_score", "repr_shift", "class_separation")
 
 
+#: Metrics left out of the predictor's default features because they cost more than they add:
+#: ``grasp`` alone needs the Hessian-vector pass (about 0.7× a forward+backward pass on
+#: efficientnet_lite0), and the predictor trained without it scored the same on the complete
+#: corpus (leave-one-group-out Kendall τ 0.771 with and without; predictor_training/README.md).
+COSTLY_METRICS = ("grasp",)
+
+
 def predictor_metrics() -> list[str]:
     """The metrics the universal predictor reads by default: every registered metric except
-    the peer-only selectors. Those are evaluated beside it, but as features they would make
-    every ``zest rank`` pay for them (``fim_score`` needs per-example gradients, about 4× a
-    forward+backward pass on efficientnet_lite0; ``repr_shift`` exists only inside blocks)."""
-    return [name for name in metric_names() if name not in PEER_SELECTORS or name == "rgn"]
+    the peer-only selectors and :data:`COSTLY_METRICS`. Both are evaluated beside it, but as
+    features they would make every ``zest rank`` pay for them (``fim_score`` needs per-example
+    gradients, about 4× a forward+backward pass on efficientnet_lite0; ``repr_shift`` exists
+    only inside blocks)."""
+    return [name for name in metric_names()
+            if (name not in PEER_SELECTORS or name == "rgn") and name not in COSTLY_METRICS]
 
 
 def ndcg_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
