@@ -173,3 +173,16 @@ def test_default_predictor_features_leave_the_peer_only_selectors_out(tmp_path):
     assert not used & (set(PEER_SELECTORS) - {"rgn"})
     with pytest.raises(RecordError, match="lack the metrics"):
         train_predictor(tmp_path, tmp_path / "q.json", features=["a", "no_such_metric"])
+
+
+def test_shipped_predictor_needs_no_hessian_vector_pass():
+    """`zest rank` with the shipped predictor must skip the Hessian-vector pass (the one extra
+    pass of the probe): neither the default features nor the shipped model ask for it."""
+    from zest.evaluation import COSTLY_METRICS, predictor_metrics
+    from zest.metrics import needs_of
+    from zest.ranking import load_predictor
+
+    assert "hvp" in needs_of(list(COSTLY_METRICS))
+    assert "hvp" not in needs_of(predictor_metrics())
+    shipped = [m[2:] for m in load_predictor("universal").metrics_]
+    assert "hvp" not in needs_of(shipped)
