@@ -4,7 +4,7 @@ For every group of the committed records, the ground truth's cost is the sum of 
 ``gt_seconds`` (every layer fine-tuned alone, every seed, as collected); `zest rank` is timed on
 one minibatch of 32 from the same data at the group's settings (image size / sequence length
 of the records), median of 3 runs after a warm-up. ZEST's headline is about 1000×.
-Resumable: finished groups are kept.
+Resumable: finished groups are kept (and redone after the shipped predictor changes).
 Usage: python benchmarks/rank_vs_groundtruth.py [--records data/records] [--out FILE.json]
 """
 
@@ -45,6 +45,9 @@ def main() -> None:
                         default=Path("benchmarks/results/rank_vs_groundtruth.json"))
     args = parser.parse_args()
     done = _results.load(args.out)
+    # `zest rank` computes only the metrics its predictor reads: another predictor is re-timed
+    fingerprint = _results.predictor_fingerprint()
+    done["results"] = [r for r in done["results"] if r.get("predictor_sha") == fingerprint]
     _, groundtruth = load_corpus(args.records, min_seeds=2)
     finished = {r["group"] for r in done["results"]}
     for group, rows in groundtruth.groupby("group"):
@@ -62,7 +65,7 @@ def main() -> None:
             {"image_size": options.image_size},
             "layers": int(rows["layer"].nunique()), "seeds": int(rows["gt_seed"].nunique()),
             "groundtruth_seconds": round(gt_seconds, 1), "rank_seconds": round(rank_seconds, 3),
-            "speedup": round(gt_seconds / rank_seconds)})
+            "speedup": round(gt_seconds / rank_seconds), "predictor_sha": fingerprint})
         _results.save(args.out, done, platform.machine())
     for r in done["results"]:
         print(f"{r['group']:32s} ground truth {r['groundtruth_seconds'] / 3600:.2f} CPU-h "
