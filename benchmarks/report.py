@@ -42,7 +42,10 @@ def probe_section() -> list[str]:
     repeats = data["results"][0].get("repeats") if data["results"] else None
     note = (f"Ratio of medians over {repeats} alternating runs; in brackets the interquartile "
             "range of the per-pair ratios, i.e. how much a single measurement on this shared "
-            "machine moves.") if repeats else ""
+            "machine moves. `probe`: the probe and the values of the metrics the predictor "
+            "reads by default (`zest.evaluation.predictor_metrics()`); `with peer selectors`: "
+            "every registered metric; `zest rank`: probe, metrics and the shipped predictor.") \
+        if repeats else ""
     return lines + ["", note, ""] if note else lines + [""]
 
 
