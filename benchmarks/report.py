@@ -217,10 +217,12 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
 
     cells: dict[tuple, list] = defaultdict(list)
     shares: dict[tuple, list] = defaultdict(list)
+    rates: dict[tuple, float | None] = {}
     for r in data["results"]:
         key = (r["group"], r["budget"], r["method"])
         cells[key].append(r["test_accuracy"])
         shares[key].append(r["trainable_share"])
+        rates[key] = r.get("lr")
 
     def mean(key):
         return statistics.mean(cells[key]) if key in cells else None
@@ -230,15 +232,17 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
             return "—"
         values = cells[key]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        rate = f", lr {rates[key]:g}" if rates.get(key) else ""
         return (f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f} "
-                f"({100 * statistics.mean(shares[key]):.3g} %, n={len(values)})")
+                f"({100 * statistics.mean(shares[key]):.3g} %, n={len(values)}{rate})")
 
     budgets = sorted({r["budget"] for r in data["results"] if r["budget"] is not None},
                      reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in data["results"] if r["budget"] is not None))
     lines = [f"### Test accuracy at a parameter budget (`{name}`)", "",
              "Test accuracy in % (mean ± std over seeds; in brackets the trainable share, head "
-             "included, and the number of seeds).", ""]
+             "included, the number of seeds and the Adam learning rate, chosen per method on the "
+             "val split at the first seed).", ""]
     verdicts = []
     for group in dict.fromkeys(r["group"] for r in data["results"]):
         lines += [f"**{group}** — full fine-tuning {cell((group, None, 'full'))}, head only "
