@@ -65,7 +65,16 @@ def gps_k(layers: list[str], rows: dict[str, int], width: dict[str, int], budget
     return k
 
 
-def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[str, dict]]:
+def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
+    """Layers best first by ZEST (the shipped predictor), KappaTune and FIM, from one train
+    minibatch of the seed; every budget's plan reads them."""
+    batch = data.batches("train", 32, 1, seed=seed)[0]
+    return {by: rank(model, task, batch, **({} if by == "zest" else {"by": by}))
+            .table["layer"].tolist() for by in ("zest", "kappa", "fim_score")}
+
+
+def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int
+          ) -> dict[str, tuple[str, dict]]:
     """method label → (tuner name, keyword arguments) for one budget."""
     layers = candidate_layers(model, task.head_name)
     names = [layer.name for layer in layers]
@@ -73,10 +82,7 @@ def plans(model, task, data, budget_share: float, seed: int) -> dict[str, tuple[
     budget = int(budget_share * total)
     dense = {layer.name: layer.n_params for layer in layers}
     modules = {n: model.get_submodule(n) for n in names}
-    batch = data.batches("train", 32, 1, seed=seed)[0]
-    zest = rank(model, task, batch).table["layer"].tolist()
-    scores = rank(model, task, batch, by="kappa").table["layer"].tolist()
-    fim = rank(model, task, batch, by="fim_score").table["layer"].tolist()
+    zest, scores, fim = orders["zest"], orders["kappa"], orders["fim_score"]
     rng = np.random.default_rng(seed)
     random_order = list(rng.permutation(names))
     last = names[::-1]
@@ -154,14 +160,15 @@ def main() -> None:
         for group in SMOKE if args.smoke else GROUPS:
             name = f"{group[0]}__{group[1]}"
             todo = [("full", "full", {}, None), ("head", "head", {}, None)]
-            for budget in BUDGETS:
-                if all((name, budget, m, seed) in keys for m in (
-                        "zest + dense", "fim + dense")):
-                    continue
-                model, task, data = load_pair(group[0], group[1], options=group[2],
-                                              seed=seed)
-                for method, (tuner, kwargs) in plans(model, task, data, budget, seed).items():
-                    todo.append((method, tuner, kwargs, budget))
+            pending = [budget for budget in BUDGETS if not all(
+                (name, budget, m, seed) in keys for m in ("zest + dense", "fim + dense"))]
+            if pending:
+                model, task, data = load_pair(group[0], group[1], options=group[2], seed=seed)
+                orders = layer_orders(model, task, data, seed)
+                for budget in pending:
+                    for method, (tuner, kwargs) in plans(model, task, orders, budget,
+                                                         seed).items():
+                        todo.append((method, tuner, kwargs, budget))
             for method, tuner, kwargs, budget in todo:
                 if (name, budget, method, seed) in keys:
                     continue
@@ -175,10 +182,9 @@ def main() -> None:
                             done["trials"].append({**case, "seed": seed, **run(
                                 group, tuner, kwargs, seed, args.epochs, lr)})
                             _results.save(out, done, machine)
-                    trials = [t for t in done["trials"] if _same_case(t, case) and t["lr"] in lrs]
-                    result = max(trials, key=lambda t: t["val_accuracy"])
+                    result = _best_trial(done["trials"], case, lrs)
                 else:
-                    lr = _chosen_lr(done["trials"], case, lrs)
+                    lr = _best_trial(done["trials"], case, lrs)["lr"]
                     result = {**case, "seed": seed, **run(group, tuner, kwargs, seed,
                                                           args.epochs, lr)}
                 done["results"].append(result)
@@ -199,13 +205,14 @@ def _same_case(row: dict, case: dict) -> bool:
     return all(row.get(k) == v for k, v in case.items() if k != "predictor_sha")
 
 
-def _chosen_lr(trials: list[dict], case: dict, lrs: list[float]) -> float:
-    """The learning rate whose first-seed trial had the best val accuracy."""
+def _best_trial(trials: list[dict], case: dict, lrs: list[float]) -> dict:
+    """The first-seed trial of ``case`` with the best val accuracy: its learning rate is the
+    method's."""
     candidates = [t for t in trials if _same_case(t, case) and t["lr"] in lrs]
     if len(candidates) < len(lrs):
         raise SystemExit(f"the learning rate of {case} is not chosen yet: run the first seed "
                          "(--seeds starting with it) before the others")
-    return max(candidates, key=lambda t: t["val_accuracy"])["lr"]
+    return max(candidates, key=lambda t: t["val_accuracy"])
 
 
 if __name__ == "__main__":
