@@ -35,7 +35,7 @@ import numpy as np
 from zest.collect import DataOptions, load_pair
 from zest.finetune import METHODS
 from zest.layers import candidate_layers
-from zest.ranking import rank
+from zest.ranking import fill_budget, rank
 from zest.training import load_corpus, train_predictor
 
 GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200,
@@ -76,13 +76,9 @@ def held_out_predictor(group_name: str) -> str:
 
 
 def pick(order: list[str], cost: dict[str, int], budget: int) -> list[str]:
-    """Layers in ``order`` while their cost fits in ``budget`` (at least one)."""
-    chosen, used = [], 0
-    for name in order:
-        if used + cost[name] <= budget:
-            chosen.append(name)
-            used += cost[name]
-    return chosen or [min(order, key=lambda n: cost[n])]
+    """Layers of ``order`` filling ``budget`` as ``Ranking.select`` does (at least one)."""
+    return fill_budget(order, [cost[n] for n in order], budget) or \
+        [min(order, key=lambda n: cost[n])]
 
 
 def gps_k(layers: list[str], rows: dict[str, int], width: dict[str, int], budget: int) -> int:

@@ -93,11 +93,7 @@ class Ranking:
         if not isinstance(param_budget, int | float) or not 0 < param_budget <= 1:
             raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
         allowed = param_budget * self.total_params
-        chosen, used = [], 0
-        for layer, params in zip(self.table["layer"], self.table["params"], strict=True):
-            if used + params <= allowed:
-                chosen.append(layer)
-                used += params
+        chosen = fill_budget(self.table["layer"], self.table["params"], allowed)
         if not chosen:
             smallest = int(self.table["params"].min())
             raise InvalidInputError(f"--param-budget {param_budget} ({int(allowed)} parameters) "
@@ -160,6 +156,18 @@ class Ranking:
             fig.savefig(path, dpi=120)
             plt.close(fig)
         return fig
+
+
+def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) -> list[str]:
+    """Greedy budget fill: walks ``layers`` best first and keeps each one whose parameter
+    count (``params``, aligned) still fits in ``allowed``; larger ones are skipped, not ended on.
+    Empty when not even the smallest fits."""
+    chosen, used = [], 0
+    for layer, count in zip(layers, params, strict=True):
+        if used + count <= allowed:
+            chosen.append(layer)
+            used += count
+    return chosen
 
 
 def _metric_direction(name: str) -> int:
