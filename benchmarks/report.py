@@ -106,8 +106,10 @@ def memory_section() -> list[str]:
 
 
 def grouped_bars(values: dict[str, dict[str, tuple[float, float]]], path: Path,
-                 ylabel: str) -> None:
-    """One panel per group, a bar per method with its error bar (mean, std)."""
+                 ylabel: str, reference: str | None = None, highlight: str | None = None) -> None:
+    """One panel per group, a bar per method with its error bar (mean, std); the ``reference``
+    method's value as a dashed line across its panel, methods starting with ``highlight`` in
+    another colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +118,12 @@ def grouped_bars(values: dict[str, dict[str, tuple[float, float]]], path: Path,
     fig, axes = plt.subplots(1, len(values), figsize=(4.5 * len(values), 4), squeeze=False)
     for ax, (group, bars) in zip(axes[0], values.items(), strict=True):
         labels = list(bars)
+        colors = ["tab:orange" if highlight and m.startswith(highlight) else "tab:blue"
+                  for m in labels]
         ax.bar(range(len(labels)), [bars[m][0] for m in labels],
-               yerr=[bars[m][1] for m in labels], color="tab:blue", capsize=3)
+               yerr=[bars[m][1] for m in labels], color=colors, capsize=3)
+        if reference in bars:
+            ax.axhline(bars[reference][0], color="gray", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_title(group, fontsize=10)
         ax.set_ylabel(ylabel)
@@ -306,7 +312,8 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
                                            if len(cells[key]) > 1 else 0.0))
                            for key in keys if key in cells}
         path = RESULTS / name.replace(".json", f"_{round(100 * budget)}pct.png")
-        grouped_bars(bars, path, f"test accuracy (%) at ~{budget:.0%} budget")
+        grouped_bars(bars, path, f"test accuracy (%) at ~{budget:.0%} budget",
+                     reference="full", highlight="zest")
         lines += ["", f"![accuracy at ~{budget:.0%} budget](/{path.as_posix()})"]
     return lines + [""]
 
