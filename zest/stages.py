@@ -14,6 +14,7 @@ before use (:func:`stage_plan`), and other architectures fall back to the uncach
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,10 +101,15 @@ def _bert_plan(model: nn.Module) -> StagePlan:
     bert = model.bert
     prefix = "bert"
 
+    # the model's own mask builder; its cache argument was renamed across transformers
+    # releases (past_key_values -> cache), so every argument but these two is passed as None
+    build_masks = bert._create_attention_masks  # noqa: SLF001
+    unused = {name: None for name in inspect.signature(build_masks).parameters
+              if name not in ("attention_mask", "embedding_output")}
+
     def mask4d(s: State) -> Any:
-        return bert._create_attention_masks(  # noqa: SLF001 - the model's own mask builder
-            attention_mask=s["attention_mask"], encoder_attention_mask=None,
-            embedding_output=s["hidden"], encoder_hidden_states=None, past_key_values=None)[0]
+        return build_masks(attention_mask=s["attention_mask"], embedding_output=s["hidden"],
+                           **unused)[0]
 
     names = [f"{prefix}.embeddings"]
     functions: list[StageFunction] = [
