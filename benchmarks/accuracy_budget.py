@@ -17,7 +17,7 @@ JSON), the one with the best val accuracy is reported and used for the other see
 for all would favour some methods (full fine-tuning of BERT at 1e-3 loses to head-sized ones).
 Resumable: every finished trial and (group, budget, method, seed) is kept in the output JSON.
 Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 1e-3,1e-4] [--epochs 2]
-[--smoke]
+[--smoke] [--redo METHOD,...]
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val
          ("tiny_bert", "rotten_tomatoes", DataOptions(max_length=24, max_train=64, max_val=32,
                                                       max_test=32))]
 BUDGETS = (0.05, 0.01)
+#: the methods of one budget (:func:`plans`); full and head only are budget-free references
+PLAN_METHODS = ("lora (linear / dense convs)", "gps (all layers)", "spsft (all layers)",
+                "zest + dense", "zest + gps", "zest + spsft", "random-k + dense",
+                "last-k + dense", "kappatune + dense", "fim + dense")
 RECORDS = Path("data/records")
 HELD_OUT = Path("benchmarks/results/held_out_predictors")
 
@@ -133,7 +137,7 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
          type(modules[n]).__name__ != "Embedding"]
     lora_rank = max(1, round(budget / sum(modules[n].weight.shape[0]
                                           + modules[n].weight[0].numel() for n in linear)))
-    return {
+    plan = {
         "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank}),
         "gps (all layers)": ("gps", {"layers": "all", "k": k}),  # K ≤ fan-in per neuron
         "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
@@ -145,6 +149,8 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
         "kappatune + dense": ("layers", {"layers": pick(scores, dense, budget)}),
         "fim + dense": ("layers", {"layers": pick(fim, dense, budget)}),
     }
+    assert tuple(plan) == PLAN_METHODS
+    return plan
 
 
 def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, lr: float) -> dict:
@@ -159,7 +165,8 @@ def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, lr: float)
     return {"lr": lr, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
             "trainable_params": int(tuner.trainable_params_),
             "trainable_share": tuner.trainable_params_ / total,
-            "layers": len(tuner.layer_names), "seconds": time.perf_counter() - start}
+            "layers": len(tuner.layer_names), "layer_names": list(tuner.layer_names),
+            "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -169,6 +176,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models, for a quick check")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--redo", default="", help="comma-separated method labels whose "
+                        "trials and results are dropped and run again (after a change to how "
+                        "that method chooses or trains, e.g. 'kappatune + dense')")
     args = parser.parse_args()
     out = args.out or Path("benchmarks/results/" + ("accuracy_smoke.json" if args.smoke
                                                     else "accuracy_budget.json"))
@@ -183,6 +193,13 @@ def main() -> None:
     # from before the learning rate was chosen per method (they carry no "lr")
     done["trials"] = [r for r in done.get("trials", []) if _current(r, fingerprints)]
     done["results"] = [r for r in done["results"] if _current(r, fingerprints) and "lr" in r]
+    redo = {m.strip() for m in args.redo.split(",") if m.strip()}
+    known = set(PLAN_METHODS) | {"full", "head"}
+    if redo - known:
+        raise SystemExit(f"--redo: unknown methods {sorted(redo - known)}; known: "
+                         f"{sorted(known)}")
+    for kind in ("trials", "results"):
+        done[kind] = [r for r in done[kind] if r["method"] not in redo]
     keys = {(r["group"], r["budget"], r["method"], r["seed"]) for r in done["results"]}
     # seed-major, so that a partial run already covers every group
     for seed in seeds:

@@ -22,8 +22,9 @@ from torch import nn  # noqa: E402
 import zest.metrics as zm  # noqa: E402
 import zest.probe  # noqa: E402
 from zest.errors import UnknownNameError  # noqa: E402
+from zest.layers import Layer  # noqa: E402
 from zest.models import SUPCON_TEMPERATURE, Task, load_model, supervised_contrastive_loss  # noqa: E402
-from zest.probe import probe  # noqa: E402
+from zest.probe import LayerContext, probe  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -626,6 +627,43 @@ def test_repr_shift_matches_direct_computation_on_transformer_blocks():
             assert got == pytest.approx(expected[layer.block], rel=1e-6, abs=1e-12)
         else:
             assert math.isnan(got), layer.name
+
+
+def test_kappa_of_an_ill_conditioned_float32_weight():
+    """κ = 1e5 by construction, stored in float32: a float32 Gram matrix would lose σ_min
+    (σ_min² = 1e-10 is below float32's rounding of σ_max² = 1), the SVD keeps it."""
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 48, dtype=torch.float64, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=generator))
+    sigma = torch.logspace(0, -5, 32, dtype=torch.float64)
+    weight = ((u[:, :32] * sigma) @ v.T).float()
+    layer = Layer(name="fc", type="Linear", depth=0.0, n_params=weight.numel(), block="fc")
+    assert zm.get_metric("kappa")(LayerContext(layer=layer, weight=weight, bias=None)) == \
+        pytest.approx(1e5, rel=0.02)
+
+
+@pytest.mark.slow
+def test_kappa_agrees_with_peft_on_every_linear_layer_of_minilm():
+    """On the packaged MiniLM, whose attention weights have κ up to 8e4, zest's κ equals peft's
+    KappaTuneSelector on every Linear candidate; the head, which peft scores too, is no
+    candidate."""
+    from peft.helpers import KappaTuneSelector
+
+    model, task = load_model("minilm", 3)
+    selector = KappaTuneSelector(model, show_progress=False)
+    selector._compute_kappas()
+    peft_kappas = selector._condition_numbers
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([0, 1, 2, 0])}
+    result = probe(model, task, batch, needs=zm.needs_of(["kappa"]))
+    ours = zm.compute_metrics(result.contexts, ["kappa"])
+    linear = [name for name, ctx in result.contexts.items() if ctx.layer.type == "Linear"]
+    assert len(linear) == 37 and task.head_name in peft_kappas
+    assert max(peft_kappas[n] for n in linear) > 1e4  # the ill-conditioned case is covered
+    for name in linear:
+        # peft's float32 SVD is itself off by up to 0.1 % at κ ≈ 8e4
+        assert ours[name]["kappa"] == pytest.approx(peft_kappas[name], rel=1e-2), name
 
 
 def test_kappa_agrees_with_peft_kappatune_selector(tiny):

@@ -137,3 +137,29 @@ def test_rank_by_a_metric_that_is_not_available_shows_n_a():
                                  "--batch-size", "8", "--by", "repr_shift", "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert "n/a" in result.output
+
+
+@pytest.mark.parametrize("model_spec", ["tiny_cnn", "tiny_bert"])
+def test_unlabelled_batch_ranks_by_label_free_metrics_and_names_the_rest(model_spec):
+    from tests.conftest import text_batch
+    from zest.errors import InvalidInputError
+    from zest.metrics import METRICS, needs_labels
+
+    model, task = load_model(model_spec, 3)
+    labelled = image_batch() if model_spec == "tiny_cnn" else text_batch(task)
+    unlabelled_batches = [labelled[0], (labelled[0],)] if model_spec == "tiny_cnn" else \
+        [{k: v for k, v in labelled.items() if k != "labels"}]
+    assert not needs_labels("n_params") and not needs_labels("synflow")
+    assert needs_labels("snip") and needs_labels("class_separation")
+    for unlabelled in unlabelled_batches:
+        assert not task.has_labels(unlabelled) and task.has_labels(labelled)
+        for by in ("n_params", "act_mean", "synflow"):
+            expected = rank(model, task, labelled, by=by).table.set_index("layer")["score"]
+            got = rank(model, task, unlabelled, by=by).table.set_index("layer")["score"]
+            pd.testing.assert_series_equal(got, expected.loc[got.index], atol=1e-6, rtol=1e-5)
+        with pytest.raises(InvalidInputError, match="class_separation needs them") as error:
+            rank(model, task, unlabelled, by="class_separation")
+        free = [name for name in METRICS.names() if not needs_labels(name)]
+        assert all(name in str(error.value) for name in free)
+        with pytest.raises(InvalidInputError, match="the predictor reads .*snip"):
+            rank(model, task, unlabelled)

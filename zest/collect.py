@@ -18,7 +18,14 @@ from torch import nn
 from zest.datasets import Dataset, load_dataset
 from zest.errors import InvalidInputError
 from zest.layers import Layer, candidate_layers, check_granularity, select_layers
-from zest.metrics import compute_metrics, get_metric, needs_of, resolve_metrics
+from zest.metrics import (
+    METRICS,
+    compute_metrics,
+    get_metric,
+    needs_labels,
+    needs_of,
+    resolve_metrics,
+)
 from zest.models import Task, check_model_spec, load_model, resolve_device
 from zest.probe import probe
 from zest.records import METRIC_PREFIX, group_key, zest_version
@@ -80,6 +87,7 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
     check_granularity(granularity)
     layers = probe_layers(model, task, layer_names)
     needs = needs_of(metrics)
+    check_labels(task, batches, metrics)
     rows = []
     for index, batch in enumerate(batches):
         result = probe(model, task, batch, layers=layers, needs=needs, loss=probe_loss,
@@ -96,6 +104,25 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
             progress(index + 1, len(batches))
     frame = pd.DataFrame(rows)
     return aggregate_blocks(frame, metrics) if granularity == "block" else frame
+
+
+def check_labels(task: Task, batches: Sequence[Any], metrics: Sequence[str],
+                 reader: str | None = None) -> None:
+    """Raises when a batch has no labels but some of ``metrics`` need them, naming those
+    metrics (and ``reader``, e.g. ``"the predictor"``, when it asked for them) and the
+    label-free metrics that would work."""
+    labelled = [name for name in metrics if needs_labels(name)]
+    unlabelled = [i for i, batch in enumerate(batches) if not task.has_labels(batch)]
+    if not (labelled and unlabelled):
+        return
+    names = ", ".join(labelled)
+    verb = "needs" if len(labelled) == 1 else "need"
+    what = f"{reader} reads {names}, which {verb}" if reader else f"{names} {verb}"
+    free = [name for name in METRICS.names() if not needs_labels(name)]
+    raise InvalidInputError(
+        f"batch {unlabelled[0]} has no labels, but {what} them; pass labelled batches ((images, "
+        "labels) pairs or dicts with 'labels'), or rank by a label-free metric (--by / by=): "
+        f"{', '.join(free)}")
 
 
 def aggregate_blocks(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:

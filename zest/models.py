@@ -44,7 +44,7 @@ class TaskOutput:
 
     logits: torch.Tensor
     features: torch.Tensor  # pooled input of the classification head, shape (batch, dim)
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None for an unlabelled batch
 
 
 @dataclass
@@ -75,19 +75,42 @@ class Task:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- batches -------------------------------------------------------------------------
+    def has_labels(self, batch: Batch) -> bool:
+        """Whether a batch carries labels: an ``(x, y)`` pair or a dict with ``"labels"``
+        (a bare image tensor, ``(x,)`` or a dict of tokens alone is unlabelled)."""
+        if isinstance(batch, Mapping):
+            return batch.get("labels") is not None
+        if isinstance(batch, torch.Tensor):
+            return False
+        return len(batch) > 1 and batch[1] is not None
+
     def labels(self, batch: Batch) -> torch.Tensor:
         """The label tensor of a batch."""
+        if not self.has_labels(batch):
+            raise InvalidInputError("this batch has no labels; pass an (images, labels) pair or "
+                                    "a dict with a 'labels' tensor")
         return batch["labels"] if isinstance(batch, Mapping) else batch[1]
 
     def batch_size(self, batch: Batch) -> int:
-        """Number of examples in a batch."""
-        return int(self.labels(batch).shape[0])
+        """Number of examples in a batch (labelled or not)."""
+        if self.has_labels(batch):
+            return int(self.labels(batch).shape[0])
+        if isinstance(batch, Mapping):
+            key = "input_ids" if "input_ids" in batch else "pixel_values"
+            return int(batch[key].shape[0])
+        return int(self._images(batch).shape[0])
+
+    @staticmethod
+    def _images(batch: Batch) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            return batch["pixel_values"]
+        return batch if isinstance(batch, torch.Tensor) else batch[0]
 
     def model_inputs(self, batch: Batch, device: torch.device | str | None = None) -> Any:
         """Moves a batch to ``device`` and turns it into the model's input (normalised images,
         or a dict of token tensors without the labels)."""
         if self.modality == "image":
-            x = batch[0] if not isinstance(batch, Mapping) else batch["pixel_values"]
+            x = self._images(batch)
             if device is not None:
                 x = x.to(device)
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -130,11 +153,14 @@ class Task:
             handle.remove()
         logits = out.logits if hasattr(out, "logits") else out
         features = self.pool(captured["features"], batch)
-        labels = self.labels(batch)
-        return TaskOutput(logits=logits, features=features, labels=labels.to(logits.device))
+        labels = self.labels(batch).to(logits.device) if self.has_labels(batch) else None
+        return TaskOutput(logits=logits, features=features, labels=labels)
 
     def loss(self, output: TaskOutput, kind: str = "ce") -> torch.Tensor:
         """Probe or training loss of a forward output: ``ce`` or ``supcon`` (τ = 0.07, no head)."""
+        if output.labels is None:
+            raise InvalidInputError("a loss needs labels and this batch has none; pass an "
+                                    "(images, labels) pair or a dict with a 'labels' tensor")
         if kind == "ce":
             return F.cross_entropy(output.logits, output.labels)
         if kind == "supcon":

@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 from torch import nn
 
-from zest.collect import metrics_frame
+from zest.collect import check_labels, metrics_frame
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
@@ -186,6 +186,8 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         task: Its task adapter.
         batches: One minibatch (an ``(x, y)`` tuple or a dict), or a ``list`` of minibatches
             (scores are averaged over them and the ranking's stability across them reported).
+            An unlabelled batch (a bare image tensor, ``(x,)``, or a dict of tokens alone) can
+            be ranked only ``by`` a label-free metric (:func:`zest.metrics.needs_labels`).
         predictor: ``"universal"``, a predictor JSON file, or a fitted :class:`ZestRanker`.
         by: Rank by this single metric (with its paper's direction) instead of the predictor.
         probe_loss: ``supcon`` or ``ce``; default: the predictor's training setting.
@@ -212,6 +214,7 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         label = f"predictor:{predictor if isinstance(predictor, str) else 'custom'}"
         loss = probe_loss or (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
             "probe_loss", "supcon")
+    check_labels(task, batch_list, names, reader=None if by is not None else "the predictor")
     frame = metrics_frame(model, task, batch_list, metrics=names, probe_loss=loss,
                           layer_names=layer_names, granularity=granularity, device=device)
     frame["modality"] = task.modality

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zest._registry import Registry
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
-from zest.probe import NEEDS, LayerContext
+from zest.probe import LABEL_NEEDS, NEEDS, LayerContext
 
 FAMILIES = ("static", "forward", "backward")
 
@@ -109,6 +109,12 @@ def needs_of(names: Iterable[str]) -> set[str]:
     for name in names:
         result |= get_metric(name).needs
     return result
+
+
+def needs_labels(name: str) -> bool:
+    """Whether the metric ``name`` reads the batch's labels (through the probe loss's gradient
+    or directly); the others can rank layers on unlabelled data."""
+    return bool(get_metric(name).needs & LABEL_NEEDS)
 
 
 def compute_metrics(contexts: dict[str, LayerContext], names: Sequence[str]
