@@ -178,7 +178,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--redo", default="", help="comma-separated method labels whose "
                         "trials and results are dropped and run again (after a change to how "
-                        "that method chooses or trains, e.g. 'kappatune + dense')")
+                        "that method chooses or trains, e.g. 'kappatune + dense'); it acts "
+                        "once: resume an interrupted redo without it")
     args = parser.parse_args()
     out = args.out or Path("benchmarks/results/" + ("accuracy_smoke.json" if args.smoke
                                                     else "accuracy_budget.json"))
@@ -207,7 +208,7 @@ def main() -> None:
             name = f"{group[0]}__{group[1]}"
             todo = [("full", "full", {}, None), ("head", "head", {}, None)]
             pending = [budget for budget in BUDGETS if not all(
-                (name, budget, m, seed) in keys for m in ("zest + dense", "fim + dense"))]
+                (name, budget, m, seed) in keys for m in PLAN_METHODS)]
             if pending:
                 model, task, data = load_pair(group[0], group[1], options=group[2], seed=seed)
                 orders = layer_orders(model, task, data, seed, predictors[name])
