@@ -81,13 +81,14 @@ def probe_layers(model: nn.Module, task: Task, layer_names: Sequence[str] | None
 def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metrics: Sequence[str],
                   probe_loss: str = "supcon", layer_names: Sequence[str] | None = None,
                   granularity: str = "module", progress: ProgressCallback | None = None,
-                  device: Any = None) -> pd.DataFrame:
+                  device: Any = None, metrics_reader: str | None = None) -> pd.DataFrame:
     """Probes each batch and returns one row per (layer, batch) with ``m_<metric>`` columns
-    (without the model / dataset identity columns)."""
+    (without the model / dataset identity columns). ``metrics_reader`` names who asked for
+    ``metrics`` (e.g. ``"the predictor"``) in the error for unlabelled batches."""
     check_granularity(granularity)
     layers = probe_layers(model, task, layer_names)
     needs = needs_of(metrics)
-    check_labels(task, batches, metrics)
+    check_labels(task, batches, metrics, reader=metrics_reader)
     rows = []
     for index, batch in enumerate(batches):
         result = probe(model, task, batch, layers=layers, needs=needs, loss=probe_loss,

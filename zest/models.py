@@ -95,10 +95,8 @@ class Task:
         """Number of examples in a batch (labelled or not)."""
         if self.has_labels(batch):
             return int(self.labels(batch).shape[0])
-        if isinstance(batch, Mapping):
-            key = "input_ids" if "input_ids" in batch else "pixel_values"
-            return int(batch[key].shape[0])
-        return int(self._images(batch).shape[0])
+        tokens = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        return int((tokens if tokens is not None else self._images(batch)).shape[0])
 
     @staticmethod
     def _images(batch: Batch) -> torch.Tensor:

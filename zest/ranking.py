@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 from torch import nn
 
-from zest.collect import check_labels, metrics_frame
+from zest.collect import metrics_frame
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
@@ -214,9 +214,9 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         label = f"predictor:{predictor if isinstance(predictor, str) else 'custom'}"
         loss = probe_loss or (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
             "probe_loss", "supcon")
-    check_labels(task, batch_list, names, reader=None if by is not None else "the predictor")
     frame = metrics_frame(model, task, batch_list, metrics=names, probe_loss=loss,
-                          layer_names=layer_names, granularity=granularity, device=device)
+                          layer_names=layer_names, granularity=granularity, device=device,
+                          metrics_reader=None if by is not None else "the predictor")
     frame["modality"] = task.modality
     per_batch = []
     for _, part in frame.groupby("batch", sort=True):
