@@ -126,10 +126,8 @@ def collect_metrics_command(
 ) -> None:
     """Zero-shot metrics of every candidate layer from one forward and backward pass."""
     from zest.collect import collect_metrics
-    from zest.records import METRICS_KEY, append_records, check_writable
 
     with _user_errors():
-        check_writable(out)
         with _progress("probe", quiet) as progress:
             frame = collect_metrics(model, dataset, batch_size=batch_size, batches=batches,
                                     metrics=metrics, probe_loss=probe_loss, seed=seed,
@@ -138,10 +136,7 @@ def collect_metrics_command(
                                     granularity=granularity, layer_names=_names(layers),
                                     device=device,
                                     checkpoint=str(checkpoint) if checkpoint else None,
-                                    progress=progress)
-        if out.exists():
-            out.unlink()
-        append_records(frame, out, METRICS_KEY)
+                                    progress=progress, out=out)
         _echo_written(out, len(frame), "metric")
 
 
@@ -192,13 +187,18 @@ def collect_groundtruth_command(
 @collect_app.command("grid")
 def collect_grid_command(
     grid: Annotated[Path, typer.Argument(help="metric_collection/<name>.toml")],
+    only: Annotated[str | None, typer.Option(
+        help="Run only these groups (comma-separated <model>__<dataset> keys or models).")]
+    = None,
+    n_jobs: Annotated[int | None, typer.Option(
+        help="Override the grid's ground-truth workers (records do not depend on it).")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Metrics and ground truth for every (model, dataset) pair of a grid; resumable."""
     from zest.grid import grid_jobs, run_grid_item
 
     with _user_errors():
-        items = list(grid_jobs(grid))
+        items = list(grid_jobs(grid, only=_names(only), n_jobs=n_jobs))
         bar = None
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm

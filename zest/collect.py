@@ -7,6 +7,7 @@ static metrics from the model"): for each of ``batches`` minibatches, one probe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,16 @@ from zest.metrics import (
 )
 from zest.models import Task, check_model_spec, load_model, resolve_device
 from zest.probe import probe
-from zest.records import METRIC_PREFIX, group_key, zest_version
+from zest.records import (
+    METRIC_PREFIX,
+    check_same_group,
+    check_writable,
+    file_lock,
+    group_key,
+    read_records,
+    write_records,
+    zest_version,
+)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -45,6 +55,12 @@ class DataOptions:
     text_column: str = "text"
     label_column: str = "label"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """The options as flat, JSON-friendly settings (``extra`` keys inline), as stamped into
+        record files."""
+        flat = {k: v for k, v in vars(self).items() if k != "extra"}
+        return {**flat, **self.extra}
 
 
 def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None = None,
@@ -139,13 +155,23 @@ def aggregate_blocks(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
     return blocks
 
 
+def metrics_settings(*, batch_size: int, batches: int, metrics: Sequence[str], probe_loss: str,
+                     seed: int, options: DataOptions | None, granularity: str,
+                     layer_names: Sequence[str] | None, checkpoint: str | None) -> dict[str, Any]:
+    """Every setting that changes a metrics collection's values, as stamped into its file."""
+    return {"batch_size": int(batch_size), "batches": int(batches), "metrics": list(metrics),
+            "probe_loss": probe_loss, "data_seed": int(seed),
+            **(options or DataOptions()).settings(), "granularity": granularity,
+            "layers": list(layer_names) if layer_names else None, "checkpoint": checkpoint}
+
+
 def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
                     batches: int = 1, metrics: str | Sequence[str] = "all",
                     probe_loss: str = "supcon", seed: int = 0,
                     options: DataOptions | None = None, granularity: str = "module",
                     layer_names: Sequence[str] | None = None, device: str = "cpu",
-                    checkpoint: str | None = None, progress: ProgressCallback | None = None
-                    ) -> pd.DataFrame:
+                    checkpoint: str | None = None, progress: ProgressCallback | None = None,
+                    out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Metric records of one (model, dataset) group (DESIGN §4).
 
     Args:
@@ -162,10 +188,14 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
         device: ``cpu``, ``cuda`` or ``auto``.
         checkpoint: Weights for ``timm:<arch>``.
         progress: Called as ``progress(done, total)`` after each batch.
+        out: Parquet file to write the records to (checked before any work). A metrics file of
+            the same group is replaced; a file of another kind or group is refused.
 
     Returns:
         One row per (layer, batch).
     """
+    if out is not None:
+        check_writable(out, "metrics")
     if batches < 1:
         raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
     if batch_size < 1:
@@ -188,4 +218,20 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
     frame["modality"] = task.modality
     frame["seed"] = seed
     frame["zest_version"] = zest_version()
+    if out is not None:
+        settings = metrics_settings(batch_size=batch_size, batches=batches, metrics=names,
+                                    probe_loss=probe_loss, seed=seed, options=options,
+                                    granularity=granularity, layer_names=layer_names,
+                                    checkpoint=checkpoint)
+        save_metrics(frame, out, settings)
     return frame
+
+
+def save_metrics(frame: pd.DataFrame, out: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Writes metric records to ``out`` atomically under its lock, replacing a metrics file of
+    the same group (metrics are cheap to redo) and refusing any other file."""
+    out = check_writable(out, "metrics")
+    with file_lock(out):
+        if out.exists():
+            check_same_group(read_records(out, "metrics"), frame, out)
+        write_records(frame, out, "metrics", settings)

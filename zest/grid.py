@@ -9,16 +9,22 @@ already there is skipped, so the grid resumes where it stopped.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zest.collect import DataOptions, collect_metrics
-from zest.errors import InvalidInputError
+from zest.collect import DataOptions, collect_metrics, metrics_settings
+from zest.errors import InvalidInputError, RecordError
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.metrics import resolve_metrics
-from zest.records import METRIC_PREFIX, file_lock, group_key, read_records, write_records
+from zest.records import (
+    METRIC_PREFIX,
+    group_key,
+    read_records,
+    record_settings,
+    settings_difference,
+)
 
 GRID_KEYS = {"model", "dataset", "seeds", "batches", "batch_size", "probe_loss", "metrics",
              "steps", "lr", "gt_batch_size", "n_jobs", "image_size", "max_length", "max_train",
@@ -79,9 +85,27 @@ def read_grid(path: str | Path) -> tuple[list[GridGroup], Path]:
     return groups, Path(defaults.get("out_dir", "data/records"))
 
 
-def grid_jobs(path: str | Path) -> Iterator[tuple[str, GridGroup, Path]]:
-    """The (kind, group, output file) work items of a grid, in order."""
+def grid_jobs(path: str | Path, only: Sequence[str] | None = None, n_jobs: int | None = None
+              ) -> Iterator[tuple[str, GridGroup, Path]]:
+    """The (kind, group, output file) work items of a grid, in order.
+
+    Args:
+        only: Keep only the groups whose key (``<model>__<dataset>``) or model is listed.
+        n_jobs: Ground-truth workers for every group, overriding the grid's ``n_jobs``.
+    """
     groups, out_dir = read_grid(path)
+    if only:
+        known = {g.key for g in groups} | {g.model for g in groups}
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            raise InvalidInputError(f"--only {unknown[0]!r} is no group or model of "
+                                    f"{str(path)!r}; known: {', '.join(sorted(known))}")
+        groups = [g for g in groups if g.key in only or g.model in only]
+    if n_jobs is not None:
+        if n_jobs < 1:
+            raise InvalidInputError(f"--n-jobs must be ≥ 1, got {n_jobs}")
+        for group in groups:
+            group.settings["n_jobs"] = n_jobs
     for group in groups:
         yield "metrics", group, out_dir / "metrics" / f"{group.key}.parquet"
         yield "groundtruth", group, out_dir / "groundtruth" / f"{group.key}.parquet"
@@ -95,20 +119,33 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
         batches = int(group.get("batches", 4))
         seed = int(group.get("data_seed", 0))
         names = resolve_metrics(group.get("metrics", "all"))
+        options = group.options()
+        settings = metrics_settings(batch_size=int(group.get("batch_size", 32)),
+                                    batches=batches, metrics=names,
+                                    probe_loss=group.get("probe_loss", "supcon"), seed=seed,
+                                    options=options, granularity="module", layer_names=None,
+                                    checkpoint=group.get("checkpoint"))
         if out.exists():
-            existing = read_records(out)
+            existing = read_records(out, "metrics")
+            stamped = record_settings(out)
+            if stamped is not None:
+                compared = {k: v for k, v in settings.items() if k not in ("metrics", "batches")}
+                difference = settings_difference(
+                    {k: v for k, v in stamped.items() if k not in ("metrics", "batches")},
+                    compared)
+                if difference:
+                    raise RecordError(f"{str(out)!r} was collected with {difference}; restore "
+                                      "the grid's settings, or move the file away to redo it")
             complete = set(range(batches)) <= set(existing["batch"].unique()) and all(
                 METRIC_PREFIX + name in existing for name in names)
             if complete:
                 return "done"
-        frame = collect_metrics(group.model, group.dataset,
-                                batch_size=int(group.get("batch_size", 32)), batches=batches,
-                                metrics=names, probe_loss=group.get("probe_loss", "supcon"),
-                                seed=seed, options=group.options(),
-                                checkpoint=group.get("checkpoint"), progress=progress)
         # metrics are cheap: a file missing a batch or a newly registered metric is redone
-        with file_lock(out):
-            write_records(frame, out)
+        collect_metrics(group.model, group.dataset, batch_size=int(group.get("batch_size", 32)),
+                        batches=batches, metrics=names,
+                        probe_loss=group.get("probe_loss", "supcon"), seed=seed,
+                        options=options, checkpoint=group.get("checkpoint"),
+                        progress=progress, out=out)
         return "collected"
     config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
                                batch_size=int(group.get("gt_batch_size", 32)))

@@ -42,6 +42,8 @@ from zest.records import (
     check_writable,
     group_key,
     read_records,
+    record_settings,
+    settings_difference,
     zest_version,
 )
 from zest.stages import StagePlan, concat_states, slice_state, stage_plan, trim_padding
@@ -315,6 +317,16 @@ class GroundTruthPlan:
     jobs: list[Job]
     done: int
     settings: dict[str, Any]
+    stamp: dict[str, Any] = field(default_factory=dict)
+
+
+def groundtruth_settings(config: GroundTruthConfig, options: DataOptions, data_seed: int,
+                         checkpoint: str | None) -> dict[str, Any]:
+    """Every setting that changes the data or the training of a ground-truth collection, as
+    stamped into its record file (a resume must match them all)."""
+    return {"gt_steps": config.steps, "gt_lr": float(config.lr),
+            "gt_batch_size": config.batch_size, "data_seed": int(data_seed),
+            **options.settings(), "checkpoint": checkpoint}
 
 
 def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike, *,
@@ -328,7 +340,7 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("--seeds is empty; pass e.g. --seeds 0,1")
-    out = check_writable(out)
+    out = check_writable(out, "groundtruth")
     pair = PairSpec(model_spec, dataset_spec, options, data_seed, device, checkpoint)
     model, task, data = _cached_pair(pair)
     n_val = len(data.splits["val"])
@@ -342,19 +354,27 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
                 "gt_val_size": n_val,
                 "image_size": data.image_size if data.modality == "image" else 0,
                 "max_length": data.max_length if data.modality == "text" else 0}
+    stamp = {**groundtruth_settings(config, options, data_seed, checkpoint), **settings}
     group = group_key(model_spec, dataset_spec)
     done_keys: set[tuple] = set()
     if out.exists():
-        existing = read_records(out)
+        existing = read_records(out, "groundtruth")
         groups = set(existing["group"].unique())
         if groups and groups != {group}:
             raise RecordError(f"{str(out)!r} holds group {sorted(groups)[0]!r}, not {group!r}; "
                               "write each (model, dataset) group to its own file")
-        for column, value in settings.items():
-            if column in existing and len(existing) and existing[column].iloc[0] != value:
-                raise RecordError(f"{str(out)!r} was collected with {column}="
-                                  f"{existing[column].iloc[0]}, not {value}; use the same "
-                                  "settings or another --out")
+        stamped = record_settings(out)
+        if stamped is not None:
+            difference = settings_difference(stamped, stamp)
+        else:  # written before settings were stamped: compare the setting columns
+            difference = next((f"{column}={existing[column].iloc[0]!r}, not {value!r}"
+                               for column, value in {**settings, "data_seed": data_seed}.items()
+                               if column in existing and len(existing)
+                               and existing[column].iloc[0] != value), None)
+            stamp = {}
+        if difference:
+            raise RecordError(f"{str(out)!r} was collected with {difference}; use the same "
+                              "settings to resume, or write to another --out")
         done_keys = {(layer, int(seed)) for layer, seed in
                      existing[["layer", "gt_seed"]].itertuples(index=False, name=None)}
     threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else 0
@@ -367,7 +387,7 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
             done += len(members) - len(missing)
             if missing:
                 jobs.append(Job(pair, config, block, missing, seed, threads))
-    return GroundTruthPlan(pair, config, layers, seeds, jobs, done, settings)
+    return GroundTruthPlan(pair, config, layers, seeds, jobs, done, settings, stamp)
 
 
 def _execute(jobs: Sequence[Job], n_jobs: int, backend: str, scheduler: str | None
@@ -451,11 +471,12 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
     for job, results in _execute(layer_jobs, n_jobs, backend, scheduler):
         rows = [_row(plan, layer_info[r["layer"]], r, baselines[job.seed], job.seed)
                 for r in results]
-        append_records(pd.DataFrame(rows), out, GROUNDTRUTH_KEY)
+        append_records(pd.DataFrame(rows), out, GROUNDTRUTH_KEY, kind="groundtruth",
+                       settings=plan.stamp or None)
         done += len(rows)
         if progress is not None:
             progress(done, total)
-    return read_records(out) if Path(out).exists() else pd.DataFrame()
+    return read_records(out, "groundtruth") if Path(out).exists() else pd.DataFrame()
 
 
 def _row(plan: GroundTruthPlan, layer: Layer, result: dict[str, Any], baseline: dict[str, float],

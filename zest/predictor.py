@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,12 +286,18 @@ class ZestRanker:
                 **info}
 
     def save(self, path: str | os.PathLike, **info: Any) -> Path:
-        """Writes the ranker to one JSON file (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(**info), indent=1, default=_json_default))
-        os.replace(tmp, path)
+        """Writes the ranker to one JSON file (atomically: a temporary file, then
+        ``os.replace``); an existing file is replaced only if it is a zest predictor."""
+        path = check_predictor_out(path)
+        text = json.dumps(self.to_dict(**info), indent=1, default=_json_default)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
 
     @classmethod
@@ -338,6 +345,32 @@ class ZestRanker:
             raise RecordError(f"{source} is corrupt ({exc}); train it again with "
                               "`zest train-predictor`") from None
         return ranker
+
+
+def check_predictor_out(path: str | os.PathLike) -> Path:
+    """Fails early, before any training, when ``path`` cannot take a predictor file: a folder,
+    an unwritable place, or an existing file that is not a zest predictor (never replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"--out {str(path)!r} is a directory; pass a file path such as "
+                                f"{str(path / 'predictor.json')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create the folder {str(path.parent)!r} for --out "
+                                f"({exc.strerror}); choose a writable --out") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"--out {str(path)!r} is not writable; choose a writable --out")
+    if path.exists():
+        try:
+            spec = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            spec = None
+        if not isinstance(spec, dict) or spec.get("format") != "zest-predictor":
+            raise InvalidInputError(f"--out {str(path)!r} exists and is not a zest predictor "
+                                    "file; zest replaces only its own predictors: choose "
+                                    "another --out")
+    return path
 
 
 def _json_default(value: Any) -> Any:

@@ -25,7 +25,13 @@ from zest.evaluation import (
     predictor_metrics,
     summarise,
 )
-from zest.predictor import TARGETS, ZestRanker, join_records, require_metric_columns
+from zest.predictor import (
+    TARGETS,
+    ZestRanker,
+    check_predictor_out,
+    join_records,
+    require_metric_columns,
+)
 from zest.ranking import load_predictor
 from zest.records import METRIC_PREFIX, read_records
 
@@ -39,7 +45,8 @@ def load_corpus(records: str | os.PathLike, min_seeds: int = 1
         if not (records / kind).is_dir():
             raise RecordError(f"{str(records / kind)!r} does not exist; pass --records with the "
                               "folder that holds metrics/ and groundtruth/")
-    metrics, groundtruth = read_records(records / "metrics"), read_records(records / "groundtruth")
+    metrics = read_records(records / "metrics", "metrics")
+    groundtruth = read_records(records / "groundtruth", "groundtruth")
     partial = incomplete_groups(metrics, groundtruth, min_seeds)
     return (metrics[~metrics["group"].isin(partial)].reset_index(drop=True),
             groundtruth[~groundtruth["group"].isin(partial)].reset_index(drop=True))
@@ -79,6 +86,7 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
         features: Metric names to learn from (default: :func:`~zest.evaluation.predictor_metrics`,
             every metric but the peer-only selectors).
     """
+    check_predictor_out(out)
     features = list(features) if features is not None else predictor_metrics()
     if target not in TARGETS:
         raise InvalidInputError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
