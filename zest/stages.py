@@ -136,9 +136,63 @@ def _bert_plan(model: nn.Module) -> StagePlan:
                      lambda s: model.dropout(s["pooled"]))
 
 
+def _decoder_plan(model: nn.Module) -> StagePlan:
+    """LLaMA-style decoders (``model.model`` with ``embed_tokens``, ``layers``, ``norm`` and
+    ``rotary_emb``; a ``score`` head on the last non-padding token), cut at every decoder
+    layer. Each stage rebuilds the causal mask and the rotary embeddings from the state's
+    attention mask, through the model's own functions."""
+    import sys
+
+    base = model.model
+    prefix = "model"
+    create_causal_mask = sys.modules[type(base).__module__].create_causal_mask
+    accepted = inspect.signature(create_causal_mask).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+
+    def context(s: State) -> tuple[Any, Any, torch.Tensor]:
+        hidden = s["hidden"]
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=base.config, inputs_embeds=hidden,
+                                  attention_mask=s["attention_mask"], position_ids=positions,
+                                  **{cache_arg: None})
+        return mask, base.rotary_emb(hidden, position_ids=positions), positions
+
+    names = [f"{prefix}.embed_tokens"]
+    functions: list[StageFunction] = [
+        lambda s: {"hidden": base.embed_tokens(s["input_ids"]),
+                   "attention_mask": s["attention_mask"]}]
+    for i, layer in enumerate(base.layers):
+        names.append(f"{prefix}.layers.{i}")
+
+        def run_layer(s: State, layer: nn.Module = layer) -> State:
+            mask, rotary, positions = context(s)
+            out = layer(s["hidden"], attention_mask=mask, position_embeddings=rotary,
+                        position_ids=positions)
+            hidden = out[0] if isinstance(out, tuple) else out
+            return {"hidden": hidden, "attention_mask": s["attention_mask"]}
+
+        functions.append(run_layer)
+
+    def last_token(s: State) -> State:
+        hidden = base.norm(s["hidden"])
+        last = s["attention_mask"].long().sum(dim=1).clamp(min=1) - 1
+        return {"pooled": hidden[torch.arange(hidden.shape[0], device=hidden.device), last]}
+
+    names.append(f"{prefix}.norm")
+    functions.append(last_token)
+    return StagePlan(names, functions,
+                     lambda inputs: {"input_ids": inputs["input_ids"],
+                                     "attention_mask": inputs["attention_mask"]},
+                     lambda s: s["pooled"])
+
+
 def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
     if task.family == "bert" and hasattr(model, "bert") and hasattr(model, "dropout"):
         return _bert_plan(model)
+    base = getattr(model, "model", None)
+    if task.family == "llama" and hasattr(model, "score") and all(
+            hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return _decoder_plan(model)
     if task.modality != "image":
         return None
     if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
