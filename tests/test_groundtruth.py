@@ -33,12 +33,12 @@ def _run(tmp_path: Path, name: str, **kwargs) -> pd.DataFrame:
                                options=kwargs.pop("options", OPTIONS), **kwargs)
 
 
-@pytest.mark.parametrize("model", ["tiny_cnn", "tiny_bert"])
+@pytest.mark.parametrize("model", ["tiny_cnn", "tiny_bert", "tiny_llama"])
 def test_cached_and_uncached_give_the_same_records(tmp_path, model):
     dataset_options = OPTIONS if model == "tiny_cnn" else DataOptions(max_length=24,
                                                                       max_train=96, max_val=48)
     kwargs = dict(model=model, options=dataset_options, seeds=[0, 1])
-    if model == "tiny_bert":
+    if model != "tiny_cnn":
         cached = collect_groundtruth(model, "rotten_tomatoes", tmp_path / "a.parquet",
                                      config=GroundTruthConfig(steps=3, batch_size=16),
                                      seeds=[0, 1], options=dataset_options)
@@ -162,6 +162,71 @@ def test_refuses_to_append_to_another_group_or_setting(tmp_path):
     with pytest.raises(RecordError, match="gt_steps"):
         _run(tmp_path, "g.parquet", config=GroundTruthConfig(steps=4, batch_size=16))
     assert (tmp_path / "g.parquet").read_bytes() == before
+
+
+@pytest.mark.parametrize("change", [
+    {"data_seed": 5},
+    {"options": DataOptions(image_size=16, max_train=80, max_val=48)},
+    {"options": DataOptions(image_size=20, max_train=96, max_val=48)},
+    {"config": GroundTruthConfig(steps=3, batch_size=16, lr=2e-3)},
+    {"config": GroundTruthConfig(steps=3, batch_size=8)},
+])
+def test_resume_with_other_settings_is_refused_naming_the_difference(tmp_path, change):
+    _run(tmp_path, "g.parquet", layer_names=["conv_stem"])
+    before = (tmp_path / "g.parquet").read_bytes()
+    with pytest.raises(RecordError, match="collected with") as info:
+        _run(tmp_path, "g.parquet", **change)
+    setting = next(iter(change))
+    named = {"data_seed": "data_seed", "options": ("max_train", "gt_train_size", "image_size"),
+             "config": ("gt_lr", "gt_batch_size")}[setting]
+    assert any(name in str(info.value) for name in
+               ((named,) if isinstance(named, str) else named))
+    assert (tmp_path / "g.parquet").read_bytes() == before
+
+
+def test_no_collector_writes_over_a_file_of_the_other_kind(tmp_path):
+    from typer.testing import CliRunner
+
+    from zest.cli import app
+
+    _run(tmp_path, "gt.parquet", layer_names=["conv_stem"])
+    common = ["--model", "tiny_cnn", "--dataset", "digits", "--max-train", "64", "-q"]
+    runner = CliRunner()
+    before = (tmp_path / "gt.parquet").read_bytes()
+    result = runner.invoke(app, ["collect", "metrics", *common, "--out",
+                                 str(tmp_path / "gt.parquet")])
+    assert result.exit_code == 1 and "ground-truth record file" in result.output
+    assert (tmp_path / "gt.parquet").read_bytes() == before
+    result = runner.invoke(app, ["collect", "metrics", *common, "--out",
+                                 str(tmp_path / "m.parquet")])
+    assert result.exit_code == 0, result.output
+    metrics_bytes = (tmp_path / "m.parquet").read_bytes()
+    result = runner.invoke(app, ["collect", "groundtruth", *common, "--steps", "2", "--out",
+                                 str(tmp_path / "m.parquet")])
+    assert result.exit_code == 1 and "metric record file" in result.output
+    assert "Traceback" not in result.output
+    assert (tmp_path / "m.parquet").read_bytes() == metrics_bytes
+    (tmp_path / "notes.parquet").write_text("my notes")
+    result = runner.invoke(app, ["collect", "metrics", *common, "--out",
+                                 str(tmp_path / "notes.parquet")])
+    assert result.exit_code == 1 and "not a zest record file" in result.output
+    assert (tmp_path / "notes.parquet").read_text() == "my notes"
+    result = runner.invoke(app, ["train-predictor", "--records", str(tmp_path), "--out",
+                                 str(tmp_path / "m.parquet")])
+    assert result.exit_code == 1 and "not a zest predictor" in result.output
+    assert (tmp_path / "m.parquet").read_bytes() == metrics_bytes
+
+
+def test_record_files_carry_kind_and_settings(tmp_path):
+    from zest.records import record_kind, record_settings
+
+    _run(tmp_path, "gt.parquet", layer_names=["conv_stem"], data_seed=3)
+    assert record_kind(tmp_path / "gt.parquet") == "groundtruth"
+    settings = record_settings(tmp_path / "gt.parquet")
+    assert settings["data_seed"] == 3 and settings["gt_steps"] == 3
+    assert settings["image_size"] == 16 and settings["max_train"] == 96
+    with pytest.raises(RecordError, match="not metric records"):
+        read_records(tmp_path / "gt.parquet", "metrics")
 
 
 def test_refuses_another_schema_version(tmp_path):

@@ -50,3 +50,23 @@ def test_select_layers_by_name_and_block_and_suggestion():
     with pytest.raises(UnknownNameError) as info:
         select_layers(layers, ["bert.encoder.layer.0.attention.self.querry"])
     assert "bert.encoder.layer.0.attention.self.query" in str(info.value)
+
+
+def test_stratified_sample_spreads_over_roles_and_depth():
+    from zest.layers import Layer, layer_role, stratified_layers
+
+    roles = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    place = {r: "self_attn" if r[0] in "qkvo" else "mlp" for r in roles}
+    names = ["model.embed_tokens"] + [f"model.layers.{b}.{place[r]}.{r}"
+                                      for b in range(30) for r in roles]
+    layers = [Layer(n, "Linear", i / (len(names) - 1), 10, n) for i, n in enumerate(names)]
+    for n in (1, 8, 24, 70, 211, 500):
+        sample = stratified_layers(layers, n)
+        assert len(sample) == min(n, len(layers))
+        assert [layer.name for layer in sample] == [layer.name for layer in layers
+                                                   if layer in sample]  # model order
+    sample = stratified_layers(layers, 24)
+    assert {layer_role(layer) for layer in sample} == set(roles) | {"embed_tokens"}
+    blocks = {int(layer.name.split(".")[2]) for layer in sample if "layers" in layer.name}
+    assert min(blocks) < 5 and max(blocks) > 25 and len(blocks) > 12
+    assert stratified_layers(layers, 24) == sample  # deterministic
