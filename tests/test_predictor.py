@@ -186,3 +186,37 @@ def test_shipped_predictor_needs_no_hessian_vector_pass():
     assert "hvp" not in needs_of(predictor_metrics())
     shipped = [m[2:] for m in load_predictor("universal").metrics_]
     assert "hvp" not in needs_of(shipped)
+
+
+def test_leave_one_family_out_holds_out_every_model_of_a_family():
+    metrics, gt = synthetic_records(n_groups=6, flip=False)
+    names = {"model0": "efficientnet_lite0", "model1": "efficientnet_lite2",
+             "model2": "mobilenetv2"}
+    for frame in (metrics, gt):
+        frame["model"] = frame["model"].map(names)
+        frame["group"] = frame["model"] + "__" + frame["dataset"]
+    results = evaluate(metrics, gt, schemes=("lofo", "lomo"),
+                       make_ranker=lambda: ZestRanker(n_estimators=30))
+    lofo = results[results["scheme"] == "lofo"]
+    assert set(lofo["fold"]) == {"efficientnet", "mobilenetv2"}
+    held = lofo[lofo["fold"] == "efficientnet"]["group"].unique()
+    assert all(g.startswith("efficientnet_lite") for g in held) and len(held) == 4
+    assert results[results["scheme"] == "lomo"]["fold"].nunique() == 3
+    report = markdown_report(results, "gt_loss_gain")
+    assert "Per held-out family (lofo)" in report
+    assert "| method | efficientnet | mobilenetv2 | mean |" in report
+
+
+def test_ranking_says_when_the_model_family_is_unseen():
+    from types import SimpleNamespace
+
+    from zest.ranking import unseen_family_note
+
+    ranker = ZestRanker()
+    ranker.info_ = {"families": ["bert", "efficientnet"],
+                    "cv": {"lofo_per_family": {"bert": 0.2, "efficientnet": 0.4}}}
+    note = unseen_family_note(ranker, SimpleNamespace(spec="smollm2"))
+    assert "llama" in note and "bert, efficientnet" in note and "0.30" in note
+    assert unseen_family_note(ranker, SimpleNamespace(spec="minilm")) is None
+    ranker.info_ = {}
+    assert unseen_family_note(ranker, SimpleNamespace(spec="smollm2")) is None

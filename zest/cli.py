@@ -260,8 +260,9 @@ def evaluate_predictor_command(
                                           "plot PNGs.")] = Path("predictor_training"),
     report: Annotated[Path | None, typer.Option(help="Also write the markdown report here.")]
     = Path("data/predictors/universal.report.md"),
-    schemes: Annotated[str, typer.Option(help="Comma-separated: logo, lodo, lomo, "
-                                         "cross_modality.")] = "logo,lodo,lomo,cross_modality",
+    schemes: Annotated[str, typer.Option(help="Comma-separated: logo, lodo, lomo, lofo "
+                                         "(leave one family out), cross_modality.")]
+    = "logo,lodo,lomo,lofo,cross_modality",
     target: Annotated[str | None, typer.Option(help="Default: the predictor's target.")] = None,
     min_seeds: MinSeedsOption = 2,
 ) -> None:
@@ -350,6 +351,8 @@ def rank_command(
                 s = ranking.stability
                 typer.echo(f"stability over {s['batches']} minibatches: mean pairwise Kendall τ "
                            f"{s['kendall_tau']:.3f}, top-5 Jaccard {s['top5_jaccard']:.3f}")
+        for note in ranking.notes:
+            typer.echo(f"note: {note}", err=True)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".csv":

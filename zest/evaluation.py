@@ -1,11 +1,12 @@
 """Honest evaluation of layer rankings against the ground truth (DESIGN §5, issue 5).
 
 Held-out schemes: leave-one-group-out (``logo``), leave-one-dataset-out (``lodo``),
-leave-one-model-out (``lomo``) and cross-modality (train on vision, test on text, and the
-reverse). For each held-out group: Kendall τ, Spearman ρ, NDCG@k and top-k recall of the
-predictor and, side by side, of every single metric (its sign chosen on the training folds
-only), of the peer selectors with their papers' fixed directions, of random, first-k and last-k
-choices, and the ground truth's own seed-to-seed τ (the noise ceiling).
+leave-one-model-out (``lomo``), leave-one-family-out (``lofo``: every model of an architecture
+family held out at once, :func:`zest.models.model_family`) and cross-modality (train on vision,
+test on text, and the reverse). For each held-out group: Kendall τ, Spearman ρ, NDCG@k and
+top-k recall of the predictor and, side by side, of every single metric (its sign chosen on the
+training folds only), of the peer selectors with their papers' fixed directions, of random,
+first-k and last-k choices, and the ground truth's own seed-to-seed τ (the noise ceiling).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from scipy.stats import kendalltau, spearmanr
 
 from zest.errors import InvalidInputError
 from zest.metrics import get_metric, metric_names
+from zest.models import model_family
 from zest.predictor import ZestRanker, join_records, require_metric_columns
 from zest.records import METRIC_PREFIX
 
-SCHEMES = ("logo", "lodo", "lomo", "cross_modality")
+SCHEMES = ("logo", "lodo", "lomo", "lofo", "cross_modality")
 RANDOM_DRAWS = 50
 #: Peer layer selectors, ranked with the direction their paper tunes (registered with the metric).
 PEER_SELECTORS = ("rgn", "kappa", "fim_score", "repr_shift", "class_separation")
@@ -110,8 +112,10 @@ def folds(table: pd.DataFrame, scheme: str) -> Iterator[Fold]:
     if scheme == "logo":
         for group in groups.index:
             yield Fold(scheme, group, [g for g in groups.index if g != group], [group])
-    elif scheme in ("lodo", "lomo"):
-        column = "dataset" if scheme == "lodo" else "model"
+    elif scheme in ("lodo", "lomo", "lofo"):
+        column = {"lodo": "dataset", "lomo": "model", "lofo": "family"}[scheme]
+        if column == "family":
+            groups = groups.assign(family=groups["model"].map(model_family))
         for value, members in groups.groupby(column):
             test = list(members.index)
             train = [g for g in groups.index if g not in test]
@@ -230,6 +234,17 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
             lines.append(f"| {row['method']} | {row['kendall']:.3f} | {row['spearman']:.3f} | "
                          f"{row['ndcg']:.3f} | {row['recall']:.3f} |")
         lines += ["", _where_beaten(results[results["scheme"] == scheme], scheme), ""]
+    lofo = results[results["scheme"] == "lofo"]
+    if not lofo.empty:
+        lines += ["## Per held-out family (lofo): mean Kendall τ over the family's groups", ""]
+        pivot = lofo.pivot_table(index="method", columns="fold", values="kendall")
+        pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
+        lines.append("| method | " + " | ".join(pivot.columns) + " | mean |")
+        lines.append("|---|" + "---|" * (len(pivot.columns) + 1))
+        for method, row in pivot.head(15).iterrows():
+            lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in row) +
+                         f" | {row.mean():.3f} |")
+        lines.append("")
     logo = results[results["scheme"] == "logo"]
     if not logo.empty:
         lines += ["## Per held-out group (logo): Kendall τ", ""]

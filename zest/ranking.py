@@ -24,7 +24,7 @@ from zest.collect import metrics_frame
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
-from zest.models import Batch, Task
+from zest.models import Batch, Task, model_family
 from zest.predictor import ZestRanker
 from zest.records import METRIC_PREFIX
 
@@ -65,6 +65,8 @@ class Ranking:
         seconds: Wall time of the probe(s) and scoring.
         stability: With several minibatches: mean pairwise Kendall τ between their rankings and
             mean top-k Jaccard overlap.
+        notes: What the user should know about how far to trust the ranking (e.g. a model
+            family the predictor was not trained on).
     """
 
     table: pd.DataFrame
@@ -73,6 +75,7 @@ class Ranking:
     seconds: float
     stability: dict[str, float] | None = None
     batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
         """The ranked table (a copy)."""
@@ -242,9 +245,33 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     table = table.reset_index(drop=True)
     total = sum(p.numel() for p in model.parameters())
     stability = _stability(per_batch) if len(per_batch) > 1 else None
+    notes = [note] if ranker is not None and (note := unseen_family_note(ranker, task)) else []
     return Ranking(table=table, total_params=int(total), by=label,
                    seconds=time.perf_counter() - start, stability=stability,
-                   batch_scores=[s.to_numpy() for s in per_batch])
+                   batch_scores=[s.to_numpy() for s in per_batch], notes=notes)
+
+
+def unseen_family_note(ranker: ZestRanker, task: Task) -> str | None:
+    """One line when ``task``'s model family is not among those the predictor was trained on,
+    with the predictor's measured leave-one-family-out Kendall τ (how well it ranked families
+    it had not seen); ``None`` when the family was seen or the predictor does not record its
+    families."""
+    info = getattr(ranker, "info_", {}) or {}
+    families = info.get("families")
+    if not families:
+        return None
+    family = model_family(task.spec)
+    if family in families:
+        return None
+    per_family = (info.get("cv") or {}).get("lofo_per_family") or {}
+    if per_family:
+        values = list(per_family.values())
+        measured = (f"on families held out of its training it reached a mean Kendall τ of "
+                    f"{np.mean(values):.2f} (from {min(values):.2f} to {max(values):.2f})")
+    else:
+        measured = "its accuracy on an unseen family was not measured"
+    return (f"the predictor has not seen the {family} family (trained on "
+            f"{', '.join(families)}); {measured}, so treat this ranking as an estimate")
 
 
 def _stability(per_batch: list[pd.Series], k: int = 5) -> dict[str, float]:

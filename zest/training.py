@@ -25,6 +25,7 @@ from zest.evaluation import (
     predictor_metrics,
     summarise,
 )
+from zest.models import model_family
 from zest.predictor import (
     TARGETS,
     ZestRanker,
@@ -101,16 +102,24 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     template = ZestRanker(backend=backend, normalization=normalization, random_state=seed)
     template._validate()  # noqa: SLF001 - fail before the CV
     groups = table["group"].nunique()
+    families = sorted({model_family(m) for m in table["model"].unique()})
     cv: dict[str, Any] = {}
     summary = {"kendall": float("nan"), "recall": float("nan")}
     if groups >= 2:
-        results = evaluate(metrics, groundtruth, target=target, schemes=("logo",),
+        schemes = ("logo", "lofo") if len(families) >= 2 else ("logo",)
+        results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
                            make_ranker=lambda: ZestRanker(**_ranker_params(template)),
                            features=features)
         mean = summarise(results)
-        row = mean[mean["method"] == "predictor"].iloc[0]
-        summary = {m: float(row[m]) for m in ("kendall", "spearman", "ndcg", "recall")}
-        cv = {"logo": summary, "groups": int(groups)}
+        for scheme in schemes:
+            row = mean[(mean["scheme"] == scheme) & (mean["method"] == "predictor")].iloc[0]
+            cv[scheme] = {m: float(row[m]) for m in ("kendall", "spearman", "ndcg", "recall")}
+        summary = cv["logo"]
+        cv["groups"] = int(groups)
+        if "lofo" in cv:
+            own = results[(results["scheme"] == "lofo") & (results["method"] == "predictor")]
+            cv["lofo_per_family"] = {str(k): float(v) for k, v in
+                                     own.groupby("fold")["kendall"].mean().items()}
     ranker = ZestRanker(**_ranker_params(template)).fit(table, table[target].to_numpy(),
                                                          metric_cols)
     probe = {"probe_loss": str(metrics["probe_loss"].iloc[0]) if "probe_loss" in metrics
@@ -119,7 +128,7 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
              else None,
              "batches_per_group": int(metrics["batch"].nunique()) if "batch" in metrics else 1}
     ranker.save(out, target=target, probe=probe, cv=cv,
-                groups=sorted(table["group"].unique().tolist()))
+                groups=sorted(table["group"].unique().tolist()), families=families)
     return ranker, summary
 
 
