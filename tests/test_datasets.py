@@ -48,7 +48,7 @@ def _write_text_table(path, n_per_class=20, classes=("neg", "pos", "neutral")) -
 
 def test_known_datasets_lists_packaged_and_user_specs():
     names = known_datasets()
-    for n in ("digits", "mnist5k", "lfw_faces", "20ng", "20ng_coarse", "r8", "r52"):
+    for n in ("digits", "mnist5k", "lfw_faces", "patches", "20ng", "20ng_coarse", "r8", "r52"):
         assert n in names
     assert "rotten_tomatoes" in names
     for pattern in ("csv:<path>", "parquet:<path>", "imagefolder:<dir>", "npz:<path>"):
@@ -180,6 +180,20 @@ def test_lfw_faces():
 
 
 # ------------------------------------------------------------------ user data: text
+
+
+def test_patches_are_ten_photographs_in_non_overlapping_tiles():
+    from zest.datasets import PATCH_SOURCES, _patches
+
+    raw = _patches()
+    assert raw.x.shape[1:] == (1, 32, 32) and set(raw.y) == set(PATCH_SOURCES)
+    assert len(raw.x) > 1500 and raw.x.min() >= 0 and raw.x.max() <= 1
+    assert (raw.x.std(axis=(1, 2, 3)) >= 0.03).all()
+    flat = raw.x.reshape(len(raw.x), -1)
+    assert len(np.unique(flat, axis=0)) == len(flat)  # no tile twice
+    d = load_dataset("patches", image_size=48, val_fraction=0.25)
+    assert d.num_classes == 10 and d.splits["train"].x.shape[1:] == (3, 48, 48)
+    assert len(d.splits["val"]) > 400
 
 
 def test_csv_text_without_tokenizer(tmp_path):

@@ -21,11 +21,12 @@ collect_app = typer.Typer(no_args_is_help=True, help="Collect metric and ground-
 app.add_typer(collect_app, name="collect")
 
 # -- shared options ------------------------------------------------------------------------------
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model spec: minilm, "
-                                          "efficientnet_lite0, efficientnet_lite2, timm:<arch>, "
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model spec: minilm, smollm2, "
+                                          "efficientnet_lite0, efficientnet_lite2, mobilenetv2, "
+                                          "timm:<arch>, "
                                           "hf:<dir>, tiny_* test models.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set spec: digits, "
-                                            "mnist5k, lfw_faces, 20ng, r8, r52, rotten_tomatoes, "
+                                            "mnist5k, lfw_faces, patches, 20ng, r8, r52, rotten_tomatoes, "
                                             "csv:<path>, parquet:<path>, imagefolder:<dir>, "
                                             "npz:<path>.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of splits, head initialisation, batches.")]
