@@ -26,7 +26,8 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model spec: min
                                           "timm:<arch>, "
                                           "hf:<dir>, tiny_* test models.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set spec: digits, "
-                                            "mnist5k, lfw_faces, patches, 20ng, r8, r52, rotten_tomatoes, "
+                                            "mnist5k, lfw_faces, patches, 20ng, r8, r52, "
+                                            "rotten_tomatoes, "
                                             "csv:<path>, parquet:<path>, imagefolder:<dir>, "
                                             "npz:<path>.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of splits, head initialisation, batches.")]
