@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import zest
 from tests.conftest import image_batch
 from tests.test_predictor import synthetic_records
 from zest.cli import app
@@ -163,3 +165,47 @@ def test_unlabelled_batch_ranks_by_label_free_metrics_and_names_the_rest(model_s
         assert all(name in str(error.value) for name in free)
         with pytest.raises(InvalidInputError, match="the predictor reads .*snip"):
             rank(model, task, unlabelled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_bert"])
+def test_half_precision_models_rank_with_float32_metrics(dtype, spec):
+    from zest.collect import DataOptions, load_pair
+
+    model, task, data = load_pair(spec, "digits" if spec == "tiny_cnn" else "r8",
+                                  options=DataOptions(image_size=16, max_length=16,
+                                                      max_train=64))
+    model = model.to(dtype)
+    batch = data.batches("train", 16, 1)[0]  # float32 images go into the half model
+    ranking = zest.rank(model, task, batch)
+    assert ranking.table["score"].notna().all()
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rank", "--top-k", "0"], "--top-k"),
+    (["rank", "--param-budget", "0"], "--param-budget"),
+    (["rank", "--image-size", "0"], "--image-size"),
+    (["rank", "--max-train", "0"], "--max-train"),
+    (["finetune", "--layers", "top:3", "--param-budget", "0.01"], "contradict"),
+    (["finetune", "--layers", "top:0"], "at least 1"),
+    (["finetune", "--layers", "all", "--param-budget", "0.1"], "--layers auto"),
+    (["finetune", "--method", "full", "--layers", "top:3"], "drop --layers"),
+    (["finetune", "--method", "head", "--param-budget", "0.1"], "drop --param-budget"),
+])
+def test_empty_or_contradictory_requests_are_refused_before_loading(args, message, tmp_path,
+                                                                    monkeypatch):
+    import zest.collect
+    import zest.pipeline
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(zest.collect, "load_pair", no_loading)
+    monkeypatch.setattr(zest.pipeline, "load_pair", no_loading)
+    out = ["--out", str(tmp_path / "run")] if args[0] == "finetune" else []
+    result = runner.invoke(app, [*args, "--model", "tiny_cnn", "--dataset", "digits", *out])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -312,11 +312,11 @@ def rank_command(
     from zest.collect import load_pair
     from zest.errors import InvalidInputError
     from zest.models import resolve_device
-    from zest.ranking import load_predictor, rank
+    from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
-        if top_k is not None and param_budget is not None:
-            raise InvalidInputError("pass either --top-k or --param-budget, not both")
+        check_selection(top_k, param_budget)
+        options = _options(image_size, max_length, max_train, None, text_column, label_column)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
         if out is not None and out.suffix not in (".csv", ".json"):
@@ -326,16 +326,16 @@ def rank_command(
         if by is None:
             load_predictor(predictor)  # fail before loading the model
         torch_device = resolve_device(device)
-        model_, task, data = load_pair(model, dataset, options=_options(
-            image_size, max_length, max_train, None, text_column, label_column), seed=seed,
-            device=str(torch_device), checkpoint=str(checkpoint) if checkpoint else None)
+        model_, task, data = load_pair(model, dataset, options=options, seed=seed,
+                                       device=str(torch_device),
+                                       checkpoint=str(checkpoint) if checkpoint else None)
         minibatches = data.batches("train", batch_size, batches, seed=seed)
         ranking = rank(model_, task, minibatches, predictor=predictor, by=by,
                        granularity=granularity, layer_names=_names(layers), device=torch_device)
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
         source = ranking.for_lora() if output_format == "peft" else ranking
-        chosen = source.top(top_k) if top_k else (
-            source.select(param_budget) if param_budget else source.top(min(5, len(
+        chosen = source.top(top_k) if top_k is not None else (
+            source.select(param_budget) if param_budget is not None else source.top(min(5, len(
                 source.table))))
         table = ranking.to_frame()
         table["chosen"] = table["layer"].isin(chosen)

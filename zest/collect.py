@@ -56,6 +56,24 @@ class DataOptions:
     label_column: str = "label"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.image_size is not None and not (integer(self.image_size)
+                                                and self.image_size >= 8):
+            raise InvalidInputError(f"--image-size must be an integer of at least 8, got "
+                                    f"{self.image_size!r}; omit it for the model's default")
+        if not (integer(self.max_length) and self.max_length >= 8):
+            raise InvalidInputError(f"--max-length must be an integer of at least 8, got "
+                                    f"{self.max_length!r}")
+        for name in ("max_train", "max_val", "max_test"):
+            cap = getattr(self, name)
+            if cap is not None and not (integer(cap) and cap >= 1):
+                flag = "--" + name.replace("_", "-")
+                raise InvalidInputError(f"{flag} must be a positive integer, got {cap!r}; omit "
+                                        "it to keep the whole split")
+
     def settings(self) -> dict[str, Any]:
         """The options as flat, JSON-friendly settings (``extra`` keys inline), as stamped into
         record files."""

@@ -148,6 +148,9 @@ class Task:
         handle = self.head(model).register_forward_pre_hook(grab)
         try:
             inputs = self.model_inputs(batch, device)
+            if isinstance(inputs, torch.Tensor):  # float32 images into a half-precision model
+                dtype = next(model.parameters()).dtype
+                inputs = inputs.to(dtype) if inputs.dtype != dtype else inputs
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
         finally:
             handle.remove()

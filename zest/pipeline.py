@@ -58,6 +58,40 @@ def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[
     return names, info
 
 
+def check_layer_request(method: str, layers: str | Sequence[str] | None,
+                        param_budget: float | None) -> None:
+    """Refuses empty or contradictory layer requests before anything is loaded: a budget with
+    ``top:K`` or with layer names, ``top:0``, layers or a budget for a method that trains a
+    fixed set of parameters."""
+    if param_budget is not None and (isinstance(param_budget, bool)
+                                     or not isinstance(param_budget, int | float)
+                                     or not 0 < param_budget <= 1):
+        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+    if method in LAYERLESS_METHODS:
+        if layers not in (None, "auto"):
+            raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
+                                    f"--layers {layers if isinstance(layers, str) else '...'}")
+        if param_budget is not None:
+            raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
+                                    "--param-budget")
+        return
+    if isinstance(layers, str) and layers.startswith("top:"):
+        try:
+            k = int(layers[4:])
+        except ValueError:
+            raise InvalidInputError(f"--layers {layers!r}: use top:K with an integer K") \
+                from None
+        if k < 1:
+            raise InvalidInputError(f"--layers {layers!r}: K must be at least 1")
+        if param_budget is not None:
+            raise InvalidInputError(f"--layers {layers} and --param-budget {param_budget} "
+                                    "contradict each other; pass one (a budget goes with "
+                                    "--layers auto)")
+    elif layers not in (None, "auto") and param_budget is not None:
+        raise InvalidInputError("--param-budget goes with --layers auto, not with 'all' or "
+                                "layer names")
+
+
 def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
                  method: str = "spsft", layers: str | Sequence[str] | None = "auto",
                  param_budget: float | None = None, epochs: int = 3, lr: float = 1e-3,
@@ -67,8 +101,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
                  progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Fine-tunes and writes a run directory; returns the metrics dict."""
     tuner_class = METHODS.get(method)
-    if param_budget is not None and not 0 < param_budget <= 1:
-        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget}")
+    check_layer_request(method, layers, param_budget)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):

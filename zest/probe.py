@@ -77,6 +77,9 @@ def sum64(x: torch.Tensor) -> float:
     return float(chunks.sum(dtype=torch.float64)) + float(flat[cut:].sum(dtype=torch.float64))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 @dataclass
 class LayerContext:
     """Everything the metrics may read about one layer, from one probe.
@@ -102,6 +105,17 @@ class LayerContext:
     fisher_diagonal_total: float | None = None
     block_shift: float | None = None
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # metrics run in float32 whatever the model's dtype: half-precision linear algebra
+        # (eigh, SVD) is missing on CPU, and float16 sums overflow
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.dtype in _HALF:
+                setattr(self, name, value.float())
+            elif isinstance(value, tuple) and any(isinstance(v, torch.Tensor)
+                                                  and v.dtype in _HALF for v in value):
+                setattr(self, name, tuple(v.float() if isinstance(v, torch.Tensor)
+                                          and v.dtype in _HALF else v for v in value))
 
     def weight_matrix(self) -> torch.Tensor:
         """The weight reshaped to (out, in·k·k) (rows = output neurons)."""
@@ -765,8 +779,8 @@ def _synflow_pass(model: nn.Module, task: Task, batch: Batch, device: Any,
                 tensor.data = value.abs() if isinstance(tensor, nn.Parameter) else value
     if task.modality == "image":
         x = task.model_inputs(batch, device)
-        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]), dtype=dtype or x.dtype,
-                                 device=x.device)
+        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]),
+                                 dtype=dtype or weights[0].dtype, device=x.device)
     else:
         ids = batch["input_ids"][:1].to(device)
         inputs = {"input_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids)}

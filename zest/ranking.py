@@ -161,6 +161,20 @@ class Ranking:
         return fig
 
 
+def check_selection(top_k: int | None, param_budget: float | None) -> None:
+    """Validates how many layers to choose, before any work: at most one of ``top_k`` (a
+    positive integer) and ``param_budget`` (a share in (0, 1])."""
+    if top_k is not None and param_budget is not None:
+        raise InvalidInputError("pass either --top-k or --param-budget, not both")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise InvalidInputError(f"--top-k must be a positive integer, got {top_k!r}")
+    if param_budget is not None and (isinstance(param_budget, bool)
+                                     or not isinstance(param_budget, int | float)
+                                     or not 0 < param_budget <= 1):
+        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+
+
 def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) -> list[str]:
     """Greedy budget fill: walks ``layers`` best first and keeps each one whose parameter
     count (``params``, aligned) still fits in ``allowed``; larger ones are skipped, not ended on.
