@@ -278,3 +278,76 @@ def test_gps_on_all_layers_keeps_every_input_of_narrow_neurons():
     fresh, fresh_task, _, _ = pair(IMAGE)
     with pytest.raises(InvalidInputError, match="larger than"):
         GPS(fresh, fresh_task, layers=[grouped], k=width + 2)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snapshot):
+    return all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
+
+
+@pytest.fixture(scope="module")
+def trained_deltas(tmp_path_factory):
+    """A GPS and an SPSFT delta of the image test model (each with several entries)."""
+    folder = tmp_path_factory.mktemp("deltas")
+    out = {}
+    for method, kwargs in (("gps", {"k": 2}), ("spsft", {"ratio": 0.25})):
+        model, task, data, layers = pair(IMAGE)
+        tuner = METHODS.get(method)(model, task, layers=layers, **kwargs).fit(
+            data, epochs=1, batch_size=16)
+        out[method] = (tuner.delta(), task.num_classes)
+    return folder, out
+
+
+@pytest.mark.parametrize("method, corrupt, message", [
+    ("spsft", lambda t: t.update(rows=t["rows"][:-1]), "row indices do not fit|rows of"),
+    ("spsft", lambda t: t.update(indices=-t["indices"] - 1), "outside"),
+    ("spsft", lambda t: t.update(indices=torch.zeros_like(t["indices"])), "twice"),
+    ("gps", lambda t: t.update(indices=-t["indices"] - 1), "outside"),
+    ("gps", lambda t: t.update(values=torch.cat([t["values"], t["values"]], dim=1)),
+     "do not fit"),
+    ("gps", lambda t: t.update(values=torch.full_like(t["values"], float("nan"))),
+     "non-finite"),
+    ("gps", lambda t: t.pop("values"), "lacks"),
+])
+def test_malformed_deltas_are_refused_and_change_nothing(trained_deltas, method, corrupt,
+                                                         message):
+    import copy
+
+    folder, deltas = trained_deltas
+    delta, num_classes = deltas[method]
+    bad = copy.deepcopy(delta)
+    last = [e for e in bad.entries if e.kind != "replace"][-1]  # earlier entries would apply
+    corrupt(last.tensors)
+    path = bad.save(folder / f"{method}-bad.safetensors")
+    fresh, _ = load_model("tiny_cnn", num_classes)
+    snapshot = _state(fresh)
+    with pytest.raises(InvalidInputError, match=message):
+        apply_delta(fresh, path)
+    assert _unchanged(fresh, snapshot)
+
+
+def test_delta_refuses_a_base_with_other_weights(trained_deltas):
+    _, deltas = trained_deltas
+    delta, num_classes = deltas["gps"]
+    assert delta.meta["seed"] == 0 and delta.meta["base_fingerprint"]
+    other_seed, _ = load_model("tiny_cnn", num_classes, seed=1)  # random weights differ
+    snapshot = _state(other_seed)
+    with pytest.raises(InvalidInputError, match="another base.*--seed 0"):
+        apply_delta(other_seed, delta)
+    assert _unchanged(other_seed, snapshot)
+    same, _ = load_model("tiny_cnn", num_classes, seed=0)
+    apply_delta(same, delta)  # the head seed does not matter: the delta replaces the head
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_garbage_delta_files_are_one_line_errors(trained_deltas, tmp_path, content):
+    from zest.errors import RecordError
+
+    _, deltas = trained_deltas
+    path = deltas["gps"][0].save(tmp_path / "d.safetensors")
+    path.write_bytes(content)
+    with pytest.raises(RecordError, match="corrupt"):
+        Delta.load(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from zest.datasets import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
-from zest.finetune.delta import Delta, DeltaEntry
+from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
 from zest.layers import candidate_layers
 from zest.models import Task
 
@@ -148,6 +148,7 @@ class Tuner:
             raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
         self.device_ = self.device or next(self.model.parameters()).device
         start = time.perf_counter()
+        self.base_fingerprint_ = model_fingerprint(self.model, self.task.head_name)
         self._prepare(data, batch_size)
         params = self.trainable_parameters()
         if not params:
@@ -250,6 +251,8 @@ class Tuner:
         entries = self._delta_entries()
         return Delta(entries=entries, meta={
             "method": self.method, "model": self.task.spec, "num_classes": self.task.num_classes,
+            "head": self.task.head_name, "seed": self.seed,
+            "base_fingerprint": self.base_fingerprint_,
             "layers": list(self.layer_names), "trainable_params": int(self.trainable_params_)})
 
     def _trained_norm_buffers(self) -> dict[str, torch.Tensor]:

@@ -121,9 +121,11 @@ class Delta:
         try:
             spec = json.loads(side.read_text())
             tensors = load_file(str(path))
-        except (json.JSONDecodeError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
             raise RecordError(f"delta {str(path)!r} is corrupt ({type(exc).__name__}); "
                               "export it again") from None
+        if not isinstance(spec, dict):
+            raise RecordError(f"{side.name} is not a zest delta sidecar; export it again")
         if spec.get("format") != "zest-delta" or spec.get("format_version") != FORMAT_VERSION:
             raise RecordError(f"{side.name} is not a zest delta of format version "
                               f"{FORMAT_VERSION}; export it again with this zest")
@@ -135,8 +137,9 @@ class Delta:
                                           tensors={k: tensors[v] for k, v in
                                                    item["tensors"].items()},
                                           extra=item.get("extra", {})))
-        except KeyError as exc:
-            raise RecordError(f"delta {str(path)!r} is corrupt: missing {exc}") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise RecordError(f"delta {str(path)!r} is corrupt: missing or malformed {exc}; "
+                              "export it again") from None
         meta = {k: v for k, v in spec.items() if k not in ("entries", "format",
                                                            "format_version")}
         return cls(entries=entries, meta=meta)
@@ -147,12 +150,42 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
-                model_spec: str | None = None) -> nn.Module:
-    """Merges a delta into ``model`` in place (and returns it).
+def model_fingerprint(model: nn.Module, head_name: str | None = None) -> str:
+    """A short hash of every parameter and floating buffer of ``model`` outside its head (names,
+    dtypes, shapes and bytes): a delta records the fingerprint of the base it was trained on,
+    and applying it elsewhere is refused. The head is left out because deltas replace it
+    whole."""
+    import hashlib
 
-    Every entry is checked first (parameter exists, shape matches, indices in range, model spec
-    matches when given); on any mismatch an error names it and the model is left untouched.
+    digest = hashlib.blake2b(digest_size=12)
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    for name in sorted(tensors):
+        if head_name and (name == head_name or name.startswith(head_name + ".")):
+            continue
+        tensor = tensors[name]
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
+                model_spec: str | None = None, check_base: bool = True) -> nn.Module:
+    """Merges a delta into ``model`` in place (and returns it), all or nothing.
+
+    The whole delta is validated first: the base model (spec, and the fingerprint of its
+    weights when the delta records one), every entry's parameter name, shape, kind, tensor
+    shapes, index ranges and counts, and finite values; every new parameter value is then
+    computed, and only when all of that succeeded is any parameter changed. On any mismatch an
+    error names it and the model is left untouched.
+
+    Args:
+        model: A freshly loaded base model with a head of the delta's ``num_classes``.
+        delta: A :class:`Delta` or the path of its ``.safetensors`` file.
+        model_spec: The spec ``model`` was loaded from, checked against the delta's.
+        check_base: Refuse a base whose weights differ from the one the delta was trained on.
     """
     if not isinstance(delta, Delta):
         delta = Delta.load(delta)
@@ -162,9 +195,15 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
                                 f"{model_spec!r}; apply it to a fresh {expected!r}")
     params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     planned: list[tuple[torch.Tensor, DeltaEntry]] = []
+    seen: set[str] = set()
     for entry in delta.entries:
+        if entry.name in seen:
+            raise RecordError(f"delta entry {entry.name!r} appears twice; export the delta "
+                              "again")
+        seen.add(entry.name)
         if entry.kind not in KINDS:
-            raise RecordError(f"delta entry {entry.name!r} has unknown kind {entry.kind!r}")
+            raise RecordError(f"delta entry {entry.name!r} has unknown kind {entry.kind!r}; "
+                              "export the delta again")
         target = params.get(entry.name)
         if target is None:
             raise InvalidInputError(f"delta entry {entry.name!r} has no parameter of that name in "
@@ -176,29 +215,92 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
                                     f"with num_classes={delta.meta.get('num_classes')}")
         _check_entry(entry, target)
         planned.append((target, entry))
+    fingerprint = delta.meta.get("base_fingerprint")
+    if check_base and fingerprint:
+        head = delta.meta.get("head")
+        found = model_fingerprint(model, head)
+        if found != fingerprint:
+            seed = delta.meta.get("seed")
+            raise InvalidInputError(
+                f"this delta was trained on another base (weights fingerprint {fingerprint}, "
+                f"this model's is {found}); load the base it was trained on ({expected!r}"
+                f"{f', --seed {seed}' if seed is not None else ''}, the same --checkpoint)")
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for target, entry in planned:
+        base = target.detach().cpu()
+        if entry.kind == "replace":
+            new = entry.tensors["value"].to(base.dtype)
+        else:
+            new = base + entry.weight_delta(base)
+        if target.is_floating_point() and not bool(torch.isfinite(new).all()):
+            raise InvalidInputError(f"delta entry {entry.name!r} would make the parameter "
+                                    "non-finite; export the delta again")
+        updates.append((target, new))
     with torch.no_grad():
-        for target, entry in planned:
-            if entry.kind == "replace":
-                target.copy_(entry.tensors["value"].to(target.dtype))
-            else:
-                target.add_(entry.weight_delta(target.detach().cpu()).to(target.device))
+        for target, new in updates:
+            target.copy_(new.to(target.device))
     return model
 
 
+#: The tensors each entry kind must have.
+_ENTRY_TENSORS = {"replace": ("value",), "sparse_add": ("indices", "values"),
+                  "rows_add": ("indices", "rows"), "lora": ("A", "B")}
+
+
 def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
+    """Raises :class:`InvalidInputError` naming what does not fit, before anything changes."""
+    name = repr(entry.name)
+    missing = [k for k in _ENTRY_TENSORS[entry.kind] if k not in entry.tensors]
+    if missing:
+        raise InvalidInputError(f"delta entry {name} ({entry.kind}) lacks its {missing[0]!r} "
+                                "tensor; export the delta again")
+    for key, tensor in entry.tensors.items():
+        if key != "indices" and tensor.is_floating_point() and \
+                not bool(torch.isfinite(tensor).all()):
+            raise InvalidInputError(f"delta entry {name} has non-finite values in {key!r} "
+                                    "(NaN or inf); export the delta again")
     rows = target.shape[0]
     width = target[0].numel() if target.ndim > 1 else 1
     if entry.kind == "replace" and list(entry.tensors["value"].shape) != list(target.shape):
-        raise InvalidInputError(f"delta entry {entry.name!r}: stored value has shape "
+        raise InvalidInputError(f"delta entry {name}: stored value has shape "
                                 f"{list(entry.tensors['value'].shape)}, expected "
                                 f"{list(target.shape)}")
+    if entry.kind in ("sparse_add", "rows_add"):
+        indices = entry.tensors["indices"]
+        if indices.is_floating_point() or indices.is_complex():
+            raise InvalidInputError(f"delta entry {name}: indices must be integers, got "
+                                    f"{indices.dtype}")
     if entry.kind == "sparse_add":
-        indices = entry.tensors["indices"]
-        if indices.shape[0] != rows or int(indices.max()) >= width or int(indices.min()) < 0:
-            raise InvalidInputError(f"delta entry {entry.name!r}: sparse indices do not fit a "
-                                    f"weight of {rows} rows × {width} columns")
+        indices, values = entry.tensors["indices"], entry.tensors["values"]
+        if indices.ndim != 2 or indices.shape[0] != rows or tuple(values.shape) != tuple(
+                indices.shape):
+            raise InvalidInputError(f"delta entry {name}: {tuple(values.shape)} values at "
+                                    f"{tuple(indices.shape)} indices do not fit a weight of "
+                                    f"{rows} rows (one row of indices and values per row)")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= width):
+            raise InvalidInputError(f"delta entry {name}: sparse indices "
+                                    f"{int(indices.min())}..{int(indices.max())} are outside "
+                                    f"the {width} columns of the weight")
     if entry.kind == "rows_add":
-        indices = entry.tensors["indices"]
-        if int(indices.max()) >= rows or entry.tensors["rows"][0].numel() != width:
-            raise InvalidInputError(f"delta entry {entry.name!r}: row update does not fit a "
-                                    f"weight of {rows} rows × {width} columns")
+        indices, values = entry.tensors["indices"], entry.tensors["rows"]
+        per_row = values[0].numel() if len(values) else 0
+        if indices.ndim != 1 or values.shape[0] != indices.shape[0] or (
+                len(values) and per_row != width):
+            raise InvalidInputError(f"delta entry {name}: {values.shape[0]} rows of "
+                                    f"{per_row} values for "
+                                    f"{indices.numel()} row indices do not fit a weight of "
+                                    f"{rows} rows × {width} columns")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
+            raise InvalidInputError(f"delta entry {name}: row indices "
+                                    f"{int(indices.min())}..{int(indices.max())} are outside "
+                                    f"the weight's {rows} rows")
+        if len(set(indices.tolist())) != indices.numel():
+            raise InvalidInputError(f"delta entry {name}: a row index appears twice")
+    if entry.kind == "lora":
+        a, b = entry.tensors["A"], entry.tensors["B"]
+        try:
+            entry.weight_delta(target.detach().cpu())
+        except RuntimeError:
+            raise InvalidInputError(f"delta entry {name}: LoRA factors {tuple(b.shape)} × "
+                                    f"{tuple(a.shape)} do not fit a weight of shape "
+                                    f"{list(target.shape)}") from None
