@@ -1,4 +1,4 @@
-"""The ``zest`` command line (DESIGN §7): thin Typer commands over the library functions.
+"""The ``zest`` command line (ARCHITECTURE.md §3a): thin Typer commands over the library functions.
 
 Every command prints one line and exits with code 1 on a :class:`~zest.errors.ZestError`;
 progress bars go to stderr and are off when stderr is not a terminal or with ``--quiet``.

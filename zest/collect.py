@@ -45,7 +45,7 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class DataOptions:
-    """How to load a data set (DESIGN §7 options shared by every command)."""
+    """How to load a data set (ARCHITECTURE.md §3a options shared by every command)."""
 
     image_size: int | None = None
     max_length: int = 128
@@ -190,7 +190,7 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
                     layer_names: Sequence[str] | None = None, device: str = "cpu",
                     checkpoint: str | None = None, progress: ProgressCallback | None = None,
                     out: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Metric records of one (model, dataset) group (DESIGN §4).
+    """Metric records of one (model, dataset) group (ARCHITECTURE.md §5).
 
     Args:
         model_spec: Model spec (see :func:`zest.load_model`).

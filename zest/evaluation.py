@@ -1,4 +1,4 @@
-"""Honest evaluation of layer rankings against the ground truth (DESIGN §5, issue 5).
+"""Honest evaluation of layer rankings against the ground truth (ARCHITECTURE.md §3b, issue 5).
 
 Held-out schemes: leave-one-group-out (``logo``), leave-one-dataset-out (``lodo``),
 leave-one-model-out (``lomo``), leave-one-family-out (``lofo``: every model of an architecture

@@ -1,4 +1,5 @@
-"""Ground truth: how much fine-tuning one layer (plus a fresh head) helps (ZEST, DESIGN §4).
+"""Ground truth: how much fine-tuning one layer (plus a fresh head) helps (ZEST, ARCHITECTURE.md
+§5).
 
 For every candidate layer and seed, the layer's weight and bias are trained together with a
 freshly initialised head for ``steps`` steps on the train split, then accuracy and cross-entropy

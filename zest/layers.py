@@ -1,4 +1,4 @@
-"""Candidate-layer discovery and block grouping (DESIGN §3, "Layer").
+"""Candidate-layer discovery and block grouping (ARCHITECTURE.md §2, "Layer").
 
 A candidate layer is a module, named by its ``named_modules()`` name, that directly owns a weight
 of ndim ≥ 2 (Conv, Linear, Embedding, ...). The classification head and everything inside it is

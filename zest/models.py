@@ -1,4 +1,4 @@
-"""Model registry and task adapters (DESIGN §3).
+"""Model registry and task adapters (ARCHITECTURE.md §2).
 
 A *model spec* is a string: a registered name (``minilm``, ``efficientnet_lite0``, ...),
 ``timm:<arch>`` (optionally with a checkpoint file) or ``hf:<local dir>``. :func:`load_model`

@@ -1,4 +1,5 @@
-"""The universal predictor: a pairwise ranker over per-layer zero-shot metrics (DESIGN §5).
+"""The universal predictor: a pairwise ranker over per-layer zero-shot metrics (ARCHITECTURE.md
+§3b).
 
 ZEST (project page): "each iteration, we sample two layers and feed the pre-collected zero-shot
 metrics into the predictor"; trained across many (model, data set) groups, it ranks the layers of
@@ -123,7 +124,7 @@ def normalize_within_groups(values: pd.DataFrame, groups: Sequence, method: str)
 
 @dataclass
 class ZestRanker:
-    """Pairwise layer ranker over zero-shot metrics (DESIGN §5).
+    """Pairwise layer ranker over zero-shot metrics (ARCHITECTURE.md §3b).
 
     Args:
         backend: ``lightgbm`` (LGBMRanker, lambdarank on per-group relevance grades) or

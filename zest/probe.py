@@ -1,4 +1,5 @@
-"""One forward and one backward pass with hooks → a :class:`LayerContext` per layer (DESIGN §3).
+"""One forward and one backward pass with hooks → a :class:`LayerContext` per layer
+(ARCHITECTURE.md §2).
 
 The probe is the only place that runs the model for zero-shot metrics. It runs
 

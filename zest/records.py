@@ -1,4 +1,5 @@
-"""Parquet records of metrics and ground truth (DESIGN §4): schema, validation, atomic writes.
+"""Parquet records of metrics and ground truth (ARCHITECTURE.md §5): schema, validation, atomic
+writes.
 
 One row per (model, dataset, layer[, batch or seed]). Files are written atomically (a temporary
 file in the same folder, then ``os.replace``) under a file lock, so a killed writer never leaves

@@ -2,14 +2,16 @@
 
 The ground-truth collector fine-tunes one layer at a time with everything before the layer's
 block frozen, so the output of that frozen prefix can be computed once per example and reused
-(ZEST ground truth, DESIGN §4). A :class:`StagePlan` knows, for one architecture family, how to
-run the forward stage by stage: ``state = plan.start(inputs)``, ``state = plan.run(state, i, j)``,
-``features = plan.features(state)`` (the head input). States are dicts of tensors whose first
-dimension is the example, so they can be cached, sliced and concatenated.
+(ZEST ground truth, ARCHITECTURE.md §5). A :class:`StagePlan` knows, for one architecture
+family, how to run the forward stage by stage: ``state = plan.start(inputs)``,
+``state = plan.run(state, i, j)``, ``features = plan.features(state)`` (the head input).
+States are dicts of tensors whose first dimension is the example, so they can be cached,
+sliced and concatenated.
 
-Plans exist for timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs and Hugging Face
-BERT-style encoders; every plan is checked against the model's own forward on a sample batch
-before use (:func:`stage_plan`), and other architectures fall back to the uncached loop.
+Plans exist for timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs, Hugging Face
+BERT-style encoders and LLaMA-style decoders; every plan is checked against the model's own
+forward on a sample batch before use (:func:`stage_plan`), and other architectures fall back to
+the uncached loop.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse fine-tuners (GPS, SPSFT) and baselines with one interface (DESIGN §6).
+"""Sparse fine-tuners (GPS, SPSFT) and baselines with one interface (ARCHITECTURE.md §3a).
 
 ```python
 tuner = zest.finetune.SPSFT(model, task, layers, ratio=0.05)   # or GPS(..., k=8)

@@ -3,7 +3,7 @@
 Every method (GPS, SPSFT and the baselines) is a :class:`Tuner`: construction only validates its
 arguments; :meth:`Tuner.fit` selects what to train (``_prepare``), trains it with AdamW and
 cross-entropy, validates every epoch, and keeps the history; :meth:`Tuner.delta` returns only
-the trained entries (DESIGN §6).
+the trained entries (ARCHITECTURE.md §3a).
 """
 
 from __future__ import annotations

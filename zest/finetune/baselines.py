@@ -1,4 +1,4 @@
-"""Baselines with the tuner interface (DESIGN §6): full, head, bitfit, layers (LoRA is in
+"""Baselines with the tuner interface (ARCHITECTURE.md §3a): full, head, bitfit, layers (LoRA is in
 :mod:`zest.finetune.lora`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Zero-shot layer metrics, registered by name in three families (DESIGN §3, "Metric").
+"""Zero-shot layer metrics, registered by name in three families (ARCHITECTURE.md §2, "Metric").
 
 A metric is a pure function ``LayerContext -> float`` registered with
 ``@register_metric(name, family=..., needs={...}, direction=...)``. ``needs`` names what the probe
