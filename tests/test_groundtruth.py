@@ -317,3 +317,39 @@ dataset = "digits"
     third = runner.invoke(app, ["collect", "grid", str(grid), "--quiet"])
     assert third.output.splitlines()[0].startswith("collected")
     assert "m_kappa" in read_records(metrics_file)
+
+
+@pytest.mark.parametrize("model", ["tiny_cnn", "tiny_llama"])
+def test_prefix_continued_from_a_cached_state_is_identical(model):
+    import torch
+
+    from zest.groundtruth import (
+        _PREFIXES,
+        PairSpec,
+        _batch_of,
+        _cached_pair,
+        _split_inputs,
+        _Trainer,
+    )
+    from zest.stages import stage_plan
+
+    options = OPTIONS if model == "tiny_cnn" else DataOptions(max_length=24, max_train=96,
+                                                              max_val=48)
+    pair = PairSpec(model, "digits" if model == "tiny_cnn" else "r8", options)
+    net, task, data = _cached_pair(pair)
+    sample = _batch_of(task, *_split_inputs(task, data, "train", None), torch.arange(2))
+    plan = stage_plan(net, task, sample)
+    config = GroundTruthConfig(steps=1, eval_batch_size=40)
+    stop = len(plan.names) - 1
+    plain = _Trainer(net, task, data, config, plan).prefix_states(stop)
+    key = ("test", model)
+    _PREFIXES.pop(key, None)
+    trainer = _Trainer(net, task, data, config, plan, pair_key=key)
+    for step in range(stop + 1):  # one stage at a time, as jobs of successive blocks do
+        continued = trainer.prefix_states(step)
+    assert _PREFIXES[key][0] == stop
+    for part, expected in zip(continued, plain, strict=True):
+        assert expected.keys() == part.keys()
+        for name in expected:
+            assert torch.equal(expected[name], part[name]), name
+    _PREFIXES.pop(key)

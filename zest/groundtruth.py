@@ -116,6 +116,11 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 _PAIRS: dict[tuple, tuple[nn.Module, Task, Dataset]] = {}
+#: Per loaded pair, the last frozen-prefix outputs computed in this process: (stop, train, val).
+#: The prefix is frozen and the model is restored after every job, so a later job whose layers
+#: sit deeper continues from there instead of re-running the prefix from the input: across the
+#: blocks of one seed the prefix costs one forward pass of the data in all, not one per block.
+_PREFIXES: dict[tuple, tuple[int, Any, Any]] = {}
 
 
 def _cached_pair(pair: PairSpec) -> tuple[nn.Module, Task, Dataset]:
@@ -124,7 +129,10 @@ def _cached_pair(pair: PairSpec) -> tuple[nn.Module, Task, Dataset]:
     key = pair.key()
     if key not in _PAIRS:
         if len(_PAIRS) >= 2:
-            _PAIRS.pop(next(iter(_PAIRS)))
+            evicted = next(iter(_PAIRS))
+            _PAIRS.pop(evicted)
+            for prefix_key in [k for k in _PREFIXES if k[0] == evicted]:
+                _PREFIXES.pop(prefix_key)
         _PAIRS[key] = load_pair(pair.model, pair.dataset, options=pair.options,
                                 seed=pair.data_seed, device=pair.device,
                                 checkpoint=pair.checkpoint)
@@ -168,7 +176,8 @@ class _Trainer:
     """Trains (layer + head) or the head alone, with or without the prefix cache."""
 
     def __init__(self, model: nn.Module, task: Task, data: Dataset, config: GroundTruthConfig,
-                 plan: StagePlan | None) -> None:
+                 plan: StagePlan | None, pair_key: tuple | None = None) -> None:
+        self.pair_key = pair_key
         self.model = model
         self.task = task
         self.config = config
@@ -180,20 +189,35 @@ class _Trainer:
 
     # -- cache ----------------------------------------------------------------------------
     def prefix_states(self, stop: int) -> tuple[Any, Any]:
-        """Outputs of stages ``0..stop-1`` for every train and val example."""
-        return (self._run_prefix(self.train_inputs, self.train_labels, stop),
-                self._run_prefix(self.val_inputs, self.val_labels, stop))
+        """Outputs of stages ``0..stop-1`` for every train and val example, continued from the
+        deepest earlier prefix of this pair when there is one (:data:`_PREFIXES`)."""
+        start, train, val = 0, None, None
+        cached = _PREFIXES.get(self.pair_key) if self.pair_key is not None else None
+        if cached is not None and cached[0] <= stop:
+            start, train, val = cached
+        train = self._run_prefix(self.train_inputs, self.train_labels, start, stop, train)
+        val = self._run_prefix(self.val_inputs, self.val_labels, start, stop, val)
+        if self.pair_key is not None:
+            _PREFIXES[self.pair_key] = (stop, train, val)
+        return train, val
 
-    def _run_prefix(self, inputs: Any, labels: torch.Tensor, stop: int) -> Any:
+    def _run_prefix(self, inputs: Any, labels: torch.Tensor, start: int, stop: int,
+                    state: Any) -> Any:
+        """Stages ``start..stop-1`` over every example, in chunks of ``eval_batch_size`` (the
+        same chunks whether the prefix starts at the input or at a cached state, so both give
+        the same values)."""
         assert self.plan is not None
         chunks = []
         n = labels.shape[0]
         with torch.no_grad():
-            for start in range(0, n, self.config.eval_batch_size):
-                index = torch.arange(start, min(n, start + self.config.eval_batch_size))
-                batch = _batch_of(self.task, inputs, labels, index, trim=False)
-                state = self.plan.start(self.task.model_inputs(batch, self.device))
-                chunks.append(self.plan.run(state, 0, stop))
+            for first in range(0, n, self.config.eval_batch_size):
+                index = torch.arange(first, min(n, first + self.config.eval_batch_size))
+                if state is None:
+                    batch = _batch_of(self.task, inputs, labels, index, trim=False)
+                    chunk = self.plan.start(self.task.model_inputs(batch, self.device))
+                else:
+                    chunk = {k: v[index] for k, v in state.items()}
+                chunks.append(self.plan.run(chunk, start, stop))
         return concat_states(chunks)
 
     # -- one run --------------------------------------------------------------------------
@@ -251,7 +275,8 @@ def run_job(job: Job) -> list[dict[str, Any]]:
     model, task, data = _cached_pair(job.pair)
     sample = _batch_of(task, *_split_inputs(task, data, "train", None), torch.arange(2))
     plan = stage_plan(model, task, sample) if job.config.use_cache else None
-    trainer = _Trainer(model, task, data, job.config, plan)
+    trainer = _Trainer(model, task, data, job.config, plan,
+                       pair_key=(job.pair.key(), job.config.eval_batch_size))
     head_params = list(trainer.head.parameters())
     requires = {p: p.requires_grad for p in model.parameters()}
     training = {m: m.training for m in model.modules()}
