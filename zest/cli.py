@@ -312,6 +312,7 @@ def rank_command(
     from zest.collect import load_pair
     from zest.errors import InvalidInputError
     from zest.models import resolve_device
+    from zest.outputs import check_output_file
     from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
@@ -319,8 +320,10 @@ def rank_command(
         options = _options(image_size, max_length, max_train, None, text_column, label_column)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
-        if out is not None and out.suffix not in (".csv", ".json"):
-            raise InvalidInputError(f"--out {out} must end in .csv or .json")
+        if out is not None:
+            check_output_file(out, "--out", (".csv", ".json"))
+        if plot is not None:
+            check_output_file(plot, "--plot", (".png", ".pdf", ".svg"))
         if batches < 1:
             raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
         if by is None:
@@ -438,13 +441,12 @@ def apply_delta_command(
     """Merge a delta into a fresh base model and save the merged weights."""
     from safetensors.torch import save_file
 
-    from zest.errors import InvalidInputError
     from zest.finetune import Delta, apply_delta
     from zest.models import load_model
+    from zest.outputs import check_output_file
 
     with _user_errors():
-        if out.suffix != ".safetensors":
-            raise InvalidInputError(f"--out {out} must end in .safetensors")
+        check_output_file(out, "--out", (".safetensors",))
         loaded = Delta.load(delta)
         num_classes = int(loaded.meta.get("num_classes") or 2)
         base, _task = load_model(model, num_classes, seed=seed,

@@ -94,6 +94,12 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
                   **options.extra)
     image_size = options.image_size or 64
     data = load_dataset(dataset_spec, image_size=image_size, **common)
+    n_train = len(data.splits["train"])
+    if n_train < 2:
+        cap = f" (--max-train {options.max_train})" if options.max_train else ""
+        raise InvalidInputError(f"the train split of {dataset_spec!r} has {n_train} example"
+                                f"{'' if n_train == 1 else 's'}{cap}; at least 2 are needed: "
+                                "raise --max-train or add data")
     model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
                              checkpoint=checkpoint, image_size=image_size)
     if task.modality != data.modality:
@@ -122,6 +128,8 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
     check_granularity(granularity)
     layers = probe_layers(model, task, layer_names)
     needs = needs_of(metrics)
+    for index, batch in enumerate(batches):
+        task.check_batch(batch, where=f"batch {index}")
     check_labels(task, batches, metrics, reader=metrics_reader)
     rows = []
     for index, batch in enumerate(batches):

@@ -28,6 +28,7 @@ import importlib.metadata
 import math
 import site
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -581,7 +582,11 @@ def _read_imagefolder(spec: str, path_str: str, image_size: int) -> _Raw:
 def _read_npz(spec: str, path_str: str) -> _Raw:
     p = _existing(spec, path_str)
     try:
-        with np.load(p, allow_pickle=False) as z:
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{p} holds a single array (a .npy file), not an .npz archive; "
+                            "save it with np.savez(path, x=images, y=labels)")
+        with loaded as z:
             keys = list(z.keys())
             missing = [k for k in ("x", "y") if k not in keys]
             if missing:
@@ -596,8 +601,10 @@ def _read_npz(spec: str, path_str: str) -> _Raw:
             f"cannot read {p}: {str(e).splitlines()[0]} (object arrays are refused; store "
             "labels as ints or fixed-width strings)"
         ) from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {p} as .npz: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"cannot read {p} as .npz ({type(e).__name__}: {e}); the file is "
+                        "truncated or not an archive: save it again with np.savez(path, "
+                        "x=images, y=labels)") from None
     y = np.asarray(y).reshape(-1) if np.ndim(y) > 1 and max(np.shape(y)[1:]) == 1 else y
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(

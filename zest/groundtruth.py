@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -419,18 +419,7 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
 def _execute(jobs: Sequence[Job], n_jobs: int, backend: str, scheduler: str | None
              ) -> Iterator[tuple[Job, list[dict[str, Any]]]]:
     if backend == "dask":
-        try:
-            from dask.distributed import Client, as_completed
-        except ImportError:
-            raise InvalidInputError("--backend dask needs dask.distributed; run: pip install "
-                                    "'zest[dask]'") from None
-        if not scheduler:
-            raise InvalidInputError("--backend dask needs --scheduler ADDRESS (e.g. "
-                                    "tcp://127.0.0.1:8786)")
-        with Client(scheduler) as client:
-            futures = {client.submit(run_job, job, pure=False): job for job in jobs}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+        yield from _execute_on_dask(jobs, scheduler)
         return
     if backend != "loky":
         raise InvalidInputError(f"unknown backend {backend!r}; use 'loky' or 'dask'")
@@ -443,6 +432,69 @@ def _execute(jobs: Sequence[Job], n_jobs: int, backend: str, scheduler: str | No
     parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
     results = parallel(delayed(_run_with_job)(job) for job in jobs)
     yield from results
+
+
+#: Seconds without any finished job and without any worker before a dask run gives up.
+DASK_NO_WORKER_SECONDS = 60.0
+
+
+def _shippable(job: Job) -> Job:
+    """The job with its data set and checkpoint paths made absolute, so that workers started
+    in another folder find the files the driver found (the records keep the user's spec)."""
+    pair = job.pair
+    prefix, sep, rest = pair.dataset.partition(":")
+    dataset = pair.dataset
+    if sep and prefix in ("csv", "parquet", "npz", "imagefolder") and rest:
+        dataset = f"{prefix}:{Path(rest).expanduser().resolve()}"
+    checkpoint = str(Path(pair.checkpoint).expanduser().resolve()) if pair.checkpoint else None
+    model = pair.model
+    if model.startswith("hf:"):
+        model = f"hf:{Path(model[3:]).expanduser().resolve()}"
+    return replace(job, pair=replace(pair, model=model, dataset=dataset, checkpoint=checkpoint))
+
+
+def _execute_on_dask(jobs: Sequence[Job], scheduler: str | None
+                     ) -> Iterator[tuple[Job, list[dict[str, Any]]]]:
+    try:
+        from dask.distributed import Client, wait
+    except ImportError:
+        raise InvalidInputError("--backend dask needs dask.distributed; run: pip install "
+                                "'zest[dask]'") from None
+    if not scheduler:
+        raise InvalidInputError("--backend dask needs --scheduler ADDRESS (e.g. "
+                                "tcp://127.0.0.1:8786)")
+    try:
+        client = Client(scheduler, timeout=15)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InvalidInputError(f"cannot reach the dask scheduler at {scheduler!r} "
+                                f"({type(exc).__name__}); start it with `dask scheduler` and "
+                                "check the address") from None
+    with client:
+        futures = {client.submit(run_job, _shippable(job), pure=False): job for job in jobs}
+        pending = set(futures)
+        waited = 0.0
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for future in done:
+                waited = 0.0
+                yield futures[future], future.result()
+            if done:
+                continue
+            try:
+                workers = client.scheduler_info().get("workers", {})
+            except (OSError, TimeoutError) as exc:
+                raise InvalidInputError(f"lost the dask scheduler at {scheduler!r} "
+                                        f"({type(exc).__name__}); finished rows are kept: "
+                                        "restart it and rerun to resume") from None
+            waited = waited + 5 if not workers else 0.0
+            if waited >= DASK_NO_WORKER_SECONDS:
+                raise InvalidInputError(f"the dask cluster at {scheduler!r} has had no worker "
+                                        f"for {int(waited)} s; finished rows are kept: start "
+                                        f"workers (dask worker {scheduler}) and rerun to "
+                                        "resume")
 
 
 def _run_with_job(job: Job) -> tuple[Job, list[dict[str, Any]]]:
@@ -489,8 +541,9 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
     if progress is not None:
         progress(done, total)
     layer_info = {layer.name: layer for layer in plan.layers}
-    baselines: dict[int, dict[str, float]] = {}
-    baseline_jobs = [j for j in plan.jobs if j.block == BASELINE]
+    baselines = recorded_baselines(out)
+    baseline_jobs = [j for j in plan.jobs if j.block == BASELINE and j.seed not in baselines
+                     and any(k.seed == j.seed and k.block != BASELINE for k in plan.jobs)]
     layer_jobs = [j for j in plan.jobs if j.block != BASELINE]
     for job, results in _execute(baseline_jobs, n_jobs, backend, scheduler):
         baselines[job.seed] = results[0]
@@ -503,6 +556,17 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
         if progress is not None:
             progress(done, total)
     return read_records(out, "groundtruth") if Path(out).exists() else pd.DataFrame()
+
+
+def recorded_baselines(out: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """The head-only baselines already in a record file, per seed (a resumed collection reuses
+    them instead of training the baseline again)."""
+    if not Path(out).exists():
+        return {}
+    frame = read_records(out, "groundtruth")
+    return {int(seed): {"score": float(part["gt_baseline"].iloc[0]),
+                        "loss": float(part["gt_loss_baseline"].iloc[0])}
+            for seed, part in frame.groupby("gt_seed")}
 
 
 def _row(plan: GroundTruthPlan, layer: Layer, result: dict[str, Any], baseline: dict[str, float],

@@ -93,6 +93,67 @@ class Task:
                                     "a dict with a 'labels' tensor")
         return batch["labels"] if isinstance(batch, Mapping) else batch[1]
 
+    def check_batch(self, batch: Batch, where: str = "the batch") -> None:
+        """Raises :class:`InvalidInputError` naming what is wrong with a batch given through the
+        API: images that are not a 4-D float tensor, token tensors of the wrong kind or shape,
+        a text with no token left by its attention mask, labels of another length than the
+        batch, or labels outside ``0..num_classes-1``."""
+        if isinstance(batch, list) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+            batch = tuple(batch)
+        if self.modality == "image":
+            if isinstance(batch, Mapping):
+                images = batch.get("pixel_values")
+            else:
+                images = batch if not isinstance(batch, tuple | list) else (
+                    batch[0] if batch else None)
+            if not isinstance(images, torch.Tensor):
+                raise InvalidInputError(f"{where}: images must be a torch tensor (N, C, H, W), "
+                                        f"got {type(images).__name__}; convert numpy arrays "
+                                        "with torch.from_numpy(x).float()")
+            if images.ndim != 4 or not images.is_floating_point():
+                raise InvalidInputError(f"{where}: images must be a float tensor of shape "
+                                        f"(N, C, H, W), got {images.dtype} of shape "
+                                        f"{tuple(images.shape)}")
+            n = images.shape[0]
+        else:
+            if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"),
+                                                               torch.Tensor):
+                raise InvalidInputError(f"{where}: a text batch is a dict with an 'input_ids' "
+                                        "tensor (and 'attention_mask', 'labels'); tokenise "
+                                        "with task.tokenizer(..., return_tensors='pt')")
+            ids = batch["input_ids"]
+            if ids.ndim != 2 or ids.is_floating_point():
+                raise InvalidInputError(f"{where}: input_ids must be an integer tensor of shape "
+                                        f"(N, tokens), got {ids.dtype} of shape "
+                                        f"{tuple(ids.shape)}")
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+                    raise InvalidInputError(f"{where}: attention_mask must have the shape of "
+                                            f"input_ids {tuple(ids.shape)}")
+                empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+                if empty:
+                    raise InvalidInputError(f"{where}: text {empty[0]} has an all-zero "
+                                            "attention mask (no token to read); drop empty "
+                                            "texts")
+            n = ids.shape[0]
+        if not self.has_labels(batch):
+            return
+        labels = self.labels(batch)
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or \
+                labels.is_floating_point():
+            raise InvalidInputError(f"{where}: labels must be a 1-D integer tensor, got "
+                                    f"{getattr(labels, 'dtype', type(labels).__name__)} of shape "
+                                    f"{tuple(getattr(labels, 'shape', ()))}")
+        if labels.shape[0] != n:
+            raise InvalidInputError(f"{where}: {labels.shape[0]} labels for {n} examples; pass "
+                                    "one label per example")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise InvalidInputError(f"{where}: labels run from {int(labels.min())} to "
+                                    f"{int(labels.max())}, but the head has {self.num_classes} "
+                                    f"classes (0..{self.num_classes - 1}); load the model with "
+                                    "num_classes covering every label")
+
     def batch_size(self, batch: Batch) -> int:
         """Number of examples in a batch (labelled or not)."""
         if self.has_labels(batch):
@@ -375,7 +436,12 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise InvalidInputError(f"checkpoint {str(path)!r} is not a readable .safetensors "
+                                    f"file ({type(exc).__name__}); it may be truncated: save it "
+                                    "again") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -385,6 +451,11 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
                                     ".safetensors") from None
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InvalidInputError(f"checkpoint {str(path)!r} is not a state dict (a mapping of "
+                                f"parameter names to tensors; it holds a "
+                                f"{type(state).__name__}); save model.state_dict()")
     model_state = model.state_dict()
     is_head = {k: k.split(".")[0] in ("classifier", "head", "fc") for k in state}
     mismatched = [k for k, v in state.items() if k in model_state and not is_head[k]

@@ -18,6 +18,7 @@ from zest.collect import DataOptions, load_pair
 from zest.errors import InvalidInputError
 from zest.finetune import METHODS, Tuner
 from zest.models import resolve_device
+from zest.outputs import check_output_dir
 from zest.ranking import Ranking, rank
 
 LAYERLESS_METHODS = ("full", "head", "bitfit")
@@ -102,7 +103,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     """Fine-tunes and writes a run directory; returns the metrics dict."""
     tuner_class = METHODS.get(method)
     check_layer_request(method, layers, param_budget)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise InvalidInputError(f"run directory {str(out_dir)!r} is not writable")

@@ -14,6 +14,7 @@ flips between families. Saved as one JSON file, never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -267,7 +268,8 @@ class ZestRanker:
         if getattr(self, "_booster", None) is None:
             import lightgbm
 
-            self._booster = lightgbm.Booster(model_str=self.model_string_)
+            with _native_stderr_silenced():  # LightGBM logs "[Fatal]" before raising
+                self._booster = lightgbm.Booster(model_str=self.model_string_)
         return self._booster
 
     # -- persistence -------------------------------------------------------------------------
@@ -342,10 +344,40 @@ class ZestRanker:
                 raise ValueError("no LightGBM model")
             ranker.info_ = {k: v for k, v in spec.items()
                             if k not in ("params", "metrics", "features", "model")}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RecordError(f"{source} is corrupt ({exc}); train it again with "
+            ranker._validate()
+            if len(ranker.features_) < len(ranker.metrics_) or not ranker.metrics_:
+                raise ValueError(f"{len(ranker.features_)} features for "
+                                 f"{len(ranker.metrics_)} metrics")
+            if ranker.backend == "lightgbm":
+                booster = ranker._get_booster()
+                if booster.num_feature() != len(ranker.features_):
+                    raise ValueError(f"its LightGBM model reads {booster.num_feature()} "
+                                     f"features, the file lists {len(ranker.features_)}")
+        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+            raise RecordError(f"{source} is corrupt ({str(exc).splitlines()[0][:200]}); train "
+                              "it again with `zest train-predictor`") from None
+        except Exception as exc:  # noqa: BLE001 - LightGBM's own error for a bad model string
+            raise RecordError(f"{source} is corrupt (its LightGBM model cannot be read: "
+                              f"{type(exc).__name__}); train it again with "
                               "`zest train-predictor`") from None
         return ranker
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silences what native code writes to file descriptor 2 (Python errors still raise)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreter)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def check_predictor_out(path: str | os.PathLike) -> Path:

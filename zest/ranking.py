@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import kendalltau
 from torch import nn
 
@@ -217,6 +218,9 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     """
     check_granularity(granularity)
     batch_list = list(batches) if isinstance(batches, list) else [batches]
+    if (len(batch_list) == 2 and all(isinstance(b, torch.Tensor) for b in batch_list)
+            and batch_list[0].ndim >= 2 and batch_list[1].ndim == 1):
+        batch_list = [tuple(batch_list)]  # an [images, labels] pair, not two batches
     if not batch_list:
         raise InvalidInputError("no minibatch to rank on; pass at least one batch")
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from zest.evaluation import (
     summarise,
 )
 from zest.models import model_family
+from zest.outputs import check_output_dir, check_output_file
 from zest.predictor import (
     TARGETS,
     ZestRanker,
@@ -138,6 +139,9 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
                        min_seeds: int = 2) -> list[str]:
     """Writes ``report.md``, ``results.json`` and ``<scheme>.png`` to ``out_dir``, holding out
     each complete group (ground truth from at least ``min_seeds`` seeds for every layer)."""
+    check_output_dir(out_dir, "--out-dir")
+    if report is not None:
+        check_output_file(report, "--report", (".md",))
     ranker = load_predictor(predictor)
     schemes = list(schemes) or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
