@@ -178,7 +178,8 @@ def image_pair():
 
 
 @FAST
-@given(extra=st.integers(min_value=1, max_value=20), shift=st.integers(min_value=10))
+@given(extra=st.integers(min_value=1, max_value=20),
+       shift=st.integers(min_value=10, max_value=10**9))
 def test_generated_malformed_api_batches_are_refused(image_pair, extra, shift):
     import zest
 

@@ -235,6 +235,11 @@ def train_predictor_command(
     normalization: Annotated[str, typer.Option(help="rank or robust_z (within group).")]
     = "rank",
     seed: SeedOption = 0,
+    roles: Annotated[bool, typer.Option(
+        "--roles/--no-roles", help="Context: each layer's role in its block and its position "
+        "there (named alike in every family).")] = False,
+    modality: Annotated[bool, typer.Option(
+        "--modality/--no-modality", help="Context: a text/image flag.")] = True,
     min_seeds: MinSeedsOption = 2,
     features: Annotated[str | None, typer.Option(
         help="Comma-separated metrics to learn from (default: every metric but the peer-only "
@@ -247,7 +252,8 @@ def train_predictor_command(
     with _user_errors():
         ranker, summary = train_predictor(records, out, backend=backend, target=target,
                                           normalization=normalization, seed=seed,
-                                          min_seeds=min_seeds, features=_names(features))
+                                          min_seeds=min_seeds, features=_names(features),
+                                          use_roles=roles, use_modality=modality)
         typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
                    f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
                    f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")

@@ -108,7 +108,8 @@ def layer_role(layer: Layer) -> str:
 
 def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
     """A sample of ``n`` layers spread over roles and depth, for ground truth on models with
-    hundreds of candidates: every role gets a share proportional to its size (at least one),
+    hundreds of candidates: every role gets a share proportional to its size (at least one
+    when ``n`` covers every role),
     and within a role the layers are evenly spaced in forward order. Deterministic; returned in
     model order."""
     if n < 1:
@@ -119,7 +120,8 @@ def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
     for layer in layers:
         roles.setdefault(layer_role(layer), []).append(layer)
     exact = {role: n * len(members) / len(layers) for role, members in roles.items()}
-    quota = {role: max(1, int(share)) for role, share in exact.items()}
+    floor = 1 if n >= len(roles) else 0  # every role, when the sample has room for them all
+    quota = {role: max(floor, int(share)) for role, share in exact.items()}
     by_remainder = sorted(roles, key=lambda r: (quota[r] - exact[r], r))
     for role in by_remainder:  # largest remainders first, until the sample has n layers
         if sum(quota.values()) >= n:
@@ -129,6 +131,8 @@ def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
     chosen: set[str] = set()
     for offset, (role, members) in enumerate(roles.items()):
         k = min(quota[role], len(members))
+        if k == 0:
+            continue
         step = len(members) / k
         shift = step * ((offset + 0.5) / len(roles))  # stagger roles so depths differ
         chosen.update(members[min(len(members) - 1, int(step * i + shift))].name

@@ -18,9 +18,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,37 @@ LAYER_KINDS = ("conv", "linear", "embedding", "other")
 CONTEXT_FEATURES = ["ctx_depth", "ctx_param_share", "ctx_modality_text"] + \
     [f"ctx_type_{kind}" for kind in LAYER_KINDS]
 
+#: What a layer does in its block, named the same way in every family, from its module name
+#: (first match wins): an inverted-residual block's pointwise expansion, depthwise mixing and
+#: linear projection line up with a transformer's MLP input, token mixing and MLP output.
+ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("embedding", r"embed(ding)?s?(\.|_|$)|(^|\.)wte$|(^|\.)wpe$"),
+    ("stem", r"^(conv_stem|conv1|stem(\.\w+)*)$|patch_embed"),
+    ("attention_in", r"(query|key|value|q_proj|k_proj|v_proj|qkv|c_attn|in_proj\w*)$"),
+    ("attention_out", r"(attention\.output\.dense|o_proj|out_proj|attn\.proj|attn\.c_proj)$"),
+    ("mixing", r"conv_dw$"),
+    ("mlp_in", r"(intermediate\.dense|up_proj|gate_proj|fc1|c_fc|conv_pw)$"),
+    ("mlp_out", r"(output\.dense|down_proj|fc2|mlp\.c_proj|conv_pwl)$"),
+    ("pre_head", r"(conv_head|pooler\.dense|pre_logits\.\w+)$"),
+)
+LAYER_ROLES = tuple(role for role, _ in ROLE_PATTERNS) + ("other",)
+
+
+def layer_role(name: str) -> str:
+    """The role of a layer from its module name (:data:`ROLE_PATTERNS`), ``other`` if none."""
+    for role, pattern in ROLE_PATTERNS:
+        if re.search(pattern, name):
+            return role
+    return "other"
+
 
 def layer_kind(layer_type: str) -> str:
-    """Coarse layer kind of a module class name."""
+    """Coarse layer kind of a module class name (GPT-2's ``Conv1D`` is a transposed Linear)."""
     name = layer_type.lower()
+    if name == "conv1d" or "linear" in name:
+        return "linear"
     if "conv" in name:
         return "conv"
-    if "linear" in name or name == "conv1d":
-        return "linear"
     if "embedding" in name:
         return "embedding"
     return "other"
@@ -84,17 +108,30 @@ def join_records(metrics: pd.DataFrame, groundtruth: pd.DataFrame, target: str) 
     return table
 
 
-def context_features(table: pd.DataFrame) -> pd.DataFrame:
-    """Layer type, modality, relative depth and parameter share, per row."""
+def context_features(table: pd.DataFrame, modality: bool = True, roles: bool = False
+                     ) -> pd.DataFrame:
+    """Layer type, relative depth and parameter share, per row; with ``modality`` a text flag,
+    with ``roles`` the layer's role one-hot (:func:`layer_role`) and its relative position
+    inside its block (0 = first layer of the block, 1 = last)."""
     out = pd.DataFrame(index=table.index)
     out["ctx_depth"] = table["depth"].astype(float)
     totals = table.groupby("group")["n_params"].transform("sum").astype(float)
     out["ctx_param_share"] = table["n_params"].astype(float) / totals
-    modality = table["modality"] if "modality" in table else pd.Series("image", index=table.index)
-    out["ctx_modality_text"] = (modality == "text").astype(float)
+    if modality:
+        kind = table["modality"] if "modality" in table else pd.Series("image", index=table.index)
+        out["ctx_modality_text"] = (kind == "text").astype(float)
     kinds = table["layer_type"].map(layer_kind)
     for kind in LAYER_KINDS:
         out[f"ctx_type_{kind}"] = (kinds == kind).astype(float)
+    if roles:
+        names = table["layer"].map(layer_role)
+        for role in LAYER_ROLES:
+            out[f"ctx_role_{role}"] = (names == role).astype(float)
+        block = table["block"] if "block" in table else table["layer"]
+        within = table.groupby([table["group"], block])["depth"]
+        count = within.transform("count").astype(float)
+        position = (within.rank(method="first") - 1) / (count - 1).where(count > 1, 1.0)
+        out["ctx_block_position"] = position.where(count > 1, 0.5)
     return out
 
 
@@ -131,7 +168,11 @@ class ZestRanker:
         backend: ``lightgbm`` (LGBMRanker, lambdarank on per-group relevance grades) or
             ``pairwise_logistic`` (logistic regression on within-group feature differences).
         normalization: ``rank`` or ``robust_z``, applied within each group.
-        use_context: Add context features (layer type, modality, depth, parameter share).
+        use_context: Add context features (layer type, depth, parameter share).
+        use_modality: With the context, a text/image flag (lets the ranker flip a metric's
+            direction by modality; does not transfer to a family of the other modality).
+        use_roles: With the context, the layer's role in its block and its position there
+            (:func:`layer_role`), named alike in every family.
         n_grades: Relevance grades per group for lambdarank (quantiles of the target).
         pairs_per_group: Pairs sampled per group for ``pairwise_logistic``.
         n_estimators, learning_rate, num_leaves, min_child_samples: LightGBM settings.
@@ -142,6 +183,8 @@ class ZestRanker:
     backend: str = "lightgbm"
     normalization: str = "rank"
     use_context: bool = True
+    use_modality: bool = True
+    use_roles: bool = False
     n_grades: int = 5
     pairs_per_group: int = 2000
     n_estimators: int = 200
@@ -150,7 +193,6 @@ class ZestRanker:
     min_child_samples: int = 5
     C: float = 1.0
     random_state: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # -- features ----------------------------------------------------------------------------
     def _design(self, table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -158,7 +200,8 @@ class ZestRanker:
         normalized = normalize_within_groups(table[list(metrics)].astype(float), table["group"],
                                              self.normalization)
         if self.use_context:
-            normalized = pd.concat([normalized, context_features(table)], axis=1)
+            normalized = pd.concat([normalized, context_features(
+                table, modality=self.use_modality, roles=self.use_roles)], axis=1)
         return normalized
 
     def _validate(self) -> None:
@@ -168,6 +211,10 @@ class ZestRanker:
         if self.normalization not in NORMALIZATIONS:
             raise InvalidInputError(f"unknown normalisation {self.normalization!r}; use one of "
                                     f"{', '.join(NORMALIZATIONS)}")
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters (read from the dataclass fields, sklearn-style)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # -- estimator API -----------------------------------------------------------------------
     def fit(self, table: pd.DataFrame, y: Sequence[float], metrics: Sequence[str] | None = None
@@ -276,10 +323,7 @@ class ZestRanker:
     def to_dict(self, **info: Any) -> dict[str, Any]:
         """The fitted ranker as a JSON-ready dict (plus any ``info`` such as CV results)."""
         self._check_fitted()
-        params = {k: getattr(self, k) for k in ("backend", "normalization", "use_context",
-                                                "n_grades", "pairs_per_group", "n_estimators",
-                                                "learning_rate", "num_leaves",
-                                                "min_child_samples", "C", "random_state")}
+        params = self.get_params()
         return {"format": "zest-predictor", "format_version": FORMAT_VERSION, "params": params,
                 "metrics": self.metrics_, "features": self.features_,
                 "normalization": self.normalization, "training_groups": self.groups_,

@@ -70,23 +70,19 @@ def incomplete_groups(metrics: pd.DataFrame, groundtruth: pd.DataFrame, min_seed
     return sorted(partial)
 
 
-def _ranker_params(ranker: ZestRanker) -> dict[str, Any]:
-    return {k: getattr(ranker, k) for k in ("backend", "normalization", "use_context",
-                                            "n_grades", "pairs_per_group", "n_estimators",
-                                            "learning_rate", "num_leaves", "min_child_samples",
-                                            "C", "random_state")}
-
-
 def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
                     backend: str = "lightgbm", target: str = "gt_loss_gain",
                     normalization: str = "rank", seed: int = 0, min_seeds: int = 2,
-                    features: Sequence[str] | None = None) -> tuple[ZestRanker, dict]:
+                    features: Sequence[str] | None = None, **ranker_params: Any
+                    ) -> tuple[ZestRanker, dict]:
     """Fits the predictor on every complete group (ground truth from at least ``min_seeds``
     seeds for every layer) and saves it with its LOGO summary.
 
     Args:
         features: Metric names to learn from (default: :func:`~zest.evaluation.predictor_metrics`,
             every metric but the peer-only selectors).
+        ranker_params: Other :class:`~zest.predictor.ZestRanker` parameters (``use_roles``,
+            ``use_modality``, LightGBM settings).
     """
     check_predictor_out(out)
     features = list(features) if features is not None else predictor_metrics()
@@ -100,7 +96,12 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     metric_cols = [METRIC_PREFIX + name for name in features]
     require_metric_columns(table, metric_cols, "recollect them with `zest collect grid` or "
                            "pass --features without them")
-    template = ZestRanker(backend=backend, normalization=normalization, random_state=seed)
+    unknown = sorted(set(ranker_params) - set(ZestRanker().get_params()))
+    if unknown:
+        raise InvalidInputError(f"unknown predictor parameters {unknown}; known: "
+                                f"{', '.join(ZestRanker().get_params())}")
+    template = ZestRanker(backend=backend, normalization=normalization, random_state=seed,
+                          **ranker_params)
     template._validate()  # noqa: SLF001 - fail before the CV
     groups = table["group"].nunique()
     families = sorted({model_family(m) for m in table["model"].unique()})
@@ -109,7 +110,7 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     if groups >= 2:
         schemes = ("logo", "lofo") if len(families) >= 2 else ("logo",)
         results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
-                           make_ranker=lambda: ZestRanker(**_ranker_params(template)),
+                           make_ranker=lambda: ZestRanker(**template.get_params()),
                            features=features)
         mean = summarise(results)
         for scheme in schemes:
@@ -121,7 +122,7 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
             own = results[(results["scheme"] == "lofo") & (results["method"] == "predictor")]
             cv["lofo_per_family"] = {str(k): float(v) for k, v in
                                      own.groupby("fold")["kendall"].mean().items()}
-    ranker = ZestRanker(**_ranker_params(template)).fit(table, table[target].to_numpy(),
+    ranker = ZestRanker(**template.get_params()).fit(table, table[target].to_numpy(),
                                                          metric_cols)
     probe = {"probe_loss": str(metrics["probe_loss"].iloc[0]) if "probe_loss" in metrics
              else "supcon",
@@ -149,7 +150,7 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
         raise InvalidInputError(f"unknown schemes {unknown}; use {', '.join(SCHEMES)}")
     target = target or getattr(ranker, "info_", {}).get("target", "gt_loss_gain")
     metrics, groundtruth = load_corpus(records, min_seeds)
-    params = _ranker_params(ranker)
+    params = ranker.get_params()
     results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
                        make_ranker=lambda: ZestRanker(**params),
                        features=[m[len(METRIC_PREFIX):] for m in ranker.metrics_])
