@@ -353,3 +353,43 @@ def test_prefix_continued_from_a_cached_state_is_identical(model):
         for name in expected:
             assert torch.equal(expected[name], part[name]), name
     _PREFIXES.pop(key)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_workers_exit_when_the_driver_is_killed(tmp_path):
+    script = ("import sys\nfrom zest.collect import DataOptions\n"
+              "from zest.groundtruth import GroundTruthConfig, collect_groundtruth\n"
+              "collect_groundtruth('tiny_cnn', 'digits', sys.argv[1], config=GroundTruthConfig("
+              "steps=400, batch_size=16), seeds=[0, 1], n_jobs=2, options=DataOptions("
+              "image_size=16, max_train=96, max_val=48))\n")
+    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "gt.parquet")])
+    deadline = time.time() + 120
+    workers: set[int] = set()
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.2)
+        workers = {pid for pid in _children(process.pid)
+                   if "popen_loky" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
+                       errors="replace")} if Path(f"/proc/{process.pid}").exists() else set()
+    assert len(workers) >= 2, "no loky workers appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and "(Z)" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:4]]
+    assert not alive, f"workers {alive} outlived the driver"

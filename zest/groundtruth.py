@@ -427,11 +427,30 @@ def _execute(jobs: Sequence[Job], n_jobs: int, backend: str, scheduler: str | No
         for job in jobs:
             yield job, run_job(job)
         return
-    from joblib import Parallel, delayed
+    from concurrent.futures import as_completed
 
-    parallel = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
-    results = parallel(delayed(_run_with_job)(job) for job in jobs)
-    yield from results
+    from joblib.externals.loky import get_reusable_executor
+
+    # workers watch the driver and exit when it is gone (a `kill -9` of the driver must not
+    # leave them training, or idling for minutes)
+    executor = get_reusable_executor(max_workers=n_jobs, initializer=_exit_with_driver,
+                                     initargs=(os.getpid(),))
+    futures = {executor.submit(run_job, job): job for job in jobs}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
+
+
+def _exit_with_driver(driver_pid: int) -> None:
+    """Worker initializer: a daemon thread that ends the worker once its driver has died (the
+    worker is then re-parented, so its parent process id changes)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="zest-driver-watch", daemon=True).start()
 
 
 #: Seconds without any finished job and without any worker before a dask run gives up.
@@ -495,10 +514,6 @@ def _execute_on_dask(jobs: Sequence[Job], scheduler: str | None
                                         f"for {int(waited)} s; finished rows are kept: start "
                                         f"workers (dask worker {scheduler}) and rerun to "
                                         "resume")
-
-
-def _run_with_job(job: Job) -> tuple[Job, list[dict[str, Any]]]:
-    return job, run_job(job)
 
 
 def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike, *,
