@@ -351,3 +351,71 @@ def test_garbage_delta_files_are_one_line_errors(trained_deltas, tmp_path, conte
     path.write_bytes(content)
     with pytest.raises(RecordError, match="corrupt"):
         Delta.load(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from zest.models import minilm_path
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                        pad_token_id=0, bos_token_id=101, eos_token_id=102, num_labels=2)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method, kwargs", [("spsft", {"ratio": 0.25}), ("gps", {"k": 3}),
+                                            ("gps", {"k": 3, "implementation": "dense_mask"})])
+def test_gpt2_conv1d_layers_tune_by_output_neuron_and_deltas_apply_exactly(
+        tiny_gpt2_dir, tmp_path, method, kwargs):
+    spec = f"hf:{tiny_gpt2_dir}"
+    case = (spec, "rotten_tomatoes", DataOptions(max_length=16, max_train=48, max_val=24,
+                                                 max_test=24))
+    model, task, data = load_pair(case[0], case[1], options=case[2])
+    layers = ["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in layers}
+    assert all(type(model.get_submodule(n)).__name__ == "Conv1D" for n in layers)
+    tuner = METHODS.get(method)(model, task, layers=layers, lr=1e-2, **kwargs).fit(
+        data, epochs=1, batch_size=8)
+    delta = tuner.delta()
+    for entry in delta.entries:
+        if entry.name.endswith(".weight") and entry.name[:-7] in layers:
+            n_in, n_out = shapes[entry.name[:-7]]  # Conv1D keeps (in, out)
+            assert entry.extra.get("transposed")
+            if method == "spsft":  # rows are output neurons: W_f is r × d_in
+                assert entry.tensors["rows"].shape == (round(0.25 * n_out), n_in)
+                assert int(entry.tensors["indices"].max()) < n_out
+            else:  # one row of k input connections per output neuron
+                assert tuple(entry.tensors["indices"].shape) == (n_out, 3)
+    path = delta.save(tmp_path / "delta.safetensors")
+    fresh, fresh_task = load_model(spec, task.num_classes)
+    apply_delta(fresh, path, model_spec=spec)
+    torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_spsft_on_grouped_convolutions_applies_exactly(tmp_path):
+    import timm
+
+    from zest.models import _build_timm
+
+    torch.manual_seed(0)
+    spec = "timm:regnetx_002"
+    data_options = DataOptions(image_size=32, max_train=48, max_val=24, max_test=24)
+    model, task, data = load_pair(spec, "digits", options=data_options)
+    grouped = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels][-2:]
+    assert grouped, "regnetx_002 has grouped convolutions"
+    tuner = SPSFT(model, task, layers=grouped, ratio=0.25, lr=1e-2).fit(data, epochs=1,
+                                                                        batch_size=16)
+    path = tuner.delta().save(tmp_path / "delta.safetensors")
+    fresh, fresh_task = load_model(spec, task.num_classes)
+    apply_delta(fresh, path, model_spec=spec)
+    torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
+                               atol=1e-5, rtol=1e-5)
+    assert timm is not None and _build_timm is not None

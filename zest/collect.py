@@ -121,10 +121,12 @@ def probe_layers(model: nn.Module, task: Task, layer_names: Sequence[str] | None
 def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metrics: Sequence[str],
                   probe_loss: str = "supcon", layer_names: Sequence[str] | None = None,
                   granularity: str = "module", progress: ProgressCallback | None = None,
-                  device: Any = None, metrics_reader: str | None = None) -> pd.DataFrame:
+                  device: Any = None, metrics_reader: str | None = None,
+                  skipped: dict[str, str] | None = None) -> pd.DataFrame:
     """Probes each batch and returns one row per (layer, batch) with ``m_<metric>`` columns
     (without the model / dataset identity columns). ``metrics_reader`` names who asked for
-    ``metrics`` (e.g. ``"the predictor"``) in the error for unlabelled batches."""
+    ``metrics`` (e.g. ``"the predictor"``) in the error for unlabelled batches; layers the probe
+    had to leave out are added to ``skipped`` (name → reason) when given."""
     check_granularity(granularity)
     layers = probe_layers(model, task, layer_names)
     needs = needs_of(metrics)
@@ -136,7 +138,11 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
         result = probe(model, task, batch, layers=layers, needs=needs, loss=probe_loss,
                        device=device, batch_label=f"batch {index}")
         values = compute_metrics(result.contexts, metrics)
+        if skipped is not None:
+            skipped.update(result.skipped)
         for layer in layers:
+            if layer.name not in result.contexts:
+                continue
             row = {"layer": layer.name, "layer_type": layer.type, "block": layer.block,
                    "depth": layer.depth, "n_params": layer.n_params}
             row.update({METRIC_PREFIX + k: v for k, v in values[layer.name].items()})

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from zest.errors import InvalidInputError, UnknownNameError, closest_names
@@ -52,6 +53,25 @@ def block_of(name: str) -> str:
         if _INDEX.match(parts[i]):
             return ".".join(parts[: i + 1])
     return ".".join(parts[:-1]) if len(parts) > 1 else name
+
+
+#: Module types whose weight keeps its output neurons on dimension 1, not 0 (transformers'
+#: ``Conv1D`` in GPT-2-style models is a Linear with a transposed weight, ``(in, out)``).
+OUTPUT_DIM_BY_TYPE = {"Conv1D": 1}
+
+
+def output_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes the module's output neurons (0 for Linear, Conv and
+    Embedding; 1 for the types in :data:`OUTPUT_DIM_BY_TYPE`)."""
+    for cls in type(module).__mro__:  # parametrized modules subclass the original type
+        if cls.__name__ in OUTPUT_DIM_BY_TYPE:
+            return OUTPUT_DIM_BY_TYPE[cls.__name__]
+    return 0
+
+
+def neuron_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The weight as (output neurons, everything else): rows are output neurons."""
+    return weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
 
 
 def owns_matrix_weight(module: nn.Module) -> bool:

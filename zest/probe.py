@@ -171,6 +171,9 @@ class ProbeResult:
     loss: float  # NaN for an unlabelled batch (no probe loss)
     seconds: float
     passes: list[str]
+    #: Candidate layers left out, with the reason (e.g. the forward pass never calls them as
+    #: modules, it reads their weight directly).
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _valid_mask(out: torch.Tensor, batch: Batch) -> torch.Tensor | None:
@@ -298,6 +301,8 @@ class _Recorder:
         #: layers whose ∇W the probe forms itself from the recorded input and output gradient
         self.direct: set[str] = set()
         self._called: set[str] = set()
+        self.called: set[str] = set()  # every candidate whose forward ran
+        self.recorded: set[str] = set()  # candidates whose output was summarised
         self._generator = torch.Generator().manual_seed(0)
 
     def attach(self) -> None:
@@ -341,14 +346,25 @@ class _Recorder:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or name in self.outputs:
+            self.called.add(name)
+            if not isinstance(out, torch.Tensor) or name in self.outputs or out.ndim == 0:
                 return  # a module called twice keeps the summaries of its first call
             per_example = out.shape[0] == self.batch_size
+            tokens = self._token_shape()
+            if not per_example and tokens is not None and out.shape[0] == tokens[0] * tokens[1]:
+                # tokens flattened to (batch·tokens, ...) (OPT's MLP): summarised per example;
+                # no per-example gradient split for them
+                self.outputs[name] = out
+                self.recorded.add(name)
+                self._summarise_forward(name, module, out.detach().reshape(
+                    *tokens, *out.shape[1:]))
+                return
             if not per_example and out.shape[0] != 1:
                 return
             # outputs broadcast over the batch (position embeddings) are summarised as such;
             # they have no per-example gradient, so no half-batch split
             self.outputs[name] = out
+            self.recorded.add(name)
             if self._keeps(name) and per_example:
                 self.inputs[name] = (args, kwargs)
             summary = out.detach() if per_example else \
@@ -360,6 +376,12 @@ class _Recorder:
                     self._grad_hook(name, module, out, per_example)))
 
         return hook
+
+    def _token_shape(self) -> tuple[int, int] | None:
+        """(batch, tokens) of a text batch, else ``None``."""
+        ids = self.batch.get("input_ids") if isinstance(self.batch, Mapping) else None
+        return (int(ids.shape[0]), int(ids.shape[1])) if isinstance(ids, torch.Tensor) and \
+            ids.ndim == 2 else None
 
     def _summarise_forward(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
         mask = _valid_mask(out, self.batch)
@@ -509,7 +531,14 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
 
     labels = task.labels(batch).detach().cpu() if "labels" in needs else None
     contexts: dict[str, LayerContext] = {}
+    skipped: dict[str, str] = {}
     for i, layer in enumerate(layers):
+        if layer.name not in recorder.recorded:
+            skipped[layer.name] = (
+                "the forward pass does not call it as a module (it reads the weight directly)"
+                if layer.name not in recorder.called else
+                "its output is not one tensor per example, so it gives no per-layer signal")
+            continue
         module = modules[layer.name]
         bias = module._parameters.get("bias")  # noqa: SLF001
         contexts[layer.name] = LayerContext(
@@ -530,9 +559,13 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
             fisher_diagonal_total=sum(fisher_diagonal.values()) if fisher_diagonal else None,
             block_shift=recorder.block_shifts.get(layer.block),
         )
+    if not contexts:
+        raise InvalidInputError(f"none of the {len(layers)} candidate layers is called as a "
+                                f"module by the forward pass on {batch_label}; this "
+                                "architecture needs an adapter (see ARCHITECTURE.md §6)")
     return ProbeResult(contexts=contexts,
                        loss=float(loss_value.detach()) if labelled else math.nan,
-                       seconds=time.perf_counter() - start, passes=passes)
+                       seconds=time.perf_counter() - start, passes=passes, skipped=skipped)
 
 
 def _swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:

@@ -67,7 +67,8 @@ class Ranking:
         stability: With several minibatches: mean pairwise Kendall τ between their rankings and
             mean top-k Jaccard overlap.
         notes: What the user should know about how far to trust the ranking (e.g. a model
-            family the predictor was not trained on).
+            family the predictor was not trained on, layers left out).
+        skipped: Candidate layers left out of the ranking, with the reason.
     """
 
     table: pd.DataFrame
@@ -77,6 +78,7 @@ class Ranking:
     stability: dict[str, float] | None = None
     batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """The ranked table (a copy)."""
@@ -235,9 +237,11 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         label = f"predictor:{predictor if isinstance(predictor, str) else 'custom'}"
         loss = probe_loss or (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
             "probe_loss", "supcon")
+    skipped: dict[str, str] = {}
     frame = metrics_frame(model, task, batch_list, metrics=names, probe_loss=loss,
                           layer_names=layer_names, granularity=granularity, device=device,
-                          metrics_reader=None if by is not None else "the predictor")
+                          metrics_reader=None if by is not None else "the predictor",
+                          skipped=skipped)
     frame["modality"] = task.modality
     per_batch = []
     for _, part in frame.groupby("batch", sort=True):
@@ -264,9 +268,15 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     total = sum(p.numel() for p in model.parameters())
     stability = _stability(per_batch) if len(per_batch) > 1 else None
     notes = [note] if ranker is not None and (note := unseen_family_note(ranker, task)) else []
+    if skipped:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        notes.append(f"{len(skipped)} candidate layer{'s' if len(skipped) > 1 else ''} left out "
+                     f"of the ranking ({shown}{more})")
     return Ranking(table=table, total_params=int(total), by=label,
                    seconds=time.perf_counter() - start, stability=stability,
-                   batch_scores=[s.to_numpy() for s in per_batch], notes=notes)
+                   batch_scores=[s.to_numpy() for s in per_batch], notes=notes,
+                   skipped=skipped)
 
 
 def unseen_family_note(ranker: ZestRanker, task: Task) -> str | None:

@@ -45,9 +45,14 @@ class DeltaEntry:
         return sum(t.numel() for k, t in self.tensors.items() if k != "indices")
 
     def weight_delta(self, target: torch.Tensor) -> torch.Tensor | None:
-        """The value to add to ``target`` (``None`` for ``replace``)."""
+        """The value to add to ``target`` (``None`` for ``replace``). Entries marked
+        ``transposed`` index the weight's output neurons on dimension 1 (GPT-2's ``Conv1D``)."""
         if self.kind == "replace":
             return None
+        if self.extra.get("transposed") and target.ndim == 2:
+            plain = DeltaEntry(self.name, self.kind, self.tensors, self.shape[::-1],
+                               {k: v for k, v in self.extra.items() if k != "transposed"})
+            return plain.weight_delta(target.T.contiguous()).T
         if self.kind == "sparse_add":
             flat = torch.zeros(target.shape[0], target[0].numel(), dtype=target.dtype)
             flat.scatter_add_(1, self.tensors["indices"].long(),
@@ -259,6 +264,8 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
                 not bool(torch.isfinite(tensor).all()):
             raise InvalidInputError(f"delta entry {name} has non-finite values in {key!r} "
                                     "(NaN or inf); export the delta again")
+    if entry.extra.get("transposed") and target.ndim == 2 and entry.kind != "replace":
+        target = target.T
     rows = target.shape[0]
     width = target[0].numel() if target.ndim > 1 else 1
     if entry.kind == "replace" and list(entry.tensors["value"].shape) != list(target.shape):

@@ -26,21 +26,28 @@ from zest.datasets import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.layers import neuron_rows, output_dim
 from zest.models import Task, supervised_contrastive_loss
 
 FROZEN_NAME_PARTS = ("position_embeddings", "pos_embed", "norm")
 
 
 class SparseDelta(nn.Module):
-    """Parametrization ``W ↦ W + scatter(values at indices)`` over rows of W viewed 2-D."""
+    """Parametrization ``W ↦ W + scatter(values at indices)`` over the rows (output neurons) of
+    W viewed 2-D; ``transposed`` for weights that keep their outputs on dimension 1
+    (GPT-2's ``Conv1D``)."""
 
-    def __init__(self, indices: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, indices: torch.Tensor, dtype: torch.dtype, transposed: bool = False
+                 ) -> None:
         super().__init__()
+        self.transposed = transposed
         self.register_buffer("indices", indices)
         self.values = nn.Parameter(torch.zeros(indices.shape, dtype=dtype,
                                                device=indices.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return weight.T.scatter_add(1, self.indices, self.values).T
         flat = weight.reshape(weight.shape[0], -1)
         return flat.scatter_add(1, self.indices, self.values).view_as(weight)
 
@@ -109,8 +116,8 @@ class GPS(Tuner):
                 raise InvalidInputError(f"GPS keeps {name!r} frozen (normalisation layers and "
                                         "position embeddings stay frozen, as in the paper); "
                                         "drop it from --layers or use --method layers")
-            weight = self.model.get_submodule(name).weight
-            width = weight[0].numel()
+            module = self.model.get_submodule(name)
+            width = neuron_rows(module.weight, output_dim(module)).shape[1]
             if self.k > width and self.layers != "all":
                 raise InvalidInputError(f"k={self.k} is larger than the {width} input connections "
                                         f"per neuron of {name!r}; use k ≤ {width}")
@@ -152,19 +159,20 @@ class GPS(Tuner):
         self._trainable: list[nn.Parameter] = []
         for name in self.layer_names:
             module = self.model.get_submodule(name)
-            flat = scores[name].reshape(scores[name].shape[0], -1)
+            transposed = output_dim(module) == 1
+            flat = neuron_rows(scores[name], output_dim(module))
             indices = flat.topk(min(self.k, flat.shape[1]), dim=1).indices.sort(dim=1).values
             self.indices_[name] = indices
             if self.implementation == "sparse":
-                parametrize.register_parametrization(module, "weight",
-                                                     SparseDelta(indices, module.weight.dtype))
+                parametrize.register_parametrization(
+                    module, "weight", SparseDelta(indices, module.weight.dtype, transposed))
                 self._trainable.append(module.parametrizations.weight[0].values)
             else:
                 weight = module.weight
                 self._originals[name] = weight.detach().clone()
                 mask = torch.zeros_like(flat)
                 mask.scatter_(1, indices, 1.0)
-                mask = mask.view_as(weight)
+                mask = mask.T.contiguous() if transposed else mask.view_as(weight)
                 weight.requires_grad_(True)
                 weight.register_hook(lambda g, m=mask: g * m)
                 self._trainable.append(weight)
@@ -196,13 +204,14 @@ class GPS(Tuner):
                 values = module.parametrizations.weight[0].values.detach()
                 shape = list(module.parametrizations.weight.original.shape)
             else:
-                flat = (module.weight.detach() - self._originals[name]).reshape(
-                    indices.shape[0], -1)
+                flat = neuron_rows(module.weight.detach() - self._originals[name],
+                                   output_dim(module))
                 values = flat.gather(1, indices)
                 shape = list(module.weight.shape)
             entries.append(DeltaEntry(name=f"{name}.weight", kind="sparse_add",
                                       tensors={"indices": indices.cpu(),
-                                               "values": values.cpu()}, shape=shape))
+                                               "values": values.cpu()}, shape=shape,
+                                      extra={"transposed": True} if output_dim(module) else {}))
             bias = module._parameters.get("bias")  # noqa: SLF001
             if bias is not None:
                 entries += self._dense_entries({f"{name}.bias": bias})

@@ -26,6 +26,7 @@ from zest.datasets import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.layers import neuron_rows, output_dim
 
 IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
@@ -39,17 +40,18 @@ def _is_same_padding_conv(module: nn.Module) -> bool:
 def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor,
                 x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``f(W_f, x)`` for the selected rows, and the output dimension to scatter into."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or output_dim(module) == 1:  # Linear, GPT-2's Conv1D
         return F.linear(x, weight_rows), -1
     if isinstance(module, nn.Conv2d):
         groups = module.groups
         if groups == 1:
             inputs, conv_groups = x, 1
-        elif module.in_channels == groups and module.out_channels == groups:
-            inputs, conv_groups = x[:, rows], len(rows)  # depthwise: row i reads channel i
-        else:
-            raise InvalidInputError("grouped convolutions other than depthwise are not "
-                                    "supported by SPSFT; use --method gps or layers")
+        else:  # grouped or depthwise: each selected row reads the input channels of its group
+            per_group_in = module.in_channels // groups
+            group_of_row = rows // (module.out_channels // groups)
+            channels = (group_of_row[:, None] * per_group_in
+                        + torch.arange(per_group_in, device=rows.device)).reshape(-1)
+            inputs, conv_groups = x[:, channels], len(rows)
         padding = module.padding
         if _is_same_padding_conv(module):
             from timm.layers import pad_same
@@ -102,14 +104,13 @@ class SPSFT(Tuner):
             raise InvalidInputError(f"r must be a positive integer, got {self.r!r}")
         for name in self.layer_names:
             module = self.model.get_submodule(name)
-            if not isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES)):
+            if not (isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES))
+                    or output_dim(module) == 1):
                 raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
-                                        "it tunes Linear, Conv2d, LayerNorm and BatchNorm rows — "
-                                        "use --method gps or layers for this layer")
-            if isinstance(module, nn.Conv2d) and module.groups not in (1, module.in_channels):
-                raise InvalidInputError(f"SPSFT cannot handle the grouped convolution {name!r}; "
-                                        "use --method gps or layers")
-            rows = module.weight.shape[0]
+                                        "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
+                                        "and BatchNorm rows — use --method gps or layers for "
+                                        "this layer")
+            rows = module.weight.shape[output_dim(module)]
             if self.rows_for(rows) > rows:
                 raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "
                                         f"{name!r}; use r ≤ {rows} or a ratio")
@@ -124,17 +125,18 @@ class SPSFT(Tuner):
     def neuron_importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
         """Importance per output neuron of each chosen layer (§3.2, Appendix A)."""
         weights = {n: self.model.get_submodule(n).weight for n in self.layer_names}
+        dims = {n: output_dim(self.model.get_submodule(n)) for n in self.layer_names}
         if self.importance == "l2":
-            return {n: w.detach().reshape(w.shape[0], -1).norm(dim=1) for n, w in weights.items()}
+            return {n: neuron_rows(w.detach(), dims[n]).norm(dim=1) for n, w in weights.items()}
         grads = self._mean_gradients(data, batch_size, weights, by_class=(
             self.importance == "qm_taylor"))
         scores = {}
         for name, w in weights.items():
-            flat_w = w.detach().reshape(w.shape[0], -1)
+            flat_w = neuron_rows(w.detach(), dims[name])
             if self.importance == "taylor":
-                scores[name] = (grads[name].reshape(w.shape[0], -1) * flat_w).abs().sum(dim=1)
+                scores[name] = (neuron_rows(grads[name], dims[name]) * flat_w).abs().sum(dim=1)
             else:
-                per_class = torch.stack([(g.reshape(w.shape[0], -1) * flat_w).abs().sum(dim=1)
+                per_class = torch.stack([(neuron_rows(g, dims[name]) * flat_w).abs().sum(dim=1)
                                          for g in grads[name]])  # (classes, rows)
                 scores[name] = torch.quantile(per_class.double(), QUANTILES.double(),
                                               dim=0).mean(dim=0).float()
@@ -194,10 +196,12 @@ class SPSFT(Tuner):
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             weight = module.weight
-            r = self.rows_for(weight.shape[0])
+            dim = output_dim(module)
+            r = self.rows_for(weight.shape[dim])
             rows = scores[name].topk(r).indices.sort().values.to(weight.device)
             # W_f ∈ R^{r × d_in} (r scale offsets for normalisation layers), zero at the start
-            delta = nn.Parameter(torch.zeros((r,) + tuple(weight.shape[1:]), dtype=weight.dtype,
+            inner = tuple(weight.movedim(dim, 0).shape[1:])
+            delta = nn.Parameter(torch.zeros((r,) + inner, dtype=weight.dtype,
                                              device=weight.device))
             self.rows_[name] = rows
             self.deltas_[name] = delta
@@ -219,11 +223,13 @@ class SPSFT(Tuner):
     def _delta_entries(self) -> list[DeltaEntry]:
         entries = []
         for name in self.layer_names:
-            weight = self.model.get_submodule(name).weight
+            module = self.model.get_submodule(name)
+            weight = module.weight
             entries.append(DeltaEntry(name=f"{name}.weight", kind="rows_add",
                                       tensors={"indices": self.rows_[name].cpu(),
                                                "rows": self.deltas_[name].detach().cpu()},
-                                      shape=list(weight.shape)))
+                                      shape=list(weight.shape),
+                                      extra={"transposed": True} if output_dim(module) else {}))
         entries += self._head_entries()
         return entries
 
