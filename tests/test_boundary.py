@@ -268,3 +268,20 @@ def test_dask_workers_find_relative_data_paths(tmp_path, monkeypatch):
                                     layer_names=["conv_stem"], backend="dask",
                                     scheduler=cluster.scheduler_address)
     assert list(frame["dataset"].unique()) == ["npz:good.npz"] and len(frame) == 1
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_without_workers_says_so(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("dask.distributed")
+    import zest.groundtruth
+    from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+
+    monkeypatch.setattr(zest.groundtruth, "DASK_NO_WORKER_SECONDS", 10.0)
+    with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster, \
+            pytest.raises(InvalidInputError, match="no worker for 10 s; finished rows are kept"):
+        collect_groundtruth("tiny_cnn", "digits", tmp_path / "gt.parquet",
+                            config=GroundTruthConfig(steps=1, batch_size=16), seeds=[0],
+                            options=DataOptions(image_size=16, max_train=64, max_val=40),
+                            layer_names=["conv_stem"], backend="dask",
+                            scheduler=cluster.scheduler_address)
