@@ -69,6 +69,18 @@ def output_dim(module: nn.Module) -> int:
     return 0
 
 
+#: Module types whose forward transforms the weight before using it (weight standardisation in
+#: NFNets and BiT ResNets): an update added to the layer's output (SPSFT's rows, LoRA's BA) is
+#: not an update of the stored weight there, so those methods leave them alone.
+WEIGHT_TRANSFORMING_TYPES = ("ScaledStdConv2d", "ScaledStdConv2dSame", "StdConv2d",
+                             "StdConv2dSame")
+
+
+def transforms_weight(module: nn.Module) -> bool:
+    """Whether the module's forward transforms its weight (:data:`WEIGHT_TRANSFORMING_TYPES`)."""
+    return any(cls.__name__ in WEIGHT_TRANSFORMING_TYPES for cls in type(module).__mro__)
+
+
 def neuron_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """The weight as (output neurons, everything else): rows are output neurons."""
     return weight.movedim(dim, 0).reshape(weight.shape[dim], -1)

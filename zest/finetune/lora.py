@@ -16,11 +16,16 @@ from zest.datasets import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.layers import transforms_weight
 
 
 def lora_can_wrap(module: nn.Module) -> bool:
     """Whether peft's LoRA can wrap ``module``: Linear, Embedding and ungrouped Conv2d (peft
-    refuses grouped and depthwise convolutions, and has no LoRA for normalisation layers)."""
+    refuses grouped and depthwise convolutions, and has no LoRA for normalisation layers); not
+    layers whose forward standardises the weight, where ``BA`` added to the output is not an
+    update of the stored weight (:func:`zest.layers.transforms_weight`)."""
+    if transforms_weight(module):
+        return False
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
     return isinstance(module, nn.Linear | nn.Embedding)

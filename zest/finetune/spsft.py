@@ -26,7 +26,7 @@ from zest.datasets import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
-from zest.layers import neuron_rows, output_dim
+from zest.layers import neuron_rows, output_dim, transforms_weight
 
 IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
@@ -110,6 +110,11 @@ class SPSFT(Tuner):
                                         "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
                                         "and BatchNorm rows — use --method gps or layers for "
                                         "this layer")
+            if transforms_weight(module):
+                raise InvalidInputError(f"SPSFT cannot tune {name!r} ({type(module).__name__}): "
+                                        "its forward standardises the weight, so an update "
+                                        "added to its output is not a weight update; use "
+                                        "--method gps or layers")
             rows = module.weight.shape[output_dim(module)]
             if self.rows_for(rows) > rows:
                 raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "

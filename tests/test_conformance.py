@@ -1,0 +1,170 @@
+"""Conformance: every listed architecture runs the whole path.
+
+For each timm architecture and transformers family (tiny random configurations built offline):
+the probe and ``zest.rank`` with the shipped predictor, one ground-truth job whose cached run
+equals the plain forward, GPS, SPSFT and LoRA for one step on the top layers each can tune, and
+the delta saved and applied to a fresh model reproducing the tuned outputs exactly. Adding an
+architecture to a list below is how its support is declared (ARCHITECTURE.md §6).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import zest
+from zest.collect import DataOptions, load_pair
+from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
+from zest.finetune.gps import FROZEN_NAME_PARTS
+from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+from zest.layers import output_dim, transforms_weight
+from zest.models import load_model
+
+#: timm's own tiny test models, then small real architectures (random weights).
+TIMM_ARCHS = [
+    "test_byobnet", "test_convnext", "test_convnext2", "test_convnext3", "test_efficientnet",
+    "test_efficientnet_evos", "test_efficientnet_gn", "test_efficientnet_ln", "test_nfnet",
+    "test_resnet", "test_vit", "test_vit2", "test_vit3", "test_vit4", "test_vit_relpos",
+    "mobilenetv3_small_050", "mobilenetv2_050", "ghostnet_050", "regnetx_002", "resnet10t",
+    "convnext_atto", "dla46x_c", "lcnet_050", "tinynet_e", "mnasnet_small", "repvgg_a0",
+]
+#: The heavier timm architectures run only with the slow tests (still in CI).
+SLOW_TIMM = {"ghostnet_050", "regnetx_002", "resnet10t", "convnext_atto", "dla46x_c",
+             "repvgg_a0", "tinynet_e", "mnasnet_small", "lcnet_050"}
+
+#: transformers model types with a tiny configuration (vocabulary: the MiniLM tokenizer's).
+HF_FAMILIES = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, pad_token_id=1),
+    "xlm-roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=1),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "albert": dict(hidden_size=32, embedding_size=16, num_hidden_layers=2,
+                   num_attention_heads=2, intermediate_size=64),
+    "electra": dict(hidden_size=32, embedding_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64),
+    "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64),
+    "mpnet": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, pad_token_id=0, bos_token_id=101,
+                 eos_token_id=102),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                word_embed_proj_dim=32, pad_token_id=0),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, pad_token_id=0),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pad_token_id=0),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, pad_token_id=0),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, intermediate_size=64, pad_token_id=0),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, pad_token_id=0),
+    "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, pad_token_id=0),
+    "gemma": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, head_dim=16, pad_token_id=0),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf")
+
+
+def _hf_spec(root, model_type: str) -> str:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from zest.models import minilm_path
+
+    folder = root / model_type
+    if not folder.exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, num_labels=2,
+                                      **HF_FAMILIES[model_type])
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def _outputs(model, task, batch):
+    with torch.no_grad():
+        return task.forward(model, batch).logits
+
+
+def _tunable(model, ranking, method: str, n: int = 2) -> list[str]:
+    chosen = []
+    for name in ranking.table["layer"]:
+        module = model.get_submodule(name)
+        if method == "gps" and any(part in name for part in FROZEN_NAME_PARTS):
+            continue
+        if method == "gps" and isinstance(module, torch.nn.Embedding):
+            continue
+        if method == "spsft" and (transforms_weight(module) or not (
+                isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or output_dim(module) == 1)):
+            continue
+        if method == "lora" and not lora_can_wrap(module):
+            continue
+        chosen.append(name)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def check_architecture(spec: str, dataset: str, options: DataOptions, tmp_path) -> None:
+    model, task, data = load_pair(spec, dataset, options=options)
+    batch = data.batches("train", 8, 1)[0]
+    ranking = zest.rank(model, task, batch)
+    assert len(ranking.table) > 0 and ranking.table["score"].notna().all()
+    # one ground-truth job: the prefix cache reproduces the plain forward
+    top = ranking.table["layer"].iloc[0]
+    frames = [collect_groundtruth(spec, dataset, tmp_path / f"gt{cache}.parquet",
+                                  config=GroundTruthConfig(steps=2, batch_size=8,
+                                                           use_cache=cache),
+                                  seeds=[0], options=options, layer_names=[top])
+              for cache in (True, False)]
+    for column in ("gt_loss", "gt_loss_baseline"):
+        torch.testing.assert_close(torch.tensor(frames[0][column].to_numpy()),
+                                   torch.tensor(frames[1][column].to_numpy()),
+                                   atol=1e-4, rtol=1e-4)
+    for method, tuner_class, kwargs in (("gps", GPS, {"k": 2}), ("spsft", SPSFT, {"ratio": 0.5}),
+                                        ("lora", LoRA, {"rank": 2})):
+        model, task, _ = load_pair(spec, dataset, options=options)
+        layers = _tunable(model, ranking, method)
+        if not layers:
+            continue
+        tuner = tuner_class(model, task, layers=layers, lr=1e-2, **kwargs)
+        tuner.fit(data, epochs=1, batch_size=8, max_steps=1)
+        path = tuner.delta().save(tmp_path / f"{method}.safetensors")
+        fresh, fresh_task = load_model(spec, task.num_classes,
+                                       image_size=options.image_size)
+        apply_delta(fresh, path, model_spec=spec)
+        torch.testing.assert_close(_outputs(fresh, fresh_task, batch),
+                                   _outputs(tuner.model, task, batch), atol=1e-4, rtol=1e-4)
+
+
+IMAGE_OPTIONS = DataOptions(image_size=32, max_train=32, max_val=24, max_test=8)
+TEXT_OPTIONS = DataOptions(max_length=16, max_train=32, max_val=24, max_test=8)
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_TIMM
+                                  else a for a in TIMM_ARCHS])
+def test_timm_architecture(arch, tmp_path):
+    check_architecture(f"timm:{arch}", "digits", IMAGE_OPTIONS, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", list(HF_FAMILIES))
+def test_transformers_family(model_type, hf_root, tmp_path):
+    check_architecture(_hf_spec(hf_root, model_type), "rotten_tomatoes", TEXT_OPTIONS,
+                       tmp_path)
+
+
+def test_the_lists_are_long_enough():
+    assert len(TIMM_ARCHS) >= 25 and len(HF_FAMILIES) >= 15
