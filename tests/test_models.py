@@ -191,3 +191,26 @@ def test_smollm2_is_the_pretrained_decoder_and_classifies_on_the_last_token():
     assert task.tokenizer.padding_side == "right"
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("score")) \
         == 134_515_008
+
+
+@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                        ("efficientnet_b0", "classifier.1")])
+def test_torchvision_models_with_a_checkpoint(tmp_path, arch, head):
+    import torchvision
+
+    import zest
+
+    reference = torchvision.models.get_model(arch, weights=None)
+    torch.save(reference.state_dict(), tmp_path / "weights.pt")  # ImageNet-shaped head included
+    model, task = load_model(f"tv:{arch}", 3, checkpoint=tmp_path / "weights.pt")
+    assert task.head_name == head and model.get_submodule(head).out_features == 3
+    first = next(n for n, _ in reference.named_parameters())
+    assert torch.equal(dict(model.named_parameters())[first],
+                       dict(reference.named_parameters())[first])
+    ranking = zest.rank(model, task, (torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])))
+    assert head not in set(ranking.table["layer"]) and len(ranking.table) > 5
+
+
+def test_unknown_torchvision_model_lists_known_names():
+    with pytest.raises(UnknownNameError, match="resnet18"):
+        load_model("tv:resnet19", 3)

@@ -23,7 +23,7 @@ app.add_typer(collect_app, name="collect")
 # -- shared options ------------------------------------------------------------------------------
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model spec: minilm, smollm2, "
                                           "efficientnet_lite0, efficientnet_lite2, mobilenetv2, "
-                                          "timm:<arch>, "
+                                          "timm:<arch>, tv:<arch>, "
                                           "hf:<dir>, tiny_* test models.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set spec: digits, "
                                             "mnist5k, lfw_faces, patches, 20ng, r8, r52, "
@@ -42,8 +42,9 @@ LayersOption = Annotated[str | None, typer.Option("--layers", help="Restrict to 
 GranularityOption = Annotated[str, typer.Option(help="module: a row per layer; block: per "
                                                 "enclosing block.")]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
-CheckpointOption = Annotated[Path | None, typer.Option(help="Weights for timm:<arch> "
-                                                       "(.safetensors or a state dict).")]
+CheckpointOption = Annotated[Path | None, typer.Option(help="Weights for timm:<arch> or "
+                                                       "tv:<arch> (.safetensors or a state "
+                                                       "dict).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 

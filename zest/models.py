@@ -294,10 +294,10 @@ def check_model_spec(spec: str) -> str:
     """Validates a model spec without loading anything (unknown names list the known ones)."""
     if not isinstance(spec, str) or not spec:
         raise InvalidInputError(f"model spec must be a non-empty string, got {spec!r}")
-    if spec.startswith(("timm:", "hf:")):
+    if spec.startswith(("timm:", "hf:", "tv:")):
         if not spec.split(":", 1)[1]:
-            raise InvalidInputError(f"model spec {spec!r} lacks its name; use timm:<arch> or "
-                                    "hf:<local dir>")
+            raise InvalidInputError(f"model spec {spec!r} lacks its name; use timm:<arch>, "
+                                    "tv:<arch> or hf:<local dir>")
         return spec
     if spec not in MODELS:
         raise UnknownNameError(unknown_name_message("model", spec, known_models()))
@@ -328,14 +328,17 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise InvalidInputError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
-    if checkpoint is not None and not spec.startswith("timm:"):
-        raise InvalidInputError(f"--checkpoint is only used with timm:<arch> specs, not {spec!r}; "
-                                "for Hugging Face models use hf:<local dir>")
+    if checkpoint is not None and not spec.startswith(("timm:", "tv:")):
+        raise InvalidInputError(f"--checkpoint is only used with timm:<arch> and tv:<arch> specs, "
+                                f"not {spec!r}; for Hugging Face models use hf:<local dir>")
     check_model_spec(spec)
     torch.manual_seed(seed)
     if spec.startswith("timm:"):
         model, task = _build_timm(spec, spec.split(":", 1)[1], num_classes, checkpoint=checkpoint,
                                   image_size=image_size)
+    elif spec.startswith("tv:"):
+        model, task = _build_torchvision(spec, spec.split(":", 1)[1], num_classes,
+                                         checkpoint=checkpoint)
     elif spec.startswith("hf:"):
         model, task = _build_hf_dir(spec, Path(spec.split(":", 1)[1]), num_classes)
     else:
@@ -351,13 +354,14 @@ def model_family(spec: str) -> str:
     """The architecture family of a model spec, without loading it: a registered model's
     ``family`` (``efficientnet``, ``mobilenetv2``, ``bert``, ``llama``, ...), the family part of
     a timm architecture name (``timm:mobilenetv3_large_100`` → ``mobilenetv3``,
-    ``timm:tf_efficientnet_b0`` → ``efficientnet``), or an ``hf:`` directory's ``model_type``.
+    ``timm:tf_efficientnet_b0`` → ``efficientnet``; torchvision names alike), or an ``hf:``
+    directory's ``model_type``.
     Families decide the leave-one-family-out evaluation and whether the predictor has seen a
     model's kind."""
     if spec in MODELS:
         return str(MODELS.meta(spec).get("family", spec))
     prefix, _, name = spec.partition(":")
-    if prefix == "timm":
+    if prefix in ("timm", "tv"):
         match = re.match(r"(?:tf_|tv_|gluon_|legacy_)?([a-z]+?(?:v\d)?)(?:_|\d|$)", name)
         return match.group(1) if match else name
     if prefix == "hf":
@@ -371,7 +375,7 @@ def model_family(spec: str) -> str:
 
 def known_models() -> list[str]:
     """Registered model names plus the ``timm:``/``hf:`` prefixes."""
-    return MODELS.names() + ["timm:<arch>", "hf:<dir>"]
+    return MODELS.names() + ["timm:<arch>", "tv:<arch>", "hf:<dir>"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -429,7 +433,47 @@ def _build_timm(spec: str, arch: str, num_classes: int, checkpoint: Any = None,
                              default_image_size=kwargs.get("img_size", 64))
 
 
-def _load_state_dict_file(model: nn.Module, path: Path) -> None:
+# -- torchvision ---------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _build_torchvision(spec: str, arch: str, num_classes: int, checkpoint: Any = None
+                       ) -> tuple[nn.Module, Task]:
+    """A torchvision classification model (random weights, or ``checkpoint``: the state dict
+    of that architecture, ImageNet head included or not), with a fresh ``num_classes`` head:
+    the last Linear layer, wherever the architecture keeps it (``fc``, ``classifier.1``,
+    ``heads.head``, ...)."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise UnknownNameError(unknown_name_message("torchvision classification model", arch,
+                                                    known))
+    kwargs = {"image_size": 64} if arch.startswith("vit_") else {}
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if checkpoint is not None:
+        _load_state_dict_file(model, Path(checkpoint),
+                              head=_last_linear_name(model).rsplit(".", 1)[0] or None)
+    head_name = _last_linear_name(model)
+    old = model.get_submodule(head_name)
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    parent, _, leaf = head_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return model, Task(spec=spec, modality="image", num_classes=num_classes, head_name=head_name,
+                       family="tv_cnn", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       default_image_size=64)
+
+
+def _last_linear_name(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise InvalidInputError(f"{type(model).__name__} has no Linear classification head")
+    return names[-1]
+
+
+def _load_state_dict_file(model: nn.Module, path: Path, head: str | None = None) -> None:
     if not path.is_file():
         raise InvalidInputError(f"checkpoint {str(path)!r} does not exist; pass a .safetensors or "
                                 ".pt/.pth state-dict file")
@@ -457,13 +501,17 @@ def _load_state_dict_file(model: nn.Module, path: Path) -> None:
                                 f"parameter names to tensors; it holds a "
                                 f"{type(state).__name__}); save model.state_dict()")
     model_state = model.state_dict()
-    is_head = {k: k.split(".")[0] in ("classifier", "head", "fc") for k in state}
+    heads = ("classifier", "head", "fc") + ((head,) if head else ())
+
+    def in_head(key: str) -> bool:
+        return key.split(".")[0] in heads or any(key.startswith(h + ".") for h in heads)
+
+    is_head = {k: in_head(k) for k in state}
     mismatched = [k for k, v in state.items() if k in model_state and not is_head[k]
                   and tuple(model_state[k].shape) != tuple(v.shape)]
     filtered = {k: v for k, v in state.items()
                 if k in model_state and tuple(model_state[k].shape) == tuple(v.shape)}
-    missing = [k for k in model_state if k not in filtered and k.split(".")[0]
-               not in ("classifier", "head", "fc")]
+    missing = [k for k in model_state if k not in filtered and not in_head(k)]
     unexpected = [k for k in state if k not in model_state]
     if mismatched or missing or unexpected:
         raise InvalidInputError(f"checkpoint {str(path)!r} does not fit this architecture: "
