@@ -197,6 +197,29 @@ def ranking_section() -> list[str]:
         lines += ["", f"Cross-modality (train on one modality, test on the other): predictor "
                   f"Kendall τ {cross['predictor']:.3f}, {verdict} the best single method "
                   f"({best}, {cross[best]:.3f})."]
+    lofo = [r for r in per_group if r["scheme"] == "lofo"]
+    if lofo:
+        families = sorted({r["fold"] for r in lofo})
+        methods = sorted({r["method"] for r in lofo})
+
+        def family_mean(method: str, family: str) -> float:
+            values = [r["kendall"] for r in lofo if r["method"] == method and r["fold"] == family]
+            return sum(values) / len(values)
+
+        singles = [m for m in methods if m not in peers + ("predictor", "random", "first_k",
+                                                           "last_k")]
+        means = {m: sum(family_mean(m, f) for f in families) / len(families) for m in methods}
+        best = max(singles, key=lambda m: means[m])
+        lines += ["", f"Leave-one-family-out (every model of a family held out; families: "
+                  f"{', '.join(families)}): predictor mean Kendall τ {means['predictor']:.3f} "
+                  f"against the best single metric's ({best}) {means[best]:.3f}.", "",
+                  "| held-out family | predictor | " + best + " | best single metric there |",
+                  "|---|---|---|---|"]
+        for family in families:
+            top = max(singles, key=lambda m: family_mean(m, family))
+            lines.append(f"| {family} | {family_mean('predictor', family):.3f} | "
+                         f"{family_mean(best, family):.3f} | {top} "
+                         f"{family_mean(top, family):.3f} |")
     return lines + ["", "![leave-one-group-out](/predictor_training/logo.png)", ""]
 
 

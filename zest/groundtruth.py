@@ -36,7 +36,7 @@ from zest.collect import DataOptions, load_pair
 from zest.datasets import Dataset
 from zest.errors import DataError, InvalidInputError, RecordError
 from zest.layers import Layer, candidate_layers, group_by_block, select_layers
-from zest.models import Task, check_finite
+from zest.models import Task, check_finite, preserved_training_state
 from zest.records import (
     GROUNDTRUTH_KEY,
     append_records,
@@ -278,54 +278,49 @@ def run_job(job: Job) -> list[dict[str, Any]]:
     trainer = _Trainer(model, task, data, job.config, plan,
                        pair_key=(job.pair.key(), job.config.eval_batch_size))
     head_params = list(trainer.head.parameters())
-    requires = {p: p.requires_grad for p in model.parameters()}
-    training = {m: m.training for m in model.modules()}
     saved_head = {k: v.detach().clone() for k, v in trainer.head.state_dict().items()}
     results = []
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if job.block == BASELINE:
-            stop = len(plan.names) if plan is not None else 0
-            train_cache, val_cache = trainer.prefix_states(stop) if plan is not None \
-                else (None, None)
-            for p in head_params:
-                p.requires_grad_(True)
-            out = trainer.fit_and_score(head_params, job.seed, stop, train_cache, val_cache,
-                                        f"the head-only baseline (seed {job.seed})")
-            results.append({"layer": BASELINE, **out, "cached": plan is not None})
-            return results
-        stages = [plan.stage_of(name) for name in job.layers] if plan is not None else [None]
-        first = None if None in stages else min(stages)
-        if plan is not None and first is not None:
-            train_cache, val_cache = trainer.prefix_states(first)
-        else:
-            train_cache = val_cache = None
-            first = 0
-        for name in job.layers:
-            module = model.get_submodule(name)
-            own = [p for p in module._parameters.values() if p is not None]  # noqa: SLF001
-            saved = [p.detach().clone() for p in own]
-            try:
-                for p in own + head_params:
+    with preserved_training_state(model):
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if job.block == BASELINE:
+                stop = len(plan.names) if plan is not None else 0
+                train_cache, val_cache = trainer.prefix_states(stop) if plan is not None \
+                    else (None, None)
+                for p in head_params:
                     p.requires_grad_(True)
-                out = trainer.fit_and_score(own + head_params, job.seed, first, train_cache,
-                                            val_cache, f"layer {name} (seed {job.seed})")
-            finally:
-                with torch.no_grad():
-                    for p, value in zip(own, saved, strict=True):
-                        p.copy_(value)
-                        p.requires_grad_(False)
-            results.append({"layer": name, **out, "cached": train_cache is not None})
-        return results
-    finally:
-        with torch.no_grad():
-            trainer.head.load_state_dict(saved_head)
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.train(flag)
+                out = trainer.fit_and_score(head_params, job.seed, stop, train_cache, val_cache,
+                                            f"the head-only baseline (seed {job.seed})")
+                results.append({"layer": BASELINE, **out, "cached": plan is not None})
+                return results
+            stages = [plan.stage_of(name) for name in job.layers] if plan is not None else [None]
+            first = None if None in stages else min(stages)
+            if plan is not None and first is not None:
+                train_cache, val_cache = trainer.prefix_states(first)
+            else:
+                train_cache = val_cache = None
+                first = 0
+            for name in job.layers:
+                module = model.get_submodule(name)
+                own = [p for p in module._parameters.values() if p is not None]  # noqa: SLF001
+                saved = [p.detach().clone() for p in own]
+                try:
+                    for p in own + head_params:
+                        p.requires_grad_(True)
+                    out = trainer.fit_and_score(own + head_params, job.seed, first, train_cache,
+                                                val_cache, f"layer {name} (seed {job.seed})")
+                finally:
+                    with torch.no_grad():
+                        for p, value in zip(own, saved, strict=True):
+                            p.copy_(value)
+                            p.requires_grad_(False)
+                results.append({"layer": name, **out, "cached": train_cache is not None})
+            return results
+        finally:
+            with torch.no_grad():
+                trainer.head.load_state_dict(saved_head)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,6 +247,22 @@ class Task:
             torch.random.set_rng_state(generator_state)
 
 
+@contextlib.contextmanager
+def preserved_training_state(model: nn.Module):
+    """Restores every parameter's ``requires_grad`` and every module's train/eval flag as they
+    were on entry, also when the body raises (the probe, the ground-truth jobs, stage-plan
+    checks and the tuners' selection passes all change them)."""
+    requires = {p: p.requires_grad for p in model.parameters()}
+    training = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.train(flag)
+
+
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
                                 temperature: float = SUPCON_TEMPERATURE) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020; GPS paper §3.1, Eq. 2).

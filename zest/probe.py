@@ -32,7 +32,7 @@ from torch import nn
 
 from zest.errors import InvalidInputError
 from zest.layers import Layer, candidate_layers, select_layers
-from zest.models import Batch, Task, check_finite
+from zest.models import Batch, Task, check_finite, preserved_training_state
 
 #: The quantities a metric may declare it needs (``needs=`` of ``register_metric``).
 NEEDS = frozenset({
@@ -474,8 +474,6 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
 
     start = time.perf_counter()
     passes: list[str] = []
-    training = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
     recorder = _Recorder(layers, modules, needs, batch, batch_size, model)
     saved_storages: dict[torch.Tensor, torch.Tensor] = {}
     grads: list[torch.Tensor] | None = None
@@ -483,51 +481,48 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
     synflow_grads: list[torch.Tensor] | None = None
     halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     fisher_diagonal: dict[str, float] = {}
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        recorder.attach()
-        with torch.enable_grad():
-            output = task.forward(model, batch, device)
-            if labelled:  # an unlabelled batch gets the forward pass alone (label-free needs)
-                loss_value = task.loss(output, loss)
-                check_finite(loss_value, batch_label)
-            passes.append("forward")
-            if needs_backward:
-                grads, halves = _weight_gradients(loss_value, recorder, layers, modules,
-                                                  split="grad_halves" in needs)
-                passes.append("backward")
-            recorder.detach()  # the passes below must not re-fire the output hooks
+    with preserved_training_state(model):
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
             for w in weights:
                 w.requires_grad_(True)
-            if "per_example_fisher" in needs:
-                fisher_diagonal = _per_example_fisher(recorder, modules, batch)
-            recorder.output_grads.clear()
-            recorder.outputs.clear()
-            recorder.inputs.clear()
-        recorder.detach()
-        del output
-        if "hvp" in needs and grads is not None:
-            hvps = _finite_difference_hvp(model, task, batch, device, loss, layers, modules,
-                                          grads, saved_storages, batch_label)
+            recorder.attach()
+            with torch.enable_grad():
+                output = task.forward(model, batch, device)
+                if labelled:  # an unlabelled batch gets the forward pass alone (label-free needs)
+                    loss_value = task.loss(output, loss)
+                    check_finite(loss_value, batch_label)
+                passes.append("forward")
+                if needs_backward:
+                    grads, halves = _weight_gradients(loss_value, recorder, layers, modules,
+                                                      split="grad_halves" in needs)
+                    passes.append("backward")
+                recorder.detach()  # the passes below must not re-fire the output hooks
+                for w in weights:
+                    w.requires_grad_(True)
+                if "per_example_fisher" in needs:
+                    fisher_diagonal = _per_example_fisher(recorder, modules, batch)
+                recorder.output_grads.clear()
+                recorder.outputs.clear()
+                recorder.inputs.clear()
+            recorder.detach()
+            del output
+            if "hvp" in needs and grads is not None:
+                hvps = _finite_difference_hvp(model, task, batch, device, loss, layers, modules,
+                                              grads, saved_storages, batch_label)
+                _swap_back(saved_storages)
+                for w in weights:
+                    w.requires_grad_(True)
+                passes.append("hvp")
+            if "synflow" in needs:
+                synflow_grads = _synflow(model, task, batch, device, weights, saved_storages)
+                _swap_back(saved_storages)
+                passes.append("synflow")
+        finally:
+            recorder.detach()
             _swap_back(saved_storages)
-            for w in weights:
-                w.requires_grad_(True)
-            passes.append("hvp")
-        if "synflow" in needs:
-            synflow_grads = _synflow(model, task, batch, device, weights, saved_storages)
-            _swap_back(saved_storages)
-            passes.append("synflow")
-    finally:
-        recorder.detach()
-        _swap_back(saved_storages)
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.train(flag)
 
     labels = task.labels(batch).detach().cpu() if "labels" in needs else None
     contexts: dict[str, LayerContext] = {}

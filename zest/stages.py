@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zest.models import Batch, Task
+from zest.models import Batch, Task, preserved_training_state
 
 State = dict[str, torch.Tensor]
 StageFunction = Callable[[State], State]
@@ -212,19 +212,15 @@ def stage_plan(model: nn.Module, task: Task, sample: Batch) -> StagePlan | None:
     plan = _candidate_plan(model, task)
     if plan is None:
         return None
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
             expected = task.forward(model, sample).logits
             inputs = task.model_inputs(sample, next(model.parameters()).device)
             got = task.head(model)(plan.features(plan.run(plan.start(inputs), 0)))
         ok = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     except (AttributeError, TypeError, RuntimeError, IndexError):
         ok = False
-    finally:
-        for m, flag in training.items():
-            m.train(flag)
     return plan if ok else None
 
 

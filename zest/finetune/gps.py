@@ -27,7 +27,7 @@ from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import neuron_rows, output_dim
-from zest.models import Task, supervised_contrastive_loss
+from zest.models import Task, preserved_training_state, supervised_contrastive_loss
 
 FROZEN_NAME_PARTS = ("position_embeddings", "pos_embed", "norm")
 
@@ -126,10 +126,8 @@ class GPS(Tuner):
         """|Σ ∇W L_supcon| over ``selection_batches`` batches, per chosen layer (§3.1)."""
         weights = {name: self.model.get_submodule(name).weight for name in self.layer_names}
         total = {name: torch.zeros_like(w) for name, w in weights.items()}
-        training = {m: m.training for m in self.model.modules()}
-        requires = {p: p.requires_grad for p in self.model.parameters()}
         generator = torch.Generator().manual_seed(self.seed)
-        try:
+        with preserved_training_state(self.model):
             self._freeze_all()
             for w in weights.values():
                 w.requires_grad_(True)
@@ -144,11 +142,6 @@ class GPS(Tuner):
                 for name, g in zip(weights, grads, strict=True):
                     if g is not None:
                         total[name] += g.detach()
-        finally:
-            for p, flag in requires.items():
-                p.requires_grad_(flag)
-            for m, flag in training.items():
-                m.train(flag)
         return {name: t.abs() for name, t in total.items()}
 
     def _prepare(self, data: Dataset, batch_size: int) -> None:

@@ -27,6 +27,7 @@ from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import neuron_rows, output_dim, transforms_weight
+from zest.models import preserved_training_state
 
 IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
@@ -150,14 +151,12 @@ class SPSFT(Tuner):
     def _mean_gradients(self, data: Dataset, batch_size: int, weights: dict[str, nn.Parameter],
                         by_class: bool) -> dict[str, Any]:
         """Mean gradient of the cross-entropy over the selection data (per class if asked)."""
-        training = {m: m.training for m in self.model.modules()}
-        requires = {p: p.requires_grad for p in self.model.parameters()}
         names = list(weights)
         classes = self.task.num_classes
         sums = {n: torch.zeros((classes,) + tuple(w.shape) if by_class else w.shape)
                 for n, w in weights.items()}
         counts = torch.zeros(classes if by_class else 1)
-        try:
+        with preserved_training_state(self.model):
             self._freeze_all()
             for w in weights.values():
                 w.requires_grad_(True)
@@ -180,11 +179,6 @@ class SPSFT(Tuner):
                     for n, g in zip(names, grads, strict=True):
                         sums[n][t] += g.cpu()
                     counts[t] += int(selected.sum())
-        finally:
-            for p, flag in requires.items():
-                p.requires_grad_(flag)
-            for m, flag in training.items():
-                m.train(flag)
         if not by_class:
             return {n: s / counts[0] for n, s in sums.items()}
         seen = counts > 0
