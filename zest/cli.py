@@ -345,8 +345,8 @@ def rank_command(
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
         source = ranking.for_lora() if output_format == "peft" else ranking
         chosen = source.top(top_k) if top_k is not None else (
-            source.select(param_budget) if param_budget is not None else source.top(min(5, len(
-                source.table))))
+            source.select(param_budget) if param_budget is not None
+            else source.default_choice())
         table = ranking.to_frame()
         table["chosen"] = table["layer"].isin(chosen)
         if output_format == "peft":

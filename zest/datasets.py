@@ -30,7 +30,7 @@ import site
 import sys
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,7 +278,6 @@ class _Raw:
     y: np.ndarray
     x_test: Any = None
     y_test: np.ndarray | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,6 @@ class Task:
     tokenizer: Any = None
     pooling: Literal["first", "last"] = "first"
     default_image_size: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # -- batches -------------------------------------------------------------------------
     def has_labels(self, batch: Batch) -> bool:

@@ -50,7 +50,7 @@ def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[
             return ranking.top(k), info
         if param_budget is not None:
             return ranking.select(param_budget), info
-        return ranking.top(min(5, len(ranking.table))), info
+        return ranking.default_choice(), info
     if param_budget is not None:
         raise InvalidInputError("--param-budget goes with --layers auto, not with layer names")
     names = [n.strip() for n in spec.split(",") if n.strip()]

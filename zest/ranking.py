@@ -30,6 +30,8 @@ from zest.predictor import ZestRanker
 from zest.records import METRIC_PREFIX
 
 SHIPPED_PREDICTORS = ("universal",)
+#: Layers chosen when neither a count nor a budget is given.
+DEFAULT_TOP_K = 5
 
 
 def shipped_predictor_path(name: str = "universal") -> Path:
@@ -93,6 +95,10 @@ class Ranking:
                                     "layers; pass a smaller k")
         return self.table["layer"].head(k).tolist()
 
+    def default_choice(self) -> list[str]:
+        """The :data:`DEFAULT_TOP_K` best layers (all of them when there are fewer)."""
+        return self.top(min(DEFAULT_TOP_K, len(self.table)))
+
     def select(self, param_budget: float) -> list[str]:
         """Best layers, in rank order, whose parameters fit in ``param_budget`` (a fraction of
         the model's parameters in (0, 1]); layers too large for what is left are skipped."""
@@ -145,7 +151,7 @@ class Ranking:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        chosen = set(chosen or self.top(min(5, len(self.table))))
+        chosen = set(chosen or self.default_choice())
         table = self.table.sort_values("depth")
         fig, ax = plt.subplots(figsize=(9, 4))
         ax.plot(table["depth"], table["score"], "-", color="0.7", zorder=1)

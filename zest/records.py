@@ -37,9 +37,6 @@ _KIND_WORDS = {"metrics": "metric", "groundtruth": "ground-truth"}
 
 #: Identity columns every record has.
 ID_COLUMNS = ["model", "dataset", "group", "layer", "layer_type", "block", "depth", "n_params"]
-#: Columns of ground-truth records beyond the identity and metric columns.
-GT_COLUMNS = ["gt_score", "gt_baseline", "gt_gain", "gt_loss", "gt_loss_baseline",
-              "gt_loss_gain", "gt_steps", "gt_lr", "gt_seed", "gt_seconds"]
 #: Key of a metrics row and of a ground-truth row (unique within a file).
 METRICS_KEY = ["group", "layer", "batch", "seed"]
 GROUNDTRUTH_KEY = ["group", "layer", "gt_seed"]
