@@ -236,24 +236,22 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         lines += ["", _where_beaten(results[results["scheme"] == scheme], scheme), ""]
     lofo = results[results["scheme"] == "lofo"]
     if not lofo.empty:
-        lines += ["## Per held-out family (lofo): mean Kendall τ over the family's groups", ""]
-        pivot = lofo.pivot_table(index="method", columns="fold", values="kendall")
-        pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
-        lines.append("| method | " + " | ".join(pivot.columns) + " | mean |")
-        lines.append("|---|" + "---|" * (len(pivot.columns) + 1))
+        pivot = _sorted_pivot(lofo, "fold")
+        lines += ["## Per held-out family (lofo): mean Kendall τ over the family's groups", "",
+                  "| method | " + " | ".join(pivot.columns) + " | mean |",
+                  "|---|" + "---|" * (len(pivot.columns) + 1)]
         for method, row in pivot.head(15).iterrows():
             lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in row) +
                          f" | {row.mean():.3f} |")
         lines.append("")
     logo = results[results["scheme"] == "logo"]
     if not logo.empty:
-        lines += ["## Per held-out group (logo): Kendall τ", ""]
-        pivot = logo.pivot_table(index="method", columns="group", values="kendall")
-        pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
-        lines.append("| method | " + " | ".join(pivot.columns) + " |")
-        lines.append("|---|" + "---|" * len(pivot.columns))
-        lines.append("| *noise ceiling* | " + " | ".join(f"{ceilings[g]:.3f}"
-                                                       for g in pivot.columns) + " |")
+        pivot = _sorted_pivot(logo, "group")
+        lines += ["## Per held-out group (logo): Kendall τ", "",
+                  "| method | " + " | ".join(pivot.columns) + " |",
+                  "|---|" + "---|" * len(pivot.columns),
+                  "| *noise ceiling* | " + " | ".join(f"{ceilings[g]:.3f}"
+                                                     for g in pivot.columns) + " |"]
         for other in ("gt_gain", "gt_loss_gain"):
             column = f"noise_ceiling_{other}"
             if other != target and column in logo:
@@ -264,6 +262,12 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
             lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _sorted_pivot(results: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Kendall τ per method (rows, best mean first) and ``column`` value (columns)."""
+    pivot = results.pivot_table(index="method", columns=column, values="kendall")
+    return pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
 
 
 def _where_beaten(results: pd.DataFrame, scheme: str) -> str:

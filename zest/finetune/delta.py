@@ -247,6 +247,13 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
     return model
 
 
+def _check_index_range(name: str, what: str, indices: torch.Tensor, limit: int, unit: str
+                       ) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= limit):
+        raise InvalidInputError(f"delta entry {name}: {what} {int(indices.min())}.."
+                                f"{int(indices.max())} are outside the weight's {limit} {unit}")
+
+
 #: The tensors each entry kind must have.
 _ENTRY_TENSORS = {"replace": ("value",), "sparse_add": ("indices", "values"),
                   "rows_add": ("indices", "rows"), "lora": ("A", "B")}
@@ -284,10 +291,7 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
             raise InvalidInputError(f"delta entry {name}: {tuple(values.shape)} values at "
                                     f"{tuple(indices.shape)} indices do not fit a weight of "
                                     f"{rows} rows (one row of indices and values per row)")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= width):
-            raise InvalidInputError(f"delta entry {name}: sparse indices "
-                                    f"{int(indices.min())}..{int(indices.max())} are outside "
-                                    f"the {width} columns of the weight")
+        _check_index_range(name, "sparse indices", indices, width, "columns")
     if entry.kind == "rows_add":
         indices, values = entry.tensors["indices"], entry.tensors["rows"]
         per_row = values[0].numel() if len(values) else 0
@@ -297,10 +301,7 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
                                     f"{per_row} values for "
                                     f"{indices.numel()} row indices do not fit a weight of "
                                     f"{rows} rows × {width} columns")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
-            raise InvalidInputError(f"delta entry {name}: row indices "
-                                    f"{int(indices.min())}..{int(indices.max())} are outside "
-                                    f"the weight's {rows} rows")
+        _check_index_range(name, "row indices", indices, rows, "rows")
         if len(set(indices.tolist())) != indices.numel():
             raise InvalidInputError(f"delta entry {name}: a row index appears twice")
     if entry.kind == "lora":
