@@ -419,3 +419,18 @@ def test_spsft_on_grouped_convolutions_applies_exactly(tmp_path):
     torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
                                atol=1e-5, rtol=1e-5)
     assert timm is not None and _build_timm is not None
+
+
+def test_auto_layers_are_chosen_among_those_the_method_can_tune(tmp_path):
+    """Regression: SPSFT with --layers auto on a BERT-style model picked an embedding."""
+    from zest.pipeline import run_finetune
+
+    metrics = run_finetune("tiny_bert", "rotten_tomatoes", tmp_path / "run", method="spsft",
+                           layers="auto", param_budget=0.3, epochs=1, batch_size=16,
+                           options=TEXT[2])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    model, task = load_model("tiny_bert", 2)
+    assert config["layers"] and all(SPSFT.can_tune(n, model.get_submodule(n))
+                                    for n in config["layers"])
+    assert not any("embeddings" in n for n in config["layers"])
+    assert metrics["trainable_params"] > 0

@@ -117,8 +117,10 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         def make_ranking() -> Ranking:
             ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
                            predictor=predictor, device=torch_device)
-            # LoRA takes its layers the way Ranking.to_lora_config does
-            return ranking.for_lora() if method == "lora" else ranking
+            # only among the layers the method can tune (LoRA: as Ranking.to_lora_config does)
+            tunable = [name for name in ranking.table["layer"]
+                       if tuner_class.can_tune(name, model.get_submodule(name))]
+            return ranking.restricted(tunable, f"--method {method}")
 
         chosen, info = resolve_layers(layers, make_ranking, param_budget)
     kwargs = dict(method_options or {})

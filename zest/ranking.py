@@ -143,6 +143,18 @@ class Ranking:
         table["rank"] = range(1, len(table) + 1)
         return replace(self, table=table)
 
+    def restricted(self, keep: Sequence[str], what: str) -> Ranking:
+        """This ranking restricted to the layers in ``keep`` (e.g. those a tuning method can
+        tune), re-numbered from 1, with the same parameter total for budgets; ``what`` names
+        the restriction in the error raised when no layer is left."""
+        allowed = set(keep)
+        table = self.table[self.table["layer"].isin(allowed)].reset_index(drop=True)
+        if table.empty:
+            raise InvalidInputError(f"none of the ranked layers can be tuned by {what}; choose "
+                                    "another --method or name the layers with --layers")
+        table["rank"] = range(1, len(table) + 1)
+        return replace(self, table=table)
+
     def plot(self, path: str | os.PathLike | None = None, chosen: Sequence[str] | None = None):
         """Score over depth with the chosen layers marked; saved to ``path`` if given."""
         import matplotlib

@@ -101,6 +101,12 @@ class Tuner:
             self.layer_names = []
         self._check_layers()
 
+    @classmethod
+    def can_tune(cls, name: str, module: nn.Module) -> bool:
+        """Whether this method can tune the candidate layer ``name`` (``--layers auto`` chooses
+        only among those)."""
+        return True
+
     # -- hooks for subclasses ------------------------------------------------------------------
     def _allows_any_module(self) -> bool:
         return False

@@ -102,6 +102,11 @@ class GPS(Tuner):
     implementation: str = "sparse"
     method: str = field(default="gps", init=False)
 
+    @classmethod
+    def can_tune(cls, name: str, module: nn.Module) -> bool:
+        """Not normalisation layers and position embeddings (kept frozen, as in the paper)."""
+        return not any(part in name for part in FROZEN_NAME_PARTS)
+
     def _check_layers(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {self.k!r}")

@@ -67,6 +67,11 @@ class LoRA(Tuner):
     dropout: float = 0.0
     method: str = field(default="lora", init=False)
 
+    @classmethod
+    def can_tune(cls, name: str, module: nn.Module) -> bool:
+        """The layers peft's LoRA can wrap (:func:`lora_can_wrap`)."""
+        return lora_can_wrap(module)
+
     def _check_layers(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise InvalidInputError(f"LoRA rank must be a positive integer, got {self.rank!r}")

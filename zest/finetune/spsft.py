@@ -92,6 +92,13 @@ class SPSFT(Tuner):
     selection_batches: int = 8
     method: str = field(default="spsft", init=False)
 
+    @classmethod
+    def can_tune(cls, name: str, module: nn.Module) -> bool:
+        """Linear (GPT-2's Conv1D too), Conv2d and normalisation layers whose forward uses the
+        stored weight as it is."""
+        return (isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES))
+                or output_dim(module) == 1) and not transforms_weight(module)
+
     def _allows_any_module(self) -> bool:
         return True  # normalisation layers may be named explicitly (per-row variant)
 
