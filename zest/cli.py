@@ -236,6 +236,9 @@ def train_predictor_command(
     normalization: Annotated[str, typer.Option(help="rank or robust_z (within group).")]
     = "rank",
     seed: SeedOption = 0,
+    context: Annotated[bool, typer.Option(
+        "--context/--no-context", help="Context features beside the metrics (layer type, "
+        "depth, parameter share).")] = True,
     roles: Annotated[bool, typer.Option(
         "--roles/--no-roles", help="Context: each layer's role in its block and its position "
         "there (named alike in every family).")] = False,
@@ -254,7 +257,8 @@ def train_predictor_command(
         ranker, summary = train_predictor(records, out, backend=backend, target=target,
                                           normalization=normalization, seed=seed,
                                           min_seeds=min_seeds, features=_names(features),
-                                          use_roles=roles, use_modality=modality)
+                                          use_context=context, use_roles=roles,
+                                          use_modality=modality)
         typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
                    f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
                    f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")
