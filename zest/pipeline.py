@@ -21,7 +21,10 @@ from zest.models import resolve_device
 from zest.outputs import check_output_dir
 from zest.ranking import Ranking, rank
 
-LAYERLESS_METHODS = ("full", "head", "bitfit")
+def takes_layers(method: str) -> bool:
+    """Whether a registered tuning method trains chosen layers (``Tuner.uses_layers``), rather
+    than a fixed set of parameters (full, head, bitfit)."""
+    return bool(METHODS.get(method).uses_layers)
 
 
 def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[], Ranking],
@@ -68,7 +71,7 @@ def check_layer_request(method: str, layers: str | Sequence[str] | None,
                                      or not isinstance(param_budget, int | float)
                                      or not 0 < param_budget <= 1):
         raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
-    if method in LAYERLESS_METHODS:
+    if not takes_layers(method):
         if layers not in (None, "auto"):
             raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
                                     f"--layers {layers if isinstance(layers, str) else '...'}")
@@ -113,7 +116,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     start = time.perf_counter()
     info: dict[str, Any] = {}
     chosen: list[str] | str | None = None
-    if method not in LAYERLESS_METHODS:
+    if takes_layers(method):
         def make_ranking() -> Ranking:
             ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
                            predictor=predictor, device=torch_device)
