@@ -21,6 +21,7 @@ from zest.models import resolve_device
 from zest.outputs import check_output_dir
 from zest.ranking import Ranking, rank
 
+
 def takes_layers(method: str) -> bool:
     """Whether a registered tuning method trains chosen layers (``Tuner.uses_layers``), rather
     than a fixed set of parameters (full, head, bitfit)."""
