@@ -1,4 +1,4 @@
-"""Tests of zest.datasets: packaged sets, user data, splits, batches and errors."""
+"""Tests of zest.data: packaged sets, user data, splits, batches and errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-import zest.datasets as zd
-from zest.datasets import DATASETS, Dataset, Split, known_datasets, load_dataset
+import zest.data.packaged as zd
+import zest.data.splits as zs
+from zest.data import DATASETS, Dataset, Split, known_datasets, load_dataset
 from zest.errors import DataError, InvalidInputError, UnknownNameError, ZestError
 
 
@@ -183,7 +184,7 @@ def test_lfw_faces():
 
 
 def test_patches_are_ten_photographs_in_non_overlapping_tiles():
-    from zest.datasets import PATCH_SOURCES, _patches
+    from zest.data.packaged import PATCH_SOURCES, _patches
 
     raw = _patches()
     assert raw.x.shape[1:] == (1, 32, 32) and set(raw.y) == set(PATCH_SOURCES)
@@ -535,5 +536,5 @@ def test_long_texts_tokenize_as_the_plain_tokenizer_call(tmp_path, tokenizer):
         )
         assert torch.equal(split.x["input_ids"], ref["input_ids"])
         assert torch.equal(split.x["attention_mask"], ref["attention_mask"])
-    assert zd._clip_words("a b  c d ", 2) == "a b  "
-    assert zd._clip_words("a b", 2) == "a b"
+    assert zs._clip_words("a b  c d ", 2) == "a b  "
+    assert zs._clip_words("a b", 2) == "a b"

@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from zest import finetune  # noqa: E402
-from zest.datasets import Dataset, known_datasets, load_dataset  # noqa: E402
+from zest.data import Dataset, known_datasets, load_dataset  # noqa: E402
 from zest.errors import ZestError  # noqa: E402
 from zest.finetune import apply_delta  # noqa: E402
 from zest.layers import Layer, candidate_layers  # noqa: E402

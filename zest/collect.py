@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from zest.datasets import Dataset, load_dataset
+from zest.data import Dataset, load_dataset
 from zest.errors import InvalidInputError
 from zest.layers import Layer, candidate_layers, check_granularity, select_layers
 from zest.metrics import (

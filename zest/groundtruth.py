@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zest.collect import DataOptions, load_pair
-from zest.datasets import Dataset
+from zest.data import Dataset
 from zest.errors import DataError, InvalidInputError, RecordError
 from zest.layers import Layer, candidate_layers, group_by_block, select_layers
 from zest.models import Task, check_finite, preserved_training_state

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zest.datasets import Dataset
+from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
 from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
 from zest.layers import candidate_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zest.datasets import Dataset
+from zest.data import Dataset
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
 

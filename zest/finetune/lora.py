@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from zest.datasets import Dataset
+from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
