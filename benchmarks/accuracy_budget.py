@@ -32,9 +32,9 @@ from pathlib import Path
 import _results
 import numpy as np
 
-from zest.collect import DataOptions, load_pair
 from zest.finetune import METHODS
 from zest.layers import candidate_layers
+from zest.loading import DataOptions, load_pair
 from zest.ranking import fill_budget, rank
 from zest.training import load_corpus, train_predictor
 

@@ -57,9 +57,9 @@ def child(model_spec: str, method: str, steps: int) -> dict:
     import torch.nn.functional as F
     from torch import nn
 
-    from zest.collect import DataOptions, load_pair
     from zest.finetune import GPS, SPSFT, Full, LoRA
     from zest.layers import candidate_layers
+    from zest.loading import DataOptions, load_pair
 
     case = CASES[model_spec]
     options = DataOptions(image_size=case.get("image_size"),

@@ -17,9 +17,9 @@ from pathlib import Path
 import _results
 import torch
 
-from zest.collect import DataOptions, load_pair
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import candidate_layers
+from zest.loading import DataOptions, load_pair
 
 CASES = {
     "efficientnet_lite0": ("digits", DataOptions(image_size=64, max_train=512, max_val=256)),

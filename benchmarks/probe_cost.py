@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zest.collect import DataOptions, load_pair
+from zest.loading import DataOptions, load_pair
 from zest.metrics import compute_metrics, metric_names, needs_of
 from zest.probe import probe
 from zest.ranking import rank

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import _results
 
-from zest.collect import DataOptions, load_pair
+from zest.loading import DataOptions, load_pair
 from zest.ranking import rank
 from zest.training import load_corpus
 

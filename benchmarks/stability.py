@@ -11,7 +11,7 @@ from pathlib import Path
 
 import _results
 
-from zest.collect import DataOptions, load_pair
+from zest.loading import DataOptions, load_pair
 from zest.ranking import load_predictor, rank
 
 CASES = [("efficientnet_lite0", "digits", DataOptions(image_size=64)),

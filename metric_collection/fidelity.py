@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
-from zest.collect import DataOptions, load_pair
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import candidate_layers, stratified_layers
+from zest.loading import DataOptions, load_pair
 from zest.records import group_key, read_records
 
 #: name -> (steps, max_length); batch 16, 1,000 train / 300 val examples, seeds 0 and 1 for all.

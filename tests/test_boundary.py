@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from zest.cli import app
-from zest.collect import DataOptions, load_pair
 from zest.errors import InvalidInputError, ZestError
+from zest.loading import DataOptions, load_pair
 
 runner = CliRunner()
 FAST = settings(max_examples=25, deadline=None,
@@ -39,13 +39,13 @@ def _one_line_failure(result) -> None:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if a model or data set is loaded: bad options must be refused first."""
-    import zest.collect
+    import zest.loading
     import zest.pipeline
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("loaded before the options were checked")
 
-    monkeypatch.setattr(zest.collect, "load_pair", refuse)
+    monkeypatch.setattr(zest.loading, "load_pair", refuse)
     monkeypatch.setattr(zest.pipeline, "load_pair", refuse)
 
 

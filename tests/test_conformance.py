@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import zest
-from zest.collect import DataOptions, load_pair
 from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
 from zest.finetune.gps import FROZEN_NAME_PARTS
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import output_dim, transforms_weight
+from zest.loading import DataOptions, load_pair
 from zest.models import load_model
 
 #: timm's own tiny test models, then small real architectures (random weights).

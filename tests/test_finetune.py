@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from zest.collect import DataOptions, load_pair
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError
 from zest.finetune import GPS, METHODS, SPSFT, Delta, LoRA, apply_delta
 from zest.layers import candidate_layers
+from zest.loading import DataOptions, load_pair
 from zest.models import load_model
 
 IMAGE = ("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
@@ -229,7 +229,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_delta(tmp_path):
 def test_finetune_lora_auto_takes_the_layers_of_to_lora_config(tmp_path):
     """``zest finetune --method lora --layers top:K`` wraps exactly the modules
     ``Ranking.to_lora_config(k=K)`` names, with the same predictor and probe batch."""
-    from zest.collect import load_pair
+    from zest.loading import load_pair
     from zest.pipeline import run_finetune
     from zest.ranking import rank
 

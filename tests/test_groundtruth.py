@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from zest.collect import DataOptions
 from zest.errors import InvalidInputError, RecordError, UnknownNameError
 from zest.groundtruth import GroundTruthConfig, batch_order, collect_groundtruth
+from zest.loading import DataOptions
 from zest.records import read_records
 
 OPTIONS = DataOptions(image_size=16, max_train=96, max_val=48)
@@ -88,7 +88,7 @@ def test_resume_skips_done_rows(tmp_path):
 
 SCRIPT = """
 import sys
-from zest.collect import DataOptions
+from zest.loading import DataOptions
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 collect_groundtruth("tiny_cnn", "digits", sys.argv[1],
                     config=GroundTruthConfig(steps=int(sys.argv[2]), batch_size=16),
@@ -371,7 +371,7 @@ def _children(pid: int) -> set[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_workers_exit_when_the_driver_is_killed(tmp_path):
-    script = ("import sys\nfrom zest.collect import DataOptions\n"
+    script = ("import sys\nfrom zest.loading import DataOptions\n"
               "from zest.groundtruth import GroundTruthConfig, collect_groundtruth\n"
               "collect_groundtruth('tiny_cnn', 'digits', sys.argv[1], config=GroundTruthConfig("
               "steps=400, batch_size=16), seeds=[0, 1], n_jobs=2, options=DataOptions("

@@ -106,7 +106,7 @@ def test_model_restored_when_loss_is_not_finite():
 
 
 def test_model_intact_when_a_metric_raises_during_collection(monkeypatch):
-    from zest.collect import metrics_frame
+    from zest.frames import metrics_frame
     from zest.metrics import METRICS, MetricInfo
 
     model, task = load_model("tiny_cnn", 3)

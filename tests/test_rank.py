@@ -170,7 +170,7 @@ def test_unlabelled_batch_ranks_by_label_free_metrics_and_names_the_rest(model_s
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_bert"])
 def test_half_precision_models_rank_with_float32_metrics(dtype, spec):
-    from zest.collect import DataOptions, load_pair
+    from zest.loading import DataOptions, load_pair
 
     model, task, data = load_pair(spec, "digits" if spec == "tiny_cnn" else "r8",
                                   options=DataOptions(image_size=16, max_length=16,
@@ -195,13 +195,13 @@ def test_half_precision_models_rank_with_float32_metrics(dtype, spec):
 ])
 def test_empty_or_contradictory_requests_are_refused_before_loading(args, message, tmp_path,
                                                                     monkeypatch):
-    import zest.collect
+    import zest.loading
     import zest.pipeline
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(zest.collect, "load_pair", no_loading)
+    monkeypatch.setattr(zest.loading, "load_pair", no_loading)
     monkeypatch.setattr(zest.pipeline, "load_pair", no_loading)
     out = ["--out", str(tmp_path / "run")] if args[0] == "finetune" else []
     result = runner.invoke(app, [*args, "--model", "tiny_cnn", "--dataset", "digits", *out])

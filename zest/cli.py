@@ -93,7 +93,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _options(image_size: int | None, max_length: int, max_train: int | None,
              max_val: int | None, text_column: str, label_column: str):
-    from zest.collect import DataOptions
+    from zest.loading import DataOptions
 
     return DataOptions(image_size=image_size, max_length=max_length, max_train=max_train,
                        max_val=max_val, text_column=text_column, label_column=label_column)
@@ -320,8 +320,8 @@ def rank_command(
     quiet: QuietOption = False,
 ) -> None:
     """Rank the layers of a model for fine-tuning on a data set, from one minibatch."""
-    from zest.collect import load_pair
     from zest.errors import InvalidInputError
+    from zest.loading import load_pair
     from zest.models import resolve_device
     from zest.outputs import check_output_file
     from zest.ranking import check_selection, load_predictor, rank

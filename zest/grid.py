@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zest.collect import DataOptions, collect_metrics, metrics_settings
+from zest.collect import collect_metrics, metrics_settings
 from zest.errors import InvalidInputError, RecordError
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+from zest.loading import DataOptions
 from zest.metrics import resolve_metrics
 from zest.records import (
     METRIC_PREFIX,

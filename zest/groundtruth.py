@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zest.collect import DataOptions, load_pair
 from zest.data import Dataset
 from zest.errors import DataError, InvalidInputError, RecordError
 from zest.layers import Layer, candidate_layers, group_by_block, select_layers
+from zest.loading import DataOptions, load_pair
 from zest.models import Task, check_finite, preserved_training_state
 from zest.records import (
     GROUNDTRUTH_KEY,

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from zest.collect import DataOptions, load_pair
 from zest.errors import InvalidInputError
 from zest.finetune import METHODS, Tuner
+from zest.loading import DataOptions, load_pair
 from zest.models import resolve_device
 from zest.outputs import check_output_dir
 from zest.ranking import Ranking, rank

@@ -21,8 +21,8 @@ import torch
 from scipy.stats import kendalltau
 from torch import nn
 
-from zest.collect import metrics_frame
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
+from zest.frames import metrics_frame
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
 from zest.models import Batch, Task, model_family

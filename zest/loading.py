@@ -1,0 +1,83 @@
+"""Loading a (model, data set) pair the way every command does: the data options, then a model
+with a head of the data set's class count (text tokenised with the model's tokenizer). Used by
+the online path (``zest rank``, ``zest finetune``) and the offline one (collectors) alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from zest.data import Dataset, load_dataset
+from zest.errors import InvalidInputError
+from zest.models import Task, check_model_spec, load_model
+
+
+@dataclass
+class DataOptions:
+    """How to load a data set (ARCHITECTURE.md §3a options shared by every command)."""
+
+    image_size: int | None = None
+    max_length: int = 128
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.image_size is not None and not (integer(self.image_size)
+                                                and self.image_size >= 8):
+            raise InvalidInputError(f"--image-size must be an integer of at least 8, got "
+                                    f"{self.image_size!r}; omit it for the model's default")
+        if not (integer(self.max_length) and self.max_length >= 8):
+            raise InvalidInputError(f"--max-length must be an integer of at least 8, got "
+                                    f"{self.max_length!r}")
+        for name in ("max_train", "max_val", "max_test"):
+            cap = getattr(self, name)
+            if cap is not None and not (integer(cap) and cap >= 1):
+                flag = "--" + name.replace("_", "-")
+                raise InvalidInputError(f"{flag} must be a positive integer, got {cap!r}; omit "
+                                        "it to keep the whole split")
+
+    def settings(self) -> dict[str, Any]:
+        """The options as flat, JSON-friendly settings (``extra`` keys inline), as stamped into
+        record files."""
+        flat = {k: v for k, v in vars(self).items() if k != "extra"}
+        return {**flat, **self.extra}
+
+
+def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None = None,
+              seed: int = 0, device: str = "cpu", checkpoint: str | None = None
+              ) -> tuple[nn.Module, Task, Dataset]:
+    """Loads a data set and a model with a head of the data set's class count; text data is
+    tokenised with the model's tokenizer."""
+    options = options or DataOptions()
+    check_model_spec(model_spec)
+    common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
+                  max_val=options.max_val, max_test=options.max_test,
+                  text_column=options.text_column, label_column=options.label_column,
+                  **options.extra)
+    image_size = options.image_size or 64
+    data = load_dataset(dataset_spec, image_size=image_size, **common)
+    n_train = len(data.splits["train"])
+    if n_train < 2:
+        cap = f" (--max-train {options.max_train})" if options.max_train else ""
+        raise InvalidInputError(f"the train split of {dataset_spec!r} has {n_train} example"
+                                f"{'' if n_train == 1 else 's'}{cap}; at least 2 are needed: "
+                                "raise --max-train or add data")
+    model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
+                             checkpoint=checkpoint, image_size=image_size)
+    if task.modality != data.modality:
+        raise InvalidInputError(f"model {model_spec!r} takes {task.modality} inputs but data set "
+                                f"{dataset_spec!r} is {data.modality}; pair image models with "
+                                "image data and text models with text data")
+    if data.modality == "text":
+        data = load_dataset(dataset_spec, image_size=image_size, tokenizer=task.tokenizer,
+                            **common)
+    return model, task, data
