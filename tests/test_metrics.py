@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import zest.metrics as zm  # noqa: E402
-import zest.probe  # noqa: E402
+import zest.probe.passes  # noqa: E402
 from zest.errors import UnknownNameError  # noqa: E402
 from zest.layers import Layer  # noqa: E402
 from zest.models import SUPCON_TEMPERATURE, Task, load_model, supervised_contrastive_loss  # noqa: E402
@@ -66,7 +66,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 NOT_ON_TINYNET = {"repr_shift"}
 
-# zest.probe.HVP_EPSILON (the norm of the finite-difference step) used for the comparison of
+# zest.probe.passes.HVP_EPSILON (the norm of the finite-difference step) used for the comparison of
 # GraSP with the exact Hessian-vector product. With the default 1e-2 the step crosses ReLU kinks
 # of this model (see test_grasp_with_the_default_step_matches_the_exact_hvp); a small step in
 # float64 converges to the exact value (the supcon loss keeps float64 features in float64).
@@ -354,7 +354,7 @@ def _probe_values(model, task, batch, kind: str, names: list[str] | None = None,
     names = zm.metric_names() if names is None else names
     with pytest.MonkeyPatch.context() as patch:
         if hvp_step is not None:
-            patch.setattr(zest.probe, "HVP_EPSILON", hvp_step)
+            patch.setattr(zest.probe.passes, "HVP_EPSILON", hvp_step)
         result = probe(model, task, batch, needs=zm.needs_of(names), loss=kind)
     return zm.compute_metrics(result.contexts, names)
 
@@ -456,7 +456,7 @@ def test_grasp_default_step_is_the_documented_one_sided_difference(tiny, kind):
     weights = [params[f"{n}.weight"] for n in LAYERS]
     logits, features = functional_forward(params, x)
     grads = torch.autograd.grad(direct_loss(kind, logits, features, labels), weights)
-    step = zest.probe.HVP_EPSILON / math.sqrt(sum(float((g**2).sum()) for g in grads))
+    step = zest.probe.passes.HVP_EPSILON / math.sqrt(sum(float((g**2).sum()) for g in grads))
     shifted = dict(params)
     for name, w, g in zip(LAYERS, weights, grads, strict=True):
         shifted[f"{name}.weight"] = (w.detach() + step * g).requires_grad_(True)

@@ -11,7 +11,8 @@ from tests.conftest import image_batch
 from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.metrics import compute_metrics, metric_names, needs_of
 from zest.models import load_model
-from zest.probe import _Recorder, probe
+from zest.probe import probe
+from zest.probe.recorder import _Recorder
 
 ALL_NEEDS = needs_of(metric_names())
 
@@ -81,7 +82,7 @@ def test_model_restored_when_a_hook_raises(monkeypatch):
 def test_model_restored_when_synflow_pass_raises(monkeypatch):
     model, task = load_model("tiny_cnn", 3)
     before = snapshot(model)
-    import zest.probe as probe_module
+    import zest.probe.passes as probe_module
 
     original = probe_module._synflow
 
@@ -144,7 +145,7 @@ def test_only_needed_passes_run():
 def test_direct_half_batch_gradients_match_recomputing_the_layer(monkeypatch, spec):
     """Linear/Conv2d (incl. timm's Conv2dSame) half-batch gradients computed directly equal
     those of re-running each layer on the first half and back-propagating through it."""
-    import zest.probe as probe_module
+    import zest.probe.gradients as probe_module
     from tests.conftest import batch_for
 
     model, task = load_model(spec, 3)
@@ -242,7 +243,7 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
 def test_binary_code_kernel_leaves_padding_out(shape):
     """NASWOT's kernel with padding: K_ij = Σ over positions valid in both of c_i c_j +
     (1 − c_i)(1 − c_j), against the explicit masked formula."""
-    from zest.probe import _binary_code_kernel
+    from zest.probe.recorder import _binary_code_kernel
 
     generator = torch.Generator().manual_seed(0)
     out = torch.randn(shape, generator=generator)

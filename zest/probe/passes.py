@@ -1,0 +1,98 @@
+"""The probe's extra passes: a finite-difference Hessian-vector product (GraSP) and a data-free
+SynFlow pass; each swaps parameter storages and puts them back (:func:`_swap_back`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from zest.layers import Layer
+from zest.models import Batch, Task, check_finite
+from zest.probe.context import sum64
+from zest.probe.gradients import _weight_gradients
+from zest.probe.recorder import _Recorder
+
+HVP_EPSILON = 1e-2
+
+
+def _swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Puts the original storages back into parameters and buffers."""
+    for tensor, original in saved.items():
+        tensor.data = original
+    saved.clear()
+
+
+def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,
+                           layers: Sequence[Layer], modules: dict[str, nn.Module],
+                           grads: list[torch.Tensor], saved: dict[torch.Tensor, torch.Tensor],
+                           batch_label: str) -> list[torch.Tensor]:
+    """``H g ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖g‖ / ε`` over the candidate weights (one extra pass,
+    whose weight gradients are formed like the main pass's, see :func:`_weight_gradients`).
+
+    The original weight storages are kept in ``saved`` and swapped back by the caller, so the
+    model returns bit-for-bit to its state even if this pass raises.
+    """
+    norm = math.sqrt(sum(sum64(g * g) for g in grads))
+    if norm == 0.0:
+        return [torch.zeros_like(g) for g in grads]
+    step = HVP_EPSILON / norm
+    with torch.no_grad():
+        for layer, g in zip(layers, grads, strict=True):
+            w = modules[layer.name].weight
+            saved[w] = w.data
+            w.data = w.data + step * g
+    recorder = _Recorder(layers, modules, {"grad"}, batch, task.batch_size(batch), model)
+    try:
+        recorder.attach()
+        with torch.enable_grad():
+            output = task.forward(model, batch, device)
+            value = task.loss(output, loss)
+            check_finite(value, f"{batch_label} (Hessian-vector pass)")
+            shifted, _ = _weight_gradients(value, recorder, layers, modules, split=False)
+    finally:
+        recorder.detach()
+    return [s.sub_(g).div_(step) for s, g in zip(shifted, grads, strict=True)]
+
+
+def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
+             weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor]
+             ) -> list[torch.Tensor]:
+    """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) on a single all-ones input (Tanaka et al. 2020).
+
+    Parameters are replaced by their absolute values (original storages go to ``saved`` and are
+    swapped back by the caller). The pass runs in the model's dtype and is repeated in float64
+    only when that overflows (SynFlow's products over depth can exceed float32's range).
+    """
+    grads = _synflow_pass(model, task, batch, device, weights, saved, None)
+    if all(bool(torch.isfinite(g).all()) for g in grads):
+        return grads
+    _swap_back(saved)
+    return _synflow_pass(model, task, batch, device, weights, saved, torch.float64)
+
+
+def _synflow_pass(model: nn.Module, task: Task, batch: Batch, device: Any,
+                  weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor],
+                  dtype: torch.dtype | None) -> list[torch.Tensor]:
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                saved[tensor] = tensor.data
+                value = tensor.data.to(dtype) if dtype is not None else tensor.data
+                tensor.data = value.abs() if isinstance(tensor, nn.Parameter) else value
+    if task.modality == "image":
+        x = task.model_inputs(batch, device)
+        inputs: Any = torch.ones((1,) + tuple(x.shape[1:]),
+                                 dtype=dtype or weights[0].dtype, device=x.device)
+    else:
+        ids = batch["input_ids"][:1].to(device)
+        inputs = {"input_ids": torch.ones_like(ids), "attention_mask": torch.ones_like(ids)}
+    with torch.enable_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        grads = torch.autograd.grad(logits.sum(), weights, allow_unused=True)
+    return [(g if g is not None else torch.zeros_like(w)).detach()
+            for g, w in zip(grads, weights, strict=True)]
