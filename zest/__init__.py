@@ -5,14 +5,26 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from zest import finetune  # noqa: E402
-from zest.data import Dataset, known_datasets, load_dataset  # noqa: E402
+from zest.data import (  # noqa: E402
+    DATASETS,
+    FILE_READERS,
+    Dataset,
+    RawData,
+    known_datasets,
+    load_dataset,
+    register_file_reader,
+)
 from zest.errors import ZestError  # noqa: E402
-from zest.finetune import apply_delta  # noqa: E402
+from zest.finetune import METHODS, apply_delta  # noqa: E402
 from zest.layers import Layer, candidate_layers  # noqa: E402
 from zest.loading import DataOptions, load_pair  # noqa: E402
-from zest.models import Task, known_models, load_model  # noqa: E402
+from zest.metrics import METRICS, register_metric  # noqa: E402
+from zest.models import MODELS, Task, known_models, load_model  # noqa: E402
 from zest.ranking import Ranking, rank  # noqa: E402
 
-__all__ = ["DataOptions", "Dataset", "Layer", "Ranking", "Task", "ZestError", "__version__",
-           "apply_delta", "candidate_layers", "finetune", "known_datasets", "known_models",
-           "load_dataset", "load_model", "load_pair", "rank"]
+#: The extension points (ARCHITECTURE.md §6): ``MODELS``, ``DATASETS``, ``FILE_READERS`` /
+#: ``register_file_reader``, ``METRICS`` / ``register_metric`` and the tuners' ``METHODS``.
+__all__ = ["DATASETS", "FILE_READERS", "METHODS", "METRICS", "MODELS", "DataOptions", "Dataset",
+           "Layer", "RawData", "Ranking", "Task", "ZestError", "__version__", "apply_delta",
+           "candidate_layers", "finetune", "known_datasets", "known_models", "load_dataset",
+           "load_model", "load_pair", "rank", "register_file_reader", "register_metric"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,12 +31,6 @@ DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set sp
                                             "csv:<path>, parquet:<path>, imagefolder:<dir>, "
                                             "npz:<path>.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of splits, head initialisation, batches.")]
-ImageSizeOption = Annotated[int | None, typer.Option(help="Image side in pixels (default 64).")]
-MaxLengthOption = Annotated[int, typer.Option(help="Maximum tokens per text.")]
-MaxTrainOption = Annotated[int | None, typer.Option(help="Cap on train examples.")]
-MaxValOption = Annotated[int | None, typer.Option(help="Cap on validation examples.")]
-TextColumnOption = Annotated[str, typer.Option(help="Text column of csv:/parquet: data.")]
-LabelColumnOption = Annotated[str, typer.Option(help="Label column of csv:/parquet: data.")]
 LayersOption = Annotated[str | None, typer.Option("--layers", help="Restrict to these "
                                                   "candidate layers or blocks, comma-separated.")]
 GranularityOption = Annotated[str, typer.Option(help="module: a row per layer; block: per "
@@ -91,12 +85,44 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
-def _options(image_size: int | None, max_length: int, max_train: int | None,
-             max_val: int | None, text_column: str, label_column: str):
+def with_data_options(exclude: tuple[str, ...] = ()):
+    """Adds the data options to a command, generated from the fields of
+    :class:`~zest.loading.DataOptions` (declared once there), and hands the command one
+    ``options`` argument built from them (validated before any work)."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+
     from zest.loading import DataOptions
 
-    return DataOptions(image_size=image_size, max_length=max_length, max_train=max_train,
-                       max_val=max_val, text_column=text_column, label_column=label_column)
+    hints = typing.get_type_hints(DataOptions)
+    exposed = [f for f in dataclasses.fields(DataOptions)
+               if f.metadata.get("cli") and f.name not in exclude]
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        resolved = typing.get_type_hints(command, include_extras=True)
+        kept = [p.replace(annotation=resolved.get(p.name, p.annotation))
+                for p in signature.parameters.values() if p.name != "options"]
+        added = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   default=f.default,
+                                   annotation=Annotated[hints[f.name],
+                                                        typer.Option(help=f.metadata["help"])])
+                 for f in exposed]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {f.name: kwargs.pop(f.name) for f in exposed}
+            with _user_errors():
+                options = DataOptions(**values)
+            return command(options=options, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=kept + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in kept + added}
+        return wrapper
+
+    return decorate
 
 
 def _echo_written(path: Path, rows: int, what: str) -> None:
@@ -105,6 +131,7 @@ def _echo_written(path: Path, rows: int, what: str) -> None:
 
 # -- collect ---------------------------------------------------------------------------------------
 @collect_app.command("metrics")
+@with_data_options()
 def collect_metrics_command(
     model: ModelOption,
     dataset: DatasetOption,
@@ -115,12 +142,7 @@ def collect_metrics_command(
                                          "comma-separated metric names.")] = "all",
     probe_loss: Annotated[str, typer.Option(help="supcon (no head, τ=0.07) or ce.")] = "supcon",
     seed: SeedOption = 0,
-    image_size: ImageSizeOption = None,
-    max_length: MaxLengthOption = 128,
-    max_train: MaxTrainOption = None,
-    max_val: MaxValOption = None,
-    text_column: TextColumnOption = "text",
-    label_column: LabelColumnOption = "label",
+    options: Any = None,
     layers: LayersOption = None,
     granularity: GranularityOption = "module",
     device: DeviceOption = "cpu",
@@ -134,8 +156,7 @@ def collect_metrics_command(
         with _progress("probe", quiet) as progress:
             frame = collect_metrics(model, dataset, batch_size=batch_size, batches=batches,
                                     metrics=metrics, probe_loss=probe_loss, seed=seed,
-                                    options=_options(image_size, max_length, max_train, max_val,
-                                                     text_column, label_column),
+                                    options=options,
                                     granularity=granularity, layer_names=_names(layers),
                                     device=device,
                                     checkpoint=str(checkpoint) if checkpoint else None,
@@ -144,6 +165,7 @@ def collect_metrics_command(
 
 
 @collect_app.command("groundtruth")
+@with_data_options()
 def collect_groundtruth_command(
     model: ModelOption,
     dataset: DatasetOption,
@@ -159,12 +181,7 @@ def collect_groundtruth_command(
     = None,
     no_cache: Annotated[bool, typer.Option(help="Disable the frozen-prefix cache.")] = False,
     seed: SeedOption = 0,
-    image_size: ImageSizeOption = None,
-    max_length: MaxLengthOption = 128,
-    max_train: MaxTrainOption = None,
-    max_val: MaxValOption = None,
-    text_column: TextColumnOption = "text",
-    label_column: LabelColumnOption = "label",
+    options: Any = None,
     layers: LayersOption = None,
     device: DeviceOption = "cpu",
     checkpoint: CheckpointOption = None,
@@ -179,8 +196,7 @@ def collect_groundtruth_command(
         with _progress("layers", quiet) as progress:
             frame = collect_groundtruth(
                 model, dataset, out, config=config, seeds=seed_list(seeds),
-                options=_options(image_size, max_length, max_train, max_val, text_column,
-                                 label_column),
+                options=options,
                 layer_names=_names(layers), data_seed=seed, device=device,
                 checkpoint=str(checkpoint) if checkpoint else None, n_jobs=n_jobs,
                 backend=backend, scheduler=scheduler, progress=progress)
@@ -291,6 +307,7 @@ def evaluate_predictor_command(
 
 
 @app.command("rank")
+@with_data_options(exclude=("max_val",))
 def rank_command(
     model: ModelOption,
     dataset: DatasetOption,
@@ -308,11 +325,7 @@ def rank_command(
     plot: Annotated[Path | None, typer.Option(help="PNG of score over depth.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="table or peft.")] = "table",
     seed: SeedOption = 0,
-    image_size: ImageSizeOption = None,
-    max_length: MaxLengthOption = 128,
-    max_train: MaxTrainOption = None,
-    text_column: TextColumnOption = "text",
-    label_column: LabelColumnOption = "label",
+    options: Any = None,
     layers: LayersOption = None,
     granularity: GranularityOption = "module",
     device: DeviceOption = "cpu",
@@ -328,7 +341,6 @@ def rank_command(
 
     with _user_errors():
         check_selection(top_k, param_budget)
-        options = _options(image_size, max_length, max_train, None, text_column, label_column)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
         if out is not None:
@@ -381,6 +393,7 @@ def rank_command(
 
 # -- fine-tuning -----------------------------------------------------------------------------------
 @app.command("finetune")
+@with_data_options()
 def finetune_command(
     model: ModelOption,
     dataset: DatasetOption,
@@ -403,12 +416,7 @@ def finetune_command(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
     seed: SeedOption = 0,
-    image_size: ImageSizeOption = None,
-    max_length: MaxLengthOption = 128,
-    max_train: MaxTrainOption = None,
-    max_val: MaxValOption = None,
-    text_column: TextColumnOption = "text",
-    label_column: LabelColumnOption = "label",
+    options: Any = None,
     device: DeviceOption = "cpu",
     checkpoint: CheckpointOption = None,
     quiet: QuietOption = False,
@@ -431,8 +439,7 @@ def finetune_command(
         metrics = run_finetune(model, dataset, out, method=method, layers=layers,
                                param_budget=param_budget, epochs=epochs, lr=lr,
                                batch_size=batch_size, seed=seed,
-                               options=_options(image_size, max_length, max_train, max_val,
-                                                text_column, label_column),
+                               options=options,
                                device=device, checkpoint=str(checkpoint) if checkpoint else None,
                                predictor=predictor, method_options=method_options,
                                progress=report)

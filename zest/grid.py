@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ from zest.records import (
     settings_difference,
 )
 
+#: Keys of a grid group: the collection settings, then every data option (DataOptions' fields).
 GRID_KEYS = {"model", "dataset", "seeds", "batches", "batch_size", "probe_loss", "metrics",
-             "steps", "lr", "gt_batch_size", "n_jobs", "image_size", "max_length", "max_train",
-             "max_val", "max_test", "val_fraction", "test_fraction", "out_dir", "data_seed",
-             "checkpoint", "text_column", "label_column"}
+             "steps", "lr", "gt_batch_size", "n_jobs", "out_dir", "data_seed",
+             "checkpoint"} | {f.name for f in fields(DataOptions)}
 
 
 @dataclass
@@ -49,14 +49,8 @@ class GridGroup:
         return self.settings.get(name, default)
 
     def options(self) -> DataOptions:
-        extra = {k: self.settings[k] for k in ("val_fraction", "test_fraction")
-                 if k in self.settings}
-        return DataOptions(image_size=self.get("image_size"),
-                           max_length=self.get("max_length", 128),
-                           max_train=self.get("max_train"), max_val=self.get("max_val"),
-                           max_test=self.get("max_test"),
-                           text_column=self.get("text_column", "text"),
-                           label_column=self.get("label_column", "label"), extra=extra)
+        return DataOptions(**{f.name: self.settings[f.name] for f in fields(DataOptions)
+                              if f.name in self.settings})
 
 
 def read_grid(path: str | Path) -> tuple[list[GridGroup], Path]:

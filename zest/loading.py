@@ -14,18 +14,25 @@ from zest.errors import InvalidInputError
 from zest.models import Task, check_model_spec, load_model
 
 
+def _option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - Typer's word
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
 @dataclass
 class DataOptions:
-    """How to load a data set (ARCHITECTURE.md §3a options shared by every command)."""
+    """How to load a data set: declared once here; the CLI's options (``--image-size``, ...) and
+    the grid files' keys are generated from these fields (ARCHITECTURE.md §3a)."""
 
-    image_size: int | None = None
-    max_length: int = 128
-    max_train: int | None = None
-    max_val: int | None = None
-    max_test: int | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    extra: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = _option(None, "Image side in pixels (default 64).")
+    max_length: int = _option(128, "Maximum tokens per text.")
+    max_train: int | None = _option(None, "Cap on train examples.")
+    max_val: int | None = _option(None, "Cap on validation examples.")
+    max_test: int | None = _option(None, "Cap on test examples.", cli=False)
+    text_column: str = _option("text", "Text column of csv:/parquet: data.")
+    label_column: str = _option("label", "Label column of csv:/parquet: data.")
+    val_fraction: float | None = _option(None, "Share of the examples for validation.",
+                                         cli=False)
+    test_fraction: float | None = _option(None, "Share of the examples for testing.", cli=False)
 
     def __post_init__(self) -> None:
         def integer(value: Any) -> bool:
@@ -46,10 +53,15 @@ class DataOptions:
                                         "it to keep the whole split")
 
     def settings(self) -> dict[str, Any]:
-        """The options as flat, JSON-friendly settings (``extra`` keys inline), as stamped into
-        record files."""
-        flat = {k: v for k, v in vars(self).items() if k != "extra"}
-        return {**flat, **self.extra}
+        """The options as flat, JSON-friendly settings, as stamped into record files (the split
+        fractions only when set)."""
+        return {k: v for k, v in vars(self).items()
+                if v is not None or k not in ("val_fraction", "test_fraction")}
+
+    def split_fractions(self) -> dict[str, float]:
+        """The split fractions that were set (the loader's defaults apply to the others)."""
+        return {k: getattr(self, k) for k in ("val_fraction", "test_fraction")
+                if getattr(self, k) is not None}
 
 
 def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None = None,
@@ -62,7 +74,7 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
     common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
                   max_val=options.max_val, max_test=options.max_test,
                   text_column=options.text_column, label_column=options.label_column,
-                  **options.extra)
+                  **options.split_fractions())
     image_size = options.image_size or 64
     data = load_dataset(dataset_spec, image_size=image_size, **common)
     n_train = len(data.splits["train"])
