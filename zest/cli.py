@@ -422,12 +422,14 @@ def finetune_command(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta."""
+    from zest.finetune.base import tuner_parameters
     from zest.pipeline import run_finetune
 
-    method_options = {"gps": {"k": k}, "spsft": {"ratio": ratio, "r": rows,
-                                                 "importance": importance},
-                      "lora": {"rank": lora_rank}}.get(method, {})
+    # each flag goes to the methods whose constructor has a parameter of that name
+    flags = {"k": k, "ratio": ratio, "r": rows, "importance": importance, "rank": lora_rank}
     with _user_errors(), _progress(f"{method}", quiet) as progress:
+        method_options = {name: value for name, value in flags.items()
+                          if name in tuner_parameters(method)}
         def report(event: dict) -> None:
             if progress is not None and "step" in event:
                 progress(event["step"], event["step"])

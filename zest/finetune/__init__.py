@@ -9,18 +9,13 @@ tuner.delta().save("run/delta.safetensors")
 
 from __future__ import annotations
 
-from zest._registry import Registry
-from zest.finetune.base import EpochRecord, Tuner
+from zest.finetune.base import METHODS, EpochRecord, Tuner, register_tuner, tuner_parameters
 from zest.finetune.baselines import BitFit, Full, Head, Layers
 from zest.finetune.delta import Delta, DeltaEntry, apply_delta
 from zest.finetune.gps import GPS
 from zest.finetune.lora import LoRA, lora_can_wrap, lora_config
 from zest.finetune.spsft import SPSFT
 
-METHODS: Registry[type[Tuner]] = Registry("fine-tuning method")
-for _name, _cls in (("gps", GPS), ("spsft", SPSFT), ("full", Full), ("head", Head),
-                    ("bitfit", BitFit), ("layers", Layers), ("lora", LoRA)):
-    METHODS.register(_name)(_cls)
-
 __all__ = ["GPS", "METHODS", "SPSFT", "BitFit", "Delta", "DeltaEntry", "EpochRecord", "Full",
-           "Head", "Layers", "LoRA", "Tuner", "apply_delta", "lora_can_wrap", "lora_config"]
+           "Head", "Layers", "LoRA", "Tuner", "apply_delta", "lora_can_wrap", "lora_config",
+           "register_tuner", "tuner_parameters"]

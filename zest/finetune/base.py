@@ -12,13 +12,14 @@ import math
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zest._registry import Registry
 from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
 from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
@@ -51,6 +52,25 @@ def resolve_layer_names(model: nn.Module, task: Task, layers: Sequence[str] | st
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(f"no candidate layer named {name!r}{hint}")
     return names
+
+
+#: The tuning methods by name; a tuner class registers itself with :func:`register_tuner`.
+METHODS: Registry[type[Tuner]] = Registry("fine-tuning method")
+
+
+def register_tuner(cls: type[Tuner]) -> type[Tuner]:
+    """Class decorator: registers a :class:`Tuner` subclass in :data:`METHODS` under its
+    ``method`` name (whether it takes layers is its ``uses_layers``; which it can tune, its
+    ``can_tune``)."""
+    METHODS.register(cls.method)(cls)
+    return cls
+
+
+def tuner_parameters(method: str) -> set[str]:
+    """The constructor parameters of a registered method beyond the shared ones (``k`` for
+    GPS, ``ratio``/``r``/``importance`` for SPSFT, ...), read from its dataclass fields."""
+    shared = {f.name for f in fields(Tuner) if f.init}
+    return {f.name for f in fields(METHODS.get(method)) if f.init} - shared
 
 
 @dataclass

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zest.data import Dataset
-from zest.finetune.base import Tuner
+from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 
 
+@register_tuner
 @dataclass
 class Full(Tuner):
     """Dense fine-tuning of every parameter."""
@@ -27,6 +28,7 @@ class Full(Tuner):
         return self._dense_entries({**dict(self.model.named_parameters()), **buffers})
 
 
+@register_tuner
 @dataclass
 class Head(Tuner):
     """Only the (fresh) classification head."""
@@ -43,6 +45,7 @@ class Head(Tuner):
         return self._head_entries()
 
 
+@register_tuner
 @dataclass
 class BitFit(Tuner):
     """Every bias plus the head (Ben Zaken et al. 2022)."""
@@ -61,6 +64,7 @@ class BitFit(Tuner):
         return self._dense_entries({**trained, **self._trained_norm_buffers()})
 
 
+@register_tuner
 @dataclass
 class Layers(Tuner):
     """The chosen layers trained densely (weight and bias), plus the head."""

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner
+from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import neuron_rows, output_dim
 from zest.models import Task, preserved_training_state, supervised_contrastive_loss
@@ -84,6 +84,7 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+@register_tuner
 @dataclass
 class GPS(Tuner):
     """GPS on the chosen layers (ZEST) or on every layer (``layers="all"``, the paper's default).

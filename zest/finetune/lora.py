@@ -14,7 +14,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner
+from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import transforms_weight
 
@@ -49,6 +49,7 @@ def lora_config(target_modules: Sequence[str], **lora_kwargs: Any):
     return LoraConfig(target_modules=names, **lora_kwargs)
 
 
+@register_tuner
 @dataclass
 class LoRA(Tuner):
     """LoRA (Hu et al. 2022) through HF peft on the chosen layers, plus the head.

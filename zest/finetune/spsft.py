@@ -24,7 +24,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner
+from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import neuron_rows, output_dim, transforms_weight
 from zest.models import preserved_training_state
@@ -75,6 +75,7 @@ def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor
                             "--method gps or layers for them")
 
 
+@register_tuner
 @dataclass
 class SPSFT(Tuner):
     """SPSFT on the chosen layers.
