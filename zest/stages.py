@@ -9,7 +9,7 @@ States are dicts of tensors whose first dimension is the example, so they can be
 sliced and concatenated.
 
 Plans exist for timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs, Hugging Face
-BERT-style encoders and LLaMA-style decoders; every plan is checked against the model's own
+BERT-style encoders (BERT, RoBERTa, XLM-R) and LLaMA-style decoders; every plan is checked against the model's own
 forward on a sample batch before use (:func:`stage_plan`), and other architectures fall back to
 the uncached loop.
 """
@@ -99,13 +99,17 @@ def _timm_vit_plan(model: nn.Module) -> StagePlan:
                      lambda s: model.forward_head(model.norm(s["x"]), pre_logits=True))
 
 
-def _bert_plan(model: nn.Module) -> StagePlan:
-    bert = model.bert
-    prefix = "bert"
+def _encoder_plan(model: nn.Module) -> StagePlan:
+    """BERT-style encoders (BERT, RoBERTa, XLM-R, ...: ``<base>.embeddings``,
+    ``<base>.encoder.layer`` and the base model's own attention-mask builder), cut at every
+    encoder layer. Heads that read the pooler (BERT) get ``dropout(pooler(h))``; heads that
+    pool themselves (RoBERTa's classification head) get the hidden sequence."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
 
     # the model's own mask builder; its cache argument was renamed across transformers
     # releases (past_key_values -> cache), so every argument but these two is passed as None
-    build_masks = bert._create_attention_masks  # noqa: SLF001
+    build_masks = base._create_attention_masks  # noqa: SLF001
     unused = {name: None for name in inspect.signature(build_masks).parameters
               if name not in ("attention_mask", "embedding_output")}
 
@@ -115,9 +119,9 @@ def _bert_plan(model: nn.Module) -> StagePlan:
 
     names = [f"{prefix}.embeddings"]
     functions: list[StageFunction] = [
-        lambda s: {"hidden": bert.embeddings(input_ids=s["input_ids"]),
+        lambda s: {"hidden": base.embeddings(input_ids=s["input_ids"]),
                    "attention_mask": s["attention_mask"]}]
-    for i, layer in enumerate(bert.encoder.layer):
+    for i, layer in enumerate(base.encoder.layer):
         names.append(f"{prefix}.encoder.layer.{i}")
 
         def run_layer(s: State, layer: nn.Module = layer) -> State:
@@ -126,16 +130,18 @@ def _bert_plan(model: nn.Module) -> StagePlan:
             return {"hidden": hidden, "attention_mask": s["attention_mask"]}
 
         functions.append(run_layer)
-    if bert.pooler is not None:
+    pooler = getattr(base, "pooler", None)
+    if pooler is not None:
         names.append(f"{prefix}.pooler")
-        functions.append(lambda s: {"pooled": bert.pooler(s["hidden"])})
+        functions.append(lambda s: {"pooled": pooler(s["hidden"])})
+        dropout = getattr(model, "dropout", nn.Identity())
+        features: Callable[[State], torch.Tensor] = lambda s: dropout(s["pooled"])  # noqa: E731
     else:
-        functions.append(lambda s: {"pooled": s["hidden"][:, 0]})
-        names.append(f"{prefix}.no_pooler")
+        features = lambda s: s["hidden"]  # noqa: E731 - the head pools the sequence itself
     return StagePlan(names, functions,
                      lambda inputs: {"input_ids": inputs["input_ids"],
                                      "attention_mask": inputs["attention_mask"]},
-                     lambda s: model.dropout(s["pooled"]))
+                     features)
 
 
 def _decoder_plan(model: nn.Module) -> StagePlan:
@@ -189,8 +195,10 @@ def _decoder_plan(model: nn.Module) -> StagePlan:
 
 
 def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
-    if task.family == "bert" and hasattr(model, "bert") and hasattr(model, "dropout"):
-        return _bert_plan(model)
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if task.family == "bert" and all(hasattr(encoder, a) for a in (
+            "embeddings", "encoder", "_create_attention_masks")):
+        return _encoder_plan(model)
     base = getattr(model, "model", None)
     if task.family == "llama" and hasattr(model, "score") and all(
             hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
