@@ -9,9 +9,9 @@ States are dicts of tensors whose first dimension is the example, so they can be
 sliced and concatenated.
 
 Plans exist for timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs, Hugging Face
-BERT-style encoders (BERT, RoBERTa, XLM-R) and LLaMA-style decoders; every plan is checked against the model's own
-forward on a sample batch before use (:func:`stage_plan`), and other architectures fall back to
-the uncached loop.
+BERT-style encoders (BERT, RoBERTa, XLM-R) and LLaMA-style decoders; every plan is checked
+against the model's own forward on a sample batch before use (:func:`stage_plan`), and other
+architectures fall back to the uncached loop.
 """
 
 from __future__ import annotations
