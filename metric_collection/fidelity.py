@@ -74,14 +74,15 @@ def report(model: str, dataset: str) -> str:
               if (out_dir / f"{s}.parquet").exists()}
     if REFERENCE not in frames:
         return f"no reference ({REFERENCE}) yet under {out_dir}"
+    sample = json.loads((out_dir / "sample.json").read_text())
     complete = {s: f for s, f in frames.items() if f.groupby("layer")["gt_seed"].nunique().min()
-                == len(SEEDS) and f["layer"].nunique() == frames[REFERENCE]["layer"].nunique()}
+                == len(SEEDS) and f["layer"].nunique() == len(sample)}
     lines = ["| setting | steps | tokens | layers | seed τ (loss) | seed τ (acc) | τ vs reference "
              "(loss) | τ vs reference (acc) | CPU s per layer-seed |", "|" + "---|" * 9]
     reference = frames[REFERENCE].groupby("layer")[["gt_loss_gain", "gt_gain"]].mean()
     for setting, frame in frames.items():
         mean = frame.groupby("layer")[["gt_loss_gain", "gt_gain"]].mean()
-        both = mean.join(reference, rsuffix="_ref", how="inner")
+        both = mean.merge(reference, left_index=True, right_index=True, suffixes=("", "_ref"))
         steps, length = SETTINGS[setting]
         flag = "" if setting in complete else " (partial)"
         lines.append(
