@@ -434,3 +434,17 @@ def test_auto_layers_are_chosen_among_those_the_method_can_tune(tmp_path):
                                     for n in config["layers"])
     assert not any("embeddings" in n for n in config["layers"])
     assert metrics["trainable_params"] > 0
+
+
+def test_spsft_keeps_no_dense_gradient_for_frozen_weights():
+    model, task, data, layers = pair(IMAGE)
+    tuner = SPSFT(model, task, layers=layers, ratio=0.25).fit(data, epochs=1, batch_size=16)
+    trained = {id(p) for p in tuner.trainable_parameters()}
+    for name in layers:
+        weight = model.get_submodule(name).weight
+        assert not weight.requires_grad and weight.grad is None and id(weight) not in trained
+        delta = tuner.deltas_[name]
+        assert delta.shape[0] == len(tuner.rows_[name]) < weight.shape[0]
+        assert delta.grad is not None and delta.grad.shape == delta.shape
+    frozen = [p for p in model.parameters() if id(p) not in trained]
+    assert all(p.grad is None for p in frozen)
