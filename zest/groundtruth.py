@@ -387,11 +387,12 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
         stamped = record_settings(out)
         if stamped is not None:
             difference = settings_difference(stamped, stamp)
-        else:  # written before settings were stamped: compare the setting columns
-            difference = next((f"{column}={existing[column].iloc[0]!r}, not {value!r}"
-                               for column, value in {**settings, "data_seed": data_seed}.items()
-                               if column in existing and len(existing)
-                               and existing[column].iloc[0] != value), None)
+        else:  # written before settings were stamped: compare the setting columns it has
+            columns = {c: v for c, v in {**settings, "data_seed": data_seed}.items()
+                       if c in existing and len(existing)}
+            difference = settings_difference(
+                {c: existing[c].iloc[0].item() if hasattr(existing[c].iloc[0], "item")
+                 else existing[c].iloc[0] for c in columns}, columns)
             stamp = {}
         if difference:
             raise RecordError(f"{str(out)!r} was collected with {difference}; use the same "

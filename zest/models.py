@@ -682,31 +682,31 @@ def traced_pooling(model: nn.Module, task: Task) -> str:
     encoded = task.tokenizer(["one two three four five six", "one"], padding=True,
                              return_tensors="pt")
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    training = model.training
+    head = task.head(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module: nn.Module, args: tuple) -> None:  # returns None: the input stays as it is
+        captured["x"] = args[0]
+
     try:
-        model.eval()
-        with torch.no_grad():
-            output = task.forward(model, batch)
-            captured: dict[str, torch.Tensor] = {}
-            handle = task.head(model).register_forward_pre_hook(
-                lambda _m, args: captured.setdefault("x", args[0]))
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
+            handle = head.register_forward_pre_hook(grab)
             try:
-                model(**task.model_inputs(batch))
+                out = model(**task.model_inputs(batch))
             finally:
                 handle.remove()
+            logits = out.logits if hasattr(out, "logits") else out
             hidden = captured["x"]
             if hidden.ndim != 3:
                 return "first"
             last = batch["attention_mask"].sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0]), last]
-            head = task.head(model)
-            if torch.allclose(head(pooled), output.logits, atol=1e-4, rtol=1e-4):
+            if torch.allclose(head(pooled), logits, atol=1e-4, rtol=1e-4):
                 return "last"
             return "first"
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
         return "first"
-    finally:
-        model.train(training)
 
 
 def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, Task]:

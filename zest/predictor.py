@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from zest.errors import InvalidInputError, RecordError
+from zest.outputs import check_output_file
 from zest.records import METRIC_PREFIX
 
 FORMAT_VERSION = 1
@@ -336,6 +337,7 @@ class ZestRanker:
         """Writes the ranker to one JSON file (atomically: a temporary file, then
         ``os.replace``); an existing file is replaced only if it is a zest predictor."""
         path = check_predictor_out(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(**info), indent=1, default=_json_default)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -427,17 +429,7 @@ def _native_stderr_silenced():
 def check_predictor_out(path: str | os.PathLike) -> Path:
     """Fails early, before any training, when ``path`` cannot take a predictor file: a folder,
     an unwritable place, or an existing file that is not a zest predictor (never replaced)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidInputError(f"--out {str(path)!r} is a directory; pass a file path such as "
-                                f"{str(path / 'predictor.json')!r}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot create the folder {str(path.parent)!r} for --out "
-                                f"({exc.strerror}); choose a writable --out") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InvalidInputError(f"--out {str(path)!r} is not writable; choose a writable --out")
+    path = check_output_file(path, "--out")
     if path.exists():
         try:
             spec = json.loads(path.read_text())

@@ -116,9 +116,9 @@ class GPS(Tuner):
                                     "'sparse' or 'dense_mask'")
         if self.layers == "all":
             self.layer_names = [n for n in self.layer_names
-                                if not any(p in n for p in FROZEN_NAME_PARTS)]
+                                if self.can_tune(n, self.model.get_submodule(n))]
         for name in self.layer_names:
-            if any(part in name for part in FROZEN_NAME_PARTS):
+            if not self.can_tune(name, self.model.get_submodule(name)):
                 raise InvalidInputError(f"GPS keeps {name!r} frozen (normalisation layers and "
                                         "position embeddings stay frozen, as in the paper); "
                                         "drop it from --layers or use --method layers")

@@ -113,17 +113,16 @@ class SPSFT(Tuner):
             raise InvalidInputError(f"r must be a positive integer, got {self.r!r}")
         for name in self.layer_names:
             module = self.model.get_submodule(name)
-            if not (isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES))
-                    or output_dim(module) == 1):
-                raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
-                                        "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
-                                        "and BatchNorm rows — use --method gps or layers for "
-                                        "this layer")
             if transforms_weight(module):
                 raise InvalidInputError(f"SPSFT cannot tune {name!r} ({type(module).__name__}): "
                                         "its forward standardises the weight, so an update "
                                         "added to its output is not a weight update; use "
                                         "--method gps or layers")
+            if not self.can_tune(name, module):
+                raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
+                                        "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
+                                        "and BatchNorm rows — use --method gps or layers for "
+                                        "this layer")
             rows = module.weight.shape[output_dim(module)]
             if self.rows_for(rows) > rows:
                 raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "
