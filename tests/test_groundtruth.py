@@ -69,6 +69,30 @@ def test_records_have_schema_and_one_row_per_layer_and_seed(tmp_path):
     assert frame.groupby("gt_seed")["gt_baseline"].nunique().max() == 1
 
 
+def test_a_layer_sample_is_stratified_stamped_and_resumed(tmp_path):
+    from zest.layers import candidate_layers, stratified_layers
+    from zest.loading import load_pair
+    from zest.records import record_settings
+
+    model, task, _ = load_pair("tiny_cnn", "digits", options=OPTIONS)
+    expected = [layer.name for layer in stratified_layers(
+        candidate_layers(model, task.head_name), 3)]
+    frame = _run(tmp_path, "s.parquet", layer_sample=3)
+    assert sorted(frame["layer"].unique()) == sorted(expected)
+    assert (frame["gt_layer_sample"] == 3).all()
+    assert record_settings(tmp_path / "s.parquet")["gt_layer_sample"] == 3
+    again = _run(tmp_path, "s.parquet", layer_sample=3)  # resumes: nothing left to do
+    assert len(again) == len(frame)
+    with pytest.raises(RecordError, match="gt_layer_sample"):
+        _run(tmp_path, "s.parquet", layer_sample=2)
+    with pytest.raises(RecordError, match="gt_layer_sample"):
+        _run(tmp_path, "s.parquet")  # the whole model is another setting
+    with pytest.raises(InvalidInputError, match="sample-layers"):
+        _run(tmp_path, "t.parquet", layer_sample=2, layer_names=["conv_stem"])
+    whole = _run(tmp_path, "w.parquet", layer_sample=1000)  # as large as the model: no sample
+    assert "gt_layer_sample" not in whole
+
+
 def test_batch_order_is_seeded_and_covers_epochs():
     a = batch_order(10, 4, 6, seed=3)
     b = batch_order(10, 4, 6, seed=3)
@@ -317,6 +341,35 @@ dataset = "digits"
     third = runner.invoke(app, ["collect", "grid", str(grid), "--quiet"])
     assert third.output.splitlines()[0].startswith("collected")
     assert "m_kappa" in read_records(metrics_file)
+
+
+def test_grid_layer_sample_collects_a_sample_the_corpus_keeps(tmp_path):
+    from zest.grid import grid_jobs, run_grid_item
+    from zest.training import load_corpus
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f"""
+[defaults]
+out_dir = "{tmp_path / 'records'}"
+seeds = [0, 1]
+batches = 1
+batch_size = 8
+steps = 2
+gt_batch_size = 16
+image_size = 16
+max_train = 64
+max_val = 32
+layer_sample = 2
+
+[[group]]
+model = "tiny_cnn"
+dataset = "digits"
+""")
+    for kind, group, out in grid_jobs(grid):
+        run_grid_item(kind, group, out)
+    metrics, groundtruth = load_corpus(tmp_path / "records", min_seeds=2)
+    assert groundtruth["layer"].nunique() == 2 and metrics["layer"].nunique() > 2
+    assert set(groundtruth["group"]) == {"tiny_cnn__digits"}
 
 
 @pytest.mark.parametrize("model", ["tiny_cnn", "tiny_llama"])

@@ -140,6 +140,26 @@ def test_groups_still_being_collected_are_left_out():
         incomplete_groups(metrics, groundtruth, min_seeds=0)
 
 
+def test_a_sampled_group_is_complete_when_every_sampled_layer_has_its_seeds():
+    """Ground truth on a layer sample (``gt_layer_sample``) needs only the sampled layers; a
+    sampled layer with no row yet keeps the group out."""
+    from zest.training import incomplete_groups
+
+    metrics, groundtruth = synthetic_records(n_groups=2, n_layers=6)
+    groups = sorted(metrics["group"].unique())
+    sampled = (groundtruth["group"] == groups[0]) & groundtruth["layer"].isin(
+        ["layer.0", "layer.2", "layer.4"])
+    groundtruth = groundtruth[sampled | (groundtruth["group"] != groups[0])].copy()
+    groundtruth["gt_layer_sample"] = groundtruth["group"].map({groups[0]: 3})
+    assert incomplete_groups(metrics, groundtruth, min_seeds=2) == []
+    one_seed = groundtruth[~((groundtruth["layer"] == "layer.2") & (groundtruth["gt_seed"] == 1)
+                             & (groundtruth["group"] == groups[0]))]
+    assert incomplete_groups(metrics, one_seed, min_seeds=2) == [groups[0]]
+    not_started = groundtruth[~((groundtruth["layer"] == "layer.4")
+                                & (groundtruth["group"] == groups[0]))]
+    assert incomplete_groups(metrics, not_started, min_seeds=1) == [groups[0]]
+
+
 def test_report_names_the_groups_where_a_peer_selector_beats_the_predictor():
     from zest.evaluation import _where_beaten
 

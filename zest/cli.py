@@ -180,6 +180,9 @@ def collect_groundtruth_command(
     scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address.")]
     = None,
     no_cache: Annotated[bool, typer.Option(help="Disable the frozen-prefix cache.")] = False,
+    sample_layers: Annotated[int | None, typer.Option(
+        help="Only a stratified sample of this many candidate layers (every role, spread over "
+             "depth), for models with hundreds of candidates.")] = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -199,7 +202,8 @@ def collect_groundtruth_command(
                 options=options,
                 layer_names=_names(layers), data_seed=seed, device=device,
                 checkpoint=str(checkpoint) if checkpoint else None, n_jobs=n_jobs,
-                backend=backend, scheduler=scheduler, progress=progress)
+                backend=backend, scheduler=scheduler, layer_sample=sample_layers,
+                progress=progress)
         _echo_written(out, len(frame), "ground-truth")
 
 

@@ -30,7 +30,7 @@ from zest.records import (
 #: Keys of a grid group: the collection settings, then every data option (DataOptions' fields).
 GRID_KEYS = {"model", "dataset", "seeds", "batches", "batch_size", "probe_loss", "metrics",
              "steps", "lr", "gt_batch_size", "n_jobs", "out_dir", "data_seed",
-             "checkpoint"} | {f.name for f in fields(DataOptions)}
+             "checkpoint", "layer_sample"} | {f.name for f in fields(DataOptions)}
 
 
 @dataclass
@@ -147,5 +147,5 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
     collect_groundtruth(group.model, group.dataset, out, config=config, seeds=seeds,
                         options=group.options(), data_seed=int(group.get("data_seed", 0)),
                         checkpoint=group.get("checkpoint"), n_jobs=int(group.get("n_jobs", 1)),
-                        progress=progress)
+                        layer_sample=group.get("layer_sample"), progress=progress)
     return "collected"

@@ -34,7 +34,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import DataError, InvalidInputError, RecordError
-from zest.layers import Layer, candidate_layers, group_by_block, select_layers
+from zest.layers import Layer, candidate_layers, group_by_block, select_layers, stratified_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import Task, check_finite, preserved_training_state
 from zest.records import (
@@ -354,13 +354,15 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
                      config: GroundTruthConfig | None = None, seeds: Sequence[int] = (0, 1),
                      options: DataOptions | None = None, layer_names: Sequence[str] | None = None,
                      data_seed: int = 0, device: str = "cpu", checkpoint: str | None = None,
-                     n_jobs: int = 1) -> GroundTruthPlan:
+                     n_jobs: int = 1, layer_sample: int | None = None) -> GroundTruthPlan:
     """Validates the inputs and lists the jobs still to run for ``out``."""
     config = config or GroundTruthConfig()
     options = options or DataOptions()
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("--seeds is empty; pass e.g. --seeds 0,1")
+    if layer_sample is not None and layer_names:
+        raise InvalidInputError("--sample-layers and --layers both choose the layers; pass one")
     out = check_writable(out, "groundtruth")
     pair = PairSpec(model_spec, dataset_spec, options, data_seed, device, checkpoint)
     model, task, data = _cached_pair(pair)
@@ -370,11 +372,17 @@ def plan_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLike,
                         f"least {MIN_VAL_EXAMPLES} are needed to score a layer); raise --max-val "
                         "or use a larger data set")
     layers = select_layers(candidate_layers(model, task.head_name), layer_names)
+    sampled = {}
+    if layer_sample is not None:
+        every = len(layers)
+        layers = stratified_layers(layers, layer_sample)
+        if len(layers) < every:  # a sample as large as the model is the whole model
+            sampled = {"gt_layer_sample": len(layers)}
     settings = {"gt_steps": config.steps, "gt_lr": float(config.lr),
                 "gt_batch_size": config.batch_size, "gt_train_size": len(data.splits["train"]),
                 "gt_val_size": n_val,
                 "image_size": data.image_size if data.modality == "image" else 0,
-                "max_length": data.max_length if data.modality == "text" else 0}
+                "max_length": data.max_length if data.modality == "text" else 0, **sampled}
     stamp = {**groundtruth_settings(config, options, data_seed, checkpoint), **settings}
     group = group_key(model_spec, dataset_spec)
     done_keys: set[tuple] = set()
@@ -518,6 +526,7 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
                         layer_names: Sequence[str] | None = None, data_seed: int = 0,
                         device: str = "cpu", checkpoint: str | None = None, n_jobs: int = 1,
                         backend: str = "loky", scheduler: str | None = None,
+                        layer_sample: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """Collects (or resumes) the ground-truth records of one group into ``out``.
 
@@ -535,6 +544,10 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
         n_jobs: Parallel joblib workers (torch threads are split between them).
         backend: ``loky`` (joblib) or ``dask``.
         scheduler: dask.distributed scheduler address for ``backend="dask"``.
+        layer_sample: Collect only a stratified sample of this many candidate layers
+            (:func:`~zest.layers.stratified_layers`: every role, spread over depth), for models
+            with hundreds of candidates; recorded as ``gt_layer_sample`` (see
+            metric_collection/README.md, fidelity study).
         progress: Called as ``progress(layers_done, layers_total)``.
 
     Returns:
@@ -546,7 +559,8 @@ def collect_groundtruth(model_spec: str, dataset_spec: str, out: str | os.PathLi
         raise InvalidInputError(f"unknown backend {backend!r}; use 'loky' or 'dask'")
     plan = plan_groundtruth(model_spec, dataset_spec, out, config=config, seeds=seeds,
                             options=options, layer_names=layer_names, data_seed=data_seed,
-                            device=device, checkpoint=checkpoint, n_jobs=n_jobs)
+                            device=device, checkpoint=checkpoint, n_jobs=n_jobs,
+                            layer_sample=layer_sample)
     total = len(plan.layers) * len(plan.seeds)
     done = plan.done
     if progress is not None:

@@ -58,14 +58,22 @@ def incomplete_groups(metrics: pd.DataFrame, groundtruth: pd.DataFrame, min_seed
                       ) -> list[str]:
     """Groups in which some layer with metrics has ground truth from fewer than ``min_seeds``
     seeds (a collection still running): a predictor trained or judged on them would see a
-    partial group, and their seed-to-seed noise ceiling would be missing."""
+    partial group, and their seed-to-seed noise ceiling would be missing. A group collected on
+    a sample of its layers (``gt_layer_sample``) needs only the sampled layers, all of them."""
     if min_seeds < 1:
         raise InvalidInputError(f"--min-seeds must be at least 1, got {min_seeds}")
     seeds = groundtruth.groupby(["group", "layer"])["gt_seed"].nunique()
+    sample_sizes = (groundtruth.groupby("group")["gt_layer_sample"].max().dropna()
+                    if "gt_layer_sample" in groundtruth else pd.Series(dtype=float))
     partial = []
     for group, layers in metrics.groupby("group")["layer"]:
-        counts = seeds.reindex([(group, layer) for layer in layers.unique()], fill_value=0)
-        if int(counts.min()) < min_seeds:
+        if group in sample_sizes.index:
+            counts = seeds.loc[group]
+            complete = len(counts) >= int(sample_sizes[group]) and int(counts.min()) >= min_seeds
+        else:
+            counts = seeds.reindex([(group, layer) for layer in layers.unique()], fill_value=0)
+            complete = int(counts.min()) >= min_seeds
+        if not complete:
             partial.append(str(group))
     return sorted(partial)
 
