@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from zest.errors import RecordError
+from zest.outputs import check_output_file
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"zest.schema_version"
@@ -65,20 +66,10 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def check_writable(path: str | os.PathLike, kind: RecordKind | None = None) -> Path:
-    """Fails early, before any work, when ``path`` cannot be written, or (with ``kind``) when it
-    exists and is not a record file of that kind (nothing of another kind is ever replaced)."""
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise RecordError(f"output path {str(path)!r} is a directory; pass a file path such as "
-                          f"{str(path / 'records.parquet')!r}")
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RecordError(f"cannot create the folder {str(parent)!r} for {str(path)!r} "
-                          f"({exc.strerror}); choose a writable --out") from None
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise RecordError(f"output path {str(path)!r} is not writable; choose a writable --out")
+    """Fails early, before any work, when ``path`` cannot be written
+    (:func:`zest.outputs.check_output_file`), or (with ``kind``) when it exists and is not a
+    record file of that kind (nothing of another kind is ever replaced); creates its folder."""
+    path = check_output_file(path, "--out")
     if kind is not None and path.is_file():
         found = record_kind(path)
         if found != kind:
@@ -86,6 +77,7 @@ def check_writable(path: str | os.PathLike, kind: RecordKind | None = None) -> P
                     else "not a zest record file")
             raise RecordError(f"{str(path)!r} is {what}; zest writes {_KIND_WORDS[kind]} records "
                               "only into a new file or one of the same kind: choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
