@@ -85,14 +85,15 @@ def test_gps_selects_top_k_gradient_per_neuron():
 def test_gps_dense_mask_matches_sparse_selection_and_updates_only_selected():
     model, task, data, layers = pair(IMAGE)
     before = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
-    GPS(model, task, layers=layers, k=1, implementation="dense_mask").fit(
+    tuner = GPS(model, task, layers=layers, k=1, implementation="dense_mask").fit(
         data, epochs=1, batch_size=16)
     for name in layers:
         change = (model.get_submodule(name).weight.detach() - before[name]).reshape(
             before[name].shape[0], -1)
         changed = (change != 0).sum(dim=1)
         assert (changed <= 1).all()
-        assert model.get_submodule(name).weight.grad is not None  # the dense reference
+        weight = model.get_submodule(name).weight  # the dense reference: dense Adam state
+        assert tuner.optimizer_.state[weight]["exp_avg"].shape == weight.shape
 
 
 def test_spsft_frozen_weight_gets_no_gradient_and_starts_at_the_base_model():

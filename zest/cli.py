@@ -418,6 +418,9 @@ def finetune_command(
                                              "--ratio).")] = None,
     importance: Annotated[str, typer.Option(help="SPSFT: l2, taylor or qm_taylor.")] = "taylor",
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute each block in the backward pass instead of keeping its activations "
+             "(less memory, about one more forward pass); any method.")] = False,
     predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
     seed: SeedOption = 0,
     options: Any = None,
@@ -434,6 +437,8 @@ def finetune_command(
     with _user_errors(), _progress(f"{method}", quiet) as progress:
         method_options = {name: value for name, value in flags.items()
                           if name in tuner_parameters(method)}
+        if gradient_checkpointing:
+            method_options["gradient_checkpointing"] = True
         def report(event: dict) -> None:
             if progress is not None and "step" in event:
                 progress(event["step"], event["step"])

@@ -86,6 +86,14 @@ def neuron_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
 
 
+def repeated_blocks(layers: Sequence[Layer]) -> list[str]:
+    """The blocks that are items of an indexed container (``model.layers.3``, ``blocks.2.1``;
+    not ``bert.embeddings``), in forward order: the units that activation checkpointing
+    recomputes (``Tuner(gradient_checkpointing=True)``)."""
+    blocks = dict.fromkeys(layer.block for layer in layers)
+    return [block for block in blocks if _INDEX.match(block.rsplit(".", 1)[-1])]
+
+
 def owns_matrix_weight(module: nn.Module) -> bool:
     """True when the module directly owns a parameter ``weight`` with ndim ≥ 2."""
     weight = module._parameters.get("weight")  # noqa: SLF001 - direct ownership only

@@ -23,6 +23,7 @@ from zest._registry import Registry
 from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
 from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
+from zest.finetune.memory import training_state
 from zest.layers import candidate_layers
 from zest.models import Task
 
@@ -99,6 +100,9 @@ class Tuner:
         weight_decay: AdamW weight decay.
         seed: Seed of batch order and selection.
         device: Where to train (default: where the model is).
+        gradient_checkpointing: Recompute each block in the backward pass instead of keeping
+            its activations (:func:`zest.finetune.memory.checkpointed_blocks`): less memory,
+            about one more forward pass of compute.
     """
 
     model: nn.Module
@@ -108,12 +112,16 @@ class Tuner:
     weight_decay: float = 0.0
     seed: int = 0
     device: Any = None
+    gradient_checkpointing: bool = False
     method: str = field(default="base", init=False)
     uses_layers: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise InvalidInputError("gradient_checkpointing must be True or False, got "
+                                    f"{self.gradient_checkpointing!r}")
         if self.uses_layers:
             self.layer_names = resolve_layer_names(self.model, self.task, self.layers,
                                                    allow_any_module=self._allows_any_module())
@@ -168,8 +176,15 @@ class Tuner:
 
         Returns:
             ``self``; ``history_``, ``trainable_params_``, ``peak_memory_mb_`` and
-            ``seconds_`` are set.
+            ``seconds_`` are set; ``optimizer_`` holds the optimizer (its state covers only
+            the trained values).
         """
+        with training_state(self.model, self.task, self.gradient_checkpointing):
+            return self._fit(data, epochs, batch_size, progress, max_steps, test_each_epoch)
+
+    def _fit(self, data: Dataset, epochs: int, batch_size: int,
+             progress: ProgressCallback | None, max_steps: int | None,
+             test_each_epoch: bool) -> Tuner:
         if not isinstance(epochs, int) or epochs < 1:
             raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
         self.device_ = self.device or next(self.model.parameters()).device
@@ -180,7 +195,8 @@ class Tuner:
         if not params:
             raise InvalidInputError(f"{self.method}: nothing to train; choose at least one layer")
         self.trainable_params_ = self.count_trainable()
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.optimizer_ = torch.optim.AdamW(params, lr=self.lr,
+                                                         weight_decay=self.weight_decay)
         self.history_: list[EpochRecord] = []
         self.stopped_ = None
         self._last_good = self._snapshot()
@@ -200,9 +216,10 @@ class Tuner:
                                      "stopped and the last good delta kept; lower the "
                                      "learning rate")
                     raise NonFiniteLossError(self.stopped_)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                # dropped at once, so they never coexist with the next forward's activations
+                optimizer.zero_grad(set_to_none=True)
                 n = output.labels.shape[0]
                 total_loss += float(loss.detach()) * n
                 correct += int((output.logits.argmax(1) == output.labels).sum())
