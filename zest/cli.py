@@ -29,7 +29,9 @@ DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set sp
                                             "mnist5k, lfw_faces, patches, 20ng, r8, r52, "
                                             "rotten_tomatoes, "
                                             "csv:<path>, parquet:<path>, imagefolder:<dir>, "
-                                            "npz:<path>.")]
+                                            "npz:<path>; lm:<text data set> for next-token "
+                                            "prediction on its texts (causal decoders: "
+                                            "smollm2, tiny_llama, hf:<dir>).")]
 SeedOption = Annotated[int, typer.Option(help="Seed of splits, head initialisation, batches.")]
 LayersOption = Annotated[str | None, typer.Option("--layers", help="Restrict to these "
                                                   "candidate layers or blocks, comma-separated.")]
@@ -140,7 +142,9 @@ def collect_metrics_command(
     batches: Annotated[int, typer.Option(help="Minibatches; each gives a row per layer.")] = 1,
     metrics: Annotated[str, typer.Option(help="all, a family (static, forward, backward) or "
                                          "comma-separated metric names.")] = "all",
-    probe_loss: Annotated[str, typer.Option(help="supcon (no head, τ=0.07) or ce.")] = "supcon",
+    probe_loss: Annotated[str | None, typer.Option(
+        help="supcon (no head, τ=0.07) or ce; default supcon, and ce (next-token loss) for "
+             "lm: data sets.")] = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -454,8 +458,10 @@ def finetune_command(
                                device=device, checkpoint=str(checkpoint) if checkpoint else None,
                                predictor=predictor, method_options=method_options,
                                progress=report)
-        typer.echo(f"test accuracy {metrics['test_accuracy']:.4f}; "
-                   f"{metrics['trainable_params']:,} trainable parameters "
+        score = (f"test next-token loss {metrics['test_loss']:.4f} (perplexity "
+                 f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
+                 else f"test accuracy {metrics['test_accuracy']:.4f}")
+        typer.echo(f"{score}; {metrics['trainable_params']:,} trainable parameters "
                    f"({metrics['trainable_share']:.2%}); run written to {out}")
 
 
@@ -479,7 +485,8 @@ def apply_delta_command(
         loaded = Delta.load(delta)
         num_classes = int(loaded.meta.get("num_classes") or 2)
         base, _task = load_model(model, num_classes, seed=seed,
-                                 checkpoint=str(checkpoint) if checkpoint else None)
+                                 checkpoint=str(checkpoint) if checkpoint else None,
+                                 kind=loaded.meta.get("task_kind", "classification"))
         apply_delta(base, loaded, model_spec=model)
         out.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from zest.data import task_of_spec
 from zest.errors import InvalidInputError
 from zest.frames import ProgressCallback, metrics_frame
 from zest.layers import check_granularity
@@ -20,7 +21,7 @@ from zest.loading import DataOptions, load_pair
 from zest.metrics import (
     resolve_metrics,
 )
-from zest.models import resolve_device
+from zest.models import probe_loss_for, resolve_device
 from zest.records import (
     check_same_group,
     check_writable,
@@ -42,9 +43,16 @@ def metrics_settings(*, batch_size: int, batches: int, metrics: Sequence[str], p
             "layers": list(layer_names) if layer_names else None, "checkpoint": checkpoint}
 
 
+def default_probe_loss(dataset_spec: str, requested: str | None = None) -> str:
+    """The probe loss of a metrics collection: ``requested``, else ``supcon``; a causal-LM data
+    set (``lm:<text data set>``) always probes with its next-token loss, ``ce``
+    (:func:`zest.models.probe_loss_for`)."""
+    return probe_loss_for(task_of_spec(dataset_spec)[0], requested)
+
+
 def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
                     batches: int = 1, metrics: str | Sequence[str] = "all",
-                    probe_loss: str = "supcon", seed: int = 0,
+                    probe_loss: str | None = None, seed: int = 0,
                     options: DataOptions | None = None, granularity: str = "module",
                     layer_names: Sequence[str] | None = None, device: str = "cpu",
                     checkpoint: str | None = None, progress: ProgressCallback | None = None,
@@ -57,7 +65,7 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
         batch_size: Probe minibatch size (≥ 2 with ``supcon``).
         batches: Number of distinct minibatches; each gives one row per layer (``batch`` column).
         metrics: ``all``, a family or a list of metric names.
-        probe_loss: ``supcon`` or ``ce``.
+        probe_loss: ``supcon`` or ``ce`` (default: :func:`default_probe_loss`).
         seed: Seed of the split, the head and the minibatches.
         options: Data loading options.
         granularity: ``module`` (a row per layer) or ``block``.
@@ -77,6 +85,7 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
         raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be ≥ 1, got {batch_size}")
+    probe_loss = default_probe_loss(dataset_spec, probe_loss)
     if probe_loss == "supcon" and batch_size < 2:
         raise InvalidInputError(f"--batch-size {batch_size} is too small for the supcon probe "
                                 "loss; use --batch-size 2 or more (32 recommended)")

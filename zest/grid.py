@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zest.collect import collect_metrics, metrics_settings
+from zest.collect import collect_metrics, default_probe_loss, metrics_settings
 from zest.errors import InvalidInputError, RecordError
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.loading import DataOptions
@@ -115,9 +115,10 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
         seed = int(group.get("data_seed", 0))
         names = resolve_metrics(group.get("metrics", "all"))
         options = group.options()
+        probe_loss = default_probe_loss(group.dataset, group.get("probe_loss"))
         settings = metrics_settings(batch_size=int(group.get("batch_size", 32)),
                                     batches=batches, metrics=names,
-                                    probe_loss=group.get("probe_loss", "supcon"), seed=seed,
+                                    probe_loss=probe_loss, seed=seed,
                                     options=options, granularity="module", layer_names=None,
                                     checkpoint=group.get("checkpoint"))
         if out.exists():
@@ -138,7 +139,7 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
         # metrics are cheap: a file missing a batch or a newly registered metric is redone
         collect_metrics(group.model, group.dataset, batch_size=int(group.get("batch_size", 32)),
                         batches=batches, metrics=names,
-                        probe_loss=group.get("probe_loss", "supcon"), seed=seed,
+                        probe_loss=probe_loss, seed=seed,
                         options=options, checkpoint=group.get("checkpoint"),
                         progress=progress, out=out)
         return "collected"

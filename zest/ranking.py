@@ -25,7 +25,7 @@ from zest.errors import InvalidInputError, UnknownNameError, unknown_name_messag
 from zest.frames import metrics_frame
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
-from zest.models import Batch, Task, model_family
+from zest.models import Batch, Task, model_family, probe_loss_for
 from zest.predictor import ZestRanker
 from zest.records import METRIC_PREFIX
 
@@ -228,7 +228,8 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
             be ranked only ``by`` a label-free metric (:func:`zest.metrics.needs_labels`).
         predictor: ``"universal"``, a predictor JSON file, or a fitted :class:`ZestRanker`.
         by: Rank by this single metric (with its paper's direction) instead of the predictor.
-        probe_loss: ``supcon`` or ``ce``; default: the predictor's training setting.
+        probe_loss: ``supcon`` or ``ce``; default: the predictor's training setting (a
+            causal-LM task always probes with its next-token loss, ``ce``).
         granularity: ``module`` or ``block``.
         layer_names: Restrict to these candidates.
         device: Where to run the probe.
@@ -248,13 +249,14 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         if by not in METRICS:
             raise UnknownNameError(unknown_name_message("metric for --by", by, METRICS.names()))
         ranker, names, label = None, [by], f"metric:{by}"
-        loss = probe_loss or "supcon"
+        trained_loss = "supcon"
     else:
         ranker = load_predictor(predictor)
         names = [m[len(METRIC_PREFIX):] for m in ranker.metrics_]
         label = f"predictor:{predictor if isinstance(predictor, str) else 'custom'}"
-        loss = probe_loss or (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
+        trained_loss = (getattr(ranker, "info_", {}).get("probe", {}) or {}).get(
             "probe_loss", "supcon")
+    loss = probe_loss_for(task.kind, probe_loss, trained_loss)
     skipped: dict[str, str] = {}
     frame = metrics_frame(model, task, batch_list, metrics=names, probe_loss=loss,
                           layer_names=layer_names, granularity=granularity, device=device,
@@ -286,6 +288,11 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     total = sum(p.numel() for p in model.parameters())
     stability = _stability(per_batch) if len(per_batch) > 1 else None
     notes = [note] if ranker is not None and (note := unseen_family_note(ranker, task)) else []
+    if ranker is not None and loss != trained_loss:
+        notes.append(f"the predictor learned from {trained_loss} probes and this ranking probed "
+                     f"with {loss}" + (" (a causal-LM task probes with its next-token loss)"
+                                       if task.kind == "causal_lm" else "")
+                     + ", so treat it as an estimate")
     if skipped:
         shown = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""

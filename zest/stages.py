@@ -144,11 +144,12 @@ def _encoder_plan(model: nn.Module) -> StagePlan:
                      features)
 
 
-def _decoder_plan(model: nn.Module) -> StagePlan:
+def _decoder_plan(model: nn.Module, pooled: bool = True) -> StagePlan:
     """LLaMA-style decoders (``model.model`` with ``embed_tokens``, ``layers``, ``norm`` and
-    ``rotary_emb``; a ``score`` head on the last non-padding token), cut at every decoder
-    layer. Each stage rebuilds the causal mask and the rotary embeddings from the state's
-    attention mask, through the model's own functions."""
+    ``rotary_emb``), cut at every decoder layer: with a ``score`` head on the last non-padding
+    token (``pooled``), or with the LM head on every token (the causal-LM task). Each stage
+    rebuilds the causal mask and the rotary embeddings from the state's attention mask, through
+    the model's own functions."""
     import sys
 
     base = model.model
@@ -186,12 +187,15 @@ def _decoder_plan(model: nn.Module) -> StagePlan:
         last = s["attention_mask"].long().sum(dim=1).clamp(min=1) - 1
         return {"pooled": hidden[torch.arange(hidden.shape[0], device=hidden.device), last]}
 
+    def every_token(s: State) -> State:
+        return {"hidden": base.norm(s["hidden"]), "attention_mask": s["attention_mask"]}
+
     names.append(f"{prefix}.norm")
-    functions.append(last_token)
+    functions.append(last_token if pooled else every_token)
     return StagePlan(names, functions,
                      lambda inputs: {"input_ids": inputs["input_ids"],
                                      "attention_mask": inputs["attention_mask"]},
-                     lambda s: s["pooled"])
+                     (lambda s: s["pooled"]) if pooled else (lambda s: s["hidden"]))
 
 
 def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
@@ -200,9 +204,10 @@ def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
             "embeddings", "encoder", "_create_attention_masks")):
         return _encoder_plan(model)
     base = getattr(model, "model", None)
-    if task.family == "llama" and hasattr(model, "score") and all(
+    head = "lm_head" if task.kind == "causal_lm" else "score"
+    if task.family == "llama" and task.head_name == head and all(
             hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return _decoder_plan(model)
+        return _decoder_plan(model, pooled=task.kind != "causal_lm")
     if task.modality != "image":
         return None
     if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):

@@ -7,7 +7,9 @@ A data set is named by a *spec* string:
   ``rotten_tomatoes`` (text);
 * user data, read by the prefix's reader in :data:`FILE_READERS` (:mod:`zest.data.files`):
   ``csv:<path>`` and ``parquet:<path>`` (a text column and a label column), ``imagefolder:<dir>``
-  (one subfolder per class) and ``npz:<path>`` (arrays ``x`` and ``y``).
+  (one subfolder per class) and ``npz:<path>`` (arrays ``x`` and ``y``);
+* ``lm:<text data set>``: the same texts for the causal-LM task (next-token prediction;
+  :func:`task_of_spec`).
 
 A source returns :class:`RawData` (:mod:`zest.data.raw`); :func:`load_dataset`
 (:mod:`zest.data.splits`) maps the sorted unique label names to ids ``0..C-1``, makes seeded,
@@ -23,8 +25,8 @@ from zest.data.dataset import SPLITS, Dataset, Split
 from zest.data.files import FILE_READERS, ReadOptions, register_file_reader, user_specs
 from zest.data.packaged import DATASETS
 from zest.data.raw import RawData, frozen_array
-from zest.data.splits import known_datasets, load_dataset
+from zest.data.splits import LM_PREFIX, known_datasets, load_dataset, task_of_spec
 
-__all__ = ["DATASETS", "FILE_READERS", "SPLITS", "Dataset", "RawData", "ReadOptions", "Split",
-           "frozen_array", "known_datasets", "load_dataset", "register_file_reader",
-           "user_specs"]
+__all__ = ["DATASETS", "FILE_READERS", "LM_PREFIX", "SPLITS", "Dataset", "RawData", "ReadOptions",
+           "Split", "frozen_array", "known_datasets", "load_dataset", "register_file_reader",
+           "task_of_spec", "user_specs"]

@@ -84,6 +84,8 @@ class Dataset:
         image_size: Side of the (square) images.
         max_length: Maximum number of tokens per text.
         tokenizer: The tokenizer used for text, or ``None``.
+        task_kind: ``"classification"``, or ``"causal_lm"`` for an ``lm:`` spec (the same
+            texts and labels; models predict every next token).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Dataset:
     image_size: int = 64
     max_length: int = 128
     tokenizer: Any = None
+    task_kind: str = "classification"
 
     def _split(self, split: str) -> Split:
         if split not in self.splits:
@@ -198,6 +201,7 @@ class Dataset:
             "name": self.name,
             "modality": self.modality,
             "num_classes": self.num_classes,
+            "task_kind": self.task_kind,
             "sizes": {k: len(v) for k, v in self.splits.items()},
         }
         if self.modality == "image":

@@ -132,9 +132,27 @@ def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask}
 
 
+#: Prefix of a causal-LM data set spec: ``lm:<text data set>`` trains on predicting every next
+#: token of that data set's texts instead of their labels (ARCHITECTURE.md §3c).
+LM_PREFIX = "lm:"
+
+
+def task_of_spec(spec: str) -> tuple[str, str]:
+    """The task kind a data set spec selects and the spec of its source:
+    ``("causal_lm", "r8")`` for ``lm:r8``, ``("classification", spec)`` otherwise."""
+    if not isinstance(spec, str) or not spec.startswith(LM_PREFIX):
+        return "classification", spec
+    source = spec[len(LM_PREFIX):]
+    if not source.strip() or source.startswith(LM_PREFIX):
+        raise InvalidInputError(f"data set spec {spec!r}: write one text data set after lm:, "
+                                "e.g. lm:r8 or lm:csv:<path>")
+    return "causal_lm", source
+
+
 def known_datasets() -> list[str]:
-    """Registered packaged data sets followed by the user-data spec patterns."""
-    return DATASETS.names() + list(user_specs())
+    """Registered packaged data sets followed by the user-data spec patterns and the causal-LM
+    prefix."""
+    return DATASETS.names() + list(user_specs()) + [f"{LM_PREFIX}<text data set>"]
 
 
 def _raw_for(spec: str, image_size: int, text_column: str, label_column: str) -> RawData:
@@ -178,7 +196,9 @@ def load_dataset(
 
     Args:
         spec: A packaged name (see :func:`known_datasets`) or ``csv:<path>``,
-            ``parquet:<path>``, ``imagefolder:<dir>``, ``npz:<path>``.
+            ``parquet:<path>``, ``imagefolder:<dir>``, ``npz:<path>``; ``lm:<text data set>``
+            loads that text data set unchanged for the causal-LM task
+            (``Dataset.task_kind == "causal_lm"``).
         image_size: Side the images are resized to (bilinear, antialiased); at least 8.
         tokenizer: A Hugging Face tokenizer; text is tokenised once here (truncated to
             ``max_length``, padded to the longest text of each split). Without one, text splits
@@ -204,7 +224,11 @@ def load_dataset(
     """
     caps = {"train": max_train, "val": max_val, "test": max_test}
     _check_args(image_size, max_length, caps, val_fraction, test_fraction, channels)
-    raw = _raw_for(spec, image_size, text_column, label_column)
+    task_kind, source = task_of_spec(spec)
+    raw = _raw_for(source, image_size, text_column, label_column)
+    if task_kind == "causal_lm" and raw.modality != "text":
+        raise InvalidInputError(f"{spec!r}: lm: predicts the next tokens of texts, and "
+                                f"{source!r} holds images; drop the lm: prefix")
     has_test = raw.y_test is not None
     label_sets = (raw.y, raw.y_test) if has_test else (raw.y,)
     class_names, ids = _label_ids(*[np.asarray(a) for a in label_sets])
@@ -274,4 +298,5 @@ def load_dataset(
         image_size=image_size,
         max_length=max_length,
         tokenizer=tokenizer,
+        task_kind=task_kind,
     )

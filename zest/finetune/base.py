@@ -1,9 +1,10 @@
 """The shared fine-tuning loop: prepare (select + wrap), train, validate, export a delta.
 
 Every method (GPS, SPSFT and the baselines) is a :class:`Tuner`: construction only validates its
-arguments; :meth:`Tuner.fit` selects what to train (``_prepare``), trains it with AdamW and
-cross-entropy, validates every epoch, and keeps the history; :meth:`Tuner.delta` returns only
-the trained entries (ARCHITECTURE.md §3a).
+arguments; :meth:`Tuner.fit` selects what to train (``_prepare``), trains it with AdamW and the
+task's cross-entropy (of the labels, or of every next token for a causal-LM task), validates
+every epoch, and keeps the history; :meth:`Tuner.delta` returns only the trained entries
+(ARCHITECTURE.md §3a).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def tuner_parameters(method: str) -> set[str]:
 
 @dataclass
 class EpochRecord:
-    """Metrics of one epoch."""
+    """Metrics of one epoch. Accuracies and losses are per scored prediction: per example, or
+    per next token for a causal-LM task (whose perplexity is ``exp(loss)``)."""
 
     epoch: int
     train_loss: float
@@ -159,7 +161,16 @@ class Tuner:
             p.requires_grad_(False)
 
     def _head_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters when the task trains its head (a fresh classification head);
+        none for a causal-LM task, whose pretrained LM head stays as it is."""
+        if not self.task.tunes_head:
+            return []
         return list(self.task.head(self.model).parameters())
+
+    def _fingerprint_head(self) -> str | None:
+        """The head left out of the base fingerprint: a fresh head is replaced whole; a kept
+        pretrained LM head is part of the base."""
+        return self.task.head_name if self.task.tunes_head else None
 
     def fit(self, data: Dataset, epochs: int = 3, batch_size: int = 32,
             progress: ProgressCallback | None = None, max_steps: int | None = None,
@@ -189,7 +200,7 @@ class Tuner:
             raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
         self.device_ = self.device or next(self.model.parameters()).device
         start = time.perf_counter()
-        self.base_fingerprint_ = model_fingerprint(self.model, self.task.head_name)
+        self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
         self._prepare(data, batch_size)
         params = self.trainable_parameters()
         if not params:
@@ -209,7 +220,8 @@ class Tuner:
                                        seed=self.seed * 1000 + epoch)
             for batch in loader:
                 output = self.task.forward(self.model, batch, self.device_)
-                loss = F.cross_entropy(output.logits, output.labels)
+                logits, targets = self.task.predictions(output)
+                loss = F.cross_entropy(logits, targets)
                 if not bool(torch.isfinite(loss.detach())):
                     self._restore(self._last_good)
                     self.stopped_ = (f"non-finite loss at step {step} (epoch {epoch}); training "
@@ -220,9 +232,9 @@ class Tuner:
                 optimizer.step()
                 # dropped at once, so they never coexist with the next forward's activations
                 optimizer.zero_grad(set_to_none=True)
-                n = output.labels.shape[0]
+                n = targets.shape[0]
                 total_loss += float(loss.detach()) * n
-                correct += int((output.logits.argmax(1) == output.labels).sum())
+                correct += int((logits.argmax(1) == targets).sum())
                 seen += n
                 step += 1
                 if step % 20 == 0:
@@ -258,7 +270,7 @@ class Tuner:
 
     def evaluate(self, data: Dataset, split: str = "val", batch_size: int = 128
                  ) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy on a split."""
+        """Mean cross-entropy and accuracy on a split (per next token for a causal-LM task)."""
         training = self.model.training
         self.model.eval()
         total, correct, n = 0.0, 0, 0
@@ -267,10 +279,10 @@ class Tuner:
                 for batch in data.loader(split, batch_size=batch_size):
                     output = self.task.forward(self.model, batch, self.device_ if hasattr(
                         self, "device_") else None)
-                    total += float(F.cross_entropy(output.logits, output.labels,
-                                                   reduction="sum"))
-                    correct += int((output.logits.argmax(1) == output.labels).sum())
-                    n += output.labels.shape[0]
+                    logits, targets = self.task.predictions(output)
+                    total += float(F.cross_entropy(logits, targets, reduction="sum"))
+                    correct += int((logits.argmax(1) == targets).sum())
+                    n += targets.shape[0]
         finally:
             self.model.train(training)
         return total / max(n, 1), correct / max(n, 1)
@@ -294,7 +306,7 @@ class Tuner:
         entries = self._delta_entries()
         return Delta(entries=entries, meta={
             "method": self.method, "model": self.task.spec, "num_classes": self.task.num_classes,
-            "head": self.task.head_name, "seed": self.seed,
+            "head": self._fingerprint_head(), "task_kind": self.task.kind, "seed": self.seed,
             "base_fingerprint": self.base_fingerprint_,
             "layers": list(self.layer_names), "trainable_params": int(self.trainable_params_)})
 
@@ -310,7 +322,9 @@ class Tuner:
         return buffers
 
     def _head_entries(self) -> list[DeltaEntry]:
-        """The trained head, stored whole."""
+        """The trained head, stored whole (nothing for a causal-LM task's kept LM head)."""
+        if not self.task.tunes_head:
+            return []
         head = self.task.head_name
         return self._dense_entries({f"{head}.{n}": p for n, p in
                                     self.task.head(self.model).named_parameters()})

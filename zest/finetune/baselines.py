@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zest.data import Dataset
+from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 
@@ -36,6 +37,12 @@ class Head(Tuner):
     method: str = field(default="head", init=False)
     uses_layers: bool = field(default=False, init=False)
 
+    def _check_layers(self) -> None:
+        if not self.task.tunes_head:
+            raise InvalidInputError("--method head trains a fresh classification head, and a "
+                                    "causal-LM task keeps its pretrained LM head; use --method "
+                                    "layers, gps, spsft or lora")
+
     def _prepare(self, data: Dataset, batch_size: int) -> None:
         self._freeze_all()
         for p in self._head_parameters():
@@ -56,7 +63,8 @@ class BitFit(Tuner):
     def _prepare(self, data: Dataset, batch_size: int) -> None:
         self._freeze_all()
         for name, p in self.model.named_parameters():
-            if name.endswith(".bias") or name.startswith(self.task.head_name + "."):
+            if name.endswith(".bias") or (self.task.tunes_head
+                                          and name.startswith(self.task.head_name + ".")):
                 p.requires_grad_(True)
 
     def _delta_entries(self) -> list[DeltaEntry]:

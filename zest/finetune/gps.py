@@ -129,7 +129,8 @@ class GPS(Tuner):
                                         f"per neuron of {name!r}; use k ≤ {width}")
 
     def importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
-        """|Σ ∇W L_supcon| over ``selection_batches`` batches, per chosen layer (§3.1)."""
+        """|Σ ∇W L_supcon| over ``selection_batches`` batches, per chosen layer (§3.1); for a
+        causal-LM task, whose texts have no classes to contrast, ``L`` is its next-token loss."""
         weights = {name: self.model.get_submodule(name).weight for name in self.layer_names}
         total = {name: torch.zeros_like(w) for name, w in weights.items()}
         generator = torch.Generator().manual_seed(self.seed)
@@ -141,9 +142,12 @@ class GPS(Tuner):
             self.model.train(self.task.modality == "text")
             batches = data.batches("train", batch_size, self.selection_batches, seed=self.seed)
             for batch in batches:
-                features, labels = two_views(self.task, self.model, batch, self.device_,
-                                             generator)
-                loss = supervised_contrastive_loss(features, labels)
+                if self.task.kind == "causal_lm":
+                    loss = self.task.loss(self.task.forward(self.model, batch, self.device_))
+                else:
+                    features, labels = two_views(self.task, self.model, batch, self.device_,
+                                                 generator)
+                    loss = supervised_contrastive_loss(features, labels)
                 grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
                 for name, g in zip(weights, grads, strict=True):
                     if g is not None:

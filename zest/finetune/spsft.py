@@ -171,7 +171,7 @@ class SPSFT(Tuner):
             for batch in data.batches("train", batch_size, self.selection_batches,
                                       seed=self.seed):
                 output = self.task.forward(self.model, batch, self.device_)
-                losses = F.cross_entropy(output.logits, output.labels, reduction="none")
+                losses = self.task.example_losses(output)
                 if not by_class:
                     grads = torch.autograd.grad(losses.sum(), list(weights.values()))
                     for n, g in zip(names, grads, strict=True):
