@@ -7,10 +7,13 @@ chosen layer, its top-K input connections are selected ("at least one" per neuro
 §3.2: only the selected entries train; the head and the biases train; normalisation layers and
 position embeddings stay frozen (as in the reference implementation).
 
-Implementation: the selected entries are a vector of values at fixed indices, added into the
-weight in the forward pass through a ``torch.nn.utils.parametrize`` parametrization
-(``W + scatter(values)``): the frozen weight has no gradient and no optimizer state. The
-reference dense-masked implementation (a full-size gradient masked by a hook) is available as
+Implementation: the selected entries are values at fixed indices. Linear layers (and
+transformers' ``Conv1D``) and embeddings add them in their forward pass without a dense gradient
+or a dense copy of the weight (:mod:`zest.finetune.sparse`); other layers (convolutions) add them
+through a ``torch.nn.utils.parametrize`` parametrization (``W + scatter(values)``), whose dense
+gradient exists for one layer at a time in the backward pass. Either way the frozen weight has
+no gradient and the optimizer state covers only the values. The reference dense-masked
+implementation (a full-size gradient masked by a hook, dense optimizer state) is available as
 ``implementation="dense_mask"`` for comparison.
 """
 
@@ -26,6 +29,7 @@ from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.sparse import attach_sparse_update, detach_sparse_update, sparse_update_of
 from zest.layers import neuron_rows, output_dim
 from zest.models import Task, preserved_training_state, supervised_contrastive_loss
 
@@ -82,6 +86,18 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean = crop.mean()
         out[i] = ((crop - mean) * contrast + mean) * brightness
     return out.clamp(0, 1)
+
+
+def _attach_values(module: nn.Module, indices: torch.Tensor, transposed: bool) -> nn.Parameter:
+    """The trainable values at ``indices`` of the layer's rows: through the layer's sparse forward
+    (:func:`zest.finetune.sparse.attach_sparse_update`) where it has one, else through the
+    :class:`SparseDelta` parametrization."""
+    update = attach_sparse_update(module, indices)
+    if update is not None:
+        return update.values
+    parametrize.register_parametrization(
+        module, "weight", SparseDelta(indices, module.weight.dtype, transposed))
+    return module.parametrizations.weight[0].values
 
 
 @register_tuner
@@ -167,12 +183,12 @@ class GPS(Tuner):
             indices = flat.topk(min(self.k, flat.shape[1]), dim=1).indices.sort(dim=1).values
             self.indices_[name] = indices
             if self.implementation == "sparse":
-                parametrize.register_parametrization(
-                    module, "weight", SparseDelta(indices, module.weight.dtype, transposed))
-                self._trainable.append(module.parametrizations.weight[0].values)
+                self._trainable.append(_attach_values(module, indices, transposed))
             else:
                 weight = module.weight
-                self._originals[name] = weight.detach().clone()
+                # the selected entries' starting values, for the delta (not a dense copy)
+                self._originals[name] = neuron_rows(weight.detach(), output_dim(module)).gather(
+                    1, indices)
                 mask = torch.zeros_like(flat)
                 mask.scatter_(1, indices, 1.0)
                 mask = mask.T.contiguous() if transposed else mask.view_as(weight)
@@ -204,12 +220,15 @@ class GPS(Tuner):
             module = self.model.get_submodule(name)
             indices = self.indices_[name]
             if self.implementation == "sparse":
-                values = module.parametrizations.weight[0].values.detach()
-                shape = list(module.parametrizations.weight.original.shape)
+                update = sparse_update_of(module)
+                if update is not None:
+                    values, shape = update.values.detach(), list(module.weight.shape)
+                else:
+                    values = module.parametrizations.weight[0].values.detach()
+                    shape = list(module.parametrizations.weight.original.shape)
             else:
-                flat = neuron_rows(module.weight.detach() - self._originals[name],
-                                   output_dim(module))
-                values = flat.gather(1, indices)
+                values = neuron_rows(module.weight.detach(), output_dim(module)).gather(
+                    1, indices) - self._originals[name]
                 shape = list(module.weight.shape)
             entries.append(DeltaEntry(name=f"{name}.weight", kind="sparse_add",
                                       tensors={"indices": indices.cpu(),
@@ -222,10 +241,12 @@ class GPS(Tuner):
         return entries
 
     def merge(self) -> nn.Module:
-        """Folds the trained entries into the weights and removes the parametrizations."""
+        """Folds the trained entries into the weights and removes the sparse forwards and
+        parametrizations."""
         if self.implementation == "sparse":
             for name in self.layer_names:
                 module = self.model.get_submodule(name)
+                detach_sparse_update(module)
                 if parametrize.is_parametrized(module, "weight"):
                     parametrize.remove_parametrizations(module, "weight",
                                                         leave_parametrized=True)

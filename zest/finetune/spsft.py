@@ -26,6 +26,7 @@ from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.sparse import add_rows
 from zest.layers import neuron_rows, output_dim, transforms_weight
 from zest.models import preserved_training_state
 
@@ -219,7 +220,7 @@ class SPSFT(Tuner):
     def _hook(rows: torch.Tensor, delta: nn.Parameter):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             extra, dim = _row_output(module, rows, delta, args[0])
-            return out.index_add(dim % out.ndim, rows, extra.to(out.dtype))
+            return add_rows(out, dim % out.ndim, rows, extra.to(out.dtype))
 
         return hook
 
