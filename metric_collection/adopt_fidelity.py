@@ -1,4 +1,4 @@
-"""Adopts a fidelity-study record file as a corpus group, when it was made with the group's settings.
+"""Adopts a fidelity-study record file as a corpus group made with the same settings.
 
 The fidelity study (``fidelity.py``) collects ground truth on a stratified layer sample under
 several settings. The setting chosen for the corpus has then already been run on that group, so
