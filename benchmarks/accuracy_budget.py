@@ -1,10 +1,18 @@
-"""Test accuracy at a parameter budget (issues 7 and 9): every method, 3 seeds, ~5 % and ~1 %.
+"""Test accuracy at a parameter budget (issues 7, 9 and 22): every method, 3 seeds, ~5 % and ~1 %.
 
 For each group and budget: full fine-tuning and head only (budget-free references), LoRA, GPS
 and SPSFT on all layers (sized to the budget), and layer choices of the same budget — ZEST,
 random-k, last-k, KappaTune (lowest κ) and FIM (highest share of the empirical Fisher) — each
-trained densely (``layers``); ZEST's choice also with GPS and SPSFT updates, where the budget
-counts the sparse entries.
+trained densely (``layers``); ZEST's choice also with GPS and SPSFT updates.
+
+The ZEST rows are the call a user makes, ``zest.pipeline.run_finetune(model, dataset, out,
+method=M, param_budget=B, spread=S, predictor=P, ...)`` (``zest finetune --method M
+--param-budget B --spread S --predictor P``): it ranks one training minibatch and trains what
+``Ranking.plan`` chooses (the layers M can tune, and GPS's K / SPSFT's ratio filling the budget,
+head included). ``--spread 1,2,4,8`` adds ZEST + GPS/SPSFT rows at other spreads (labelled
+``zest + gps (spread 2)``), the measurement that chooses the default
+(``zest.planning.DEFAULT_SPREAD``). ZEST rows recorded before the plan existed (no
+``planned_by``) were planned by this script's own rule, and are redone.
 
 ZEST ranks each group with a predictor that has not seen it: trained exactly like the shipped
 one (``zest train-predictor`` defaults) on every corpus group but the benchmarked one, and
@@ -17,7 +25,7 @@ JSON), the one with the best val accuracy is reported and used for the other see
 for all would favour some methods (full fine-tuning of BERT at 1e-3 loses to head-sized ones).
 Resumable: every finished trial and (group, budget, method, seed) is kept in the output JSON.
 Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 1e-3,1e-4] [--epochs 2]
-[--smoke] [--redo METHOD,...]
+[--spread 4] [--smoke] [--redo METHOD,...]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import _results
@@ -35,7 +44,9 @@ import numpy as np
 from zest.finetune import METHODS
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
-from zest.ranking import fill_budget, rank
+from zest.pipeline import run_finetune
+from zest.planning import DEFAULT_SPREAD, fill_budget
+from zest.ranking import rank
 from zest.training import load_corpus, train_predictor
 
 GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200,
@@ -51,10 +62,15 @@ SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val
          ("tiny_bert", "rotten_tomatoes", DataOptions(max_length=24, max_train=64, max_val=32,
                                                       max_test=32))]
 BUDGETS = (0.05, 0.01)
-#: the methods of one budget (:func:`plans`); full and head only are budget-free references
+#: the tiny CNN's 10-class head alone is 2.5 % of its parameters
+SMOKE_BUDGETS = (0.1, 0.05)
+#: the methods of one budget (:func:`plans` and :func:`zest_methods`); full and head only are
+#: budget-free references
 PLAN_METHODS = ("lora (linear / dense convs)", "gps (all layers)", "spsft (all layers)",
                 "zest + dense", "zest + gps", "zest + spsft", "random-k + dense",
                 "last-k + dense", "kappatune + dense", "fim + dense")
+#: what ZEST rows record, so that rows planned otherwise (before ``Ranking.plan``) are redone
+PLANNED_BY = "Ranking.plan"
 RECORDS = Path("data/records")
 HELD_OUT = Path("benchmarks/results/held_out_predictors")
 
@@ -95,25 +111,36 @@ def gps_k(layers: list[str], rows: dict[str, int], width: dict[str, int], budget
     return k
 
 
-def layer_orders(model, task, data, seed: int, predictor: str) -> dict[str, list[str]]:
-    """Layers best first by ZEST (``predictor``), KappaTune and FIM, from one train minibatch
-    of the seed; every budget's plan reads them."""
+def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
+    """Layers best first by KappaTune and FIM, from one train minibatch of the seed; every
+    budget's plan reads them (ZEST ranks inside ``run_finetune``, as a user's run does)."""
     batch = data.batches("train", 32, 1, seed=seed)[0]
-    return {by: rank(model, task, batch, **({"predictor": predictor} if by == "zest"
-                                            else {"by": by}))
-            .table["layer"].tolist() for by in ("zest", "kappa", "fim_score")}
+    return {by: rank(model, task, batch, by=by).table["layer"].tolist()
+            for by in ("kappa", "fim_score")}
+
+
+def zest_methods(spreads: list[float]) -> dict[str, tuple[str, float | None]]:
+    """ZEST's method labels → (tuning method, spread): dense layers, and GPS and SPSFT at each
+    spread (the default one unlabelled)."""
+    methods: dict[str, tuple[str, float | None]] = {"zest + dense": ("layers", None)}
+    for spread in spreads:
+        suffix = "" if spread == DEFAULT_SPREAD else f" (spread {spread:g})"
+        for tuner in ("gps", "spsft"):
+            methods[f"zest + {tuner}{suffix}"] = (tuner, spread)
+    return methods
 
 
 def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int
           ) -> dict[str, tuple[str, dict]]:
-    """method label → (tuner name, keyword arguments) for one budget."""
+    """method label → (tuner name, keyword arguments) for one budget, ZEST's rows excepted
+    (:func:`run_zest` trains what ``Ranking.plan`` chooses)."""
     layers = candidate_layers(model, task.head_name)
     names = [layer.name for layer in layers]
     total = sum(p.numel() for p in model.parameters())
     budget = int(budget_share * total)
     dense = {layer.name: layer.n_params for layer in layers}
     modules = {n: model.get_submodule(n) for n in names}
-    zest, scores, fim = orders["zest"], orders["kappa"], orders["fim_score"]
+    scores, fim = orders["kappa"], orders["fim_score"]
     rng = np.random.default_rng(seed)
     random_order = list(rng.permutation(names))
     last = names[::-1]
@@ -125,32 +152,20 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
     gps_all = [n for n in names if "position" not in n]
     k = gps_k(gps_all, out_rows, width, budget)
     ratio = min(1.0, budget / sum(modules[n].weight.numel() for n in spsft_ok))
-    # ZEST + sparse: ZEST's top layers holding about 4× the budget densely, updated at about
-    # 25 % density (GPS's K / SPSFT's neuron ratio sized so the entries fill the budget);
-    # GPS needs K ≤ every chosen layer's fan-in, so layers narrower than 16 inputs are skipped
-    zest_gps = pick([n for n in zest if n in gps_all and width[n] >= 16], dense, 4 * budget)
-    zest_gps_k = min(gps_k(zest_gps, out_rows, width, budget), min(width[n] for n in zest_gps))
-    zest_spsft = pick([n for n in zest if n in spsft_ok], dense, 4 * budget)
-    zest_ratio = min(1.0, budget / sum(dense[n] for n in zest_spsft))
     linear = [n for n in names if type(modules[n]).__name__ == "Linear"] or \
         [n for n in names if getattr(modules[n], "groups", 1) == 1 and
          type(modules[n]).__name__ != "Embedding"]
     lora_rank = max(1, round(budget / sum(modules[n].weight.shape[0]
                                           + modules[n].weight[0].numel() for n in linear)))
-    plan = {
+    return {
         "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank}),
         "gps (all layers)": ("gps", {"layers": "all", "k": k}),  # K ≤ fan-in per neuron
         "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
-        "zest + dense": ("layers", {"layers": pick(zest, dense, budget)}),
-        "zest + gps": ("gps", {"layers": zest_gps, "k": zest_gps_k}),
-        "zest + spsft": ("spsft", {"layers": zest_spsft, "ratio": zest_ratio}),
         "random-k + dense": ("layers", {"layers": pick(random_order, dense, budget)}),
         "last-k + dense": ("layers", {"layers": pick(last, dense, budget)}),
         "kappatune + dense": ("layers", {"layers": pick(scores, dense, budget)}),
         "fim + dense": ("layers", {"layers": pick(fim, dense, budget)}),
     }
-    assert tuple(plan) == PLAN_METHODS
-    return plan
 
 
 def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, lr: float) -> dict:
@@ -169,11 +184,33 @@ def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, lr: float)
             "seconds": time.perf_counter() - start}
 
 
+def run_zest(group, tuner_name: str, budget: float, spread: float | None, predictor: str,
+             seed: int, epochs: int, lr: float) -> dict:
+    """A ZEST row: the user's call, ``run_finetune`` with ``--layers auto`` and the budget."""
+    model_spec, dataset, options = group
+    with tempfile.TemporaryDirectory() as out:
+        result = run_finetune(model_spec, dataset, out, method=tuner_name, layers="auto",
+                              param_budget=budget, epochs=epochs, lr=lr, batch_size=32,
+                              seed=seed, options=options, predictor=predictor,
+                              **({"spread": spread} if spread is not None else {}))
+    plan = result["plan"]
+    return {"lr": lr, "val_accuracy": result["epochs"][-1]["val_accuracy"],
+            "test_accuracy": result["test_accuracy"],
+            "trainable_params": result["trainable_params"],
+            "trainable_share": result["trainable_share"], "layers": len(plan["layers"]),
+            "layer_names": plan["layers"], "options": plan["options"], "spread": plan["spread"],
+            "plan_notes": plan["notes"], "planned_by": PLANNED_BY,
+            "seconds": result["wall_seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default="1e-3,1e-4", help="Adam learning rates to choose from")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--spread", default=f"{DEFAULT_SPREAD:g}",
+                        help="comma-separated spreads of the ZEST + GPS/SPSFT plans (the "
+                        "chosen layers hold this many times the budget), e.g. 1,2,4,8")
     parser.add_argument("--smoke", action="store_true", help="tiny models, for a quick check")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--redo", default="", help="comma-separated method labels whose "
@@ -185,17 +222,20 @@ def main() -> None:
                                                     else "accuracy_budget.json"))
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(lr) for lr in args.lrs.split(",")]
+    zest = zest_methods([float(s) for s in args.spread.split(",")])
+    methods = [m for m in PLAN_METHODS if not m.startswith("zest")] + list(zest)
     machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
     done = _results.load(out)
-    groups = SMOKE if args.smoke else GROUPS
+    groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (GROUPS, BUDGETS)
     predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}") for m, d, _ in groups}
     fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
-    # ZEST's choices depend on the predictor: those of another one are redone; so are results
-    # from before the learning rate was chosen per method (they carry no "lr")
+    # ZEST's choices depend on the predictor and the plan: rows of another predictor, or
+    # planned before Ranking.plan, are redone; so are results from before the learning rate
+    # was chosen per method (they carry no "lr")
     done["trials"] = [r for r in done.get("trials", []) if _current(r, fingerprints)]
     done["results"] = [r for r in done["results"] if _current(r, fingerprints) and "lr" in r]
     redo = {m.strip() for m in args.redo.split(",") if m.strip()}
-    known = set(PLAN_METHODS) | {"full", "head"}
+    known = set(methods) | {"full", "head"}
     if redo - known:
         raise SystemExit(f"--redo: unknown methods {sorted(redo - known)}; known: "
                          f"{sorted(known)}")
@@ -206,17 +246,23 @@ def main() -> None:
     for seed in seeds:
         for group in groups:
             name = f"{group[0]}__{group[1]}"
-            todo = [("full", "full", {}, None), ("head", "head", {}, None)]
-            pending = [budget for budget in BUDGETS if not all(
-                (name, budget, m, seed) in keys for m in PLAN_METHODS)]
+            todo = [("full", None, partial(run, group, "full", {}, seed, args.epochs)),
+                    ("head", None, partial(run, group, "head", {}, seed, args.epochs))]
+            pending = [budget for budget in budgets if not all(
+                (name, budget, m, seed) in keys for m in methods)]
             if pending:
                 model, task, data = load_pair(group[0], group[1], options=group[2], seed=seed)
-                orders = layer_orders(model, task, data, seed, predictors[name])
+                orders = layer_orders(model, task, data, seed)
                 for budget in pending:
                     for method, (tuner, kwargs) in plans(model, task, orders, budget,
                                                          seed).items():
-                        todo.append((method, tuner, kwargs, budget))
-            for method, tuner, kwargs, budget in todo:
+                        todo.append((method, budget, partial(run, group, tuner, kwargs, seed,
+                                                             args.epochs)))
+                    for method, (tuner, spread) in zest.items():
+                        todo.append((method, budget, partial(
+                            run_zest, group, tuner, budget, spread, predictors[name], seed,
+                            args.epochs)))
+            for method, budget, train in todo:
                 if (name, budget, method, seed) in keys:
                     continue
                 case = {"group": name, "budget": budget, "method": method}
@@ -226,14 +272,12 @@ def main() -> None:
                     for lr in lrs:  # the trials that choose this method's learning rate
                         if not any(_same_case(t, case) and t["lr"] == lr
                                    for t in done["trials"]):
-                            done["trials"].append({**case, "seed": seed, **run(
-                                group, tuner, kwargs, seed, args.epochs, lr)})
+                            done["trials"].append({**case, "seed": seed, **train(lr=lr)})
                             _results.save(out, done, machine)
                     result = _best_trial(done["trials"], case, lrs)
                 else:
                     lr = _best_trial(done["trials"], case, lrs)["lr"]
-                    result = {**case, "seed": seed, **run(group, tuner, kwargs, seed,
-                                                          args.epochs, lr)}
+                    result = {**case, "seed": seed, **train(lr=lr)}
                 done["results"].append(result)
                 keys.add((name, budget, method, seed))
                 _results.save(out, done, machine)
@@ -244,9 +288,11 @@ def main() -> None:
 
 
 def _current(row: dict, fingerprints: dict[str, str]) -> bool:
-    """False for a ZEST row ranked by another predictor than its group's."""
-    return not row["method"].startswith("zest") or \
+    """False for a ZEST row ranked by another predictor than its group's, or planned other
+    than by ``Ranking.plan``."""
+    return not row["method"].startswith("zest") or (
         row.get("predictor_sha") == fingerprints.get(row["group"])
+        and row.get("planned_by") == PLANNED_BY)
 
 
 def _same_case(row: dict, case: dict) -> bool:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import zest
+from tests.conftest import TINY_MODELS
 from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
-from zest.finetune.gps import FROZEN_NAME_PARTS
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import output_dim, transforms_weight
 from zest.loading import DataOptions, load_pair
@@ -103,7 +103,7 @@ def _tunable(model, ranking, method: str, n: int = 2) -> list[str]:
     chosen = []
     for name in ranking.table["layer"]:
         module = model.get_submodule(name)
-        if method == "gps" and any(part in name for part in FROZEN_NAME_PARTS):
+        if method == "gps" and not GPS.can_tune(name, module):
             continue
         if method == "gps" and isinstance(module, torch.nn.Embedding):
             continue
@@ -168,3 +168,29 @@ def test_transformers_family(model_type, hf_root, tmp_path):
 
 def test_the_lists_are_long_enough():
     assert len(TIMM_ARCHS) >= 25 and len(HF_FAMILIES) >= 15
+
+
+DEFAULT_RUN_OPTIONS = {"digits": DataOptions(image_size=32, max_train=16, max_val=8, max_test=8),
+                       "rotten_tomatoes": DataOptions(max_length=16, max_train=16, max_val=8,
+                                                      max_test=8)}
+
+
+@pytest.mark.parametrize("spec", TINY_MODELS + [
+    pytest.param(spec, marks=pytest.mark.slow)
+    for spec in [f"timm:{a}" for a in TIMM_ARCHS] + [f"hf:{t}" for t in HF_FAMILIES]])
+def test_the_default_finetune_runs(spec, hf_root, tmp_path):
+    """``zest finetune --model M --dataset D`` with its defaults (the layers the plan chooses
+    among those the method can tune), one short epoch, through the API call it makes: on the
+    tiny model of each family, and with the slow tests on every listed architecture (each
+    ranks with the whole probe, about 5 CPU-seconds)."""
+    from zest.pipeline import run_finetune
+
+    text = spec.startswith("hf:") or spec in ("tiny_bert", "tiny_llama")
+    if spec.startswith("hf:"):
+        spec = _hf_spec(hf_root, spec[3:])
+    dataset = "rotten_tomatoes" if text else "digits"
+    result = run_finetune(spec, dataset, tmp_path / "run", epochs=1, batch_size=8,
+                          options=DEFAULT_RUN_OPTIONS[dataset])
+    assert result["plan"]["layers"] and result["trainable_params"] == \
+        result["plan"]["planned_trainable_params"]
+    assert (tmp_path / "run" / "delta.safetensors").exists()

@@ -203,7 +203,7 @@ def test_bad_inputs():
 def test_budget_outside_range_and_auto_layers():
     import pandas as pd
 
-    from zest.pipeline import resolve_layers
+    from zest.pipeline import parse_layers
     from zest.ranking import Ranking
 
     ranking = Ranking(pd.DataFrame({"layer": ["a", "b"], "params": [10, 30]}), 100, "x", 0.0)
@@ -214,7 +214,7 @@ def test_budget_outside_range_and_auto_layers():
     with pytest.raises(InvalidInputError, match="smallest layer"):
         ranking.select(0.05)
     with pytest.raises(InvalidInputError, match="top:K"):
-        resolve_layers("top:x", lambda: None)
+        parse_layers("top:x")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_delta(tmp_path):

@@ -406,22 +406,33 @@ def finetune_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    method: Annotated[str, typer.Option(help="gps, spsft, layers, full, head, bitfit or lora.")]
+    method: Annotated[str, typer.Option(help="gps, spsft, layers, full, head, bitfit, lora, or "
+                                        "auto (chosen by --param-budget; a provisional rule).")]
     = "spsft",
-    layers: Annotated[str, typer.Option("--layers", help="auto (zest rank), top:K, all, or "
-                                        "comma-separated layer names.")] = "auto",
-    param_budget: Annotated[float | None, typer.Option(help="With --layers auto: best layers "
-                                                       "within this share of parameters.")]
-    = None,
+    layers: Annotated[str, typer.Option("--layers", help="auto (zest rank, then the plan), "
+                                        "top:K, all, or comma-separated layer names.")] = "auto",
+    param_budget: Annotated[float | None, typer.Option(
+        help="With --layers auto: share of the parameters to train, head included; the plan "
+             "picks the layers and the density (GPS --k, SPSFT --ratio, LoRA rank) that fill "
+             "it.")] = None,
+    spread: Annotated[float | None, typer.Option(
+        help="With --param-budget and a sparse method: the chosen layers hold this many times "
+             "the budget, so the density is about 1/spread (default: zest.planning's "
+             "DEFAULT_SPREAD, 4 at present, provisional).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-    k: Annotated[int, typer.Option(help="GPS: input connections per neuron.")] = 1,
-    ratio: Annotated[float, typer.Option(help="SPSFT: share of neurons per layer.")] = 0.05,
+    k: Annotated[int | None, typer.Option(help="GPS: input connections per neuron (default 1; "
+                                          "with --param-budget: planned).")] = None,
+    ratio: Annotated[float | None, typer.Option(help="SPSFT: share of neurons per layer "
+                                                "(default 0.05; with --param-budget: "
+                                                "planned).")] = None,
     rows: Annotated[int | None, typer.Option("--r", help="SPSFT: neurons per layer (overrides "
                                              "--ratio).")] = None,
-    importance: Annotated[str, typer.Option(help="SPSFT: l2, taylor or qm_taylor.")] = "taylor",
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    importance: Annotated[str | None, typer.Option(help="SPSFT: l2, taylor (default) or "
+                                                   "qm_taylor.")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8; with "
+                                                  "--param-budget: planned).")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
         help="Recompute each block in the backward pass instead of keeping its activations "
              "(less memory, about one more forward pass); any method.")] = False,
@@ -433,17 +444,17 @@ def finetune_command(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta."""
-    from zest.finetune.base import tuner_parameters
     from zest.pipeline import run_finetune
 
-    # each flag goes to the methods whose constructor has a parameter of that name
+    # the flags given, by the name of the tuner option they set (a method refuses others)
     flags = {"k": k, "ratio": ratio, "r": rows, "importance": importance, "rank": lora_rank}
     with _user_errors(), _progress(f"{method}", quiet) as progress:
-        method_options = {name: value for name, value in flags.items()
-                          if name in tuner_parameters(method)}
+        method_options = {name: value for name, value in flags.items() if value is not None}
         if gradient_checkpointing:
             method_options["gradient_checkpointing"] = True
         def report(event: dict) -> None:
+            if "plan" in event and not quiet:
+                typer.echo(_plan_line(event["plan"]), err=True)
             if progress is not None and "step" in event:
                 progress(event["step"], event["step"])
             if "epoch_done" in event and not quiet:
@@ -453,6 +464,7 @@ def finetune_command(
 
         metrics = run_finetune(model, dataset, out, method=method, layers=layers,
                                param_budget=param_budget, epochs=epochs, lr=lr,
+                               **({"spread": spread} if spread is not None else {}),
                                batch_size=batch_size, seed=seed,
                                options=options,
                                device=device, checkpoint=str(checkpoint) if checkpoint else None,
@@ -461,8 +473,28 @@ def finetune_command(
         score = (f"test next-token loss {metrics['test_loss']:.4f} (perplexity "
                  f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
                  else f"test accuracy {metrics['test_accuracy']:.4f}")
-        typer.echo(f"{score}; {metrics['trainable_params']:,} trainable parameters "
+        chose = f"--method auto chose {metrics['method']}; " if method == "auto" else ""
+        typer.echo(f"{chose}{score}; {metrics['trainable_params']:,} trainable parameters "
                    f"({metrics['trainable_share']:.2%}); run written to {out}")
+
+
+def _plan_line(plan: dict) -> str:
+    """One line on a fine-tuning plan: method (and why, for --method auto), layers, density."""
+    per_layer: dict[str, set] = {}
+    for entry in plan["per_layer"].values():
+        for key, value in entry.items():
+            if key not in ("params", "trainable"):
+                per_layer.setdefault(key, set()).add(value)
+    settings = [f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in plan["options"].items() if key not in per_layer]
+    settings += [f"{key}={min(values)}" + (f"–{max(values)}" if len(values) > 1 else "")
+                 for key, values in sorted(per_layer.items())]
+    density = f" at {', '.join(settings)}" if settings else " densely"
+    line = (f"plan: {plan['method']} on {len(plan['layers'])} layers{density}, "
+            f"{plan['planned_trainable_share']:.2%} of the parameters trainable")
+    if plan["method_rule"]:
+        line += f"; --method auto chose {plan['method']}: {plan['method_rule']} (provisional rule)"
+    return "; ".join([line, *plan["notes"]])
 
 
 @app.command("apply-delta")

@@ -1,10 +1,12 @@
-"""``zest finetune``: resolve the layers (``auto`` = ``zest.rank``), fine-tune, write a run dir.
+"""``zest finetune``: plan the layers (``auto``: ``zest.rank``, then ``Ranking.plan``), fine-tune,
+write a run dir.
 
-A run directory holds ``config.json``, ``metrics.json`` (per-epoch train/val accuracy and loss,
-test accuracy, trainable parameters, peak memory, wall time), ``delta.safetensors`` +
-``delta.json`` and ``curve.png``. For a causal-LM task (``lm:<text data set>``) accuracy and
-loss are per next token, ``metrics.json`` adds the val and test perplexity (``exp`` of the
-loss) and the curve shows the loss.
+A run directory holds ``config.json`` (the request, and under ``plan`` the plan: layers,
+per-layer density, options, planned and measured trainable share), ``metrics.json`` (per-epoch
+train/val accuracy and loss, test accuracy, trainable parameters, peak memory, wall time),
+``delta.safetensors`` + ``delta.json`` and ``curve.png``. For a causal-LM task
+(``lm:<text data set>``) accuracy and loss are per next token, ``metrics.json`` adds the val and
+test perplexity (``exp`` of the loss) and the curve shows the loss.
 """
 
 from __future__ import annotations
@@ -22,59 +24,55 @@ from zest.finetune import METHODS, Tuner
 from zest.loading import DataOptions, load_pair
 from zest.models import resolve_device
 from zest.outputs import check_output_dir
-from zest.ranking import Ranking, rank
+from zest.planning import (
+    AUTO,
+    DEFAULT_SPREAD,
+    FinetunePlan,
+    check_method_options,
+    check_plan_request,
+    check_selection,
+)
+from zest.ranking import rank
 
 
 def takes_layers(method: str) -> bool:
-    """Whether a registered tuning method trains chosen layers (``Tuner.uses_layers``), rather
-    than a fixed set of parameters (full, head, bitfit)."""
-    return bool(METHODS.get(method).uses_layers)
+    """Whether a tuning method trains chosen layers (``Tuner.uses_layers``; ``auto`` always
+    chooses such a method), rather than a fixed set of parameters (full, head, bitfit)."""
+    return method == AUTO or bool(METHODS.get(method).uses_layers)
 
 
-def resolve_layers(spec: str | Sequence[str] | None, ranking_factory: Callable[[], Ranking],
-                   param_budget: float | None = None) -> tuple[list[str] | str, dict]:
-    """``auto`` (top-5 or the budget), ``top:K``, ``all`` or comma-separated names."""
-    info: dict[str, Any] = {}
+def parse_layers(spec: str | Sequence[str] | None) -> str | int | list[str]:
+    """A ``--layers`` value: ``"auto"`` (``None`` too), ``"all"``, ``K`` for ``top:K``, or the
+    layer names."""
     if spec is None:
-        spec = "auto"
+        return "auto"
     if not isinstance(spec, str):
-        return list(spec), info
-    if spec == "all":
-        return "all", info
-    if spec == "auto" or spec.startswith("top:"):
-        k = None
-        if spec.startswith("top:"):
-            try:
-                k = int(spec[4:])
-            except ValueError:
-                raise InvalidInputError(f"--layers {spec!r}: use top:K with an integer K") \
-                    from None
-        ranking = ranking_factory()
-        info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
-                "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
-                    orient="records")}
-        if k is not None:
-            return ranking.top(k), info
-        if param_budget is not None:
-            return ranking.select(param_budget), info
-        return ranking.default_choice(), info
-    if param_budget is not None:
-        raise InvalidInputError("--param-budget goes with --layers auto, not with layer names")
+        return list(spec)
+    if spec in ("auto", "all"):
+        return spec
+    if spec.startswith("top:"):
+        try:
+            k = int(spec[4:])
+        except ValueError:
+            raise InvalidInputError(f"--layers {spec!r}: use top:K with an integer K") from None
+        if k < 1:
+            raise InvalidInputError(f"--layers {spec!r}: K must be at least 1")
+        return k
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise InvalidInputError("--layers is empty; pass auto, top:K, all or layer names")
-    return names, info
+    return names
 
 
 def check_layer_request(method: str, layers: str | Sequence[str] | None,
-                        param_budget: float | None) -> None:
-    """Refuses empty or contradictory layer requests before anything is loaded: a budget with
+                        param_budget: float | None, spread: float = DEFAULT_SPREAD,
+                        method_options: dict[str, Any] | None = None) -> None:
+    """Refuses empty or contradictory requests before anything is loaded: a budget with
     ``top:K`` or with layer names, ``top:0``, layers or a budget for a method that trains a
-    fixed set of parameters."""
-    if param_budget is not None and (isinstance(param_budget, bool)
-                                     or not isinstance(param_budget, int | float)
-                                     or not 0 < param_budget <= 1):
-        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+    fixed set of parameters, ``auto`` without a budget, options the method does not take; the
+    budget, spread and options through :func:`zest.planning.check_plan_request`."""
+    check_selection(None, param_budget)
+    options = method_options or {}
     if not takes_layers(method):
         if layers not in (None, "auto"):
             raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
@@ -82,34 +80,48 @@ def check_layer_request(method: str, layers: str | Sequence[str] | None,
         if param_budget is not None:
             raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
                                     "--param-budget")
+        check_method_options(method, options)
         return
-    if isinstance(layers, str) and layers.startswith("top:"):
-        try:
-            k = int(layers[4:])
-        except ValueError:
-            raise InvalidInputError(f"--layers {layers!r}: use top:K with an integer K") \
-                from None
-        if k < 1:
-            raise InvalidInputError(f"--layers {layers!r}: K must be at least 1")
+    request = parse_layers(layers)
+    if isinstance(request, int) and param_budget is not None:
+        raise InvalidInputError(f"--layers {layers} and --param-budget {param_budget} "
+                                "contradict each other; pass one (a budget goes with "
+                                "--layers auto)")
+    if not isinstance(request, int) and request != "auto":
         if param_budget is not None:
-            raise InvalidInputError(f"--layers {layers} and --param-budget {param_budget} "
-                                    "contradict each other; pass one (a budget goes with "
-                                    "--layers auto)")
-    elif layers not in (None, "auto") and param_budget is not None:
-        raise InvalidInputError("--param-budget goes with --layers auto, not with 'all' or "
-                                "layer names")
+            raise InvalidInputError("--param-budget goes with --layers auto, not with 'all' or "
+                                    "layer names")
+        if method == AUTO:
+            raise InvalidInputError("--method auto plans the layers from --param-budget; use "
+                                    "--layers auto or name a method")
+    check_plan_request(method, param_budget, top_k=request if isinstance(request, int) else None,
+                       spread=spread, options=options)
 
 
 def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
                  method: str = "spsft", layers: str | Sequence[str] | None = "auto",
-                 param_budget: float | None = None, epochs: int = 3, lr: float = 1e-3,
+                 param_budget: float | None = None, spread: float = DEFAULT_SPREAD,
+                 epochs: int = 3, lr: float = 1e-3,
                  batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
                  device: str = "cpu", checkpoint: str | None = None,
                  predictor: str = "universal", method_options: dict[str, Any] | None = None,
                  progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Fine-tunes and writes a run directory; returns the metrics dict."""
-    tuner_class = METHODS.get(method)
-    check_layer_request(method, layers, param_budget)
+    """Fine-tunes and writes a run directory (``zest finetune``).
+
+    With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
+    :meth:`zest.Ranking.plan` chooses what to train: the layers the method can tune and, with a
+    ``param_budget`` (share of trainable parameters, head included), the density that fills it
+    (``spread``: :class:`zest.planning.PlanRule`); ``method="auto"`` also chooses the method
+    (:data:`zest.planning.METHOD_RULES`). ``method_options`` are tuner options (``k``,
+    ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
+
+    Returns:
+        The metrics written to ``metrics.json``, plus ``method`` (the method trained) and
+        ``plan`` (the plan as ``config.json`` records it, with the measured trainable share;
+        ``None`` for named layers or a method without layers). ``progress`` receives
+        ``{"plan": ...}`` once the plan is made, before training.
+    """
+    check_layer_request(method, layers, param_budget, spread, method_options)
     out_dir = check_output_dir(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
@@ -119,24 +131,31 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
                                   device=str(torch_device), checkpoint=checkpoint)
     start = time.perf_counter()
     info: dict[str, Any] = {}
-    chosen: list[str] | str | None = None
-    if takes_layers(method):
-        def make_ranking() -> Ranking:
-            ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
-                           predictor=predictor, device=torch_device)
-            # only among the layers the method can tune (LoRA: as Ranking.to_lora_config does)
-            tunable = [name for name in ranking.table["layer"]
-                       if tuner_class.can_tune(name, model.get_submodule(name))]
-            return ranking.restricted(tunable, f"--method {method}")
-
-        chosen, info = resolve_layers(layers, make_ranking, param_budget)
     kwargs = dict(method_options or {})
-    tuner: Tuner = tuner_class(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
+    chosen: list[str] | str | None = None
+    plan: FinetunePlan | None = None
+    request = parse_layers(layers) if takes_layers(method) else None
+    if request == "auto" or isinstance(request, int):
+        ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
+                       predictor=predictor, device=torch_device)
+        plan = ranking.plan(model, task, method, param_budget,
+                            top_k=request if isinstance(request, int) else None, spread=spread,
+                            options=kwargs)
+        method, chosen, kwargs = plan.method, plan.layers, dict(plan.options)
+        info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
+                "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
+                    orient="records")}
+        if progress is not None:
+            progress({"plan": plan.to_dict()})
+    elif request is not None:
+        chosen = request
+    tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
     config = {"model": model_spec, "dataset": dataset_spec, "method": method,
               "layers_spec": layers if isinstance(layers, str) or layers is None else
               list(layers), "layers": tuner.layer_names, "param_budget": param_budget,
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-              "method_options": kwargs, "data": data.summary(), **info}
+              "method_options": kwargs, "data": data.summary(),
+              "plan": plan.to_dict() if plan is not None else None, **info}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
     failure = None
     try:
@@ -165,8 +184,12 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         metrics["val_perplexity"] = math.exp(tuner.history_[-1].val_loss)
         metrics["test_perplexity"] = math.exp(test_loss)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if plan is not None:  # what the tuner measured, beside what the plan expected
+        config["plan"].update(trainable_params=metrics["trainable_params"],
+                              trainable_share=metrics["trainable_share"])
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
     plot_curves(metrics, out_dir / "curve.png", title=f"{model_spec} / {dataset_spec} / {method}")
-    return metrics
+    return {**metrics, "method": method, "plan": config["plan"]}
 
 
 def plot_curves(metrics: dict[str, Any], path: Path, title: str = "") -> None:

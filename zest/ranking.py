@@ -26,12 +26,18 @@ from zest.frames import metrics_frame
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
 from zest.models import Batch, Task, model_family, probe_loss_for
+from zest.planning import (
+    DEFAULT_SPREAD,
+    DEFAULT_TOP_K,
+    FinetunePlan,
+    check_selection,
+    fill_budget,
+    plan_finetune,
+)
 from zest.predictor import ZestRanker
 from zest.records import METRIC_PREFIX
 
 SHIPPED_PREDICTORS = ("universal",)
-#: Layers chosen when neither a count nor a budget is given.
-DEFAULT_TOP_K = 5
 
 
 def shipped_predictor_path(name: str = "universal") -> Path:
@@ -102,8 +108,7 @@ class Ranking:
     def select(self, param_budget: float) -> list[str]:
         """Best layers, in rank order, whose parameters fit in ``param_budget`` (a fraction of
         the model's parameters in (0, 1]); layers too large for what is left are skipped."""
-        if not isinstance(param_budget, int | float) or not 0 < param_budget <= 1:
-            raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+        check_selection(None, param_budget)
         allowed = param_budget * self.total_params
         chosen = fill_budget(self.table["layer"], self.table["params"], allowed)
         if not chosen:
@@ -112,6 +117,25 @@ class Ranking:
                                     f"is smaller than the smallest layer ({smallest}); raise it "
                                     f"to at least {smallest / self.total_params:.2g}")
         return chosen
+
+    def plan(self, model: nn.Module, task: Task, method: str,
+             param_budget: float | None = None, *, top_k: int | None = None,
+             spread: float = DEFAULT_SPREAD, options: dict[str, Any] | None = None
+             ) -> FinetunePlan:
+        """The fine-tuning plan for ``method`` (or ``"auto"``) on this ranking's layers: the
+        best layers the method can tune and the density (GPS's ``k``, SPSFT's ``ratio``, LoRA's
+        ``rank``) that fill ``param_budget``, a share of trainable parameters, head included.
+        ``spread``: how many times the budget the chosen layers hold (density ≈ 1/spread).
+        Without a budget: ``top_k`` (default :data:`DEFAULT_TOP_K`) layers at the method's
+        density. See :func:`zest.planning.plan_finetune`; ``zest finetune --layers auto``
+        trains this plan::
+
+            plan = ranking.plan(model, task, "gps", 0.05)
+            tuner = zest.METHODS.get(plan.method)(model, task, layers=plan.layers,
+                                                  **plan.options)
+        """
+        return plan_finetune(self.table["layer"].tolist(), model, task, method, param_budget,
+                             top_k=top_k, spread=spread, options=options)
 
     def to_lora_config(self, k: int | None = None, param_budget: float | None = None,
                        **lora_kwargs: Any):
@@ -180,32 +204,6 @@ class Ranking:
             fig.savefig(path, dpi=120)
             plt.close(fig)
         return fig
-
-
-def check_selection(top_k: int | None, param_budget: float | None) -> None:
-    """Validates how many layers to choose, before any work: at most one of ``top_k`` (a
-    positive integer) and ``param_budget`` (a share in (0, 1])."""
-    if top_k is not None and param_budget is not None:
-        raise InvalidInputError("pass either --top-k or --param-budget, not both")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
-        raise InvalidInputError(f"--top-k must be a positive integer, got {top_k!r}")
-    if param_budget is not None and (isinstance(param_budget, bool)
-                                     or not isinstance(param_budget, int | float)
-                                     or not 0 < param_budget <= 1):
-        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
-
-
-def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) -> list[str]:
-    """Greedy budget fill: walks ``layers`` best first and keeps each one whose parameter
-    count (``params``, aligned) still fits in ``allowed``; larger ones are skipped, not ended on.
-    Empty when not even the smallest fits."""
-    chosen, used = [], 0
-    for layer, count in zip(layers, params, strict=True):
-        if used + count <= allowed:
-            chosen.append(layer)
-            used += count
-    return chosen
 
 
 def _metric_direction(name: str) -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
 from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
 from zest.finetune.memory import training_state
-from zest.layers import candidate_layers
+from zest.layers import candidate_layers, output_dim
 from zest.models import Task
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -75,6 +75,36 @@ def tuner_parameters(method: str) -> set[str]:
     return {f.name for f in fields(METHODS.get(method)) if f.init} - shared
 
 
+def tuner_defaults(method: str) -> dict[str, Any]:
+    """The default values of :func:`tuner_parameters` (``{"k": 1, ...}`` for GPS)."""
+    names = tuner_parameters(method)
+    return {f.name: f.default for f in fields(METHODS.get(method))
+            if f.name in names and f.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a budget plan reads of a layer: ``rows`` output neurons of ``width`` weight values
+    each (the weight viewed per neuron, :func:`zest.layers.neuron_rows`), ``bias`` values, and
+    ``params``, every parameter the module owns (weight and bias)."""
+
+    rows: int
+    width: int
+    bias: int
+    params: int
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LayerShape:
+        """The shape of ``module``'s own parameters."""
+        weight = module.weight
+        rows = int(weight.shape[output_dim(module)])
+        own = module._parameters  # noqa: SLF001 - the module's own, not its children's
+        bias = own.get("bias")
+        return cls(rows=rows, width=int(weight.numel()) // rows,
+                   bias=0 if bias is None else int(bias.numel()),
+                   params=sum(int(p.numel()) for p in own.values() if p is not None))
+
+
 @dataclass
 class EpochRecord:
     """Metrics of one epoch. Accuracies and losses are per scored prediction: per example, or
@@ -117,6 +147,10 @@ class Tuner:
     gradient_checkpointing: bool = False
     method: str = field(default="base", init=False)
     uses_layers: bool = field(default=True, init=False)
+    #: The constructor options that set how densely a chosen layer trains (GPS ``k``, SPSFT
+    #: ``ratio`` or ``r``, LoRA ``rank``); a budget plan sets the first one unless one of them
+    #: is given. Empty for methods that train the chosen layers densely.
+    density_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
@@ -136,6 +170,23 @@ class Tuner:
         """Whether this method can tune the candidate layer ``name`` (``--layers auto`` chooses
         only among those)."""
         return True
+
+    @classmethod
+    def density_values(cls, shapes: Sequence[LayerShape]) -> list[Any]:
+        """The values a budget plan tries for ``density_options[0]`` on layers of ``shapes``,
+        sparsest first (empty for a dense method)."""
+        return []
+
+    @classmethod
+    def layer_trainable(cls, shape: LayerShape, options: Mapping[str, Any]
+                        ) -> dict[str, int] | None:
+        """What this method trains in a chosen layer of ``shape`` with the constructor
+        ``options`` (every parameter of :func:`tuner_parameters`, defaults included), head
+        excluded: ``{"trainable": values}`` plus the layer's own density setting (GPS ``k``,
+        SPSFT ``r``, LoRA ``rank``); ``None`` when the layer cannot take these options (the
+        constructor would refuse it). It counts exactly what :meth:`count_trainable` counts.
+        The base: the layer's weight and bias, densely (``layers``)."""
+        return {"trainable": shape.params}
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def _allows_any_module(self) -> bool:

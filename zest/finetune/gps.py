@@ -19,7 +19,9 @@ implementation (a full-size gradient masked by a hook, dense optimizer state) is
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import attach_sparse_update, detach_sparse_update, sparse_update_of
 from zest.layers import neuron_rows, output_dim
@@ -118,11 +120,27 @@ class GPS(Tuner):
     selection_batches: int = 8
     implementation: str = "sparse"
     method: str = field(default="gps", init=False)
+    density_options: ClassVar[tuple[str, ...]] = ("k",)
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
         """Not normalisation layers and position embeddings (kept frozen, as in the paper)."""
         return not any(part in name for part in FROZEN_NAME_PARTS)
+
+    @classmethod
+    def density_values(cls, shapes: Sequence[LayerShape]) -> list[Any]:
+        """K from 1 to the widest layer's input connections per neuron."""
+        return list(range(1, max(shape.width for shape in shapes) + 1))
+
+    @classmethod
+    def layer_trainable(cls, shape: LayerShape, options: Mapping[str, Any]
+                        ) -> dict[str, int] | None:
+        """K values per output neuron plus the bias; ``None`` when the layer's neurons have
+        fewer than K inputs (a named layer must have at least K)."""
+        k = options["k"]
+        if k > shape.width:
+            return None
+        return {"trainable": shape.rows * k + shape.bias, "k": k}
 
     def _check_layers(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:

@@ -6,15 +6,15 @@ the ``lora`` tuner alike); :func:`lora_can_wrap` says which layers it may name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import transforms_weight
 
@@ -67,11 +67,26 @@ class LoRA(Tuner):
     alpha: int = 16
     dropout: float = 0.0
     method: str = field(default="lora", init=False)
+    density_options: ClassVar[tuple[str, ...]] = ("rank",)
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
         """The layers peft's LoRA can wrap (:func:`lora_can_wrap`)."""
         return lora_can_wrap(module)
+
+    @classmethod
+    def density_values(cls, shapes: Sequence[LayerShape]) -> list[Any]:
+        """Ranks from 1 to the largest full rank, ``min(rows, width)``, of the layers."""
+        return list(range(1, max(min(shape.rows, shape.width) for shape in shapes) + 1))
+
+    @classmethod
+    def layer_trainable(cls, shape: LayerShape, options: Mapping[str, Any]
+                        ) -> dict[str, int] | None:
+        """``A`` (rank × width) and ``B`` (rows × rank); peft's Conv2d ``A`` is a convolution
+        with the layer's kernel and ``B`` a 1×1 one, its Embedding ``A`` is rank × vocabulary,
+        so the count is the same."""
+        rank = options["rank"]
+        return {"trainable": rank * (shape.rows + shape.width), "rank": rank}
 
     def _check_layers(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:

@@ -15,8 +15,9 @@ The extra output is added by a forward hook on the layer, so module names stay a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import add_rows
 from zest.layers import neuron_rows, output_dim, transforms_weight
@@ -93,6 +94,7 @@ class SPSFT(Tuner):
     importance: str = "taylor"
     selection_batches: int = 8
     method: str = field(default="spsft", init=False)
+    density_options: ClassVar[tuple[str, ...]] = ("ratio", "r")
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
@@ -100,6 +102,30 @@ class SPSFT(Tuner):
         stored weight as it is."""
         return (isinstance(module, (nn.Linear, nn.Conv2d, *NORM_TYPES))
                 or output_dim(module) == 1) and not transforms_weight(module)
+
+    @classmethod
+    def density_values(cls, shapes: Sequence[LayerShape]) -> list[Any]:
+        """Every ratio ``r / rows`` at which some layer's neuron count changes."""
+        return sorted({r / rows for rows in {shape.rows for shape in shapes}
+                       for r in range(1, rows + 1)})
+
+    @classmethod
+    def layer_trainable(cls, shape: LayerShape, options: Mapping[str, Any]
+                        ) -> dict[str, int] | None:
+        """``r`` rows of ``W_f`` (each as wide as a neuron's weights); ``None`` when ``r``
+        exceeds the layer's neurons."""
+        r = cls.neuron_count(shape.rows, options["ratio"], options["r"])
+        if r > shape.rows:
+            return None
+        return {"trainable": r * shape.width, "r": r}
+
+    @staticmethod
+    def neuron_count(out_features: int, ratio: float | None, r: int | None) -> int:
+        """Neurons tuned in a layer with ``out_features`` outputs: ``r`` when given, else the
+        ``ratio`` share of them (at least one)."""
+        if r is not None:
+            return r
+        return max(1, round(ratio * out_features))
 
     def _allows_any_module(self) -> bool:
         return True  # normalisation layers may be named explicitly (per-row variant)
@@ -130,10 +156,8 @@ class SPSFT(Tuner):
                                         f"{name!r}; use r ≤ {rows} or a ratio")
 
     def rows_for(self, out_features: int) -> int:
-        """Neurons tuned in a layer with ``out_features`` outputs."""
-        if self.r is not None:
-            return self.r
-        return max(1, round(self.ratio * out_features))
+        """Neurons tuned in a layer with ``out_features`` outputs (:meth:`neuron_count`)."""
+        return self.neuron_count(out_features, self.ratio, self.r)
 
     # -- importance ------------------------------------------------------------------------------
     def neuron_importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:

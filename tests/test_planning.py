@@ -1,0 +1,249 @@
+"""Budget plans (``Ranking.plan``): what they train, that they fill the budget, ``--method
+auto``, what ``config.json`` records, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_MODELS
+from zest.cli import app
+from zest.errors import InvalidInputError
+from zest.finetune import METHODS
+from zest.finetune.base import LayerShape, tuner_defaults
+from zest.layers import candidate_layers
+from zest.loading import DataOptions, load_pair
+from zest.models import load_model
+from zest.planning import (
+    AUTO,
+    DEFAULT_SPREAD,
+    FILL_TOLERANCE,
+    METHOD_RULES,
+    PlanRule,
+    choose_method,
+    plan_finetune,
+)
+
+runner = CliRunner()
+IMAGE_OPTIONS = DataOptions(image_size=16, max_train=32, max_val=16, max_test=16)
+TEXT_OPTIONS = DataOptions(max_length=16, max_train=32, max_val=16, max_test=16)
+PLANNED = ("layers", "gps", "spsft", "lora")
+#: A budget each tiny model's tunable layers can fill (the text ones are 97 % word embeddings,
+#: which the sparse plans leave to budgets of their size)
+BUDGETS = {"tiny_cnn": 0.1, "tiny_resnet": 0.05, "tiny_vit": 0.1, "tiny_bert": 0.01,
+           "tiny_llama": 0.01}
+
+
+def _pair(spec: str):
+    if spec in ("tiny_bert", "tiny_llama"):
+        return load_pair(spec, "rotten_tomatoes", options=TEXT_OPTIONS)
+    return load_pair(spec, "digits", options=IMAGE_OPTIONS)
+
+
+def _worst_first(model, task) -> list[str]:
+    """A ranking for the plan to read: the candidates from the last to the first."""
+    return [layer.name for layer in candidate_layers(model, task.head_name)][::-1]
+
+
+@pytest.mark.parametrize("method", PLANNED)
+@pytest.mark.parametrize("spec", TINY_MODELS)
+def test_the_tuner_trains_exactly_what_the_plan_counts(spec, method):
+    """The plan's count (head included) equals the tuner's measured count, fills the budget
+    within FILL_TOLERANCE without exceeding it, and holds only layers the method can tune."""
+    model, task, data = _pair(spec)
+    budget = BUDGETS[spec]
+    plan = plan_finetune(_worst_first(model, task), model, task, method, budget)
+    tuner_class = METHODS.get(plan.method)
+    assert plan.layers and all(tuner_class.can_tune(n, model.get_submodule(n))
+                               for n in plan.layers)
+    assert (1 - FILL_TOLERANCE) * budget <= plan.trainable_share <= budget and not plan.notes
+    tuner = tuner_class(model, task, layers=plan.layers, **plan.options)
+    tuner.fit(data, epochs=1, batch_size=16, max_steps=1)
+    assert tuner.trainable_params_ == plan.trainable_params
+    if method != "layers":
+        assert plan.spread == DEFAULT_SPREAD
+        assert plan.options[tuner_class.density_options[0]] is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return {spec: load_model(spec, 3, seed=0) for spec in TINY_MODELS}
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=st.sampled_from(TINY_MODELS), method=st.sampled_from(PLANNED),
+       budget=st.floats(min_value=0.002, max_value=1.0),
+       spread=st.floats(min_value=1.0, max_value=16.0), seed=st.integers(0, 2 ** 16))
+def test_generated_plans_never_exceed_the_budget_and_say_when_they_fall_short(
+        tiny_models, spec, method, budget, spread, seed):
+    model, task = tiny_models[spec]
+    names = _worst_first(model, task)
+    order = [names[i] for i in torch.randperm(len(names),
+                                              generator=torch.Generator().manual_seed(seed))]
+    try:
+        plan = plan_finetune(order, model, task, method, budget, spread=spread)
+    except InvalidInputError as error:  # only a budget below the head and the smallest layer
+        assert "--param-budget" in str(error) and "raise" in str(error)
+        return
+    tuner_class = METHODS.get(method)
+    assert plan.trainable_share <= budget
+    assert plan.trainable_share >= (1 - FILL_TOLERANCE) * budget or plan.notes
+    assert plan.layers == [n for n in order if n in set(plan.layers)]  # best first
+    assert all(tuner_class.can_tune(n, model.get_submodule(n)) for n in plan.layers)
+    for name, entry in plan.per_layer.items():
+        options = {**tuner_defaults(method), **plan.options}
+        expected = tuner_class.layer_trainable(LayerShape.of(model.get_submodule(name)),
+                                               options)
+        assert entry == {"params": entry["params"], **expected}
+
+
+def test_a_given_density_is_kept_and_only_the_layers_are_planned(tiny_models):
+    model, task = tiny_models["tiny_vit"]
+    plan = plan_finetune(_worst_first(model, task), model, task, "gps", 0.1,
+                         options={"k": 4})
+    assert plan.options == {"k": 4} and plan.spread is None
+    assert {entry["k"] for entry in plan.per_layer.values()} == {4}
+    assert plan.trainable_share <= 0.1
+
+
+def test_spread_trades_layers_for_density(tiny_models):
+    """A larger spread holds more layers, each more sparsely."""
+    model, task = tiny_models["tiny_vit"]
+    names = _worst_first(model, task)
+    plans = [plan_finetune(names, model, task, "spsft", 0.1, spread=s) for s in (1, 2, 4, 8)]
+    held = [sum(e["params"] for e in p.per_layer.values()) for p in plans]
+    ratios = [p.options["ratio"] for p in plans]
+    assert held == sorted(held) and held[0] < held[-1]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1]
+
+
+def test_without_a_budget_the_plan_takes_the_top_layers_at_the_method_density(tiny_models):
+    model, task = tiny_models["tiny_bert"]
+    names = _worst_first(model, task)
+    plan = plan_finetune(names, model, task, "spsft", top_k=3)
+    tunable = [n for n in names if METHODS.get("spsft").can_tune(n, model.get_submodule(n))]
+    assert plan.layers == tunable[:3] and plan.options == {}
+    assert len(plan_finetune(names, model, task, "gps").layers) == 5  # DEFAULT_TOP_K
+
+
+def test_method_auto_follows_the_declared_rules(tiny_models):
+    assert [rule.min_budget for rule in METHOD_RULES] == sorted(
+        (rule.min_budget for rule in METHOD_RULES), reverse=True)
+    assert METHOD_RULES[-1].min_budget == 0
+    assert all(METHODS.get(rule.method).uses_layers for rule in METHOD_RULES)
+    assert choose_method(0.01).method == "gps"
+    assert choose_method(0.05).method == "layers"
+    model, task = tiny_models["tiny_cnn"]
+    plan = plan_finetune(_worst_first(model, task), model, task, AUTO, 0.01)
+    assert plan.method == "gps" and plan.method_rule == choose_method(0.01).reason
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="gps", param_budget=0.0), "--param-budget"),
+    (dict(method="gps", param_budget=1.5), "--param-budget"),
+    (dict(method="gps", param_budget=True), "--param-budget"),
+    (dict(method="gps", param_budget=0.1, top_k=3), "either"),
+    (dict(method="gps", param_budget=0.1, spread=0.5), "--spread"),
+    (dict(method="gps", param_budget=0.1, spread=math.nan), "--spread"),
+    (dict(method="auto"), "--param-budget"),
+    (dict(method="auto", param_budget=0.1, options={"k": 2}), "drop k"),
+    (dict(method="spsft", param_budget=0.1, options={"k": 2}), "takes no option k"),
+    (dict(method="full", param_budget=0.1), "fixed set"),
+    (dict(method="gps", param_budget=0.001), "head alone"),
+    (dict(method="layers", param_budget=0.012), "smallest layer"),
+    (dict(method="spsft", top_k=99), "smaller K"),
+])
+def test_bad_plan_requests_are_refused(tiny_models, kwargs, message):
+    model, task = tiny_models["tiny_cnn"]
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method")
+    with pytest.raises(InvalidInputError, match=message):
+        plan_finetune(_worst_first(model, task), model, task, method, **kwargs)
+
+
+def test_plan_rule_validates_its_spread():
+    assert PlanRule().spread == DEFAULT_SPREAD
+    for bad in (0.99, -1, math.inf, "4", True):
+        with pytest.raises(InvalidInputError, match="--spread"):
+            PlanRule(spread=bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "auto"], "--param-budget"),
+    (["--method", "auto", "--param-budget", "0.1", "--k", "2"], "drop k"),
+    (["--method", "auto", "--layers", "all"], "--param-budget"),
+    (["--method", "spsft", "--k", "2"], "takes no option k"),
+    (["--method", "head", "--k", "2"], "takes no option k"),
+    (["--param-budget", "0.1", "--spread", "0.5"], "--spread"),
+])
+def test_bad_finetune_requests_are_refused_before_loading(args, message, tmp_path,
+                                                          monkeypatch):
+    import zest.pipeline
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(zest.pipeline, "load_pair", no_loading)
+    result = runner.invoke(app, ["finetune", "--model", "tiny_cnn", "--dataset", "digits",
+                                 "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_config_records_the_plan_and_the_measured_share(tmp_path):
+    from zest.pipeline import run_finetune
+
+    result = run_finetune("tiny_cnn", "digits", tmp_path / "run", method="spsft",
+                          param_budget=0.1, spread=2, epochs=1, batch_size=16,
+                          options=IMAGE_OPTIONS)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    plan = config["plan"]
+    assert plan == result["plan"] and result["method"] == "spsft"
+    assert plan["layers"] == config["layers"] and plan["spread"] == 2
+    assert set(plan["per_layer"]) == set(plan["layers"])
+    assert all(entry["r"] >= 1 for entry in plan["per_layer"].values())
+    assert config["method_options"] == plan["options"] == {"ratio": plan["options"]["ratio"]}
+    assert plan["trainable_params"] == metrics["trainable_params"] == \
+        plan["planned_trainable_params"]
+    assert plan["trainable_share"] == metrics["trainable_share"]
+    assert 0.1 * (1 - FILL_TOLERANCE) <= plan["trainable_share"] <= 0.1
+
+
+def test_cli_method_auto_reports_its_choice(tmp_path):
+    result = runner.invoke(app, ["finetune", "--model", "tiny_cnn", "--dataset", "digits",
+                                 "--image-size", "16", "--max-train", "32", "--max-val", "16",
+                                 "--method", "auto", "--param-budget", "0.028", "--epochs", "1",
+                                 "--batch-size", "16", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rule = choose_method(0.028)
+    assert f"--method auto chose {rule.method}" in result.output
+    assert rule.reason in result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method"] == rule.method and config["plan"]["method_rule"] == rule.reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, dataset", [("minilm", "rotten_tomatoes"),
+                                           ("efficientnet_lite0", "digits"),
+                                           ("efficientnet_lite2", "digits"),
+                                           ("mobilenetv2", "digits")])
+def test_the_default_finetune_runs_on_the_packaged_models(spec, dataset, tmp_path):
+    """``zest finetune --model M --dataset D`` with its defaults, one short epoch (SmolLM2 too
+    ran so, in 6.5 minutes on a busy 2-core machine: too long for the suite)."""
+    from zest.pipeline import run_finetune
+
+    result = run_finetune(spec, dataset, tmp_path / "run", epochs=1, batch_size=8,
+                          options=DataOptions(max_length=32, image_size=64, max_train=16,
+                                              max_val=8, max_test=8))
+    assert result["plan"]["layers"] and \
+        result["trainable_params"] == result["plan"]["planned_trainable_params"]
+    assert (tmp_path / "run" / "delta.safetensors").exists()

@@ -1,0 +1,340 @@
+"""Budget plans: which ranked layers to fine-tune, how densely, and with which method.
+
+One call, :meth:`zest.Ranking.plan` (this module's :func:`plan_finetune`), turns a ranking and a
+request (a share of trainable parameters, ``top_k`` layers, or neither) into a
+:class:`FinetunePlan`: the layers, the tuner's options and what each layer will train.
+``zest finetune --layers auto``, the Python API and ``benchmarks/accuracy_budget.py`` all train
+what it returns (ARCHITECTURE.md §3a).
+
+The budget is the share of the model's parameters that train, head included, for every method.
+The plan chooses only among the layers the method can tune (``Tuner.can_tune``), best first:
+
+- A dense method (``layers``): the best layers whose weights and biases fit in the budget.
+- A sparse method (a ``Tuner.density_options`` knob: GPS's ``k``, SPSFT's ``ratio``, LoRA's
+  ``rank``): (1) the sparsest setting at which the best layers that fit the budget hold, densely,
+  at most :attr:`PlanRule.spread` times the budget — so the update has a density of about
+  ``1 / spread`` within them; (2) those layers at the densest setting whose trained values still
+  fit; (3) further layers, best first, at that setting while they fit. A setting given by the
+  caller (``k=4``) is kept, and the plan chooses only the layers.
+
+``method="auto"`` picks the method from :data:`METHOD_RULES` by the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+from zest.errors import InvalidInputError
+from zest.finetune import METHODS, Tuner, tuner_parameters
+from zest.finetune.base import LayerShape, tuner_defaults
+from zest.models import Task
+
+#: The method name that lets :data:`METHOD_RULES` choose.
+AUTO = "auto"
+#: Layers chosen when neither a count nor a budget is given.
+DEFAULT_TOP_K = 5
+#: A plan trains at most the budget and at least ``1 - FILL_TOLERANCE`` of it, or says in its
+#: ``notes`` why not (layers too coarse for a dense method, too few tunable layers).
+FILL_TOLERANCE = 0.1
+#: Default :attr:`PlanRule.spread`: the chosen layers hold 4× the budget, a 25 % dense update —
+#: the setting of the accuracy benchmark's ZEST + GPS/SPSFT rows before the plan existed.
+#: Provisional: ``benchmarks/accuracy_budget.py --spread 1,2,4,8`` measures the choice.
+DEFAULT_SPREAD = 4.0
+
+
+@dataclass(frozen=True)
+class PlanRule:
+    """The parameter of the sparse plan.
+
+    Attributes:
+        spread: How many times the budget the chosen layers hold, counted densely (at least 1);
+            the sparse update's density within them is about ``1 / spread``. 1 tunes few layers
+            densely, larger values tune more layers more sparsely.
+    """
+
+    spread: float = DEFAULT_SPREAD
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.spread, bool) or not isinstance(self.spread, int | float)
+                or not math.isfinite(self.spread) or self.spread < 1):
+            raise InvalidInputError(f"--spread must be a number of at least 1 (how many times "
+                                    f"the budget the chosen layers hold), got {self.spread!r}")
+
+
+@dataclass(frozen=True)
+class MethodRule:
+    """One row of :data:`METHOD_RULES`: ``method`` for budgets from ``min_budget`` up."""
+
+    min_budget: float
+    method: str
+    reason: str
+
+
+#: ``method="auto"``: the first rule whose ``min_budget`` the budget reaches. PROVISIONAL, not a
+#: measured rule: read off the accuracy benchmark's mean over 4 groups (README, "Test accuracy
+#: at a parameter budget", ZEST rows planned by the benchmark's earlier rule), which measured
+#: only ~5 % and ~1 %; the boundary between them is a guess.
+METHOD_RULES = (
+    MethodRule(0.03, "layers", "dense layers led at ~5 % (+3.5 points over full fine-tuning; "
+               "GPS and SPSFT +1.9)"),
+    MethodRule(0.0, "gps", "sparse updates led at ~1 % (GPS -0.4, SPSFT -0.6, dense layers "
+               "-2.5 points from full fine-tuning)"),
+)
+
+
+def choose_method(param_budget: float | None) -> MethodRule:
+    """The rule of :data:`METHOD_RULES` that ``method="auto"`` follows for ``param_budget``."""
+    if param_budget is None:
+        raise InvalidInputError("--method auto chooses the method by the budget; pass "
+                                "--param-budget (e.g. 0.01) or name a method")
+    check_selection(None, param_budget)
+    return next(rule for rule in METHOD_RULES if param_budget >= rule.min_budget)
+
+
+@dataclass
+class FinetunePlan:
+    """What to fine-tune: ``METHODS.get(plan.method)(model, task, layers=plan.layers,
+    **plan.options)``.
+
+    Attributes:
+        method: The tuning method (``auto`` resolved).
+        layers: The chosen layers, best first.
+        options: The tuner's options: the caller's, plus the density the plan chose.
+        per_layer: Per chosen layer: ``params`` (its weight and bias), ``trainable`` (values
+            the method trains in it) and its density setting (``k``, ``r`` or ``rank``).
+        head_params: Parameters of the head (always trained).
+        total_params: Parameters of the whole model.
+        param_budget: The requested share of trainable parameters, if any.
+        top_k: The requested number of layers, if any.
+        spread: The :class:`PlanRule` spread used (``None`` when the plan set no density).
+        method_rule: With ``method="auto"``: the reason from :data:`METHOD_RULES`.
+        notes: What the caller should know (a budget the method cannot fill).
+    """
+
+    method: str
+    layers: list[str]
+    options: dict[str, Any]
+    per_layer: dict[str, dict[str, int]]
+    head_params: int
+    total_params: int
+    param_budget: float | None = None
+    top_k: int | None = None
+    spread: float | None = None
+    method_rule: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_params(self) -> int:
+        """Values the plan trains, head included (what ``Tuner.count_trainable`` reports)."""
+        return self.head_params + sum(entry["trainable"] for entry in self.per_layer.values())
+
+    @property
+    def trainable_share(self) -> float:
+        """:attr:`trainable_params` as a share of the model's parameters."""
+        return self.trainable_params / self.total_params
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-friendly values (what ``config.json`` records)."""
+        return {"method": self.method, "layers": list(self.layers), "options": dict(self.options),
+                "per_layer": {name: dict(entry) for name, entry in self.per_layer.items()},
+                "param_budget": self.param_budget, "top_k": self.top_k, "spread": self.spread,
+                "method_rule": self.method_rule, "head_params": self.head_params,
+                "total_params": self.total_params,
+                "planned_trainable_params": self.trainable_params,
+                "planned_trainable_share": self.trainable_share, "notes": list(self.notes)}
+
+
+def check_plan_request(method: str, param_budget: float | None = None, *,
+                       top_k: int | None = None, spread: float = DEFAULT_SPREAD,
+                       options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+    """Validates a plan request before any work (:func:`check_selection`, :class:`PlanRule`,
+    the method and its options) and resolves ``auto``: returns the method and, for ``auto``,
+    the reason of its :data:`METHOD_RULES` row."""
+    check_selection(top_k, param_budget)
+    PlanRule(spread=spread)
+    options = options or {}
+    reason = None
+    if method == AUTO:
+        rule = choose_method(param_budget)
+        specific = set(options) - _shared_options()
+        if specific:
+            raise InvalidInputError(f"--method auto chooses the method and its density; drop "
+                                    f"{', '.join(sorted(specific))} or name a method")
+        method, reason = rule.method, rule.reason
+    if not METHODS.get(method).uses_layers:
+        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
+                                "layers to plan")
+    check_method_options(method, options)
+    return method, reason
+
+
+def _shared_options() -> set[str]:
+    """Options every tuner takes (``weight_decay``, ...), beside the model, task and layers."""
+    return {f.name for f in fields(Tuner) if f.init} - {"model", "task", "layers"}
+
+
+def check_method_options(method: str, options: Mapping[str, Any]) -> None:
+    """Refuses options that ``method``'s tuner does not take (``k`` for SPSFT)."""
+    unknown = set(options) - tuner_parameters(method) - _shared_options()
+    if unknown:
+        known = ", ".join(sorted(tuner_parameters(method))) or "none of its own"
+        raise InvalidInputError(f"--method {method} takes no option "
+                                f"{', '.join(sorted(unknown))}; its options: {known}")
+
+
+def check_selection(top_k: int | None, param_budget: float | None) -> None:
+    """Validates how many layers to choose, before any work: at most one of ``top_k`` (a
+    positive integer) and ``param_budget`` (a share in (0, 1])."""
+    if top_k is not None and param_budget is not None:
+        raise InvalidInputError("pass either --top-k or --param-budget, not both")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise InvalidInputError(f"--top-k must be a positive integer, got {top_k!r}")
+    if param_budget is not None and (isinstance(param_budget, bool)
+                                     or not isinstance(param_budget, int | float)
+                                     or not 0 < param_budget <= 1):
+        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+
+
+def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) -> list[str]:
+    """Greedy budget fill: walks ``layers`` best first and keeps each one whose parameter
+    count (``params``, aligned) still fits in ``allowed``; larger ones are skipped, not ended on.
+    Empty when not even the smallest fits."""
+    chosen, used = [], 0
+    for layer, count in zip(layers, params, strict=True):
+        if used + count <= allowed:
+            chosen.append(layer)
+            used += count
+    return chosen
+
+
+def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, method: str,
+                  param_budget: float | None = None, *, top_k: int | None = None,
+                  spread: float = DEFAULT_SPREAD, options: Mapping[str, Any] | None = None
+                  ) -> FinetunePlan:
+    """Plans a fine-tuning run over ``ranked_layers`` (best first); see the module docstring.
+
+    Args:
+        ranked_layers: Candidate layer names, best first (a ranking's ``table["layer"]``).
+        model: The model they belong to (read, not changed).
+        task: Its task adapter (for the head).
+        method: A registered method that takes layers, or ``auto``.
+        param_budget: Share of the model's parameters to train, head included, in (0, 1].
+        top_k: Instead of a budget: this many layers, with the method's own density.
+        spread: The :class:`PlanRule` parameter of a sparse plan.
+        options: Tuner options fixed by the caller (``{"k": 4}``, ``{"importance": "l2"}``).
+
+    Returns:
+        A :class:`FinetunePlan`. Neither ``param_budget`` nor ``top_k``: the
+        :data:`DEFAULT_TOP_K` best layers at the method's default density.
+    """
+    options = dict(options or {})
+    method, method_rule = check_plan_request(method, param_budget, top_k=top_k, spread=spread,
+                                             options=options)
+    tuner_class = METHODS.get(method)
+    tunable = [name for name in ranked_layers
+               if tuner_class.can_tune(name, model.get_submodule(name))]
+    if not tunable:
+        raise InvalidInputError(f"none of the ranked layers can be tuned by --method {method}; "
+                                "choose another --method or name the layers with --layers")
+    shapes = {name: LayerShape.of(model.get_submodule(name)) for name in tunable}
+    settings = {**tuner_defaults(method), **options}
+    head = sum(int(p.numel()) for p in task.head(model).parameters()) if task.tunes_head else 0
+    total = sum(int(p.numel()) for p in model.parameters())
+
+    def entries(names: Sequence[str], setting: Mapping[str, Any]) -> dict[str, dict | None]:
+        return {name: tuner_class.layer_trainable(shapes[name], setting) for name in names}
+
+    def fill(names: Sequence[str], setting: Mapping[str, Any], allowed: float) -> list[str]:
+        fitting = {n: e["trainable"] for n, e in entries(names, setting).items() if e is not None}
+        return fill_budget(list(fitting), list(fitting.values()), allowed)
+
+    plan = FinetunePlan(method=method, layers=[], options=options, per_layer={},
+                        head_params=head, total_params=total, param_budget=param_budget,
+                        top_k=top_k, method_rule=method_rule)
+    if not any(e is not None for e in entries(tunable, settings).values()):
+        raise InvalidInputError(f"none of the layers --method {method} can tune takes "
+                                f"{', '.join(f'{k}={v}' for k, v in options.items())}; pass "
+                                "a smaller value")
+    if param_budget is None:
+        eligible = [n for n, e in entries(tunable, settings).items() if e is not None]
+        wanted = top_k or DEFAULT_TOP_K
+        if top_k is not None and top_k > len(eligible):
+            raise InvalidInputError(f"--layers top:{top_k} exceeds the {len(eligible)} ranked "
+                                    f"layers --method {method} can tune; pass a smaller K")
+        chosen = eligible[:wanted]
+    else:
+        allowed = param_budget * total - head
+        if allowed < 1:
+            raise InvalidInputError(f"--param-budget {param_budget} ({int(param_budget * total)} "
+                                    f"parameters) does not cover the head alone ({head}); raise "
+                                    f"it above {_rounded_up((head + 1) / total)} or use --method "
+                                    "head")
+        density = next((o for o in tuner_class.density_options if o in options), None)
+        if not tuner_class.density_options or density is not None:
+            chosen = fill(tunable, settings, allowed)  # dense, or the caller's density
+        else:
+            knob = tuner_class.density_options[0]
+            chosen, settings = _sparse_choice(tunable, shapes, tuner_class, settings, knob,
+                                              allowed, spread, fill)
+            for other in tuner_class.density_options[1:]:
+                settings[other] = None  # the plan's knob decides (SPSFT: ratio, not r)
+            plan.options = {**options, knob: settings[knob]}
+            plan.spread = spread
+        if not chosen:
+            cheapest = min(e["trainable"] for e in entries(tunable, settings).values()
+                           if e is not None)
+            raise InvalidInputError(f"--param-budget {param_budget} leaves {int(allowed)} "
+                                    f"parameters beside the head, fewer than the smallest layer "
+                                    f"--method {method} can tune ({cheapest}); raise it to at "
+                                    f"least {_rounded_up((head + cheapest) / total)}")
+    plan.layers = chosen
+    plan.per_layer = {name: {"params": shapes[name].params, **entry}
+                      for name, entry in entries(chosen, settings).items()}
+    if param_budget is not None and plan.trainable_share < (1 - FILL_TOLERANCE) * param_budget:
+        plan.notes.append(f"the plan fills only {plan.trainable_share:.3g} of the "
+                          f"{param_budget:g} budget: no further layer --method {method} can "
+                          "tune fits" + (f" at a density of about 1/{spread:g} or more"
+                                         if plan.spread is not None else ""))
+    return plan
+
+
+def _rounded_up(share: float) -> str:
+    """``share`` rounded up to two significant digits, for a budget to suggest."""
+    scale = 10 ** (1 - math.floor(math.log10(share)))
+    return f"{math.ceil(share * scale) / scale:g}"
+
+
+def _sparse_choice(tunable: list[str], shapes: dict[str, LayerShape], tuner_class: type[Tuner],
+                   settings: dict[str, Any], knob: str, allowed: float, spread: float,
+                   fill: Callable[[Sequence[str], Mapping[str, Any], float], list[str]]
+                   ) -> tuple[list[str], dict[str, Any]]:
+    """Steps (1)–(3) of the module docstring; returns the layers and the settings."""
+    values = tuner_class.density_values([shapes[name] for name in tunable])
+    start, chosen = None, []
+    for i, value in enumerate(values):  # (1) the sparsest setting holding ≤ spread × budget
+        layers = fill(tunable, {**settings, knob: value}, allowed)
+        if layers:
+            start, chosen = i, layers
+            if sum(shapes[name].params for name in layers) <= spread * allowed:
+                break
+    if start is None:
+        return [], {**settings, knob: values[0]}
+    best = start
+    for i in range(start + 1, len(values)):  # (2) as dense as the budget allows
+        setting = {**settings, knob: values[i]}
+        counts = [tuner_class.layer_trainable(shapes[name], setting) for name in chosen]
+        if any(c is None for c in counts) or sum(c["trainable"] for c in counts) > allowed:
+            break
+        best = i
+    setting = {**settings, knob: values[best]}
+    used = sum(tuner_class.layer_trainable(shapes[name], setting)["trainable"]
+               for name in chosen)
+    rest = [name for name in tunable if name not in set(chosen)]
+    extra = set(fill(rest, setting, allowed - used))  # (3) more layers at that setting
+    return [name for name in tunable if name in extra or name in set(chosen)], setting
