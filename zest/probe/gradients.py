@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from zest.families import conv_forward
 from zest.layers import Layer
 from zest.models import Batch
 
@@ -86,12 +87,13 @@ def _first_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: to
 
 
 def _supports_direct_gradient(module: nn.Module) -> bool:
-    """Whether :func:`_direct_weight_gradient` handles the module: Linear, and Conv2d with
-    numeric padding (timm's dynamic "same" padding ``Conv2dSame`` included)."""
+    """Whether :func:`_direct_weight_gradient` handles the module: Linear, and convolutions
+    whose forward is exactly ``conv2d`` (:func:`zest.families.conv_forward`: Conv2d, and
+    timm's dynamic "same" padding ``Conv2dSame``) with numeric padding."""
     if type(module) is nn.Linear:
         return True
-    return type(module).__name__ in ("Conv2d", "Conv2dSame") and \
-        isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
+    return conv_forward(module) is not None and isinstance(module, nn.Conv2d) and \
+        not isinstance(module.padding, str)
 
 
 def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Tensor
@@ -100,7 +102,7 @@ def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Ten
     if type(module) is nn.Linear:
         return (delta.reshape(-1, delta.shape[-1]).T @ x.reshape(-1, x.shape[-1])).detach()
     padding = module.padding
-    if type(module).__name__ == "Conv2dSame":
+    if conv_forward(module) == "dynamic_same":
         from timm.layers import pad_same
 
         x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
@@ -152,10 +154,10 @@ def _per_example_squared_norms(module: nn.Module, args: tuple, kwargs: dict,
             same = same * keep[:, :, None] * keep[:, None, :]
         return ((ds @ ds.transpose(1, 2)) * same).sum(dim=(1, 2))
     if x is not None and not kwargs and isinstance(module, nn.Conv2d) and \
-            type(module).__name__ in ("Conv2d", "Conv2dSame") and \
+            conv_forward(module) is not None and \
             module.groups in (1, module.in_channels) and not isinstance(module.padding, str):
         padding = module.padding
-        if type(module).__name__ == "Conv2dSame":
+        if conv_forward(module) == "dynamic_same":
             from timm.layers import pad_same
 
             x = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)

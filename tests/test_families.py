@@ -1,0 +1,199 @@
+"""The registry of architecture families (zest/families.py, ARCHITECTURE.md §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import batch_for
+from tests.test_conformance import _hf_spec
+from zest import families
+from zest.families import (
+    FAMILIES,
+    GENERIC,
+    Family,
+    FamilyFallbackWarning,
+    ModuleType,
+    StagePlan,
+    family_for,
+    family_named,
+    gps_keeps_frozen,
+    layer_kind,
+    register_family,
+    timm_head,
+    unregister_family,
+)
+from zest.layers import candidate_layers, output_dim, transforms_weight
+from zest.models import load_model, model_family
+from zest.stages import stage_plan
+
+#: A tiny model of every built-in family: (spec, task kind); ``hf:`` names a transformers
+#: model type built by tests/test_conformance.py. A new family adds its tiny model here.
+TINY_OF_FAMILY = {
+    "timm_efficientnet": ("tiny_cnn", "classification"),
+    "timm_resnet": ("tiny_resnet", "classification"),
+    "timm_vit": ("tiny_vit", "classification"),
+    "torchvision": ("tv:mobilenet_v3_small", "classification"),
+    "bert": ("tiny_bert", "classification"),
+    "llama": ("tiny_llama", "causal_lm"),
+    "gpt2": ("hf:gpt2", "classification"),
+    "generic": ("timm:test_convnext", "classification"),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf")
+
+
+def _load(spec: str, hf_root, kind: str = "classification"):
+    if spec.startswith("hf:"):
+        spec = _hf_spec(hf_root, spec[3:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FamilyFallbackWarning)
+        model, task = load_model(spec, 3, seed=0, image_size=32, kind=kind)
+    return spec, model, task
+
+
+def test_every_family_has_a_tiny_model_in_this_test():
+    assert set(TINY_OF_FAMILY) == set(FAMILIES.names())
+
+
+@pytest.mark.parametrize("name", list(TINY_OF_FAMILY))
+def test_every_family_is_recognised_on_a_tiny_model_of_it(name, hf_root):
+    spec, kind = TINY_OF_FAMILY[name]
+    spec, model, task = _load(spec, hf_root)
+    family = FAMILIES.get(name)
+    assert task.family == name
+    assert task.head_name == family.head(model, "classification")
+    if family.pooling is not None:
+        assert task.pooling == family.pooling
+    # its plan, when it has one, reproduces the model's own forward
+    batch = batch_for(task)
+    assert (stage_plan(model, task, batch) is not None) == (family.plan is not None)
+    if kind != "classification":
+        _spec, model, task = _load(spec, hf_root, kind=kind)
+        batch = batch_for(task)
+        batch.pop("labels")
+        assert task.family == name and task.head_name == family.head(model, kind)
+        assert (stage_plan(model, task, batch) is not None) == (family.plan is not None)
+
+
+@pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_resnet", "tiny_vit", "tiny_bert",
+                                  "tiny_llama"])
+def test_a_family_lists_the_model_family_of_its_registered_models(spec):
+    """The two notions meet here: ``Task.family`` names the adapter, whose entry lists the
+    spec-level families (``model_family``, what leave-one-family-out holds out) it adapts."""
+    _model, task = load_model(spec, 3)
+    assert model_family(spec) in family_named(task.family).model_families
+
+
+def test_the_generic_adapter_says_once_which_family_it_fell_back_for(monkeypatch):
+    monkeypatch.setattr(families, "_fallbacks_noted", set())
+    with pytest.warns(FamilyFallbackWarning) as caught:
+        model, task = load_model("timm:test_convnext", 3, image_size=32)
+    message = str(caught[0].message)
+    assert len(caught) == 1 and model_family("timm:test_convnext") in message
+    assert "timm:test_convnext" in message and type(model).__name__ in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FamilyFallbackWarning)
+        load_model("timm:test_convnext", 3, image_size=32)  # said once: no second warning
+    assert task.family == GENERIC.name and task.head_name == timm_head(model)
+    assert stage_plan(model, task, batch_for(task)) is None  # no prefix cache
+
+
+def test_a_decoder_of_a_known_structure_that_pools_otherwise_is_generic():
+    """Pooling is checked against a traced forward, not assumed from the structure."""
+    model, _task = load_model("tiny_llama", 3)
+    assert family_for(model, modality="text", pooling="last") is FAMILIES.get("llama")
+    assert family_for(model, modality="text", pooling="first") is GENERIC
+
+
+def _convnext_plan(model: nn.Module, task) -> StagePlan:
+    names = ["stem"] + [f"stages.{i}" for i in range(len(model.stages))]
+    functions = [lambda s: {"x": model.stem(s["x"])}] + [
+        (lambda s, stage=stage: {"x": stage(s["x"])}) for stage in model.stages]
+    return StagePlan(names, functions, lambda x: {"x": x},
+                     lambda s: model.forward_head(model.norm_pre(s["x"]), pre_logits=True))
+
+
+@pytest.fixture
+def toy_family():
+    family = Family(
+        name="toy_convnext", modality="image",
+        recognise=lambda m: all(hasattr(m, a) for a in ("stem", "stages", "norm_pre", "head")),
+        head=timm_head, plan=_convnext_plan, model_families=("test",),
+        frozen_name_parts=("toy_frozen",), module_types={"ToyMixer": ModuleType("conv")})
+    yield family
+    if family.name in FAMILIES:
+        unregister_family(family.name)
+
+
+def test_a_new_family_is_one_register_call_that_loading_and_the_plan_lookup_use(toy_family):
+    before = load_model("timm:test_convnext", 3, image_size=32)[1]
+    assert before.family == "generic"
+    register_family(toy_family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FamilyFallbackWarning)  # no fallback any more
+        model, task = load_model("timm:test_convnext", 3, image_size=32)
+    assert task.family == "toy_convnext"
+    plan = stage_plan(model, task, batch_for(task))
+    assert plan is not None and plan.names[0] == "stem"
+    layers = candidate_layers(model, task.head_name)
+    assert all(plan.stage_of(layer.name) is not None for layer in layers)
+    assert gps_keeps_frozen("stages.0.toy_frozen") and layer_kind("ToyMixer") == "conv"
+    unregister_family("toy_convnext")
+    assert not gps_keeps_frozen("stages.0.toy_frozen") and layer_kind("ToyMixer") == "other"
+    assert family_for(model, modality="image") is GENERIC
+
+
+def test_a_plan_that_does_not_reproduce_the_forward_is_not_used(toy_family):
+    def wrong(model, task):
+        plan = _convnext_plan(model, task)
+        plan.functions = plan.functions[:-1]  # skips the last stage
+        return plan
+
+    register_family(dataclasses.replace(toy_family, plan=wrong))
+    model, task = load_model("timm:test_convnext", 3, image_size=32)
+    assert task.family == "toy_convnext" and stage_plan(model, task, batch_for(task)) is None
+
+
+def test_a_module_type_is_declared_once():
+    with pytest.raises(ValueError, match="Conv1D"):
+        register_family(Family(name="clash", modality="text", recognise=lambda m: False,
+                               head=timm_head,
+                               module_types={"Conv1D": ModuleType("linear", output_dim=0)}))
+    assert "clash" not in FAMILIES
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_family("bert")
+
+
+def test_module_type_facts():
+    from timm.layers import Conv2dSame, StdConv2d
+    from transformers.pytorch_utils import Conv1D
+
+    from zest.families import conv_forward
+
+    # the layer kinds of every module type in the corpus records stay what the predictor saw
+    assert {t: layer_kind(t) for t in ("Linear", "Conv2d", "Conv2dSame", "Embedding")} == {
+        "Linear": "linear", "Conv2d": "conv", "Conv2dSame": "conv", "Embedding": "embedding"}
+    assert layer_kind("Conv1D") == "linear" and layer_kind("Conv1d") == "conv"
+    assert layer_kind("FalconLinear") == "linear" and layer_kind("LayerNorm") == "other"
+    gpt2_conv = Conv1D(4, 3)
+    assert output_dim(gpt2_conv) == 1 and output_dim(nn.Linear(3, 4)) == 0
+    same, plain, std = Conv2dSame(3, 4, 3), nn.Conv2d(3, 4, 3), StdConv2d(3, 4, 3)
+    assert conv_forward(same) == "dynamic_same" and conv_forward(plain) == "plain"
+    assert conv_forward(std) is None and transforms_weight(std) and not transforms_weight(plain)
+    # a parametrized layer keeps its class's facts (GPS parametrizes the layers it tunes)
+    torch.nn.utils.parametrize.register_parametrization(gpt2_conv, "weight", nn.Identity())
+    assert output_dim(gpt2_conv) == 1
+
+
+def test_gps_keeps_the_frozen_parts_of_every_family():
+    assert gps_keeps_frozen("bert.embeddings.position_embeddings")
+    assert gps_keeps_frozen("pos_embed") and gps_keeps_frozen("blocks.0.norm1")
+    assert not gps_keeps_frozen("bert.encoder.layer.0.attention.self.query")
