@@ -29,13 +29,12 @@ from torch.nn.utils import parametrize
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
+from zest.families import gps_keeps_frozen
 from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import attach_sparse_update, detach_sparse_update, sparse_update_of
 from zest.layers import neuron_rows, output_dim
 from zest.models import Task, preserved_training_state, supervised_contrastive_loss
-
-FROZEN_NAME_PARTS = ("position_embeddings", "pos_embed", "norm")
 
 
 class SparseDelta(nn.Module):
@@ -124,8 +123,9 @@ class GPS(Tuner):
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
-        """Not normalisation layers and position embeddings (kept frozen, as in the paper)."""
-        return not any(part in name for part in FROZEN_NAME_PARTS)
+        """Not normalisation layers and position embeddings (kept frozen, as in the paper;
+        each family names them: :func:`zest.families.gps_keeps_frozen`)."""
+        return not gps_keeps_frozen(name)
 
     @classmethod
     def density_values(cls, shapes: Sequence[LayerShape]) -> list[Any]:

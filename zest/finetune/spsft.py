@@ -25,6 +25,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
+from zest.families import conv_forward
 from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import add_rows
@@ -34,10 +35,6 @@ from zest.models import preserved_training_state
 IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
-
-
-def _is_same_padding_conv(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv2dSame"
 
 
 def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor,
@@ -56,7 +53,7 @@ def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor
                         + torch.arange(per_group_in, device=rows.device)).reshape(-1)
             inputs, conv_groups = x[:, channels], len(rows)
         padding = module.padding
-        if _is_same_padding_conv(module):
+        if conv_forward(module) == "dynamic_same":
             from timm.layers import pad_same
 
             inputs = pad_same(inputs, module.weight.shape[-2:], module.stride, module.dilation)
