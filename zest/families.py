@@ -1,16 +1,17 @@
-"""Architecture families: one registry of adapters (ARCHITECTURE.md §6, "Adding a family").
+"""Architecture families: one registry of adapters (ARCHITECTURE.md §6, "A family").
 
 What zest knows about a kind of architecture is one :class:`Family` entry in :data:`FAMILIES`,
 the way peft keeps a table per model type and timm a ``group_matcher`` per model: how to
-recognise it (by its modules, never by a name), where its head is, how the head's input is
-pooled, its stage plan for the ground-truth prefix cache (verified against the model's own
-forward by :func:`zest.stages.stage_plan` before any use), which layers GPS keeps frozen, and
-the facts of the module types it brings (:class:`ModuleType`: the layer kind the predictor sees,
-the weight dimension of the output neurons, a forward that transforms the weight, timm's dynamic
-"same" padding). Module types are facts about a class wherever it appears, so every entry's
-types form one table (:func:`module_types`). Candidate layers group into blocks by one rule for
-every family (:func:`zest.layers.block_of`: the item of the innermost indexed container, as
-timm's ``group_matcher`` groups ``blocks.i.j``); a stage plan cuts the forward at those blocks.
+recognise it (by its modules and attributes, never by a model's name), where its head is, how
+the head's input is pooled, its stage plan for the ground-truth prefix cache (verified against
+the model's own forward by :func:`zest.stages.stage_plan` before any use), which layers GPS
+keeps frozen, and the facts of the module types it brings (:class:`ModuleType`: the layer kind
+the predictor sees, the weight dimension of the output neurons, a forward that transforms the
+weight, timm's dynamic "same" padding). Module types are facts about a class wherever it
+appears, so every entry's types form one table (:func:`module_types`). Candidate layers group
+into blocks by one rule for every family (:func:`zest.layers.block_of`: the item of the
+innermost indexed container, as timm's ``group_matcher`` groups ``blocks.i.j``); a stage plan
+cuts the forward at those blocks.
 
 A model that no entry recognises gets :data:`GENERIC`, which works without guessing:
 candidates are the modules with their own weights that the forward pass calls (the probe
