@@ -77,6 +77,9 @@ def ranking_quality(scores: np.ndarray, truth: np.ndarray, k: int = 5) -> dict[s
         return {"kendall": float("nan"), "spearman": float("nan"), "ndcg": float("nan"),
                 "recall": float("nan")}
     filled = np.where(valid, scores, np.nanmin(scores) - 1)  # n/a layers rank last
+    if np.ptp(filled) == 0:  # a method that cannot tell the layers apart ranks none of them
+        return {"kendall": float("nan"), "spearman": float("nan"), "ndcg": float("nan"),
+                "recall": float("nan")}
     return {"kendall": float(kendalltau(filled, truth).statistic),
             "spearman": float(spearmanr(filled, truth).statistic),
             "ndcg": ndcg_at_k(filled, truth, k), "recall": top_k_recall(filled, truth, k)}
