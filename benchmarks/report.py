@@ -15,8 +15,6 @@ READMES = (Path("benchmarks/README.md"), Path("README.md"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 STABLE_TAU = 0.8  # whole rankings this consistent across minibatches ...
 STABLE_JACCARD = 0.6  # ... and top-5 sets sharing most of their layers
-METHODS = [("full", "full"), ("lora", "LoRA r=8"), ("gps_dense_mask", "GPS dense-mask"),
-           ("gps", "GPS (ours)"), ("spsft", "SPSFT")]
 ACCURACY_METHODS = ["zest + dense", "zest + gps", "zest + spsft", "random-k + dense",
                     "last-k + dense", "kappatune + dense", "fim + dense",
                     "lora (linear / dense convs)", "gps (all layers)", "spsft (all layers)"]
@@ -71,38 +69,184 @@ def cache_section() -> list[str]:
     return lines + [""]
 
 
+MEMORY_MAIN = ("full", "lora r16", "spsft r16", "spsft r32", "gps", "gps dense-mask")
+MEMORY_PARTS = ("new trainable values", "gradients", "optimizer state", "method state",
+                "saved activations", "transients")
+
+
 def memory_section() -> list[str]:
     data = _load("memory.json")
-    if not data:
+    if not data or not any("mem_mb" in r for r in data["results"]):
         return []
-    by = {(r["model"], r["method"]): r for r in data["results"]}
-    models = list(dict.fromkeys(r["model"] for r in data["results"]))
-    lines = ["### Training memory (`memory.json`): peak RSS above the loaded model", "",
-             "| model | " + " | ".join(label for _, label in METHODS) + " |",
-             "|---|" + "---|" * len(METHODS)]
-    for model in models:
-        cells = []
-        for method, _ in METHODS:
-            r = by.get((model, method))
-            cells.append(f"{r['peak_above_model_mb']:.1f} MB ({r['trainable_params']:,})"
-                         if r else "—")
-        batch = by[(model, "full")]["batch_size"] if (model, "full") in by else "?"
-        lines.append(f"| {model} (batch {batch}) | " + " | ".join(cells) + " |")
-    lines.append("")
-    for model in models:
-        lora, spsft = by.get((model, "lora")), by.get((model, "spsft"))
-        dense, ours = by.get((model, "gps_dense_mask")), by.get((model, "gps"))
-        if lora and spsft and dense and ours:
-            key = "peak_above_model_mb"
-            spsft_vs_lora = 100 * (spsft[key] / lora[key] - 1)
-            ours_vs_dense = 100 * (ours[key] / dense[key] - 1)
-            lines.append(f"- {model}: SPSFT {spsft_vs_lora:+.1f} % vs LoRA; our GPS "
-                         f"{ours_vs_dense:+.1f} % vs dense-masked GPS.")
-    bars = {model: {label: (by[(model, method)]["peak_above_model_mb"], 0.0)
-                    for method, label in METHODS if (model, method) in by} for model in models}
+    rows = [r for r in data["results"] if "mem_mb" in r]
+    counted = {(r["model"], r["point"], r["setting"]): r for r in rows if r["mode"] == "counted"}
+    measured = {(r["model"], r["point"], r["setting"]): r for r in rows
+                if r["mode"] == "measured"}
+    points = list(dict.fromkeys((r["model"], r["point"]) for r in rows))
+    lines = ["### Training memory (`memory.json`): \"mem\" of the SPSFT paper's appendix D.1",
+             "",
+             "mem = peak memory of a training step (Adam's state allocated) minus the peak of "
+             "inference on the same batch with the pretrained model, in MB. *Counted*: the "
+             "bytes of live tensor storages (every storage an operator creates, released when "
+             "freed), on fake tensors; *measured*: peak RSS of a real run in a fresh process. "
+             "Decoders: LoRA (peft, dropout 0.05) and SPSFT on every linear layer of the "
+             "blocks, or on the MLP only (FA, attention frozen); GPS on all layers with K "
+             "matched to LoRA r=8; `+ckpt`: activation checkpointing. Method and breakdown: "
+             "[benchmarks/finetune_memory.py](/benchmarks/finetune_memory.py).", ""]
+    decoders = [pt for pt in points if any(k[:2] == pt and k[2].startswith("lora r16")
+                                           for k in counted)]
+    if decoders:
+        labels = list(dict.fromkeys(k[2] for k in counted if k[:2] in decoders))
+        models = list(dict.fromkeys(model for model, _ in decoders))
+        lines += ["| setting | " + " | ".join(
+                      f"{model} trainable | " + " | ".join(
+                          f"{model} {pt}" for m, pt in decoders if m == model)
+                      for model in models) + " |",
+                  "|---|" + "---|" * (len(models) + len(decoders))]
+        for label in labels:
+            cells = []
+            for model in models:
+                first = next((counted[(model, pt, label)] for m, pt in decoders
+                              if m == model and (model, pt, label) in counted), None)
+                cells.append(f"{first['trainable_params']:,}" if first else "—")
+                for m, pt in decoders:
+                    if m == model:
+                        r = counted.get((model, pt, label))
+                        cells.append(f"{r['mem_mb']:,.0f}" if r else "—")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Ratios of mem at the same point (targets at the decoders' 4×512 "
+                  "instruction-tuning point: SPSFT ≤ 0.75 × LoRA of equal rank and below LoRA "
+                  "of matched parameters; our GPS ≤ 0.8 × dense-mask GPS):", "",
+                  "| model | point | SPSFT r / LoRA r (r = 8, 16, 64) | SPSFT 2r / LoRA r | "
+                  "FA: equal rank; 2r | GPS / dense-mask | full / LoRA r16 |",
+                  "|---|---|---|---|---|---|---|"]
+        for model, pt in decoders:
+            def ratio(a, b, model=model, pt=pt):
+                x, y = counted.get((model, pt, a)), counted.get((model, pt, b))
+                return f"{x['mem_mb'] / y['mem_mb']:.2f}" if x and y else "—"
+
+            equal = ", ".join(ratio(f"spsft r{r}", f"lora r{r}") for r in (8, 16, 64))
+            matched = ", ".join(ratio(f"spsft r{2 * r}", f"lora r{r}") for r in (8, 16, 64))
+            fa = "; ".join([", ".join(ratio(f"spsft r{r} FA", f"lora r{r} FA")
+                                      for r in (8, 16, 64)),
+                            ", ".join(ratio(f"spsft r{2 * r} FA", f"lora r{r} FA")
+                                      for r in (8, 16, 64))])
+            lines.append(f"| {model} | {pt} | {equal} | {matched} | {fa} | "
+                         f"{ratio('gps', 'gps dense-mask')} | {ratio('full', 'lora r16')} |")
+    lines += ["", "Where it goes (MB): saved activations after the forward pass, gradients "
+              "after the backward pass, optimizer state, trainable values; then what is alive at "
+              "the training peak besides the weights and the batch.", "",
+              "| model | point | setting | mem | saved activations | gradients | optimizer "
+              "state | trainable values | at the peak: " + ", ".join(MEMORY_PARTS) + " |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for model, pt in points:
+        for label in _memory_labels(counted, model, pt):
+            r = counted[(model, pt, label)]
+            peak = " / ".join(f"{r['at_peak_mb'][part]:,.0f}" for part in MEMORY_PARTS)
+            lines.append(f"| {model} | {pt} | {label} | {r['mem_mb']:,.0f} | "
+                         f"{r['saved_activations_mb']:,.0f} | {r['gradients_mb']:,.0f} | "
+                         f"{r['optimizer_state_mb']:,.0f} | {r['trainable_mb']:,.1f} | "
+                         f"{peak} |")
+    if measured:
+        lines += ["", "Counted against measured (the same real run: live tensor storages and "
+                  "peak RSS; the RSS also holds kernel workspaces and allocator slack), and the "
+                  "counted fake-tensor run of the setting:", "",
+                  "| model | point | setting | trainable | mem measured (RSS) | counted, same run "
+                  "| counted, fake tensors |", "|---|---|---|---|---|---|---|"]
+        for key, r in measured.items():
+            fake = f"{counted[key]['mem_mb']:,.0f}" if key in counted else "—"
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['trainable_params']:,} | "
+                         f"{r['rss_mem_mb']:,.0f} | {r['mem_mb']:,.0f} | {fake} |")
+    lines += ["", *memory_notes(counted, points)]
     path = RESULTS / "memory.png"
-    grouped_bars(bars, path, "peak RSS above the model (MB)")
+    memory_plot(counted, points, path)
     return lines + ["", f"![training memory](/{path.as_posix()})", ""]
+
+
+def memory_notes(counted: dict, points: list) -> list[str]:
+    """One line per (model, point): the ratios of mem that the methods are about, and the
+    share of saved activations in LoRA's training peak above the weights and the batch."""
+
+    def ratio(model, pt, a, b):
+        x, y = counted.get((model, pt, a)), counted.get((model, pt, b))
+        return f"{x['mem_mb'] / y['mem_mb']:.2f}×" if x and y else "—"
+
+    notes = []
+    for model, pt in points:
+        labels = {k[2] for k in counted if k[:2] == (model, pt)}
+        lora = "lora r16" if "lora r16" in labels else next(
+            (label for label in sorted(labels) if label.startswith("lora")), None)
+        reference = counted.get((model, pt, lora or "full"))
+        above = sum(reference["at_peak_mb"][part] for part in MEMORY_PARTS)
+        share = reference["at_peak_mb"]["saved activations"] / above
+        if "lora r16" in labels:
+            text = (f"SPSFT {ratio(model, pt, 'spsft r16', 'lora r16')} LoRA at equal rank "
+                    f"(r=16; {ratio(model, pt, 'spsft r32', 'lora r16')} at 2r), our GPS "
+                    f"{ratio(model, pt, 'gps', 'gps dense-mask')} dense-mask GPS, full "
+                    f"{ratio(model, pt, 'full', 'lora r16')} LoRA r16")
+            if "lora r16 +ckpt" in labels:
+                text += (f"; checkpointed: SPSFT "
+                         f"{ratio(model, pt, 'spsft r16 +ckpt', 'lora r16 +ckpt')} LoRA, GPS "
+                         f"{ratio(model, pt, 'gps +ckpt', 'gps dense-mask +ckpt')} dense-mask, "
+                         f"LoRA r16 {ratio(model, pt, 'lora r16 +ckpt', 'lora r16')} of "
+                         f"itself unchecked")
+        else:
+            text = (f"SPSFT {ratio(model, pt, 'spsft', lora)} LoRA r=8 (matched parameters; "
+                    f"LoRA without dropout), our GPS {ratio(model, pt, 'gps', 'gps dense-mask')}"
+                    f" dense-mask GPS")
+        notes.append(f"- {model} {pt}: {text}; saved activations are {share:.0%} of "
+                     f"{lora or 'full'}'s training peak above the weights and the batch.")
+    return notes
+
+
+def _memory_labels(counted: dict, model: str, point: str) -> list[str]:
+    """The decoders' main settings, or every setting of an encoder or CNN."""
+    labels = [k[2] for k in counted if k[:2] == (model, point)]
+    main = [label for label in MEMORY_MAIN if label in labels]
+    return main if "lora r16" in labels else labels
+
+
+def memory_plot(counted: dict, points: list, path: Path) -> None:
+    """One panel per (model, point), and one for its checkpointed settings: the parts alive at
+    the training peak (weights and batch left out) stacked per setting; the dot is mem (the
+    peak minus inference's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for model, pt in points:
+        panels.append((f"{model} {pt}", model, pt, _memory_labels(counted, model, pt)))
+        checkpointed = [f"{label} +ckpt" for label in MEMORY_MAIN
+                        if (model, pt, f"{label} +ckpt") in counted]
+        if checkpointed:
+            panels.append((f"{model} {pt}, checkpointed", model, pt, checkpointed))
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(3.6 * columns, 4.2 * rows), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(panels):]:
+        ax.set_visible(False)
+    colors = dict(zip(MEMORY_PARTS, ("tab:green", "tab:red", "tab:purple", "tab:brown",
+                                     "tab:blue", "tab:gray"), strict=True))
+    for ax, (title, model, pt, labels) in zip(axes[0], panels, strict=False):
+        bottom = [0.0] * len(labels)
+        for part in MEMORY_PARTS:
+            heights = [counted[(model, pt, label)]["at_peak_mb"][part] for label in labels]
+            ax.bar(range(len(labels)), heights, bottom=bottom, color=colors[part],
+                   label=part if ax is axes[0][0] else None)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.plot(range(len(labels)), [counted[(model, pt, label)]["mem_mb"] for label in labels],
+                "ko", markersize=4, label="mem" if ax is axes[0][0] else None)
+        ax.set_xticks(range(len(labels)), [label.removesuffix(" +ckpt") for label in labels],
+                      rotation=60, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("MB above weights and batch", fontsize=8)
+    fig.legend(loc="upper center", ncol=len(MEMORY_PARTS) + 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 / rows))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def grouped_bars(values: dict[str, dict[str, tuple[float, float]]], path: Path,
