@@ -32,23 +32,20 @@ from zest.errors import InvalidInputError
 from zest.families import gps_keeps_frozen
 from zest.finetune.base import LayerShape, Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
-from zest.finetune.sparse import attach_sparse_update, detach_sparse_update, sparse_update_of
+from zest.finetune.sparse import (
+    SparseUpdate,
+    attach_sparse_update,
+    detach_sparse_update,
+    sparse_update_of,
+)
 from zest.layers import neuron_rows, output_dim
 from zest.models import Task, preserved_training_state, supervised_contrastive_loss
 
 
-class SparseDelta(nn.Module):
+class SparseDelta(SparseUpdate):
     """Parametrization ``W ↦ W + scatter(values at indices)`` over the rows (output neurons) of
-    W viewed 2-D; ``transposed`` for weights that keep their outputs on dimension 1
-    (GPT-2's ``Conv1D``)."""
-
-    def __init__(self, indices: torch.Tensor, dtype: torch.dtype, transposed: bool = False
-                 ) -> None:
-        super().__init__()
-        self.transposed = transposed
-        self.register_buffer("indices", indices)
-        self.values = nn.Parameter(torch.zeros(indices.shape, dtype=dtype,
-                                               device=indices.device))
+    W viewed 2-D, for the layer types without a sparse forward (convolutions); the same entries
+    and storage as :class:`~zest.finetune.sparse.SparseUpdate`."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.transposed:
