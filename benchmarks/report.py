@@ -30,24 +30,39 @@ def probe_section() -> list[str]:
     if not data:
         return []
     lines = ["### Probe cost (`probe_cost.json`)", "",
-             "| model | batch | plain fwd+bwd | probe | ratio | with peer selectors | zest rank |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | batch | plain fwd+bwd | probe | ratio | with peer selectors | zest rank "
+             "| zest rank, first call |",
+             "|---|---|---|---|---|---|---|---|"]
+    conditions = []
     for r in data["results"]:
         peers = f"{r['all_ratio']:.2f}× ({r['all_metrics']} metrics)" if "all_ratio" in r \
             else "—"
         ranked = f"{r['rank_ratio']:.2f}×{_spread(r, 'rank_ratio_iqr')}" \
             if "rank_ratio" in r else "—"
+        cold = f"{r['rank_cold_ratio']:.2f}×{_spread(r, 'rank_cold_ratio_iqr')}" \
+            if "rank_cold_ratio" in r else "—"
         lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['plain_seconds']:.3f} s | "
                      f"{r['probe_seconds']:.3f} s ({r['metrics']} metrics) | "
-                     f"{r['ratio']:.2f}×{_spread(r, 'ratio_iqr')} | {peers} | {ranked} |")
-    repeats = data["results"][0].get("repeats") if data["results"] else None
-    note = (f"Ratio of medians over {repeats} alternating runs; in brackets the interquartile "
-            "range of the per-pair ratios, i.e. how much a single measurement on this shared "
-            "machine moves. `probe`: the probe and the values of the metrics the predictor "
-            "reads by default (`zest.evaluation.predictor_metrics()`); `with peer selectors`: "
-            "every registered metric; `zest rank`: probe, metrics and the shipped predictor.") \
-        if repeats else ""
-    return lines + ["", note, ""] if note else lines + [""]
+                     f"{r['ratio']:.2f}×{_spread(r, 'ratio_iqr')} | {peers} | {ranked} | "
+                     f"{cold} |")
+        runs = f"{r['repeats']} rounds" if "repeats" in r else "rounds not recorded"
+        if "torch_threads" in r:
+            low, high = r["load_average"]
+            conditions.append(f"{r['model']} {tuple(r['batch_shape'])}: {runs}, "
+                              f"{r['torch_threads']} torch thread(s), load average {low}–{high}")
+        else:
+            conditions.append(f"{r['model']} {tuple(r['batch_shape'])}: {runs}, "
+                              f"{data.get('machine', '')}, background jobs paused")
+    note = ("Ratio of medians over alternating rounds (a plain forward+backward, then each "
+            "measured call); in brackets the interquartile range of the ratios within a "
+            "round, i.e. how much a single measurement on this shared machine moves. `probe`: "
+            "the probe and the values of the metrics the predictor reads by default "
+            "(`zest.evaluation.predictor_metrics()`); `with peer selectors`: every registered "
+            "metric; `zest rank`: probe, metrics and the shipped predictor, the metrics of the "
+            "weights alone cached by an earlier call on the same weights "
+            "(`zest.metrics.weight_memos`; the weights fingerprint is still taken); `first "
+            "call`: that cache emptied first. Conditions: " + "; ".join(conditions) + ".")
+    return lines + ["", note, ""]
 
 
 def _spread(result: dict, key: str) -> str:

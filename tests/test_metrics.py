@@ -680,3 +680,131 @@ def test_kappa_agrees_with_peft_kappatune_selector(tiny):
     ours = _probe_values(model, task, batch, "ce", names=["kappa"])
     assert "head" not in ours
     assert ours["fc"]["kappa"] == pytest.approx(peft_kappas["fc"], rel=1e-4)
+
+
+# ----------------------------------------------------- weights alone: fast σ_max and the cache
+
+
+def _matrix_with_spectrum(rows: int, cols: int, top: tuple[float, ...], seed: int = 0
+                          ) -> torch.Tensor:
+    """A float64 matrix whose largest singular values are ``top`` (the rest below 0.8·top[-1])."""
+    generator = torch.Generator().manual_seed(seed)
+    side = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, side, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, side, generator=generator, dtype=torch.float64))
+    sigma = torch.rand(side, generator=generator, dtype=torch.float64) * 0.8 * top[-1]
+    sigma[:len(top)] = torch.tensor(top, dtype=torch.float64)
+    return (u * sigma) @ v.T
+
+
+@pytest.mark.parametrize(("rows", "cols", "top"), [
+    (300, 100, (2.0, 1.998)),       # top two 0.1 % apart, tall
+    (100, 300, (1.0, 0.9)),         # wide: the Gram operator on the smaller side
+    (500, 200, (1.0, 0.99999)),     # nearly degenerate top pair
+    (120, 90, (5.0,)),
+])
+def test_top_singular_value_is_within_its_stated_tolerance_of_the_exact_svd(rows, cols, top):
+    """Lanczos σ_max of a float32 matrix against the float64 SVD: relative error ≤ 5e-5, the
+    bound its stopping rule guarantees (LANCZOS_RESIDUAL / 2)."""
+    from zest.probe.context import EXACT_SPECTRUM_SIDE, LANCZOS_RESIDUAL, top_singular_value
+
+    w = _matrix_with_spectrum(rows, cols, top)
+    assert min(rows, cols) > EXACT_SPECTRUM_SIDE  # the iterative path, not the exact fallback
+    exact = float(torch.linalg.svdvals(w)[0])
+    assert top_singular_value(w.float()) == pytest.approx(exact, rel=LANCZOS_RESIDUAL / 2)
+
+
+def test_top_singular_value_of_flat_rank_one_and_zero_spectra():
+    from zest.probe.context import top_singular_value
+
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=torch.Generator().manual_seed(0)))
+    assert top_singular_value(3 * q) == pytest.approx(3.0, rel=1e-6)  # every σ equal
+    assert top_singular_value(torch.ones(100, 120)) == pytest.approx(math.sqrt(12000), rel=1e-6)
+    assert top_singular_value(torch.zeros(100, 100)) == 0.0
+
+
+def test_spectral_norm_of_a_large_conv_weight_matches_the_matrix_norm():
+    w = _matrix_with_spectrum(96, 144, (3.0, 2.99)).float().reshape(96, 16, 3, 3)
+    layer = Layer(name="conv", type="Conv2d", depth=0.0, n_params=w.numel(), block="")
+    value = zm.get_metric("spectral_norm")(LayerContext(layer=layer, weight=w, bias=None))
+    exact = float(torch.linalg.matrix_norm(w.double().reshape(96, -1), ord=2))
+    assert value == pytest.approx(exact, rel=5e-5)
+
+
+def _static_frame(model, task, batch):
+    from zest.frames import metrics_frame
+
+    return metrics_frame(model, task, [batch], metrics=["spectral_norm", "kappa", "weight_std",
+                                                        "rgn"]).set_index("layer")
+
+
+def test_metrics_of_the_weights_alone_are_cached_by_weights_fingerprint(monkeypatch, tmp_path):
+    """A second probe of the same weights reuses σ_max, the spectrum, ‖W‖ and std(W) (in
+    process, and from disk in a fresh process); changing one weight recomputes them."""
+    from pandas.testing import assert_frame_equal
+
+    import zest.probe.context as context
+    from tests.conftest import batch_for
+    from zest.metrics import weight_memos
+
+    monkeypatch.setenv("ZEST_CACHE_DIR", str(tmp_path))
+    weight_memos.clear()
+    calls = {"svdvals": 0}
+    svdvals = torch.linalg.svdvals
+
+    def counted(*args, **kwargs):
+        calls["svdvals"] += 1
+        return svdvals(*args, **kwargs)
+
+    monkeypatch.setattr(context.torch.linalg, "svdvals", counted)
+    model, task = load_model("tiny_llama", 3, seed=0)
+    batch = batch_for(task)
+    first = _static_frame(model, task, batch)
+    computed = calls["svdvals"]
+    assert computed >= len(first)  # at least one spectrum per layer
+    second = _static_frame(model, task, batch)
+    assert calls["svdvals"] == computed  # nothing recomputed
+    columns = ["m_spectral_norm", "m_kappa", "m_weight_std", "m_rgn"]
+    assert_frame_equal(first[columns], second[columns])
+    weight_memos.clear()  # a new process: the memos come from disk
+    _static_frame(model, task, batch)
+    assert calls["svdvals"] == computed
+
+    name = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight.mul_(2.0)
+    changed = _static_frame(model, task, batch)
+    assert calls["svdvals"] == 2 * computed  # another fingerprint: all recomputed
+    assert changed.loc[name, "m_spectral_norm"] == pytest.approx(
+        2 * first.loc[name, "m_spectral_norm"], rel=1e-12)
+    assert changed.loc[name, "m_weight_std"] == pytest.approx(
+        2 * first.loc[name, "m_weight_std"], rel=1e-6)
+    other = first.index[0]
+    assert changed.loc[other, "m_spectral_norm"] == first.loc[other, "m_spectral_norm"]
+
+
+def test_a_corrupt_weight_memo_file_is_recomputed(monkeypatch, tmp_path):
+    from tests.conftest import batch_for
+    from zest.fingerprint import model_fingerprint
+    from zest.metrics import weight_memos
+
+    monkeypatch.setenv("ZEST_CACHE_DIR", str(tmp_path))
+    weight_memos.clear()
+    model, task = load_model("tiny_llama", 3, seed=0)
+    path = weight_memos._path(model_fingerprint(model, task.head_name))  # noqa: SLF001
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a torch file")
+    frame = _static_frame(model, task, batch_for(task))
+    assert frame["m_spectral_norm"].notna().all() and path.stat().st_size > 100
+
+
+def test_blockwise_sum64_equals_the_sum_of_the_whole_product():
+    from zest.probe.context import SUM64_BLOCK, sum64, sum64_of
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(int(2.5 * SUM64_BLOCK) + 7, generator=generator) for _ in range(2))
+    exact = float((a.double() * b.double()).sum())
+    assert sum64_of(torch.mul, a, b) == pytest.approx(sum64(a * b), rel=1e-12)
+    assert sum64_of(torch.mul, a, b) == pytest.approx(exact, rel=1e-6)
+    assert sum64_of(lambda x, y: (x * y).abs_(), a, b) == \
+        pytest.approx(float((a.double() * b.double()).abs().sum()), rel=1e-6)

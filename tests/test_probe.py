@@ -243,15 +243,52 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
 def test_binary_code_kernel_leaves_padding_out(shape):
     """NASWOT's kernel with padding: K_ij = Σ over positions valid in both of c_i c_j +
     (1 − c_i)(1 − c_j), against the explicit masked formula."""
-    from zest.probe.recorder import _binary_code_kernel
+    from zest.probe.recorder import _binary_code_kernel, _positive_codes
 
     generator = torch.Generator().manual_seed(0)
     out = torch.randn(shape, generator=generator)
     lengths = torch.tensor([5, 3, 1, 5, 2, 4])
     mask = torch.arange(shape[1])[None, :] < lengths[:, None]
-    kernel = _binary_code_kernel(out > 0, mask)
+    kernel = _binary_code_kernel(_positive_codes(out, mask), mask)
     valid = mask.view(mask.shape + (1,) * (len(shape) - 2)).expand(shape).reshape(shape[0], -1)
     codes = (out > 0).reshape(shape[0], -1).double()
     v = valid.double()
     expected = (codes * v) @ (codes * v).T + ((1 - codes) * v) @ ((1 - codes) * v).T
     torch.testing.assert_close(kernel, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7), (6, 5, 3, 4)])
+def test_masked_activation_stats_and_feature_rows_match_the_valid_positions(shape):
+    """With a token mask, activation statistics and feature rows are those of the valid
+    positions copied out (mean and std to float32 rounding; the same drawn rows)."""
+    from zest.probe.recorder import (
+        MAX_FEATURE_ROWS,
+        _activation_stats,
+        _feature_rows,
+        _positive_codes,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    out = torch.randn(shape, generator=generator) + 0.3
+    lengths = torch.tensor([5, 3, 1, 5, 2, 4])
+    mask = torch.arange(shape[1])[None, :] < lengths[:, None]
+    stats = _activation_stats(out, _positive_codes(out, mask), mask)
+    valid = out[mask].double()
+    assert stats["mean"] == pytest.approx(float(valid.mean()), rel=1e-6)
+    assert stats["std"] == pytest.approx(float(valid.std()), rel=1e-6)
+    assert stats["sparsity"] == pytest.approx(float((valid <= 0).double().mean()), abs=1e-15)
+    unmasked = _activation_stats(out, _positive_codes(out, None))
+    assert unmasked["mean"] == pytest.approx(float(out.double().mean()), rel=1e-6)
+    assert unmasked["sparsity"] == pytest.approx(float((out <= 0).double().mean()), abs=1e-15)
+
+    torch.testing.assert_close(_feature_rows(out, mask, -1, torch.Generator()), out[mask])
+    big = torch.randn(4, 3, 20, 20, generator=generator)  # 1600 rows > MAX_FEATURE_ROWS
+    expected = big.movedim(1, -1).reshape(-1, 3)
+    pick = torch.randperm(expected.shape[0], generator=torch.Generator().manual_seed(1))
+    drawn = _feature_rows(big, None, 1, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(drawn, expected[pick[:MAX_FEATURE_ROWS]], rtol=0, atol=0)
+    tokens = torch.randn(6, 100, 5, generator=generator)
+    long_mask = torch.arange(100)[None, :] < torch.tensor([100, 90, 80, 70, 60, 50])[:, None]
+    pick = torch.randperm(int(long_mask.sum()), generator=torch.Generator().manual_seed(2))
+    drawn = _feature_rows(tokens, long_mask, -1, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(drawn, tokens[long_mask][pick[:MAX_FEATURE_ROWS]], rtol=0, atol=0)

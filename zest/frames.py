@@ -12,6 +12,7 @@ import pandas as pd
 from torch import nn
 
 from zest.errors import InvalidInputError
+from zest.fingerprint import model_fingerprint
 from zest.layers import Layer, candidate_layers, check_granularity, select_layers
 from zest.metrics import (
     METRICS,
@@ -19,6 +20,7 @@ from zest.metrics import (
     get_metric,
     needs_labels,
     needs_of,
+    uses_weights_alone,
 )
 from zest.models import Task
 from zest.probe import probe
@@ -50,11 +52,14 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
     for index, batch in enumerate(batches):
         task.check_batch(batch, where=f"batch {index}")
     check_labels(task, batches, metrics, reader=metrics_reader)
+    # the metrics of the weights alone are computed once per model, not per batch or call
+    fingerprint = model_fingerprint(model, task.head_name) if uses_weights_alone(metrics) \
+        else None
     rows = []
     for index, batch in enumerate(batches):
         result = probe(model, task, batch, layers=layers, needs=needs, loss=probe_loss,
                        device=device, batch_label=f"batch {index}")
-        values = compute_metrics(result.contexts, metrics)
+        values = compute_metrics(result.contexts, metrics, weights_fingerprint=fingerprint)
         if skipped is not None:
             skipped.update(result.skipped)
         for layer in layers:

@@ -23,8 +23,9 @@ from torch import nn
 from zest._registry import Registry
 from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError, UnknownNameError, closest_names
-from zest.finetune.delta import Delta, DeltaEntry, model_fingerprint
+from zest.finetune.delta import Delta, DeltaEntry
 from zest.finetune.memory import training_state
+from zest.fingerprint import model_fingerprint
 from zest.layers import candidate_layers, output_dim
 from zest.models import Task
 

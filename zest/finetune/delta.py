@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zest.errors import InvalidInputError, RecordError
+from zest.fingerprint import model_fingerprint
 
 FORMAT_VERSION = 1
 KINDS = ("replace", "sparse_add", "rows_add", "lora")
@@ -153,27 +154,6 @@ class Delta:
 def sidecar_path(path: str | os.PathLike) -> Path:
     """``run/delta.safetensors`` → ``run/delta.json``."""
     return Path(path).with_suffix(".json")
-
-
-def model_fingerprint(model: nn.Module, head_name: str | None = None) -> str:
-    """A short hash of every parameter and floating buffer of ``model`` outside its head (names,
-    dtypes, shapes and bytes): a delta records the fingerprint of the base it was trained on,
-    and applying it elsewhere is refused. The head is left out because deltas replace it
-    whole."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=12)
-    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    for name in sorted(tensors):
-        if head_name and (name == head_name or name.startswith(head_name + ".")):
-            continue
-        tensor = tensors[name]
-        if not tensor.is_floating_point():
-            continue
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,

@@ -117,14 +117,32 @@ def needs_labels(name: str) -> bool:
     return bool(get_metric(name).needs & LABEL_NEEDS)
 
 
-def compute_metrics(contexts: dict[str, LayerContext], names: Sequence[str]
-                    ) -> dict[str, dict[str, float]]:
-    """``{layer: {metric: value}}`` for every context and named metric."""
+def compute_metrics(contexts: dict[str, LayerContext], names: Sequence[str], *,
+                    weights_fingerprint: str | None = None) -> dict[str, dict[str, float]]:
+    """``{layer: {metric: value}}`` for every context and named metric.
+
+    With ``weights_fingerprint`` (:func:`zest.fingerprint.model_fingerprint` of the probed
+    model), what the metrics compute from the weights alone (singular values, σ_max, ‖W‖,
+    std(W)) is taken from, and added to, the cache of earlier calls on the same weights
+    (:mod:`zest.metrics.weight_memos`).
+    """
+    if weights_fingerprint is not None:
+        weight_memos.recall(weights_fingerprint, contexts)
     infos = [get_metric(n) for n in names]
-    return {layer: {info.name: info(ctx) for info in infos} for layer, ctx in contexts.items()}
+    values = {layer: {info.name: info(ctx) for info in infos} for layer, ctx in contexts.items()}
+    if weights_fingerprint is not None:
+        weight_memos.remember(weights_fingerprint, contexts)
+    return values
 
 
-from zest.metrics import backward, forward, static  # noqa: E402,F401  (registers the metrics)
+def uses_weights_alone(names: Iterable[str]) -> bool:
+    """Whether any of the named metrics is a metric of the weights alone (family ``static``),
+    the ones :func:`compute_metrics` can take from the cache of a weights fingerprint."""
+    return any(get_metric(name).family == "static" for name in names)
+
+
+# importing backward, forward and static registers their metrics
+from zest.metrics import backward, forward, static, weight_memos  # noqa: E402,F401
 
 __all__ = ["METRICS", "MetricInfo", "compute_metrics", "get_metric", "metric_names",
-           "needs_of", "register_metric", "resolve_metrics"]
+           "needs_of", "register_metric", "resolve_metrics", "uses_weights_alone"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from zest.metrics import register_metric
-from zest.probe import LayerContext, sum64
+from zest.probe import LayerContext, sum64_of
 
 NOT_AVAILABLE = float("nan")
 
@@ -38,7 +40,7 @@ def grasp(ctx: LayerContext) -> float:
     (perturbation of norm 1e-2 along ∇L). On piecewise-linear (ReLU) networks the difference
     also sees activation kinks that the exact Hessian ignores, so it approximates the exact
     double-backward value rather than reproducing it (see tests/test_metrics.py)."""
-    return -sum64(ctx.weight * ctx.hvp)
+    return -sum64_of(torch.mul, ctx.weight, ctx.hvp)
 
 
 @register_metric("fisher", family="backward", needs={"fisher"}, direction=1, aggregate="sum")
@@ -60,7 +62,7 @@ def synflow(ctx: LayerContext) -> float:
     all-ones input through |θ| saturates them (ReLU6 in EfficientNet-Lite clips every unit at
     6), so no gradient flows and the score is exactly 0 for every layer: measured, not
     missing, but uninformative there (its Kendall τ against any ground truth is undefined)."""
-    return sum64(ctx.weight.abs() * ctx.synflow_grad)
+    return sum64_of(lambda w, s: w.abs() * s, ctx.weight, ctx.synflow_grad)
 
 
 @register_metric("plain", family="backward", needs={"grad"}, aggregate="sum")
@@ -78,10 +80,10 @@ def grad_snr(ctx: LayerContext) -> float:
     if ctx.grad_halves is None:  # output broadcast over the batch: no per-example split
         return NOT_AVAILABLE
     g1, g2 = ctx.grad_halves
-    squares = sum64(g1 * g1) * sum64(g2 * g2)
+    squares = sum64_of(lambda g: g * g, g1) * sum64_of(lambda g: g * g, g2)
     if squares == 0:
         return 0.0
-    return sum64(g1 * g2) / math.sqrt(squares)
+    return sum64_of(torch.mul, g1, g2) / math.sqrt(squares)
 
 
 

@@ -16,8 +16,9 @@ from zest.probe.context import (
     LayerContext,
     ProbeResult,
     sum64,
+    sum64_of,
 )
 from zest.probe.run import probe
 
 __all__ = ["BACKWARD_NEEDS", "LABEL_NEEDS", "NEEDS", "LayerContext", "ProbeResult", "probe",
-           "sum64"]
+           "sum64", "sum64_of"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from zest.layers import Layer
 from zest.models import Batch, Task, check_finite
-from zest.probe.context import sum64
+from zest.probe.context import sum64_of
 from zest.probe.gradients import _weight_gradients
 from zest.probe.recorder import _Recorder
 
@@ -36,7 +36,7 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
     The original weight storages are kept in ``saved`` and swapped back by the caller, so the
     model returns bit-for-bit to its state even if this pass raises.
     """
-    norm = math.sqrt(sum(sum64(g * g) for g in grads))
+    norm = math.sqrt(sum(sum64_of(lambda x: x * x, g) for g in grads))
     if norm == 0.0:
         return [torch.zeros_like(g) for g in grads]
     step = HVP_EPSILON / norm
@@ -65,10 +65,13 @@ def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
 
     Parameters are replaced by their absolute values (original storages go to ``saved`` and are
     swapped back by the caller). The pass runs in the model's dtype and is repeated in float64
-    only when that overflows (SynFlow's products over depth can exceed float32's range).
+    only when that overflows (SynFlow's products over depth can exceed float32's range), seen as
+    a non-finite sum of some layer's gradient.
     """
     grads = _synflow_pass(model, task, batch, device, weights, saved, None)
-    if all(bool(torch.isfinite(g).all()) for g in grads):
+    # one pass per gradient: a non-finite entry makes its sum non-finite; finite entries
+    # overflow the float32 sum only near float32's range, which calls for float64 as well
+    if bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all()):
         return grads
     _swap_back(saved)
     return _synflow_pass(model, task, batch, device, weights, saved, torch.float64)

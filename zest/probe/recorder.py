@@ -14,7 +14,7 @@ from torch import nn
 from zest.layers import Layer
 from zest.models import Batch
 from zest.probe import gradients
-from zest.probe.context import BACKWARD_NEEDS
+from zest.probe.context import BACKWARD_NEEDS, sum64
 
 MAX_FEATURE_ROWS = 256
 
@@ -39,49 +39,105 @@ def _channels_last_rows(out: torch.Tensor, mask: torch.Tensor | None, channel_di
     return out.reshape(-1, out.shape[-1])
 
 
+def _feature_rows(out: torch.Tensor, mask: torch.Tensor | None, channel_dim: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """At most :data:`MAX_FEATURE_ROWS` rows of :func:`_channels_last_rows`, drawn without
+    replacement with ``generator`` when there are more. Only the drawn rows are copied: for a
+    (B, T, C) token output or a (B, C, H, W) map the draw picks row indices first."""
+    token_rows = channel_dim != 1 and out.ndim == 3 and mask is not None
+    map_rows = channel_dim == 1 and out.ndim == 4 and mask is None
+    if not (token_rows or map_rows):
+        rows = _channels_last_rows(out, mask, channel_dim)
+        if rows.shape[0] > MAX_FEATURE_ROWS:
+            pick = torch.randperm(rows.shape[0], generator=generator)
+            rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
+        return rows
+    if token_rows:
+        valid = mask.reshape(-1).nonzero().squeeze(1)
+        count = valid.numel()
+    else:
+        count = out.shape[0] * out.shape[2] * out.shape[3]
+    pick = torch.arange(count) if count <= MAX_FEATURE_ROWS else \
+        torch.randperm(count, generator=generator)[:MAX_FEATURE_ROWS]
+    pick = pick.to(out.device)
+    if token_rows:
+        return out.reshape(-1, out.shape[-1])[valid[pick]]
+    positions = out.shape[2] * out.shape[3]  # row = example · H·W + position, channels last
+    return out.flatten(2)[pick // positions, :, pick % positions]
+
+
 def _channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1  # noqa: SLF001
 
 
-def _activation_stats(values: torch.Tensor, positive: torch.Tensor) -> dict[str, float]:
-    """Mean, standard deviation (n − 1) and fraction ``≤ 0`` of ``values``.
+def _positive_codes(out: torch.Tensor, mask: torch.Tensor | None,
+                    buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The binary codes ``1[out > 0]`` as float32 zeros and ones, zero at the padding positions
+    of a (B, T) token ``mask``; written into ``buffer`` (float32, ``out``'s shape) when given.
+
+    One comparison into a buffer reused across layers of the same output shape: fresh large
+    temporaries cost more in page faults than in arithmetic (a new (32, 64, 1536) float32
+    tensor: about 8 ms on the 2-core development machine, the comparison itself 1 ms).
+    """
+    if buffer is None:
+        buffer = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    codes = torch.gt(out, 0, out=buffer)
+    if mask is not None:
+        codes.mul_(mask.view(mask.shape + (1,) * (out.ndim - 2)))
+    return codes
+
+
+def _activation_stats(values: torch.Tensor, codes: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean, standard deviation (n − 1) and fraction ``≤ 0`` of ``values``; with a (B, T)
+    token ``mask`` of a (B, T, ...) output, of its valid positions only. ``codes``: the
+    :func:`_positive_codes` of ``values`` and ``mask``.
 
     One pass of two float32 sums (Σx, Σx²) combined in float64, which is several times faster
     than ``torch.std_mean``; where the variance is small against the squared mean (|mean| > std),
-    so that the two sums would cancel, the two-pass ``torch.std_mean`` is used instead.
+    so that the two sums would cancel, the two-pass ``torch.std_mean`` is used instead. With a
+    mask the sums are taken per token (in float32) and added over the valid tokens in float64,
+    without copying the valid values out.
     """
-    n = values.numel()
-    flat = values.reshape(-1)
-    mean = float(flat.sum()) / n
-    variance = (float(torch.dot(flat, flat)) - n * mean * mean) / (n - 1) if n > 1 else 0.0
+    if mask is not None:
+        per_token = values.flatten(2)
+        valid = mask.double()
+        n = int(mask.sum()) * per_token.shape[2]
+        total = float((per_token.sum(dim=2, dtype=torch.float32).double() * valid).sum())
+        norms = torch.linalg.vector_norm(per_token, dim=2, dtype=torch.float32).double()
+        squares = float((norms * norms * valid).sum())
+    else:
+        flat = values.reshape(-1)
+        n = flat.numel()
+        total, squares = float(flat.sum()), float(torch.dot(flat, flat))
+    positives = sum64(codes)  # exact: float32 sums of 1024 zeros and ones
+    mean = total / n
+    variance = (squares - n * mean * mean) / (n - 1) if n > 1 else 0.0
     if n > 1 and variance < mean * mean:
-        std_t, mean_t = torch.std_mean(flat)
+        std_t, mean_t = torch.std_mean(values[mask] if mask is not None else values)
         mean, variance = float(mean_t), float(std_t) ** 2
     return {"mean": mean, "std": math.sqrt(max(variance, 0.0)),
-            "sparsity": 1.0 - float(torch.count_nonzero(positive)) / n}
+            "sparsity": 1.0 - positives / n}
 
 
-def _binary_code_kernel(positive: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``K = c cᵀ + (1−c)(1−c)ᵀ`` of the binary codes ``c = 1[out > 0]`` (``positive``) per
-    example, padding positions counting in neither term. Float32 is exact here (integer counts
-    < 2²⁴)."""
-    n = positive.shape[0]
-    codes = positive.reshape(n, -1).float()
+def _binary_code_kernel(codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``K = c cᵀ + (1−c)(1−c)ᵀ`` of the binary codes ``c = 1[out > 0]`` per example, padding
+    positions counting in neither term; ``codes``: :func:`_positive_codes` (zero at padding).
+    Float32 is exact here (integer counts < 2²⁴)."""
+    n = codes.shape[0]
+    flat = codes.reshape(n, -1).to(torch.float32)
+    agree = flat @ flat.T
     if mask is None:
-        width = codes.shape[1]
-        agree = codes @ codes.T
-        ones = codes.sum(dim=1)
+        width = flat.shape[1]
+        ones = flat.sum(dim=1)
         # (1−c)(1−c)ᵀ = width − s_i − s_j + c cᵀ
         return (2 * agree + width - ones[:, None] - ones[None, :]).double()
     # with v the valid-position indicator (mask ⊗ 1 over the other dims) and c ≤ v:
     # (v−c)(v−c)ᵀ = v vᵀ − c vᵀ − v cᵀ + c cᵀ, where v vᵀ and c vᵀ reduce to token-level
     # products, so only c cᵀ needs the full width
-    per_token = positive[0].numel() // positive.shape[1]  # entries per token position
+    per_token = flat.shape[1] // mask.shape[1]  # entries per token position
     m = mask.float()  # (B, T)
-    codes = codes * mask.view(mask.shape + (1,) * (positive.ndim - 2)).expand_as(
-        positive).reshape(n, -1)
-    counts = codes.view(n, mask.shape[1], -1).sum(dim=2)  # (B, T): positives per token
-    agree = codes @ codes.T
+    counts = flat.view(n, mask.shape[1], per_token).sum(dim=2)  # (B, T): positives per token
     cross = counts @ m.T  # c_i · v_j
     return (2 * agree + per_token * (m @ m.T) - cross - cross.T).double()
 
@@ -147,6 +203,8 @@ class _Recorder:
         self.called: set[str] = set()  # every candidate whose forward ran
         self.recorded: set[str] = set()  # candidates whose output was summarised
         self._generator = torch.Generator().manual_seed(0)
+        #: float32 buffers of the binary codes, one per output shape (see _positive_codes)
+        self._code_buffers: dict[tuple, torch.Tensor] = {}
 
     def attach(self) -> None:
         for layer in self.layers:
@@ -228,19 +286,20 @@ class _Recorder:
 
     def _summarise_forward(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
         mask = _valid_mask(out, self.batch)
-        positive = out > 0 if self.needs & {"activations", "binary_codes"} else None
+        codes = None
+        if self.needs & {"activations", "binary_codes"}:
+            key = (tuple(out.shape), out.device)
+            if key not in self._code_buffers:
+                self._code_buffers[key] = torch.empty(out.shape, dtype=torch.float32,
+                                                      device=out.device)
+            codes = _positive_codes(out, mask, self._code_buffers[key])
         if "activations" in self.needs:
-            values = out[mask] if mask is not None else out  # layout does not matter here
-            self.activation_stats[name] = _activation_stats(
-                values, positive[mask] if mask is not None else positive)
+            self.activation_stats[name] = _activation_stats(out, codes, mask)
         if "features" in self.needs:
-            rows = _channels_last_rows(out, mask, _channel_dim(module))
-            if rows.shape[0] > MAX_FEATURE_ROWS:
-                pick = torch.randperm(rows.shape[0], generator=self._generator)
-                rows = rows[pick[:MAX_FEATURE_ROWS].to(rows.device)]
+            rows = _feature_rows(out, mask, _channel_dim(module), self._generator)
             self.features[name] = rows.float().detach().cpu()
         if "binary_codes" in self.needs:
-            self.binary_kernels[name] = _binary_code_kernel(positive, mask).cpu()
+            self.binary_kernels[name] = _binary_code_kernel(codes, mask).cpu()
         if "pooled" in self.needs:
             self.pooled[name] = _pooled(out, mask, _channel_dim(module)).float().cpu()
 
@@ -262,7 +321,10 @@ class _Recorder:
                 act = out.detach()
                 channel_dim = _channel_dim(module) % act.ndim
                 reduce = [d for d in range(1, act.ndim) if d != channel_dim]
-                g_nk = (act * grad).sum(dim=reduce) if reduce else act * grad
+                # one example at a time: the products stay small (no batch-sized temporary)
+                g_nk = torch.stack([(a * g).sum(dim=[d - 1 for d in reduce])
+                                    for a, g in zip(act, grad, strict=True)]) \
+                    if reduce else act * grad
                 self.fisher[name] = 0.5 * g_nk.double().pow(2).mean(dim=0).cpu()
 
         return hook
