@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from zest.data import Dataset, load_dataset, task_of_spec
+from zest.data.splits import check_data_args
 from zest.errors import InvalidInputError
 from zest.models import Task, check_model_spec, check_task_kind, load_model
 
@@ -36,22 +37,10 @@ class DataOptions:
     test_fraction: float | None = _option(None, "Share of the examples for testing.", cli=False)
 
     def __post_init__(self) -> None:
-        def integer(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if self.image_size is not None and not (integer(self.image_size)
-                                                and self.image_size >= 8):
-            raise InvalidInputError(f"--image-size must be an integer of at least 8, got "
-                                    f"{self.image_size!r}; omit it for the model's default")
-        if not (integer(self.max_length) and self.max_length >= 8):
-            raise InvalidInputError(f"--max-length must be an integer of at least 8, got "
-                                    f"{self.max_length!r}")
-        for name in ("max_train", "max_val", "max_test"):
-            cap = getattr(self, name)
-            if cap is not None and not (integer(cap) and cap >= 1):
-                flag = "--" + name.replace("_", "-")
-                raise InvalidInputError(f"{flag} must be a positive integer, got {cap!r}; omit "
-                                        "it to keep the whole split")
+        check_data_args(image_size=self.image_size, max_length=self.max_length,
+                        caps={"train": self.max_train, "val": self.max_val,
+                              "test": self.max_test},
+                        val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
     def settings(self) -> dict[str, Any]:
         """The options as flat, JSON-friendly settings, as stamped into record files (the split

@@ -57,37 +57,38 @@ def _n_of(fraction: float, n: int) -> int:
     return math.ceil(fraction * n - 1e-9) if fraction > 0 else 0
 
 
-def _check_args(
-    image_size: int,
-    max_length: int,
-    caps: dict[str, int | None],
-    val_fraction: float,
-    test_fraction: float,
-    channels: int,
-) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
-        raise InvalidInputError(f"image_size must be an integer, got {image_size!r}")
-    if image_size < 8:
-        raise InvalidInputError(f"image_size must be at least 8, got {image_size}; pass 8 or more")
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
-        raise InvalidInputError(f"max_length must be an integer, got {max_length!r}")
-    if max_length < 8:
-        raise InvalidInputError(f"max_length must be at least 8, got {max_length}; pass 8 or more")
-    for split, cap in caps.items():
-        if cap is not None and (
-            isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap <= 0
-        ):
-            raise InvalidInputError(
-                f"max_{split} must be a positive integer or None, got {cap!r}; "
-                f"omit --max-{split} to keep the whole split"
-            )
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
-            raise InvalidInputError(f"{name} must lie in [0, 1), got {frac!r}")
-    if val_fraction + test_fraction >= 1.0:
-        raise InvalidInputError(
-            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
-        )
+def check_data_args(*, image_size: int | None = None, max_length: int = 128,
+                    caps: dict[str, int | None] | None = None,
+                    val_fraction: float | None = None, test_fraction: float | None = None,
+                    channels: int = 3) -> None:
+    """Validates how a data set is to be loaded, once for :func:`load_dataset` and
+    :class:`zest.loading.DataOptions` (an argument left ``None`` takes its default later).
+
+    Raises:
+        InvalidInputError: The first argument out of range, named by its command-line flag.
+    """
+    def integer(value: Any) -> bool:
+        return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+    if image_size is not None and not (integer(image_size) and image_size >= 8):
+        raise InvalidInputError(f"--image-size must be an integer of at least 8, got "
+                                f"{image_size!r}; omit it for the model's default")
+    if not (integer(max_length) and max_length >= 8):
+        raise InvalidInputError(f"--max-length must be an integer of at least 8, got "
+                                f"{max_length!r}")
+    for split, cap in (caps or {}).items():
+        if cap is not None and not (integer(cap) and cap >= 1):
+            raise InvalidInputError(f"--max-{split} must be a positive integer, got {cap!r}; "
+                                    "omit it to keep the whole split")
+    fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
+    for name, fraction in fractions.items():
+        if fraction is not None and (isinstance(fraction, bool)
+                                     or not isinstance(fraction, int | float)
+                                     or not 0.0 <= fraction < 1.0):
+            raise InvalidInputError(f"{name} must lie in [0, 1), got {fraction!r}")
+    if sum(f for f in fractions.values() if f is not None) >= 1.0:
+        raise InvalidInputError(f"val_fraction + test_fraction must be below 1, got "
+                                f"{val_fraction} + {test_fraction}")
     if channels not in (1, 3):
         raise InvalidInputError(f"channels must be 1 or 3, got {channels!r}")
 
@@ -223,7 +224,8 @@ def load_dataset(
         DataError: A missing file or column, fewer than 2 classes, or an empty split.
     """
     caps = {"train": max_train, "val": max_val, "test": max_test}
-    _check_args(image_size, max_length, caps, val_fraction, test_fraction, channels)
+    check_data_args(image_size=image_size, max_length=max_length, caps=caps,
+                    val_fraction=val_fraction, test_fraction=test_fraction, channels=channels)
     task_kind, source = task_of_spec(spec)
     raw = _raw_for(source, image_size, text_column, label_column)
     if task_kind == "causal_lm" and raw.modality != "text":
