@@ -16,9 +16,10 @@ head included). ``--spread 1,2,4,8`` adds ZEST + GPS/SPSFT rows at other spreads
 
 ZEST ranks each group with a predictor that has not seen it: trained with the shipped one's
 recipe (ranker parameters, features, target) on every complete corpus group but the
-benchmarked one, kept under ``benchmarks/results/held_out_predictors/`` and trained again when
-the corpus or the recipe changes. The shipped predictor has seen every benchmarked group's
-ground truth, so ranking with it would test recall, not prediction.
+benchmarked one, kept under ``benchmarks/results/held_out_predictors/``; trained again when the
+recipe changes, or with ``--refresh-predictors`` after the corpus has grown. The shipped
+predictor has seen every benchmarked group's ground truth, so ranking with it would test
+recall, not prediction.
 
 Every method gets its own Adam learning rate, chosen on the val split: at the first seed each
 (group, budget, method) is trained with every rate of ``--lrs`` (the trials are kept in the
@@ -26,7 +27,7 @@ JSON), the one with the best val accuracy is reported and used for the other see
 for all would favour some methods (full fine-tuning of BERT at 1e-3 loses to head-sized ones).
 Resumable: every finished trial and (group, budget, method, seed) is kept in the output JSON.
 Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 1e-3,1e-4] [--epochs 2]
-[--spread 4] [--groups G,...] [--device cuda] [--smoke] [--redo METHOD,...]
+[--spread 4] [--groups G,...] [--device cuda] [--refresh-predictors] [--smoke] [--redo METHOD,...]
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ RECORDS = Path("data/records")
 HELD_OUT = Path("benchmarks/results/held_out_predictors")
 
 
-def held_out_predictor(group_name: str) -> str:
+def held_out_predictor(group_name: str, refresh: bool = False) -> str:
     """The predictor that ranks ``group_name``: trained with the shipped predictor's recipe
     (its ranker parameters, features and target) on every complete corpus group but this one,
-    and cached in :data:`HELD_OUT`; a cached one trained on other groups or with another recipe
-    is trained again. Groups outside the corpus get the shipped one, which never saw them."""
+    and cached in :data:`HELD_OUT`. A cached one is trained again when its recipe is not the
+    shipped one's, or with ``refresh`` when the corpus has grown since (its
+    ``training_groups`` say what it saw; the ZEST rows it ranked are then redone). Groups
+    outside the corpus get the shipped one, which never saw them."""
     metrics, _ = load_corpus(RECORDS, min_seeds=2)
     groups = sorted(set(metrics["group"]))
     if group_name not in groups:
@@ -96,7 +99,9 @@ def held_out_predictor(group_name: str) -> str:
     path = HELD_OUT / f"{group_name}.json"
     if path.exists():
         cached = json.loads(path.read_text())
-        if (cached.get("training_groups") == [g for g in groups if g != group_name]
+        seen = cached.get("training_groups", [])
+        if (group_name not in seen
+                and (not refresh or seen == [g for g in groups if g != group_name])
                 and all(cached.get(key) == shipped.get(key)
                         for key in ("params", "features", "target"))):
             return str(path)
@@ -238,6 +243,9 @@ def main() -> None:
                         "minilm__r8,smollm2__r8 (default: all; the smollm2 groups take hours "
                         "of CPU)")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
+    parser.add_argument("--refresh-predictors", action="store_true", help="train the held-out "
+                        "predictors again on the corpus as it is now (after new groups); "
+                        "their ZEST rows are redone")
     parser.add_argument("--smoke", action="store_true", help="tiny models, for a quick check")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--redo", default="", help="comma-separated method labels whose "
@@ -261,7 +269,8 @@ def main() -> None:
             raise SystemExit(f"--groups: unknown groups {sorted(set(wanted) - set(known))}; "
                              f"known: {', '.join(known)}")
         groups = [known[g] for g in wanted]
-    predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}") for m, d, _ in groups}
+    predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}", args.refresh_predictors)
+                  for m, d, _ in groups}
     fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
     # ZEST's choices depend on the predictor and the plan: rows of another predictor, or
     # planned before Ranking.plan, are redone; so are results from before the learning rate
