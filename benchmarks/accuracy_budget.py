@@ -1,9 +1,11 @@
 """Test accuracy at a parameter budget (issues 7, 9 and 22): every method, 3 seeds, ~5 % and ~1 %.
 
-For each group and budget: full fine-tuning and head only (budget-free references), LoRA, GPS
-and SPSFT on all layers (sized to the budget), and layer choices of the same budget — ZEST,
-random-k, last-k, KappaTune (lowest κ) and FIM (highest share of the empirical Fisher) — each
-trained densely (``layers``); ZEST's choice also with GPS and SPSFT updates.
+For each group and budget: full fine-tuning and head only (budget-free references), LoRA (on
+every linear layer, and on peft's default targets of the model type: BERT's query/value,
+LLaMA's q_proj/v_proj), GPS and SPSFT on all layers (sized to the budget), and layer choices
+of the same budget — ZEST, random-k, last-k, KappaTune (lowest κ) and FIM (highest share of
+the empirical Fisher) — each trained densely (``layers``); ZEST's choice also with GPS and
+SPSFT updates.
 
 The ZEST rows are the call a user makes, ``zest.pipeline.run_finetune(model, dataset, out,
 method=M, param_budget=B, spread=S, predictor=P, ...)`` (``zest finetune --method M
@@ -47,6 +49,7 @@ import numpy as np
 from zest.finetune import METHODS
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
+from zest.models import model_family
 from zest.pipeline import run_finetune
 from zest.planning import DEFAULT_SPREAD, fill_budget
 from zest.ranking import rank, shipped_predictor_path
@@ -73,15 +76,32 @@ SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val
 BUDGETS = (0.05, 0.01)
 #: the tiny CNN's 10-class head alone is 2.5 % of its parameters
 SMOKE_BUDGETS = (0.1, 0.05)
+#: LoRA on peft's default target modules of the model type (BERT: query, value; LLaMA: q_proj,
+#: v_proj), for the models peft has defaults for
+LORA_PEFT_DEFAULT = "lora (peft default targets)"
 #: the methods of one budget (:func:`plans` and :func:`zest_methods`); full and head only are
 #: budget-free references
-PLAN_METHODS = ("lora (linear / dense convs)", "gps (all layers)", "spsft (all layers)",
+PLAN_METHODS = ("lora (linear / dense convs)", LORA_PEFT_DEFAULT, "gps (all layers)",
+                "spsft (all layers)",
                 "zest + dense", "zest + gps", "zest + spsft", "random-k + dense",
                 "last-k + dense", "kappatune + dense", "fim + dense")
 #: what ZEST rows record, so that rows planned otherwise (before ``Ranking.plan``) are redone
 PLANNED_BY = "Ranking.plan"
 RECORDS = Path("data/records")
 HELD_OUT = Path("benchmarks/results/held_out_predictors")
+
+
+def peft_default_targets(model_spec: str) -> list[str] | None:
+    """peft's default LoRA target modules for the model's family (None without a default)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_family(model_spec))
+
+
+def group_methods(model_spec: str, methods: list[str]) -> list[str]:
+    """The methods that apply to a group's model."""
+    return [m for m in methods
+            if m != LORA_PEFT_DEFAULT or peft_default_targets(model_spec) is not None]
 
 
 def held_out_predictor(group_name: str, refresh: bool = False) -> str:
@@ -156,8 +176,8 @@ def zest_methods(spreads: list[float]) -> dict[str, tuple[str, float | None]]:
     return methods
 
 
-def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int
-          ) -> dict[str, tuple[str, dict]]:
+def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int,
+          targets: list[str] | None = None) -> dict[str, tuple[str, dict]]:
     """method label → (tuner name, keyword arguments) for one budget, ZEST's rows excepted
     (:func:`run_zest` trains what ``Ranking.plan`` chooses)."""
     layers = candidate_layers(model, task.head_name)
@@ -181,10 +201,22 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
     linear = [n for n in names if type(modules[n]).__name__ == "Linear"] or \
         [n for n in names if getattr(modules[n], "groups", 1) == 1 and
          type(modules[n]).__name__ != "Embedding"]
-    lora_rank = max(1, round(budget / sum(modules[n].weight.shape[0]
-                                          + modules[n].weight[0].numel() for n in linear)))
+
+    def lora_rank(wrapped: list[str]) -> int:
+        """A and B hold (fan-in + fan-out) · r per layer; a rank beyond the smallest layer's
+        dimensions would add nothing but parameters."""
+        rank = round(budget / sum(modules[n].weight.shape[0] + modules[n].weight[0].numel()
+                                  for n in wrapped))
+        return max(1, min(rank, *(min(modules[n].weight.shape[0], modules[n].weight[0].numel())
+                                  for n in wrapped)))
+
+    defaults = {}
+    if targets:
+        wrapped = [n for n in linear if n.rsplit(".", 1)[-1] in targets]
+        defaults = {LORA_PEFT_DEFAULT: ("lora", {"layers": wrapped, "rank": lora_rank(wrapped)})}
     return {
-        "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank}),
+        "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank(linear)}),
+        **defaults,
         "gps (all layers)": ("gps", {"layers": "all", "k": k}),  # K ≤ fan-in per neuron
         "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
         "random-k + dense": ("layers", {"layers": pick(random_order, dense, budget)}),
@@ -291,15 +323,17 @@ def main() -> None:
             name = f"{group[0]}__{group[1]}"
             todo = [(m, None, partial(run, group, m, {}, seed, args.epochs, args.device))
                     for m in ("full", "head")]
+            applicable = group_methods(group[0], methods)
             pending = [budget for budget in budgets if not all(
-                (name, budget, m, seed) in keys for m in methods)]
+                (name, budget, m, seed) in keys for m in applicable)]
             if pending:
                 model, task, data = load_pair(group[0], group[1], options=group[2], seed=seed,
                                               device=args.device)
                 orders = layer_orders(model, task, data, seed)
                 for budget in pending:
-                    for method, (tuner, kwargs) in plans(model, task, orders, budget,
-                                                         seed).items():
+                    for method, (tuner, kwargs) in plans(
+                            model, task, orders, budget, seed,
+                            peft_default_targets(group[0])).items():
                         todo.append((method, budget, partial(run, group, tuner, kwargs, seed,
                                                              args.epochs, args.device)))
                     for method, (tuner, spread) in zest.items():
