@@ -17,7 +17,7 @@ head included). ``--spread 1,2,4,8`` adds ZEST + GPS/SPSFT rows at other spreads
 ``planned_by``) were planned by this script's own rule, and are redone.
 
 ZEST ranks each group with a predictor that has not seen it: trained with the shipped one's
-recipe (ranker parameters, features, target) on every complete corpus group but the
+recipe (ranker parameters, metrics, target) on every complete corpus group but the
 benchmarked one, kept under ``benchmarks/results/held_out_predictors/``; trained again when the
 recipe changes, or with ``--refresh-predictors`` after the corpus has grown. The shipped
 predictor has seen every benchmarked group's ground truth, so ranking with it would test
@@ -106,7 +106,7 @@ def group_methods(model_spec: str, methods: list[str]) -> list[str]:
 
 def held_out_predictor(group_name: str, refresh: bool = False) -> str:
     """The predictor that ranks ``group_name``: trained with the shipped predictor's recipe
-    (its ranker parameters, features and target) on every complete corpus group but this one,
+    (its ranker parameters, metrics and target) on every complete corpus group but this one,
     and cached in :data:`HELD_OUT`. A cached one is trained again when its recipe is not the
     shipped one's, or with ``refresh`` when the corpus has grown since (its
     ``training_groups`` say what it saw; the ZEST rows it ranked are then redone). Groups
@@ -123,7 +123,7 @@ def held_out_predictor(group_name: str, refresh: bool = False) -> str:
         if (group_name not in seen
                 and (not refresh or seen == [g for g in groups if g != group_name])
                 and all(cached.get(key) == shipped.get(key)
-                        for key in ("params", "features", "target"))):
+                        for key in ("params", "metrics", "target"))):
             return str(path)
     params = dict(shipped["params"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +136,7 @@ def held_out_predictor(group_name: str, refresh: bool = False) -> str:
         train_predictor(tmp, path, backend=params.pop("backend"),
                         normalization=params.pop("normalization"),
                         seed=params.pop("random_state"), target=shipped["target"],
-                        features=[f.removeprefix(METRIC_PREFIX) for f in shipped["features"]],
+                        features=[f.removeprefix(METRIC_PREFIX) for f in shipped["metrics"]],
                         **params)
     return str(path)
 
