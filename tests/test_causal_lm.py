@@ -16,10 +16,12 @@ from typer.testing import CliRunner
 from zest.cli import app
 from zest.errors import InvalidInputError
 from zest.finetune import Delta, Layers, apply_delta
+from zest.frames import metrics_frame
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import load_model
+from zest.probe import probe
 from zest.ranking import rank
 from zest.records import group_key
 from zest.stages import stage_plan
@@ -216,6 +218,13 @@ def test_supcon_is_refused_and_ce_is_the_default_probe_loss_for_lm(tmp_path):
     batch = data.batches("train", 8, 1)
     with pytest.raises(InvalidInputError, match="--probe-loss ce"):
         rank(model, task, batch, by="snip", probe_loss="supcon")
+    with pytest.raises(InvalidInputError, match="--probe-loss ce"):
+        probe(model, task, batch[0], loss="supcon")
+    # the library's own calls take the task's loss when none is given
+    assert probe(model, task, batch[0]).loss == pytest.approx(
+        probe(model, task, batch[0], loss="ce").loss)
+    frame = metrics_frame(model, task, batch, metrics=["snip"])
+    assert frame["m_snip"].notna().all()
     result = runner.invoke(app, ["collect", "metrics", "--model", "tiny_llama", "--dataset",
                                  "lm:rotten_tomatoes", "--out", str(tmp_path / "m.parquet"),
                                  "--batch-size", "4", "--metrics", "snip", "--max-length", "24",

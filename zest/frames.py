@@ -38,7 +38,7 @@ def probe_layers(model: nn.Module, task: Task, layer_names: Sequence[str] | None
 
 
 def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metrics: Sequence[str],
-                  probe_loss: str = "supcon", layer_names: Sequence[str] | None = None,
+                  probe_loss: str | None = None, layer_names: Sequence[str] | None = None,
                   granularity: str = "module", progress: ProgressCallback | None = None,
                   device: Any = None, metrics_reader: str | None = None,
                   skipped: dict[str, str] | None = None) -> pd.DataFrame:
@@ -71,6 +71,7 @@ def metrics_frame(model: nn.Module, task: Task, batches: Sequence[Any], *, metri
             row.update({"probe_loss": probe_loss, "batch_size": task.batch_size(batch),
                         "batch": index, "probe_seconds": result.seconds})
             rows.append(row)
+        del result, values  # the next batch's probe must not run beside this one's tensors
         if progress is not None:
             progress(index + 1, len(batches))
     frame = pd.DataFrame(rows)

@@ -30,7 +30,7 @@ from torch import nn
 
 from zest.errors import InvalidInputError
 from zest.layers import Layer, candidate_layers, select_layers
-from zest.models import Batch, Task, check_finite, preserved_training_state
+from zest.models import Batch, Task, check_finite, preserved_training_state, probe_loss_for
 from zest.probe import gradients
 from zest.probe import passes as extra_passes
 from zest.probe.context import BACKWARD_NEEDS, LABEL_NEEDS, NEEDS, LayerContext, ProbeResult
@@ -39,7 +39,7 @@ from zest.probe.recorder import _Recorder
 
 def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer] | None = None,
           layer_names: Sequence[str] | None = None, needs: Iterable[str] = ("weight", "grad"),
-          loss: str = "supcon", device: torch.device | str | None = None,
+          loss: str | None = None, device: torch.device | str | None = None,
           batch_label: str = "probe batch") -> ProbeResult:
     """Runs the probe on one batch and returns a context per candidate layer.
 
@@ -51,13 +51,16 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
         layer_names: Restrict the candidates to these names or block names.
         needs: Quantities to compute (a subset of :data:`NEEDS`), usually the union of the
             requested metrics' ``needs``.
-        loss: ``supcon`` (supervised contrastive on the head input, τ = 0.07) or ``ce``.
+        loss: ``supcon`` (supervised contrastive on the head input, τ = 0.07) or ``ce``;
+            default: the task's (:func:`~zest.models.probe_loss_for`: ``supcon``, and a
+            causal-LM task's next-token ``ce``).
         device: Where to run (default: where the model is).
         batch_label: How error messages name the batch (e.g. ``"batch 3"``).
 
     Returns:
         A :class:`ProbeResult`.
     """
+    loss = probe_loss_for(task.kind, loss)
     needs = set(needs) | {"weight"}
     unknown = needs - NEEDS
     if unknown:
@@ -108,14 +111,14 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
                     check_finite(loss_value, batch_label)
                 passes.append("forward")
                 if needs_backward:
-                    grads, halves = gradients._weight_gradients(
-                        loss_value, recorder, layers, modules, split="grad_halves" in needs)
+                    grads, halves = gradients._weight_gradients(loss_value, recorder, layers,
+                                                                modules)
                     passes.append("backward")
                 recorder.detach()  # the passes below must not re-fire the output hooks
                 for w in weights:
                     w.requires_grad_(True)
                 if "per_example_fisher" in needs:
-                    fisher_diagonal = gradients._per_example_fisher(recorder, modules, batch)
+                    fisher_diagonal = gradients._per_example_fisher(recorder, modules)
                 recorder.output_grads.clear()
                 recorder.outputs.clear()
                 recorder.inputs.clear()
