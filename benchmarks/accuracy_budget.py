@@ -64,6 +64,10 @@ GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200
                                                        max_val=200, max_test=500)),
           ("efficientnet_lite2", "mnist5k", DataOptions(image_size=64, max_train=600,
                                                         max_val=200, max_test=500)),
+          ("efficientnet_lite0", "mnist5k", DataOptions(image_size=64, max_train=600,
+                                                        max_val=200, max_test=500)),
+          ("mobilenetv2", "digits", DataOptions(image_size=64, max_train=600, max_val=200,
+                                                max_test=500)),
           # the decoder (issue 17): each run costs minutes of CPU, hours for the group
           ("smollm2", "r8", DataOptions(max_length=64, max_train=600, max_val=200,
                                         max_test=500)),
