@@ -16,6 +16,7 @@ import torch
 
 import zest
 from tests.conftest import TINY_MODELS
+from zest.families import family_named
 from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import output_dim, transforms_weight
@@ -76,7 +77,9 @@ def hf_root(tmp_path_factory):
     return tmp_path_factory.mktemp("hf")
 
 
-def _hf_spec(root, model_type: str) -> str:
+def _hf_spec(root, model_type: str, **changes) -> str:
+    """The tiny model of ``model_type`` saved under ``root`` (built once per root); ``changes``
+    to its configuration need a root of their own."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from zest.models import minilm_path
@@ -85,7 +88,7 @@ def _hf_spec(root, model_type: str) -> str:
     if not folder.exists():
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
         config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, num_labels=2,
-                                      **HF_FAMILIES[model_type])
+                                      **{**HF_FAMILIES[model_type], **changes})
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -134,6 +137,11 @@ def check_architecture(spec: str, dataset: str, options: DataOptions, tmp_path) 
         torch.testing.assert_close(torch.tensor(frames[0][column].to_numpy()),
                                    torch.tensor(frames[1][column].to_numpy()),
                                    atol=1e-4, rtol=1e-4)
+    # ... and the cached job did use the cache wherever the family declares a stage plan (its
+    # plan reproduced the model's forward and cut at the top layer), so the equality is tested
+    has_plan = family_named(task.family).plan is not None
+    assert frames[0]["gt_cached"].tolist() == [has_plan] * len(frames[0])
+    assert not frames[1]["gt_cached"].any()
     for method, tuner_class, kwargs in (("gps", GPS, {"k": 2}), ("spsft", SPSFT, {"ratio": 0.5}),
                                         ("lora", LoRA, {"rank": 2})):
         model, task, _ = load_pair(spec, dataset, options=options)

@@ -29,7 +29,7 @@ from zest.families import (
 )
 from zest.layers import candidate_layers, output_dim, transforms_weight
 from zest.models import load_model, model_family
-from zest.stages import stage_plan
+from zest.stages import slice_state, stage_plan, trim_padding
 
 #: A tiny model of every built-in family: (spec, task kind); ``hf:`` names a transformers
 #: model type built by tests/test_conformance.py. A new family adds its tiny model here.
@@ -39,8 +39,16 @@ TINY_OF_FAMILY = {
     "timm_vit": ("tiny_vit", "classification"),
     "torchvision": ("tv:mobilenet_v3_small", "classification"),
     "bert": ("tiny_bert", "classification"),
+    "distilbert": ("hf:distilbert", "classification"),
+    "albert": ("hf:albert", "classification"),
+    "mpnet": ("hf:mpnet", "classification"),
+    "deberta_v2": ("hf:deberta-v2", "classification"),
     "llama": ("tiny_llama", "causal_lm"),
-    "gpt2": ("hf:gpt2", "classification"),
+    "gpt2": ("hf:gpt2", "causal_lm"),
+    "opt": ("hf:opt", "causal_lm"),
+    "gpt_neox": ("hf:gpt_neox", "causal_lm"),
+    "falcon": ("hf:falcon", "causal_lm"),
+    "phi": ("hf:phi", "causal_lm"),
     "generic": ("timm:test_convnext", "classification"),
 }
 
@@ -72,15 +80,68 @@ def test_every_family_is_recognised_on_a_tiny_model_of_it(name, hf_root):
     assert task.head_name == family.head(model, "classification")
     if family.pooling is not None:
         assert task.pooling == family.pooling
-    # its plan, when it has one, reproduces the model's own forward
+    # its plan, when it has one, reproduces the model's own forward and runs every candidate
     batch = batch_for(task)
-    assert (stage_plan(model, task, batch) is not None) == (family.plan is not None)
+    _check_plan(model, task, batch, family)
     if kind != "classification":
         _spec, model, task = _load(spec, hf_root, kind=kind)
         batch = batch_for(task)
         batch.pop("labels")
         assert task.family == name and task.head_name == family.head(model, kind)
-        assert (stage_plan(model, task, batch) is not None) == (family.plan is not None)
+        _check_plan(model, task, batch, family)
+
+
+def _check_plan(model: nn.Module, task, batch, family: Family,
+                has_plan: bool | None = None) -> StagePlan | None:
+    plan = stage_plan(model, task, batch)
+    assert (plan is not None) == (family.plan is not None if has_plan is None else has_plan)
+    if plan is not None:
+        layers = candidate_layers(model, task.head_name)
+        assert [layer.name for layer in layers if plan.stage_of(layer.name) is None] == []
+    return plan
+
+
+#: transformers layouts beyond the conformance configurations, each changing which modules a
+#: plan runs: (model type, configuration changes, family, whether it has a plan).
+PLAN_VARIANTS = {
+    "opt_projections_norm_after": ("opt", dict(word_embed_proj_dim=16,
+                                               do_layer_norm_before=False), "opt", True),
+    "deberta_relative_conv": ("deberta-v2", dict(relative_attention=True, position_buckets=8,
+                                                 norm_rel_ebd="layer_norm", conv_kernel_size=3,
+                                                 pos_att_type=["p2c", "c2p"]),
+                              "deberta_v2", True),
+    "albert_two_groups": ("albert", dict(num_hidden_layers=4, num_hidden_groups=2,
+                                         inner_group_num=2), "albert", True),
+    "falcon_new_architecture": ("falcon", dict(num_attention_heads=4, num_kv_heads=2,
+                                               new_decoder_architecture=True), "falcon", True),
+    "falcon_alibi": ("falcon", dict(alibi=True), "falcon", False),
+}
+
+
+@pytest.mark.parametrize("variant", list(PLAN_VARIANTS))
+def test_a_plan_follows_the_layout_of_the_model(variant, tmp_path):
+    """The family's plan adapts to the modules the configuration builds (or, where it cannot
+    follow the forward, there is none), and a prefix run on a padded batch, sliced to its short
+    texts and trimmed as the ground-truth cache does, continues to the model's own logits from
+    every stage."""
+    model_type, changes, name, has_plan = PLAN_VARIANTS[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FamilyFallbackWarning)
+        model, task = load_model(_hf_spec(tmp_path, model_type, **changes), 3, seed=0)
+    assert task.family == name
+    batch = batch_for(task)
+    plan = _check_plan(model, task, batch, FAMILIES.get(name), has_plan)
+    if plan is None:
+        return
+    mask = batch["attention_mask"]
+    short = (mask.sum(dim=1) < mask.shape[1]).nonzero().flatten()
+    expected = task.forward(model, trim_padding({k: v[short] for k, v in batch.items()})).logits
+    inputs = task.model_inputs(batch)
+    with torch.no_grad():
+        for stop in range(len(plan.names) + 1):
+            state = slice_state(plan.run(plan.start(inputs), 0, stop), short)
+            got = task.head(model)(plan.features(plan.run(state, stop)))
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_resnet", "tiny_vit", "tiny_bert",

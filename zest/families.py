@@ -386,6 +386,8 @@ TIMM_RESNET = register_family(Family(
 # -- timm ViTs -----------------------------------------------------------------------------------
 
 def _timm_vit_plan(model: nn.Module, task: Task) -> StagePlan:
+    """timm ViTs: ``patch_embed`` (with the position embedding), ``blocks.i``, and, for a ViT
+    that pools by attention, ``attn_pool`` (its own weights: a stage of its own)."""
     def embed(s: State) -> State:
         x = model.patch_embed(s["x"])
         x = model._pos_embed(x)  # noqa: SLF001 - timm's own stage
@@ -397,8 +399,13 @@ def _timm_vit_plan(model: nn.Module, task: Task) -> StagePlan:
     for i, block in enumerate(model.blocks):
         names.append(f"blocks.{i}")
         functions.append(lambda s, b=block: {"x": b(s["x"])})
+    if getattr(model, "attn_pool", None) is None:
+        return StagePlan(names, functions, _image_state,
+                         lambda s: model.forward_head(model.norm(s["x"]), pre_logits=True))
+    names.append("attn_pool")
+    functions.append(lambda s: {"x": model.pool(model.norm(s["x"]))})
     return StagePlan(names, functions, _image_state,
-                     lambda s: model.forward_head(model.norm(s["x"]), pre_logits=True))
+                     lambda s: model.head_drop(model.fc_norm(s["x"])))
 
 
 TIMM_VIT = register_family(Family(
@@ -419,13 +426,74 @@ TORCHVISION = register_family(Family(
     description="torchvision classifiers (head: the last Linear; no prefix cache)"))
 
 
+# -- transformers text models: what their stage plans share ------------------------------------
+
+def _at(model: nn.Module, path: str) -> Any:
+    """The attribute at a dotted ``path`` of ``model`` (``None`` where a part is missing)."""
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _library_function(module: nn.Module, name: str) -> Callable[..., Any]:
+    """A function as the transformers file that defines ``module``'s class imports it (its own
+    ``create_causal_mask``, ``create_bidirectional_mask``)."""
+    return getattr(sys.modules[type(module).__module__], name)
+
+
+def _text_start(inputs: Any) -> State:
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def _hidden_stage(compute: Callable[[State], torch.Tensor]) -> StageFunction:
+    """A stage that replaces the state's hidden sequence and carries its attention mask on."""
+    return lambda s: {"hidden": compute(s), "attention_mask": s["attention_mask"]}
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """A layer's hidden sequence (some layers return a tuple that starts with it)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _last_token(s: State) -> torch.Tensor:
+    """The hidden state of each text's last non-padding token (texts are right-padded)."""
+    hidden = s["hidden"]
+    last = s["attention_mask"].long().sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _bidirectional_mask(base: nn.Module) -> Callable[[State], Any]:
+    """The attention mask an encoder's layers get, built from the state's padding mask by the
+    model file's own ``create_bidirectional_mask``, as its forward does."""
+    create = _library_function(base, "create_bidirectional_mask")
+    return lambda s: create(config=base.config, inputs_embeds=s["hidden"],
+                            attention_mask=s["attention_mask"])
+
+
+def _encoder_plan(names: list[str], functions: list[StageFunction], model: nn.Module,
+                  pooler: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None
+                  ) -> StagePlan:
+    """An encoder's plan from its stages up to its last layer. A head that reads a pooled
+    vector gets one more stage, named after the pooling layer, and sees ``model.dropout`` of its
+    output (as the ``*ForSequenceClassification`` do); a head that pools the sequence itself
+    (``pooler`` None) sees the hidden sequence."""
+    if pooler is None:
+        return StagePlan(names, functions, _text_start, lambda s: s["hidden"])
+    name, pool = pooler
+    dropout = getattr(model, "dropout", nn.Identity())
+    return StagePlan(names + [name], functions + [lambda s: {"pooled": pool(s["hidden"])}],
+                     _text_start, lambda s: dropout(s["pooled"]))
+
+
 # -- BERT-style encoders -------------------------------------------------------------------------
 
-def _encoder_plan(model: nn.Module, task: Task) -> StagePlan:
-    """BERT-style encoders (BERT, RoBERTa, XLM-R, ...: ``<base>.embeddings``,
-    ``<base>.encoder.layer`` and the base model's own attention-mask builder), cut at every
-    encoder layer. Heads that read the pooler (BERT) get ``dropout(pooler(h))``; heads that
-    pool themselves (RoBERTa's classification head) get the hidden sequence."""
+def _bert_plan(model: nn.Module, task: Task) -> StagePlan:
+    """BERT-style encoders (BERT, RoBERTa, XLM-R, ELECTRA: ``<base>.embeddings``, ELECTRA's
+    ``embeddings_project``, ``<base>.encoder.layer`` and the base model's own attention-mask
+    builder), cut at every encoder layer. Heads that read the pooler (BERT) get
+    ``dropout(pooler(h))``; heads that pool themselves (RoBERTa's, ELECTRA's) get the hidden
+    sequence."""
     prefix = model.base_model_prefix
     base = getattr(model, prefix)
 
@@ -440,118 +508,379 @@ def _encoder_plan(model: nn.Module, task: Task) -> StagePlan:
                            **unused)[0]
 
     names = [f"{prefix}.embeddings"]
-    functions: list[StageFunction] = [
-        lambda s: {"hidden": base.embeddings(input_ids=s["input_ids"]),
-                   "attention_mask": s["attention_mask"]}]
+    functions = [_hidden_stage(lambda s: base.embeddings(input_ids=s["input_ids"]))]
+    project = getattr(base, "embeddings_project", None)  # ELECTRA: embedding size -> hidden
+    if project is not None:
+        names.append(f"{prefix}.embeddings_project")
+        functions.append(_hidden_stage(lambda s: project(s["hidden"])))
     for i, layer in enumerate(base.encoder.layer):
         names.append(f"{prefix}.encoder.layer.{i}")
-
-        def run_layer(s: State, layer: nn.Module = layer) -> State:
-            out = layer(s["hidden"], mask4d(s))
-            hidden = out[0] if isinstance(out, tuple) else out
-            return {"hidden": hidden, "attention_mask": s["attention_mask"]}
-
-        functions.append(run_layer)
+        functions.append(_hidden_stage(
+            lambda s, layer=layer: _hidden(layer(s["hidden"], mask4d(s)))))
     pooler = getattr(base, "pooler", None)
-    if pooler is not None:
-        names.append(f"{prefix}.pooler")
-        functions.append(lambda s: {"pooled": pooler(s["hidden"])})
-        dropout = getattr(model, "dropout", nn.Identity())
-        features: Callable[[State], torch.Tensor] = lambda s: dropout(s["pooled"])  # noqa: E731
-    else:
-        features = lambda s: s["hidden"]  # noqa: E731 - the head pools the sequence itself
-    return StagePlan(names, functions,
-                     lambda inputs: {"input_ids": inputs["input_ids"],
-                                     "attention_mask": inputs["attention_mask"]},
-                     features)
+    return _encoder_plan(names, functions, model,
+                         (f"{prefix}.pooler", pooler) if pooler is not None else None)
 
 
 BERT = register_family(Family(
     name="bert", modality="text",
     recognise=lambda m: _has(_transformers_base(m), "embeddings", "encoder",
                              "_create_attention_masks"),
-    head=transformers_head, pooling="first", plan=_encoder_plan,
+    head=transformers_head, pooling="first", plan=_bert_plan,
     model_families=("bert", "roberta", "xlm-roberta", "electra"),
     frozen_name_parts=("position_embeddings",),
-    description="BERT-style encoders (BERT, RoBERTa, XLM-R: embeddings, encoder.layer.i)"))
+    description="BERT-style encoders (BERT, RoBERTa, XLM-R, ELECTRA: embeddings, "
+                "encoder.layer.i)"))
 
 
-# -- LLaMA-style decoders ------------------------------------------------------------------------
+# -- DistilBERT ----------------------------------------------------------------------------------
 
-def _decoder_plan(model: nn.Module, task: Task) -> StagePlan | None:
-    """LLaMA-style decoders (``model.model`` with ``embed_tokens``, ``layers``, ``norm`` and
-    ``rotary_emb``), cut at every decoder layer: with a ``score`` head on the last non-padding
-    token, or (the causal-LM task) with the LM head on every token, the stages then ending at
-    the final norm. Each stage rebuilds the causal mask and the rotary embeddings from the
-    state's attention mask, through the model's own functions."""
-    pooled = task.kind != "causal_lm"
-    if task.head_name != ("score" if pooled else "lm_head"):
+def _distilbert_plan(model: nn.Module, task: Task) -> StagePlan | None:
+    """DistilBERT: ``<base>.embeddings``, ``<base>.transformer.layer.i``, then the classifier's
+    own pooling, ``relu(pre_classifier(h[:, 0]))`` (its stage is ``pre_classifier``)."""
+    pre_classifier = getattr(model, "pre_classifier", None)
+    if pre_classifier is None:
         return None
-    base = model.model
-    prefix = "model"
-    create_causal_mask = sys.modules[type(base).__module__].create_causal_mask
-    accepted = inspect.signature(create_causal_mask).parameters
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    mask = _bidirectional_mask(base)
+    names = [f"{prefix}.embeddings"]
+    functions = [_hidden_stage(lambda s: base.embeddings(s["input_ids"]))]
+    for i, layer in enumerate(base.transformer.layer):
+        names.append(f"{prefix}.transformer.layer.{i}")
+        functions.append(_hidden_stage(
+            lambda s, layer=layer: _hidden(layer(s["hidden"], mask(s)))))
+    return _encoder_plan(names, functions, model,
+                         ("pre_classifier", lambda h: torch.relu(pre_classifier(h[:, 0]))))
 
-    def context(s: State) -> tuple[Any, Any, torch.Tensor]:
-        hidden = s["hidden"]
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=base.config, inputs_embeds=hidden,
-                                  attention_mask=s["attention_mask"], position_ids=positions,
-                                  **{cache_arg: None})
-        return mask, base.rotary_emb(hidden, position_ids=positions), positions
 
-    names = [f"{prefix}.embed_tokens"]
+DISTILBERT = register_family(Family(
+    name="distilbert", modality="text",
+    recognise=lambda m: _has(_at(_transformers_base(m), "transformer"), "layer") and
+    _has(_transformers_base(m), "embeddings"),
+    head=transformers_head, pooling="first", plan=_distilbert_plan,
+    model_families=("distilbert",), frozen_name_parts=("position_embeddings",),
+    description="DistilBERT (embeddings, transformer.layer.i, pre_classifier)"))
+
+
+# -- ALBERT --------------------------------------------------------------------------------------
+
+def _albert_plan(model: nn.Module, task: Task) -> StagePlan:
+    """ALBERT: ``<base>.embeddings``, the projection to the hidden size
+    (``encoder.embedding_hidden_mapping_in``), then one stage per layer group
+    (``encoder.albert_layer_groups.g``) that runs every pass through the group. The passes of a
+    group share its weights, so a layer of the group is in each of them and the cache can only
+    hold what comes before the group's first pass: with one group (ALBERT's default) the
+    projected embeddings. Last, the pooler on the first token; the head reads
+    ``dropout(tanh(pooler(h[:, 0])))``."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    encoder = base.encoder
+    mask = _bidirectional_mask(base)
+    names = [f"{prefix}.embeddings", f"{prefix}.encoder.embedding_hidden_mapping_in"]
+    functions = [_hidden_stage(lambda s: base.embeddings(input_ids=s["input_ids"])),
+                 _hidden_stage(lambda s: encoder.embedding_hidden_mapping_in(s["hidden"]))]
+    layers, groups = encoder.config.num_hidden_layers, encoder.config.num_hidden_groups
+    group_of_pass = [int(i / (layers / groups)) for i in range(layers)]  # as the encoder does
+    for g, group in enumerate(encoder.albert_layer_groups):
+
+        def run_group(s: State, group: nn.Module = group, passes: int = group_of_pass.count(g)
+                      ) -> torch.Tensor:
+            hidden, mask4d = s["hidden"], mask(s)
+            for _ in range(passes):
+                hidden = _hidden(group(hidden, mask4d))
+            return hidden
+
+        names.append(f"{prefix}.encoder.albert_layer_groups.{g}")
+        functions.append(_hidden_stage(run_group))
+    pooler = base.pooler
+    return _encoder_plan(names, functions, model, None if pooler is None else (
+        f"{prefix}.pooler", lambda h: base.pooler_activation(pooler(h[:, 0]))))
+
+
+ALBERT = register_family(Family(
+    name="albert", modality="text",
+    recognise=lambda m: _has(_at(_transformers_base(m), "encoder"), "albert_layer_groups",
+                             "embedding_hidden_mapping_in"),
+    head=transformers_head, pooling="first", plan=_albert_plan,
+    model_families=("albert",), frozen_name_parts=("position_embeddings",),
+    description="ALBERT (embeddings, encoder.albert_layer_groups.g shared by its passes, "
+                "pooler)"))
+
+
+# -- MPNet ---------------------------------------------------------------------------------------
+
+def _mpnet_plan(model: nn.Module, task: Task) -> StagePlan:
+    """MPNet: ``<base>.embeddings``; the relative position bias every layer adds, from the
+    Embedding ``encoder.relative_attention_bias`` (a stage of its own that passes the state on:
+    each layer stage recomputes the bias from it, so a prefix cached before it stays valid
+    while it trains); ``encoder.layer.i``. Its classification head pools the first token
+    itself, so it gets the hidden sequence."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    encoder = base.encoder
+    mask = _bidirectional_mask(base)
+    names = [f"{prefix}.embeddings", f"{prefix}.encoder.relative_attention_bias"]
     functions: list[StageFunction] = [
-        lambda s: {"hidden": base.embed_tokens(s["input_ids"]),
-                   "attention_mask": s["attention_mask"]}]
-    for i, layer in enumerate(base.layers):
-        names.append(f"{prefix}.layers.{i}")
-
-        def run_layer(s: State, layer: nn.Module = layer) -> State:
-            mask, rotary, positions = context(s)
-            out = layer(s["hidden"], attention_mask=mask, position_embeddings=rotary,
-                        position_ids=positions)
-            hidden = out[0] if isinstance(out, tuple) else out
-            return {"hidden": hidden, "attention_mask": s["attention_mask"]}
-
-        functions.append(run_layer)
-
-    def last_token(s: State) -> State:
-        hidden = base.norm(s["hidden"])
-        last = s["attention_mask"].long().sum(dim=1).clamp(min=1) - 1
-        return {"pooled": hidden[torch.arange(hidden.shape[0], device=hidden.device), last]}
-
-    def every_token(s: State) -> State:
-        return {"hidden": base.norm(s["hidden"]), "attention_mask": s["attention_mask"]}
-
-    names.append(f"{prefix}.norm")
-    functions.append(last_token if pooled else every_token)
-    return StagePlan(names, functions,
-                     lambda inputs: {"input_ids": inputs["input_ids"],
-                                     "attention_mask": inputs["attention_mask"]},
-                     (lambda s: s["pooled"]) if pooled else (lambda s: s["hidden"]))
+        _hidden_stage(lambda s: base.embeddings(input_ids=s["input_ids"])), lambda s: s]
+    for i, layer in enumerate(encoder.layer):
+        names.append(f"{prefix}.encoder.layer.{i}")
+        functions.append(_hidden_stage(lambda s, layer=layer: _hidden(layer(
+            s["hidden"], mask(s), encoder.compute_position_bias(s["hidden"])))))
+    pooler = getattr(base, "pooler", None)
+    return _encoder_plan(names, functions, model,
+                         (f"{prefix}.pooler", pooler) if pooler is not None else None)
 
 
+MPNET = register_family(Family(
+    name="mpnet", modality="text",
+    recognise=lambda m: _has(_at(_transformers_base(m), "encoder"), "layer",
+                             "relative_attention_bias", "compute_position_bias"),
+    head=transformers_head, pooling="first", plan=_mpnet_plan,
+    model_families=("mpnet",), frozen_name_parts=("position_embeddings",),
+    description="MPNet (embeddings, encoder.relative_attention_bias, encoder.layer.i)"))
+
+
+# -- DeBERTa-v2/v3 -------------------------------------------------------------------------------
+
+def _deberta_plan(model: nn.Module, task: Task) -> StagePlan | None:
+    """DeBERTa-v2/v3: ``<base>.embeddings``; the relative position embeddings every layer
+    reads (``encoder.rel_embeddings``, a stage of its own that passes the state on: each layer
+    stage reads them anew); ``encoder.layer.i``, with the convolution after the first layer
+    (``encoder.conv``, DeBERTa-v2 xlarge: a stage of its own, reading the embedding output
+    that the first layer's stage keeps in the state); the context pooler on the first token,
+    whose ``dropout`` output the head reads. A model that reruns its last layer
+    (``z_steps`` > 1) has no plan."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    encoder = base.encoder
+    pooler = getattr(model, "pooler", None)
+    if getattr(base, "z_steps", 0) > 1 or pooler is None:
+        return None
+
+    def run_layer(s: State, layer: nn.Module) -> torch.Tensor:
+        hidden = s["hidden"]
+        return _hidden(layer(hidden, encoder.get_attention_mask(s["attention_mask"]),
+                             relative_pos=encoder.get_rel_pos(hidden),
+                             rel_embeddings=encoder.get_rel_embedding()))
+
+    names = [f"{prefix}.embeddings"]
+    functions: list[StageFunction] = [_hidden_stage(lambda s: base.embeddings(
+        input_ids=s["input_ids"], mask=s["attention_mask"]))]
+    if getattr(encoder, "rel_embeddings", None) is not None:
+        names.append(f"{prefix}.encoder.rel_embeddings")
+        functions.append(lambda s: s)
+    for i, layer in enumerate(encoder.layer):
+        names.append(f"{prefix}.encoder.layer.{i}")
+        if i == 0 and encoder.conv is not None:
+            functions.append(lambda s, layer=layer: {
+                "hidden": run_layer(s, layer), "attention_mask": s["attention_mask"],
+                "embedded": s["hidden"]})
+            names.append(f"{prefix}.encoder.conv")
+            functions.append(_hidden_stage(
+                lambda s: encoder.conv(s["embedded"], s["hidden"], s["attention_mask"])))
+        else:
+            functions.append(_hidden_stage(lambda s, layer=layer: run_layer(s, layer)))
+    return _encoder_plan(names, functions, model, ("pooler", pooler))
+
+
+DEBERTA_V2 = register_family(Family(
+    name="deberta_v2", modality="text",
+    recognise=lambda m: _has(_at(_transformers_base(m), "encoder"), "layer",
+                             "get_rel_embedding", "get_rel_pos", "get_attention_mask"),
+    head=transformers_head, pooling="first", plan=_deberta_plan,
+    model_families=("deberta-v2",), frozen_name_parts=("position_embeddings",),
+    description="DeBERTa-v2/v3 (embeddings, encoder.rel_embeddings, encoder.layer.i, pooler)"))
+
+
+# -- causal decoders -----------------------------------------------------------------------------
+
+def _counting_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids 0, 1, 2, ... (right padding: the real tokens come first)."""
+    return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+
+
+def _real_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """OPT's position ids: real tokens counted from 0, padding -1."""
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=1) * mask - 1).long()
+
+
+def _positions_by_id(module: nn.Module, attention_mask: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    return module(positions)
+
+
+def _opt_positions(module: nn.Module, attention_mask: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    return module(attention_mask, 0, position_ids=positions)
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where a transformers causal decoder keeps its parts: one layout recognises the family
+    and builds its stage plan (:meth:`plan`), cut at every decoder layer.
+
+    Attributes:
+        stack: Dotted path from the model to the module that holds the layers (``model``,
+            ``transformer``, ``gpt_neox``, ``model.decoder``); stage names start with it.
+        embed: The token embedding (``embed_tokens``, ``wte``, ``embed_in``, ...).
+        layers: The list of decoder layers (``layers``, ``h``).
+        final: The modules after the layers, in order (the final norm, OPT's
+            ``project_out``); one whose attribute is ``None`` is skipped.
+        rotary: Positions enter every layer as rotary embeddings from the stack's
+            ``rotary_emb``.
+        positions: A learned position embedding added to the token embeddings (GPT-2's
+            ``wpe``, OPT's ``embed_positions``), called by ``embed_positions``.
+        project_in: A projection of the token embeddings to the hidden size (OPT).
+        position_ids: The position ids of a right-padded batch, from its attention mask.
+        embed_positions: ``(module, attention_mask, position_ids) -> embeddings``.
+        layer_options: Further keyword arguments of every layer call (Falcon's ``alibi``).
+        mask_options: Further keyword arguments of the model file's ``create_causal_mask``.
+    """
+
+    stack: str
+    embed: str
+    layers: str
+    final: tuple[str, ...]
+    rotary: bool = False
+    positions: str | None = None
+    project_in: str | None = None
+    position_ids: Callable[[torch.Tensor], torch.Tensor] = _counting_positions
+    embed_positions: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = \
+        _positions_by_id
+    layer_options: Mapping[str, Any] = field(default_factory=dict)
+    mask_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def recognise(self, model: nn.Module) -> bool:
+        """Whether ``model`` has the modules this layout names."""
+        parts = [self.embed, self.layers, *self.final, *(["rotary_emb"] if self.rotary else []),
+                 *filter(None, [self.positions, self.project_in])]
+        return _has(_at(model, self.stack), *parts)
+
+    def plan(self, model: nn.Module, task: Task) -> StagePlan | None:
+        """The decoder's stages: the token embedding (then ``project_in`` and the learned
+        positions, each a stage), every layer (the causal mask, the position ids and the
+        rotary embeddings rebuilt from the state's attention mask by the model's own
+        functions), the final modules. For classification the last stage pools the last
+        non-padding token for the ``score`` head (as the ``*ForSequenceClassification`` do);
+        for the causal-LM task the LM head gets every token."""
+        pooled = task.kind != "causal_lm"
+        if pooled and task.head_name != "score":
+            return None
+        stack = _at(model, self.stack)
+        create_causal_mask = _library_function(stack, "create_causal_mask")
+        accepted = inspect.signature(create_causal_mask).parameters
+        cache_arg = "cache" if "cache" in accepted else "past_key_values"
+
+        def layer_inputs(s: State) -> dict[str, Any]:
+            hidden = s["hidden"]
+            positions = self.position_ids(s["attention_mask"])
+            inputs = {"attention_mask": create_causal_mask(
+                config=stack.config, inputs_embeds=hidden, attention_mask=s["attention_mask"],
+                position_ids=positions, **{cache_arg: None}, **self.mask_options),
+                "position_ids": positions, **self.layer_options}
+            if self.rotary:
+                inputs["position_embeddings"] = stack.rotary_emb(hidden, position_ids=positions)
+            return inputs
+
+        embed = getattr(stack, self.embed)
+        names = [f"{self.stack}.{self.embed}"]
+        functions = [_hidden_stage(lambda s: embed(s["input_ids"]))]
+        project_in = getattr(stack, self.project_in) if self.project_in else None
+        if project_in is not None:
+            names.append(f"{self.stack}.{self.project_in}")
+            functions.append(_hidden_stage(lambda s: project_in(s["hidden"])))
+        if self.positions is not None:
+            table = getattr(stack, self.positions)
+            names.append(f"{self.stack}.{self.positions}")
+            functions.append(_hidden_stage(lambda s: s["hidden"] + self.embed_positions(
+                table, s["attention_mask"], self.position_ids(s["attention_mask"]))))
+        for i, layer in enumerate(getattr(stack, self.layers)):
+            names.append(f"{self.stack}.{self.layers}.{i}")
+            functions.append(_hidden_stage(
+                lambda s, layer=layer: _hidden(layer(s["hidden"], **layer_inputs(s)))))
+        for part in self.final:
+            module = getattr(stack, part)
+            if module is not None:
+                names.append(f"{self.stack}.{part}")
+                functions.append(_hidden_stage(lambda s, module=module: module(s["hidden"])))
+        if not pooled:
+            return StagePlan(names, functions, _text_start, lambda s: s["hidden"])
+        last = functions[-1]
+        functions[-1] = lambda s: {"pooled": _last_token(last(s))}
+        return StagePlan(names, functions, _text_start, lambda s: s["pooled"])
+
+
+_DECODER_KINDS = ("classification", "causal_lm")
+
+_LLAMA_LAYOUT = DecoderLayout(stack="model", embed="embed_tokens", layers="layers",
+                              final=("norm",), rotary=True)
 LLAMA = register_family(Family(
-    name="llama", modality="text",
-    recognise=lambda m: _has(getattr(m, "model", None), "embed_tokens", "layers", "norm",
-                             "rotary_emb"),
-    head=transformers_head, pooling="last", plan=_decoder_plan,
-    kinds=("classification", "causal_lm"),
+    name="llama", modality="text", recognise=_LLAMA_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_LLAMA_LAYOUT.plan, kinds=_DECODER_KINDS,
     model_families=("llama", "mistral", "qwen2", "gemma"),
     description="LLaMA-style decoders (model.embed_tokens, model.layers.i, model.norm)"))
 
-
-# -- GPT-2 ---------------------------------------------------------------------------------------
-
+_GPT2_LAYOUT = DecoderLayout(stack="transformer", embed="wte", positions="wpe", layers="h",
+                             final=("ln_f",))
 GPT2 = register_family(Family(
-    name="gpt2", modality="text",
-    recognise=lambda m: _has(getattr(m, "transformer", None), "wte", "wpe", "h"),
-    head=transformers_head, pooling="last", kinds=("classification", "causal_lm"),
+    name="gpt2", modality="text", recognise=_GPT2_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_GPT2_LAYOUT.plan, kinds=_DECODER_KINDS,
     model_families=("gpt2",),
     module_types={"Conv1D": ModuleType("linear", output_dim=1)},
-    description="GPT-2 decoders (transformer.wte, transformer.h.i of Conv1D layers)"))
+    description="GPT-2 decoders (transformer.wte, transformer.wpe, transformer.h.i of Conv1D "
+                "layers, transformer.ln_f)"))
+
+_OPT_LAYOUT = DecoderLayout(stack="model.decoder", embed="embed_tokens",
+                            project_in="project_in", positions="embed_positions",
+                            layers="layers", final=("final_layer_norm", "project_out"),
+                            position_ids=_real_token_positions,
+                            embed_positions=_opt_positions)
+OPT = register_family(Family(
+    name="opt", modality="text", recognise=_OPT_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_OPT_LAYOUT.plan, kinds=_DECODER_KINDS,
+    model_families=("opt",),
+    description="OPT decoders (model.decoder.embed_tokens, embed_positions, layers.i, "
+                "final_layer_norm, project_out)"))
+
+_GPT_NEOX_LAYOUT = DecoderLayout(stack="gpt_neox", embed="embed_in", layers="layers",
+                                 final=("final_layer_norm",), rotary=True)
+GPT_NEOX = register_family(Family(
+    name="gpt_neox", modality="text", recognise=_GPT_NEOX_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_GPT_NEOX_LAYOUT.plan, kinds=_DECODER_KINDS,
+    model_families=("gpt_neox",),
+    description="GPT-NeoX/Pythia decoders (gpt_neox.embed_in, gpt_neox.layers.i, "
+                "gpt_neox.final_layer_norm)"))
+
+# Falcon's forward materialises its causal mask (to add ALiBi to it) and passes alibi
+_FALCON_LAYOUT = DecoderLayout(stack="transformer", embed="word_embeddings", layers="h",
+                               final=("ln_f",), rotary=True, layer_options={"alibi": None},
+                               mask_options={"allow_is_causal_skip": False})
+
+
+def _falcon_plan(model: nn.Module, task: Task) -> StagePlan | None:
+    """Falcon with rotary positions; a Falcon with ALiBi (``config.alibi``: falcon-rw) has no
+    plan, since its forward folds the ALiBi bias into the mask inside the model."""
+    if getattr(model.transformer, "use_alibi", False):
+        return None
+    return _FALCON_LAYOUT.plan(model, task)
+
+
+FALCON = register_family(Family(
+    name="falcon", modality="text", recognise=_FALCON_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_falcon_plan, kinds=_DECODER_KINDS,
+    model_families=("falcon",),
+    description="Falcon decoders (transformer.word_embeddings, transformer.h.i, "
+                "transformer.ln_f; ALiBi ones without cache)"))
+
+_PHI_LAYOUT = DecoderLayout(stack="model", embed="embed_tokens", layers="layers",
+                            final=("final_layernorm",), rotary=True)
+PHI = register_family(Family(
+    name="phi", modality="text", recognise=_PHI_LAYOUT.recognise,
+    head=transformers_head, pooling="last", plan=_PHI_LAYOUT.plan, kinds=_DECODER_KINDS,
+    model_families=("phi",),
+    description="Phi decoders (model.embed_tokens, model.layers.i, model.final_layernorm)"))
 
 
 # -- the generic adapter -------------------------------------------------------------------------

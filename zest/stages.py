@@ -4,8 +4,9 @@ The ground-truth collector fine-tunes one layer at a time with everything before
 block frozen, so the output of that frozen prefix can be computed once per example and reused
 (ZEST ground truth, ARCHITECTURE.md §5). A :class:`~zest.families.StagePlan` runs the forward
 stage by stage; each architecture family declares its own (``Family.plan`` in
-:mod:`zest.families`: timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs,
-BERT-style encoders, LLaMA-style decoders). :func:`stage_plan` checks the family's plan against
+:mod:`zest.families`: timm EfficientNet/MobileNet-style CNNs, timm ResNets, timm ViTs; BERT-style,
+DistilBERT, ALBERT, MPNet and DeBERTa-v2 encoders; LLaMA-style, GPT-2, OPT, GPT-NeoX, Falcon and
+Phi decoders). :func:`stage_plan` checks the family's plan against
 the model's own forward on a sample batch before use; a model without a plan, or whose plan does
 not reproduce the logits, runs the uncached loop. States are dicts of tensors whose first
 dimension is the example, so they can be cached, sliced and concatenated.
@@ -33,11 +34,13 @@ def _candidate_plan(model: nn.Module, task: Task) -> StagePlan | None:
 
 def stage_plan(model: nn.Module, task: Task, sample: Batch) -> StagePlan | None:
     """The stage plan of ``model``, verified on ``sample`` against the model's own forward
-    (``None`` when the family has no plan or the plan does not reproduce the logits)."""
-    plan = _candidate_plan(model, task)
-    if plan is None:
-        return None
+    (``None`` when the family has no plan, or its plan cannot be built for this model or
+    library version, or does not reproduce the logits)."""
+    plan = None
     try:
+        plan = _candidate_plan(model, task)
+        if plan is None:
+            return None
         with preserved_training_state(model), torch.no_grad():
             model.eval()
             expected = task.forward(model, sample).logits
@@ -49,7 +52,9 @@ def stage_plan(model: nn.Module, task: Task, sample: Batch) -> StagePlan | None:
     return plan if ok else None
 
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "hidden", "token_type_ids")
+#: State entries with a token dimension (trimmed with the padding): "embedded" is an embedding
+#: output a later stage still reads (DeBERTa-v2's convolution after its first layer).
+TOKEN_KEYS = ("input_ids", "attention_mask", "hidden", "token_type_ids", "embedded")
 
 
 def slice_state(state: State, index: torch.Tensor) -> State:
