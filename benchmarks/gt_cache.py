@@ -3,7 +3,7 @@
 For each model, the same layers (evenly spread over depth), steps and data are tuned once with
 the cache and once without; the wall times are compared and the records checked to agree.
 Resumable: finished cases are kept in the output JSON and skipped.
-Usage: python benchmarks/gt_cache.py [--steps 30] [--every 4] [--out FILE.json]
+Usage: python benchmarks/gt_cache.py [--steps 30] [--every N] [--models M ...] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 
+#: model → (data set, options, every n-th layer of its candidates): the decoder's 211 layers at
+#: a few CPU-minutes each are thinned further
 CASES = {
-    "efficientnet_lite0": ("digits", DataOptions(image_size=64, max_train=512, max_val=256)),
-    "minilm": ("r8", DataOptions(max_length=64, max_train=512, max_val=256)),
+    "efficientnet_lite0": ("digits", DataOptions(image_size=64, max_train=512, max_val=256), 4),
+    "minilm": ("r8", DataOptions(max_length=64, max_train=512, max_val=256), 4),
+    "mobilenetv2": ("digits", DataOptions(image_size=64, max_train=512, max_val=256), 4),
+    "smollm2": ("r8", DataOptions(max_length=64, max_train=512, max_val=256), 30),
 }
 
 
-def run_case(model: str, steps: int, every: int) -> dict:
-    dataset, options = CASES[model]
+def run_case(model: str, steps: int, every: int | None) -> dict:
+    dataset, options, default_every = CASES[model]
+    every = every or default_every
     net, task, _ = load_pair(model, dataset, options=options)
     layers = [layer.name for layer in candidate_layers(net, task.head_name)][::every]
     timings, frames = {}, {}
@@ -42,7 +47,8 @@ def run_case(model: str, steps: int, every: int) -> dict:
             timings[cached] = time.perf_counter() - start
     a = frames[True].sort_values("layer").reset_index(drop=True)
     b = frames[False].sort_values("layer").reset_index(drop=True)
-    return {"model": model, "dataset": dataset, "layers": len(layers), "steps": steps,
+    return {"model": model, "family": task.family, "dataset": dataset, "layers": len(layers),
+            "steps": steps,
             "train": options.max_train, "val": options.max_val,
             "cached_seconds": round(timings[True], 1), "naive_seconds": round(timings[False], 1),
             "speedup": round(timings[False] / timings[True], 2),
@@ -53,13 +59,16 @@ def run_case(model: str, steps: int, every: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--every", type=int, default=4, help="take every n-th layer")
+    parser.add_argument("--every", type=int, default=None,
+                        help="take every n-th layer (default: the case's)")
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES),
+                        help="only these models (default: all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gt_cache.json"))
     args = parser.parse_args()
     done = _results.load(args.out)
     finished = {r["model"] for r in done["results"]
                 if r["steps"] == args.steps}
-    for model in CASES:
+    for model in args.models:
         if model in finished:
             continue
         result = run_case(model, args.steps, args.every)
