@@ -115,6 +115,11 @@ PLAN_VARIANTS = {
     "falcon_new_architecture": ("falcon", dict(num_attention_heads=4, num_kv_heads=2,
                                                new_decoder_architecture=True), "falcon", True),
     "falcon_alibi": ("falcon", dict(alibi=True), "falcon", False),
+    # sliding-window attention narrower than the batch's texts: every layer (Mistral), or
+    # the layers past max_window_layers (Qwen2's layer_types)
+    "mistral_sliding_window": ("mistral", dict(sliding_window=3), "llama", True),
+    "qwen2_sliding_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=3,
+                                           max_window_layers=1), "llama", True),
 }
 
 

@@ -769,14 +769,14 @@ class DecoderLayout:
         if pooled and task.head_name != "score":
             return None
         stack = _at(model, self.stack)
-        create_causal_mask = _library_function(stack, "create_causal_mask")
-        accepted = inspect.signature(create_causal_mask).parameters
+        mask_functions = _layer_mask_functions(stack, len(getattr(stack, self.layers)))
+        accepted = inspect.signature(mask_functions[0]).parameters if mask_functions else {}
         cache_arg = "cache" if "cache" in accepted else "past_key_values"
 
-        def layer_inputs(s: State) -> dict[str, Any]:
+        def layer_inputs(s: State, index: int) -> dict[str, Any]:
             hidden = s["hidden"]
             positions = self.position_ids(s["attention_mask"])
-            inputs = {"attention_mask": create_causal_mask(
+            inputs = {"attention_mask": mask_functions[index](
                 config=stack.config, inputs_embeds=hidden, attention_mask=s["attention_mask"],
                 position_ids=positions, **{cache_arg: None}, **self.mask_options),
                 "position_ids": positions, **self.layer_options}
@@ -799,7 +799,7 @@ class DecoderLayout:
         for i, layer in enumerate(getattr(stack, self.layers)):
             names.append(f"{self.stack}.{self.layers}.{i}")
             functions.append(_hidden_stage(
-                lambda s, layer=layer: _hidden(layer(s["hidden"], **layer_inputs(s)))))
+                lambda s, layer=layer, i=i: _hidden(layer(s["hidden"], **layer_inputs(s, i)))))
         for part in self.final:
             module = getattr(stack, part)
             if module is not None:
@@ -810,6 +810,26 @@ class DecoderLayout:
         last = functions[-1]
         functions[-1] = lambda s: {"pooled": _last_token(last(s))}
         return StagePlan(names, functions, _text_start, lambda s: s["pooled"])
+
+
+def _layer_mask_functions(stack: nn.Module, n_layers: int) -> list[Callable[..., Any]]:
+    """The mask builder of each decoder layer, by the model file's own rule: per-layer
+    ``config.layer_types`` (Qwen2, Gemma 2/3: full or sliding-window attention), else the
+    sliding window for every layer when ``config.sliding_window`` is set (Mistral), else the
+    plain causal mask. A sliding window matters only for texts longer than the window, which
+    the plan's check on a short sample would not catch."""
+    full = _library_function(stack, "create_causal_mask")
+    config = stack.config
+    names = {"full_attention": "create_causal_mask",
+             "sliding_attention": "create_sliding_window_causal_mask"}
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [_library_function(stack, names.get(kind, "create_causal_mask"))
+                for kind in layer_types[:n_layers]]
+    if getattr(config, "sliding_window", None) is not None and getattr(
+            sys.modules[type(stack).__module__], "create_sliding_window_causal_mask", None):
+        return [_library_function(stack, "create_sliding_window_causal_mask")] * n_layers
+    return [full] * n_layers
 
 
 _DECODER_KINDS = ("classification", "causal_lm")
