@@ -431,7 +431,8 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     groups = list(dict.fromkeys(r["group"] for r in data["results"]))
     budgets = sorted({r["budget"] for r in data["results"] if r["budget"] is not None},
                      reverse=True)
-    methods = sorted({r["method"] for r in data["results"] if r["budget"] is not None},
+    methods = sorted({r["method"] for r in data["results"]
+                      if r["budget"] is not None and "(spread" not in r["method"]},
                      key=lambda m: (ACCURACY_METHODS + [m]).index(m))
     zest_methods = [m for m in methods if m.startswith("zest")]
     lines = [f"### Test accuracy at a parameter budget (`{name}`)", "",
@@ -464,6 +465,8 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
                          + " |")
         lines.append("")
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
+    lines += _best_plan_verdict(data["results"], groups, budgets)
+    lines += _spread_section(data["results"], groups, budgets)
     for budget in budgets:
         bars = {}
         for group in groups:
@@ -537,6 +540,112 @@ def _claim_verdict(results: list[dict], groups: list[str], budgets: list[float],
                 text(diffs, holds) if diffs else "—" for _, diffs, holds in cells) + " |")
     lines += ["", f"Cases where it holds, of {cases}: " + "; ".join(
         f"{column} {count}" for column, count in held.items()) + "."]
+    return lines
+
+
+def _seed_means(results: list[dict], key: str) -> dict[tuple, float]:
+    """(group, budget, method) → mean of ``key`` over seeds."""
+    import statistics
+    from collections import defaultdict
+
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        values[r["group"], r["budget"], r["method"]].append(r[key])
+    return {k: statistics.mean(v) for k, v in values.items()}
+
+
+def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[float]
+                       ) -> list[str]:
+    """Issue 22's target, per (group, budget): the ZEST plan a user would pick on validation
+    accuracy (every method and spread measured) against full fine-tuning (within
+    :data:`CLAIM_POINTS`) and against random-k and last-k of the same budget, paired by seed."""
+    import statistics
+
+    val = _seed_means(results, "val_accuracy")
+    by_seed = {(r["group"], r["budget"], r["method"], r["seed"]): r["test_accuracy"]
+               for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    lines = ["", "**The best ZEST plan** (method and spread chosen on val accuracy, mean over "
+             "seeds), test-accuracy points paired by seed: ✓ against full fine-tuning means "
+             f"within {CLAIM_POINTS:g} point, against random-k / last-k ahead on average.", "",
+             "| group | budget | plan (val) | − full | − random-k | − last-k |",
+             "|---|---|---|---|---|---|"]
+    held: dict[float, list[int]] = {b: [0, 0] for b in budgets}
+    for group in groups:
+        for budget in budgets:
+            plans = [m for (g, b, m) in val if g == group and b == budget and
+                     m.startswith("zest")]
+            if not plans:
+                continue
+            best = max(plans, key=lambda m: val[group, budget, m])
+            cells, ok = [], []
+            for other_budget, other, margin in ((None, "full", -CLAIM_POINTS),
+                                                (budget, "random-k + dense", 0.0),
+                                                (budget, "last-k + dense", 0.0)):
+                diffs = [100 * (by_seed[group, budget, best, s]
+                                - by_seed[group, other_budget, other, s])
+                         for s in seeds if (group, budget, best, s) in by_seed
+                         and (group, other_budget, other, s) in by_seed]
+                if not diffs:
+                    cells.append("—")
+                    ok.append(False)
+                    continue
+                holds = statistics.mean(diffs) > margin if margin == 0 else \
+                    statistics.mean(diffs) >= margin
+                spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                cells.append(f"{statistics.mean(diffs):+.1f} ± {spread:.1f} "
+                             f"{'✓' if holds else '✗'}")
+                ok.append(holds)
+            held[budget][0] += 1
+            held[budget][1] += all(ok)
+            lines.append(f"| {group} | ~{budget:.0%} | {best} "
+                         f"({100 * val[group, budget, best]:.1f}) | " + " | ".join(cells) + " |")
+    lines += ["", "All three hold: " + "; ".join(
+        f"~{b:.0%} budget {n_ok} of {n} groups" for b, (n, n_ok) in held.items()) + "."]
+    return lines
+
+
+def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
+                    ) -> list[str]:
+    """The measurement behind ``zest.planning.DEFAULT_SPREAD``: ZEST + GPS / SPSFT at each
+    spread (the chosen layers hold this many times the budget), mean val and test accuracy
+    over seeds, per group and over the groups that have every spread."""
+    import statistics
+
+    rows = [r for r in results if r["method"].startswith(("zest + gps", "zest + spsft"))
+            and r.get("spread") is not None]
+    spreads = sorted({r["spread"] for r in rows})
+    if len(spreads) < 2:
+        return []
+    val, test = _seed_means(rows, "val_accuracy"), _seed_means(rows, "test_accuracy")
+    label = {(r["group"], r["budget"], r["method"]): r["spread"] for r in rows}
+    lines = ["", "**Spread** (`--spread`: the chosen layers hold this many times the budget, "
+             "GPS's K / SPSFT's ratio then filling it): val / test accuracy in %, mean over "
+             "seeds; the last row is the mean over the groups with every spread.", ""]
+    for budget in budgets:
+        for tuner in ("gps", "spsft"):
+            cell: dict[tuple[str, float], tuple[float, float]] = {}
+            for key, spread in label.items():
+                group, b, method = key
+                if b == budget and method.startswith(f"zest + {tuner}"):
+                    cell[group, spread] = (val[key], test[key])
+            present = [g for g in groups if any((g, x) in cell for x in spreads)]
+            if not present:
+                continue
+            lines += [f"ZEST + {tuner.upper()} at ~{budget:.0%}:", "",
+                      "| group | " + " | ".join(f"spread {x:g}" for x in spreads) + " |",
+                      "|---|" + "---|" * len(spreads)]
+            for group in present:
+                lines.append(f"| {group} | " + " | ".join(
+                    f"{100 * cell[group, x][0]:.1f} / {100 * cell[group, x][1]:.1f}"
+                    if (group, x) in cell else "—" for x in spreads) + " |")
+            full = [g for g in present if all((g, x) in cell for x in spreads)]
+            if full:
+                means = [(statistics.mean(cell[g, x][0] for g in full),
+                          statistics.mean(cell[g, x][1] for g in full)) for x in spreads]
+                lines.append(f"| mean of {len(full)} | " + " | ".join(
+                    f"{100 * v:.1f} / {100 * t:.1f}" for v, t in means) + " |")
+            lines.append("")
     return lines
 
 
