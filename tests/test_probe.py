@@ -239,6 +239,60 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
                                            atol=1e-6, rtol=1e-4, msg=name)
 
 
+class _OtherLinear(torch.nn.Linear):
+    """A Linear the probe does not recognise as one (``type(m) is nn.Linear`` is false)."""
+
+
+def test_per_example_fisher_of_other_modules_matches_the_closed_form():
+    """``fim_score`` of a layer that takes the per-example autograd loop (here a Linear subclass,
+    its bias frozen by the probe like every bias) equals the Gram-identity value of the same
+    layer as a plain Linear."""
+    from tests.conftest import batch_for
+
+    model, task = load_model("tiny_bert", 3)
+    batch = batch_for(task)
+    closed = compute_metrics(probe(model, task, batch, needs={"per_example_fisher"},
+                                   loss="ce").contexts, ["fim_score"])
+    name = "bert.encoder.layer.0.intermediate.dense"
+    model.get_submodule(name).__class__ = _OtherLinear
+    before = snapshot(model)
+    looped = compute_metrics(probe(model, task, batch, needs={"per_example_fisher"},
+                                   loss="ce").contexts, ["fim_score"])
+    assert_same(before, snapshot(model))
+    assert looped[name]["fim_score"] > 0
+    for layer, values in closed.items():
+        assert looped[layer]["fim_score"] == pytest.approx(values["fim_score"], rel=1e-9,
+                                                           nan_ok=True), layer
+
+
+@pytest.mark.parametrize("spec", ["tiny_llama", "tiny_cnn"])
+def test_backward_pass_releases_what_each_layer_needed(monkeypatch, spec):
+    """Once a layer's output gradient has arrived, the probe holds neither its output nor, for
+    a layer whose ∇W it forms itself, its input or output gradient: the backward pass frees
+    memory as a plain one does (issue 17)."""
+    from tests.conftest import batch_for
+
+    model, task = load_model(spec, 3)
+    held = []
+    make_hook = _Recorder._grad_hook
+
+    def spying_hook(self, name, module, per_example):
+        hook = make_hook(self, name, module, per_example)
+
+        def spy(grad):
+            hook(grad)
+            held.append((name, name in self.direct, name in self.outputs,
+                         name in self.inputs or name in self.output_grads))
+        return spy
+
+    monkeypatch.setattr(_Recorder, "_grad_hook", spying_hook)
+    probe(model, task, batch_for(task), needs=ALL_NEEDS, loss="ce")
+    assert sum(direct for _, direct, _, _ in held) >= 3
+    for name, direct, output_held, input_or_delta_held in held:
+        assert not output_held, name
+        assert not (direct and input_or_delta_held), name
+
+
 @pytest.mark.parametrize("shape", [(6, 5, 7), (6, 5, 3, 4)])
 def test_binary_code_kernel_leaves_padding_out(shape):
     """NASWOT's kernel with padding: K_ij = Σ over positions valid in both of c_i c_j +

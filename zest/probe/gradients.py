@@ -12,57 +12,54 @@ from torch import nn
 
 from zest.families import conv_forward
 from zest.layers import Layer
-from zest.models import Batch
 
 if TYPE_CHECKING:
     from zest.probe.recorder import _Recorder
 
 
 def _weight_gradients(loss: torch.Tensor, recorder: _Recorder, layers: Sequence[Layer],
-                      modules: dict[str, nn.Module], split: bool
+                      modules: dict[str, nn.Module]
                       ) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """∇W of every candidate layer from the one backward pass, and with ``split`` the
+    """∇W of every candidate layer from the one backward pass, and with ``recorder.split`` the
     contributions of the two halves of the batch.
 
     ``∇W = Σ_n J_W,nᵀ δ_n`` is a sum over examples. Layers the probe forms itself (see
     ``_Recorder._pre_hook``) get each half's sum straight from the recorded input and output
-    gradient δ, and ∇W as their total: the same work autograd would have done, split in two.
-    For the other layers autograd returns ∇W; the first half's part is computed directly for
-    Linear and Conv2d, by re-running the layer alone on the first half otherwise, and the second
-    half's part is the rest.
+    gradient δ as δ arrives (``_Recorder._grad_hook``), and ∇W as their total: the same work
+    autograd would have done, split in two. For the other layers autograd returns ∇W; the first
+    half's part is computed directly for Linear and Conv2d, by re-running the layer alone on the
+    first half otherwise, and the second half's part is the rest.
     """
+    split = recorder.split
     autograd_layers = [layer for layer in layers if modules[layer.name].weight.requires_grad]
     direct_outputs = [recorder.outputs[name] for name in recorder.direct
-                      if recorder.outputs[name].requires_grad]
+                      if name in recorder.outputs]
     # the direct layers' outputs are asked for only so that the pass reaches them when no
     # weight needs autograd; their tensor hooks record δ either way
     targets = [modules[layer.name].weight for layer in autograd_layers] + \
         ([] if autograd_layers else direct_outputs)
+    del direct_outputs
     autograd_grads = dict(zip((layer.name for layer in autograd_layers),
                               torch.autograd.grad(loss, targets, allow_unused=True)
                               if targets else (), strict=False))
+    del targets
     half = recorder.batch_size // 2
     grads: list[torch.Tensor] = []
     halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in layers:
         module = modules[layer.name]
         delta = recorder.output_grads.get(layer.name)
-        from_autograd = autograd_grads.get(layer.name)
+        from_autograd = autograd_grads.pop(layer.name, None)
         if layer.name in recorder.direct:
-            x = recorder.inputs[layer.name][0][0].detach()
-            if delta is None:  # the output does not reach the loss
-                parts = (torch.zeros_like(module.weight),) * 2
-            elif split:
-                parts = (_direct_weight_gradient(module, x[:half], delta[:half]),
-                         _direct_weight_gradient(module, x[half:], delta[half:]))
-            else:
-                parts = (_direct_weight_gradient(module, x, delta),
-                         torch.zeros_like(module.weight))
+            first, second = recorder.direct_parts.pop(layer.name, (None, None))
+            if first is None:  # the output does not reach the loss
+                first = torch.zeros_like(module.weight)
+                second = first if split else None
             if from_autograd is not None:  # further calls of a module called more than once
-                parts = (parts[0], parts[1] + from_autograd)
-            grad = parts[0] + parts[1]
+                second = from_autograd if second is None else second + from_autograd
+            grad = first if second is None else first + second
             if split:
-                halves[layer.name] = (parts[0], parts[1])
+                halves[layer.name] = (first, second)
         else:
             grad = from_autograd if from_autograd is not None else torch.zeros_like(module.weight)
             if split and delta is not None:
@@ -121,22 +118,36 @@ def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Ten
     return grad.detach().contiguous()
 
 
-def _per_example_fisher(recorder: _Recorder, modules: dict[str, nn.Module], batch: Batch
+def _per_example_fisher(recorder: _Recorder, modules: dict[str, nn.Module]
                         ) -> dict[str, float]:
     """``mean_n ‖g_n‖²`` per layer, ``g_n`` the contribution of example n to ∇(W, b) (the
-    layer's part of the diagonal empirical Fisher; Lodha et al. 2023)."""
-    result = {}
-    for name, delta in recorder.output_grads.items():
-        args, kwargs = recorder.inputs[name]
-        norms = _per_example_squared_norms(modules[name], args, kwargs, delta)
-        result[name] = float(norms.mean())
-    return result
+    layer's part of the diagonal empirical Fisher; Lodha et al. 2023), in the order the output
+    gradients arrived: the layers the probe differentiates itself have it from their gradient
+    hook, the others get it here from their recorded input and δ."""
+    return {name: value if value is not None else
+            _per_example_fisher_of(modules[name], *recorder.inputs[name],
+                                   recorder.output_grads[name])
+            for name, value in recorder.example_fisher.items()}
 
 
-def _per_example_squared_norms(module: nn.Module, args: tuple, kwargs: dict,
-                               delta: torch.Tensor) -> torch.Tensor:
+def _per_example_fisher_of(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
+                           closed_form_only: bool = False) -> float | None:
+    """One layer's ``mean_n ‖g_n‖²`` (see :func:`_per_example_fisher`); with
+    ``closed_form_only``, ``None`` where that takes the per-example loop (autograd), which is
+    left for after the backward pass."""
+    norms = _closed_form_squared_norms(module, args, kwargs, delta)
+    if norms is None:
+        if closed_form_only:
+            return None
+        norms = _looped_squared_norms(module, args, kwargs, delta)
+    return float(norms.mean())
+
+
+def _closed_form_squared_norms(module: nn.Module, args: tuple, kwargs: dict,
+                               delta: torch.Tensor) -> torch.Tensor | None:
     """‖∂/∂(W, b) of example n's part‖² for every n, from the recorded input and δ: Gram-matrix
-    identities for Linear and Embedding, unfolding for Conv2d, a per-example loop otherwise."""
+    identities for Linear and Embedding, unfolding for Conv2d; ``None`` for other modules
+    (:func:`_looped_squared_norms`)."""
     x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
     d = delta.double()
     n = d.shape[0]
@@ -173,8 +184,18 @@ def _per_example_squared_norms(module: nn.Module, args: tuple, kwargs: dict,
             grads = torch.einsum("bcl,bckl->bck", ds, cols)
         norms = grads.pow(2).flatten(1).sum(dim=1)
         return norms + (ds.sum(dim=2).pow(2).sum(dim=1) if bias is not None else 0)
+    return None
+
+
+def _looped_squared_norms(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor
+                          ) -> torch.Tensor:
+    """:func:`_closed_form_squared_norms` for any module: autograd, one example at a time."""
+    n = delta.shape[0]
+    bias = module._parameters.get("bias")  # noqa: SLF001
     norms = []
     params = [p for p in (module.weight, bias) if p is not None]
+    for p in params:  # the probe froze the biases; it restores every requires_grad flag
+        p.requires_grad_(True)
     with torch.enable_grad():
         for i in range(n):
             item_args = tuple(_rows(a, i, n) for a in args)

@@ -52,7 +52,7 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
             output = task.forward(model, batch, device)
             value = task.loss(output, loss)
             check_finite(value, f"{batch_label} (Hessian-vector pass)")
-            shifted, _ = _weight_gradients(value, recorder, layers, modules, split=False)
+            shifted, _ = _weight_gradients(value, recorder, layers, modules)
     finally:
         recorder.detach()
     return [s.sub_(g).div_(step) for s, g in zip(shifted, grads, strict=True)]

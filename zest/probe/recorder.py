@@ -174,6 +174,17 @@ def _representation_shift(x: Any, y: Any, batch_size: int) -> float:
     return float((1 - cos).mean())
 
 
+def _channel_fisher(act: torch.Tensor, grad: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``½ · mean_n (Σ_s a_nks · δ_nks)²`` per channel k of an output ``act`` and its gradient
+    (the ``fisher`` summary), in float64."""
+    channel_dim = channel_dim % act.ndim
+    reduce = [d for d in range(1, act.ndim) if d != channel_dim]
+    # one example at a time: the products stay small (no batch-sized temporary)
+    g_nk = torch.stack([(a * g).sum(dim=[d - 1 for d in reduce])
+                        for a, g in zip(act, grad, strict=True)]) if reduce else act * grad
+    return 0.5 * g_nk.double().pow(2).mean(dim=0).cpu()
+
+
 class _Recorder:
     """Forward and tensor hooks of one probe; summarises what the metrics need."""
 
@@ -185,9 +196,17 @@ class _Recorder:
         self.needs = needs
         self.batch = batch
         self.batch_size = batch_size
+        #: outputs whose tensor hook has not fired yet (released when it does)
         self.outputs: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, tuple[tuple, dict]] = {}
+        #: output gradients kept past their hook: only of layers autograd differentiates
         self.output_grads: dict[str, torch.Tensor] = {}
+        #: the two half-batch contributions to ∇W (the whole ∇W and ``None`` without ``split``)
+        #: of the layers the probe differentiates itself, formed as their output gradient arrives
+        self.direct_parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: per-example Fisher of each layer, in the order their output gradients arrive; ``None``
+        #: until computed (after the backward pass for layers autograd differentiates)
+        self.example_fisher: dict[str, float | None] = {}
         self.activation_stats: dict[str, dict[str, float]] = {}
         self.binary_kernels: dict[str, torch.Tensor] = {}
         self.features: dict[str, torch.Tensor] = {}
@@ -196,6 +215,7 @@ class _Recorder:
         self.block_shifts: dict[str, float] = {}
         self.handles: list[Any] = []
         self.keeps_inputs = bool(needs & {"grad_halves", "per_example_fisher"})
+        self.split = "grad_halves" in needs
         self.needs_backward = bool(needs & BACKWARD_NEEDS)
         #: layers whose ∇W the probe forms itself from the recorded input and output gradient
         self.direct: set[str] = set()
@@ -248,14 +268,13 @@ class _Recorder:
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             self.called.add(name)
-            if not isinstance(out, torch.Tensor) or name in self.outputs or out.ndim == 0:
+            if not isinstance(out, torch.Tensor) or name in self.recorded or out.ndim == 0:
                 return  # a module called twice keeps the summaries of its first call
             per_example = out.shape[0] == self.batch_size
             tokens = self._token_shape()
             if not per_example and tokens is not None and out.shape[0] == tokens[0] * tokens[1]:
                 # tokens flattened to (batch·tokens, ...) (OPT's MLP): summarised per example;
                 # no per-example gradient split for them
-                self.outputs[name] = out
                 self.recorded.add(name)
                 self._summarise_forward(name, module, out.detach().reshape(
                     *tokens, *out.shape[1:]))
@@ -264,7 +283,6 @@ class _Recorder:
                 return
             # outputs broadcast over the batch (position embeddings) are summarised as such;
             # they have no per-example gradient, so no half-batch split
-            self.outputs[name] = out
             self.recorded.add(name)
             if self._keeps(name) and per_example:
                 self.inputs[name] = (args, kwargs)
@@ -273,8 +291,9 @@ class _Recorder:
             self._summarise_forward(name, module, summary)
             if out.requires_grad and (name in self.direct or self.needs & {
                     "fisher", "grad_halves", "per_example_fisher"}):
-                self.handles.append(out.register_hook(
-                    self._grad_hook(name, module, out, per_example)))
+                self.outputs[name] = out  # the hook takes it (the closure must not hold it)
+                self.handles.append(out.register_hook(self._grad_hook(name, module,
+                                                                      per_example)))
 
         return hook
 
@@ -313,18 +332,46 @@ class _Recorder:
 
         return hook
 
-    def _grad_hook(self, name: str, module: nn.Module, out: torch.Tensor, per_example: bool):
+    def _keep_for_later(self, name: str, delta: torch.Tensor) -> None:
+        """Keeps δ (and the recorded input) of a layer for after the backward pass."""
+        self.output_grads[name] = delta
+        if "per_example_fisher" in self.needs:
+            self.example_fisher[name] = None  # its place in the order of the Fisher sum
+
+    def _grad_hook(self, name: str, module: nn.Module, per_example: bool):
+        """Summarises the output gradient δ as soon as it arrives and releases what only it
+        needed, so that the backward pass frees memory as a plain one does: the output (kept
+        for ``fisher``), and for a layer the probe differentiates itself, its recorded input
+        and δ once its ∇W parts and per-example Fisher are formed. Layers autograd
+        differentiates keep δ and their input until after the backward pass."""
         def hook(grad: torch.Tensor) -> None:
-            if self._keeps(name) and per_example:
-                self.output_grads[name] = grad.detach()
+            out = self.outputs.pop(name)
             if "fisher" in self.needs:
-                act = out.detach()
-                channel_dim = _channel_dim(module) % act.ndim
-                reduce = [d for d in range(1, act.ndim) if d != channel_dim]
-                # one example at a time: the products stay small (no batch-sized temporary)
-                g_nk = torch.stack([(a * g).sum(dim=[d - 1 for d in reduce])
-                                    for a, g in zip(act, grad, strict=True)]) \
-                    if reduce else act * grad
-                self.fisher[name] = 0.5 * g_nk.double().pow(2).mean(dim=0).cpu()
+                self.fisher[name] = _channel_fisher(out.detach(), grad, _channel_dim(module))
+            del out
+            if not (self._keeps(name) and per_example):
+                return
+            delta = grad.detach()
+            if name not in self.direct:
+                self._keep_for_later(name, delta)
+                return
+            args, kwargs = self.inputs[name]
+            x = args[0].detach()
+            if self.split:
+                half = self.batch_size // 2
+                self.direct_parts[name] = (
+                    gradients._direct_weight_gradient(module, x[:half], delta[:half]),
+                    gradients._direct_weight_gradient(module, x[half:], delta[half:]))
+            else:
+                self.direct_parts[name] = (gradients._direct_weight_gradient(module, x, delta),
+                                           None)
+            if "per_example_fisher" in self.needs:
+                value = gradients._per_example_fisher_of(module, args, kwargs, delta,
+                                                         closed_form_only=True)
+                if value is None:  # the per-example loop runs after the backward pass
+                    self._keep_for_later(name, delta)
+                    return
+                self.example_fisher[name] = value
+            del self.inputs[name]
 
         return hook
