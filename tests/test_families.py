@@ -149,6 +149,29 @@ def test_a_plan_follows_the_layout_of_the_model(variant, tmp_path):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+#: torchvision architectures → whether the torchvision family has a plan for their layout
+TORCHVISION_LAYOUTS = {"mobilenet_v2": True, "mobilenet_v3_small": True, "resnet18": True,
+                       "efficientnet_b0": True, "mnasnet0_5": False, "densenet121": False}
+
+
+@pytest.mark.parametrize("arch", list(TORCHVISION_LAYOUTS))
+def test_a_torchvision_plan_continues_to_the_logits_from_every_cut(arch):
+    model, task = load_model(f"tv:{arch}", 3, image_size=32, seed=0)
+    assert task.family == "torchvision"
+    batch = batch_for(task)
+    plan = _check_plan(model, task, batch, FAMILIES.get("torchvision"),
+                       TORCHVISION_LAYOUTS[arch])
+    if plan is None:
+        return
+    expected = task.forward(model, batch).logits
+    inputs = task.model_inputs(batch)
+    with torch.no_grad():
+        for stop in range(len(plan.names) + 1):
+            state = plan.run(plan.start(inputs), 0, stop)
+            got = task.head(model)(plan.features(plan.run(state, stop)))
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_resnet", "tiny_vit", "tiny_bert",
                                   "tiny_llama"])
 def test_a_family_lists_the_model_family_of_its_registered_models(spec):

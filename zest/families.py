@@ -418,12 +418,63 @@ TIMM_VIT = register_family(Family(
 
 # -- torchvision ---------------------------------------------------------------------------------
 
+def _global_pool(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchvision's global average pool and flatten (``model.avgpool`` where the model has
+    one; MobileNetV2 pools functionally)."""
+    pool = getattr(model, "avgpool", None)
+    if pool is None:
+        return lambda x: torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+    return lambda x: torch.flatten(pool(x), 1)
+
+
+def _torchvision_plan(model: nn.Module, task: Task) -> StagePlan | None:
+    """torchvision's CNNs of two layouts, cut at every block:
+
+    - ``features`` (a Sequential of blocks), a global average pool and a ``classifier``
+      Sequential that ends in the head (MobileNetV2/V3, EfficientNet V1/V2): stages
+      ``features.i``, then each classifier layer before the head (the first one pooling), so
+      that MobileNetV3's hidden Linear is a stage of its own;
+    - ResNets (``conv1`` stem, ``layer1-4``, ``avgpool``, ``fc``).
+
+    VGG fits the first layout too (its ``avgpool`` pools to 7×7, its classifier's Linears are
+    stages). Others (DenseNet's final ReLU, MNASNet's ``layers``, ConvNeXt, ViT) have none; any
+    plan is checked against the model's own forward before use."""
+    if _has(model, "conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc"):
+        names = ["conv1"]
+        functions: list[StageFunction] = [
+            lambda s: {"x": model.maxpool(model.relu(model.bn1(model.conv1(s["x"]))))}]
+        for k in range(1, 5):
+            for j, block in enumerate(getattr(model, f"layer{k}")):
+                names.append(f"layer{k}.{j}")
+                functions.append(lambda s, b=block: {"x": b(s["x"])})
+        pool = _global_pool(model)
+        return StagePlan(names, functions, _image_state, lambda s: pool(s["x"]))
+    features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
+    if not (isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential)):
+        return None
+    children = [(f"classifier.{name}", module) for name, module in classifier.named_children()]
+    if not children or children[-1][0] != task.head_name:
+        return None
+    names = [f"features.{i}" for i in range(len(features))]
+    functions = [lambda s, b=block: {"x": b(s["x"])} for block in features]
+    pool = _global_pool(model)
+    before = children[:-1]
+    if not before:
+        return StagePlan(names, functions, _image_state, lambda s: pool(s["x"]))
+    for i, (name, module) in enumerate(before):
+        names.append(name)
+        functions.append((lambda s, m=module: {"x": m(pool(s["x"]))}) if i == 0 else
+                         (lambda s, m=module: {"x": m(s["x"])}))
+    return StagePlan(names, functions, _image_state, lambda s: s["x"])
+
+
 TORCHVISION = register_family(Family(
     name="torchvision", modality="image",
     recognise=lambda m: type(m).__module__.startswith("torchvision.models."),
-    head=last_linear_head,
+    head=last_linear_head, plan=_torchvision_plan,
     model_families=("resnet", "mobilenetv2", "mobilenetv3", "efficientnet", "vit"),
-    description="torchvision classifiers (head: the last Linear; no prefix cache)"))
+    description="torchvision classifiers (head: the last Linear; a prefix cache for "
+                "features/classifier CNNs and ResNets)"))
 
 
 # -- transformers text models: what their stage plans share ------------------------------------
