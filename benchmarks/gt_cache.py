@@ -9,6 +9,7 @@ Usage: python benchmarks/gt_cache.py [--steps 30] [--every N] [--models M ...] [
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -37,6 +38,7 @@ def run_case(model: str, steps: int, every: int | None) -> dict:
     net, task, _ = load_pair(model, dataset, options=options)
     layers = [layer.name for layer in candidate_layers(net, task.head_name)][::every]
     timings, frames = {}, {}
+    load_before = os.getloadavg()[0]
     for cached in (True, False):
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
@@ -52,6 +54,10 @@ def run_case(model: str, steps: int, every: int | None) -> dict:
             "train": options.max_train, "val": options.max_val,
             "cached_seconds": round(timings[True], 1), "naive_seconds": round(timings[False], 1),
             "speedup": round(timings[False] / timings[True], 2),
+            # False: the family has no verified stage plan, so both runs were the plain loop
+            "cache_used": bool(frames[True]["gt_cached"].all()),
+            "load": f"{load_before:.1f}-{os.getloadavg()[0]:.1f} (1-min load average), "
+                    f"{torch.get_num_threads()} threads",
             "max_abs_loss_difference": float((a["gt_loss"] - b["gt_loss"]).abs().max()),
             "max_abs_score_difference": float((a["gt_score"] - b["gt_score"]).abs().max())}
 
@@ -67,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     done = _results.load(args.out)
     finished = {r["model"] for r in done["results"]
-                if r["steps"] == args.steps}
+                if r["steps"] == args.steps and r.get("cache_used", True)}
     for model in args.models:
         if model in finished:
             continue

@@ -65,6 +65,29 @@ def probe_section() -> list[str]:
     return lines + ["", note, ""]
 
 
+def probe_memory_section() -> list[str]:
+    data = _load("probe_memory.json")
+    if not data:
+        return []
+    lines = ["### Probe memory (`probe_memory.json`)", "",
+             "| model | batch | loaded | plain fwd+bwd: peak (extra) | zest rank: peak (extra) "
+             "| ratio of extras |",
+             "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['loaded_gib']:.2f} GiB | "
+                     f"{r['train_step_peak_gib']:.2f} GiB (+{r['train_step_extra_gib']:.2f}) | "
+                     f"{r['rank_peak_gib']:.2f} GiB (+{r['rank_extra_gib']:.2f}) | "
+                     f"{r['rank_to_train_step']:.2f}× |")
+    threads = sorted({r["torch_threads"] for r in data["results"]})
+    note = ("Peak resident set size of a fresh process per measurement (the system's "
+            "allocator), above the model and batch loaded: one plain forward+backward with "
+            "every weight's gradient (the training step), and one `zest rank` with the shipped "
+            "predictor on the first call on these weights. "
+            f"torch {data['results'][0]['torch']}, {'/'.join(map(str, threads))} thread(s); "
+            "method: [benchmarks/probe_memory.py](/benchmarks/probe_memory.py).")
+    return lines + ["", note, ""]
+
+
 def _spread(result: dict, key: str) -> str:
     low_high = result.get(key)
     return f" [{low_high[0]:.2f}–{low_high[1]:.2f}]" if low_high else ""
@@ -75,12 +98,15 @@ def cache_section() -> list[str]:
     if not data:
         return []
     lines = ["### Ground-truth cache (`gt_cache.json`)", "",
-             "| model | layers × steps | naive | cached | speed-up | max val-loss difference |",
-             "|---|---|---|---|---|---|"]
+             "| model (family) | layers × steps | naive | cached | speed-up | "
+             "max val-loss difference | machine load |",
+             "|---|---|---|---|---|---|---|"]
     for r in data["results"]:
-        lines.append(f"| {r['model']} | {r['layers']} × {r['steps']} | {r['naive_seconds']} s | "
-                     f"{r['cached_seconds']} s | {r['speedup']}× | "
-                     f"{r['max_abs_loss_difference']:.1e} |")
+        family = f" ({r['family']})" if r.get("family") else ""
+        speedup = f"{r['speedup']}×" if r.get("cache_used", True) else "no plan: not cached"
+        lines.append(f"| {r['model']}{family} | {r['layers']} × {r['steps']} | "
+                     f"{r['naive_seconds']} s | {r['cached_seconds']} s | {speedup} | "
+                     f"{r['max_abs_loss_difference']:.1e} | {r.get('load', 'idle')} |")
     return lines + [""]
 
 
@@ -651,7 +677,7 @@ def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
 
 def main() -> None:
     body = ranking_section() + accuracy_section() + speed_section() + probe_section() + \
-        cache_section() + memory_section() + stability_section()
+        probe_memory_section() + cache_section() + memory_section() + stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)
