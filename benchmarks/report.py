@@ -70,21 +70,24 @@ def probe_memory_section() -> list[str]:
     if not data:
         return []
     lines = ["### Probe memory (`probe_memory.json`)", "",
-             "| model | batch | loaded | plain fwd+bwd: peak (extra) | zest rank: peak (extra) "
-             "| ratio of extras |",
-             "|---|---|---|---|---|---|"]
+             "| model | batch | allocator | loaded | plain fwd+bwd: peak (extra) "
+             "| zest rank: peak (extra) | ratio of extras |",
+             "|---|---|---|---|---|---|---|"]
     for r in data["results"]:
-        lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['loaded_gib']:.2f} GiB | "
-                     f"{r['train_step_peak_gib']:.2f} GiB (+{r['train_step_extra_gib']:.2f}) | "
-                     f"{r['rank_peak_gib']:.2f} GiB (+{r['rank_extra_gib']:.2f}) | "
-                     f"{r['rank_to_train_step']:.2f}× |")
+        lines.append(f"| {r['model']} | {tuple(r['batch_shape'])} | {r['allocator']} | "
+                     f"{r['loaded_gib']:.2f} GiB | {r['train_step_peak_gib']:.2f} GiB "
+                     f"(+{r['train_step_extra_gib']:.2f}) | {r['rank_peak_gib']:.2f} GiB "
+                     f"(+{r['rank_extra_gib']:.2f}) | {r['rank_to_train_step']:.2f}× |")
     threads = sorted({r["torch_threads"] for r in data["results"]})
-    note = ("Peak resident set size of a fresh process per measurement (the system's "
-            "allocator), above the model and batch loaded: one plain forward+backward with "
-            "every weight's gradient (the training step), and one `zest rank` with the shipped "
-            "predictor on the first call on these weights. "
-            f"torch {data['results'][0]['torch']}, {'/'.join(map(str, threads))} thread(s); "
-            "method: [benchmarks/probe_memory.py](/benchmarks/probe_memory.py).")
+    note = ("Peak resident set size of a fresh process per measurement, and its extra above "
+            "the model and batch loaded: one plain forward+backward with every weight's "
+            "gradient (the training step), and one `zest rank` with the shipped predictor, "
+            "the first call on these weights. `live`: glibc with a fixed mmap threshold, so "
+            "the resident set follows live memory (reproducible to 0.01 GiB); `system`: "
+            "glibc's defaults, as a user's process runs, which keep some freed memory and vary "
+            f"from run to run. torch {data['results'][0]['torch']}, "
+            f"{'/'.join(map(str, threads))} thread(s); method: "
+            "[benchmarks/probe_memory.py](/benchmarks/probe_memory.py).")
     return lines + ["", note, ""]
 
 

@@ -239,6 +239,22 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
                                            atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_gradients_when_the_probe_forms_every_layers_gradient():
+    """An input that requires grad makes every Linear/Conv2d layer one whose ∇W the probe forms
+    itself; the backward pass then targets their outputs' graph edges, and ∇W still equals
+    autograd's."""
+    model, task = load_model("tiny_cnn", 3)
+    model.eval()
+    x, y = image_batch()
+    x.requires_grad_(True)
+    result = probe(model, task, (x, y), needs={"grad", "grad_halves"}, loss="ce")
+    weights = [model.get_submodule(name).weight for name in result.contexts]
+    expected = torch.autograd.grad(task.loss(task.forward(model, (x, y)), "ce"), weights)
+    for name, grad in zip(result.contexts, expected, strict=True):
+        torch.testing.assert_close(result.contexts[name].grad, grad, atol=1e-6, rtol=1e-4,
+                                   msg=name)
+
+
 class _OtherLinear(torch.nn.Linear):
     """A Linear the probe does not recognise as one (``type(m) is nn.Linear`` is false)."""
 

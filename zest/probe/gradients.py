@@ -32,13 +32,11 @@ def _weight_gradients(loss: torch.Tensor, recorder: _Recorder, layers: Sequence[
     """
     split = recorder.split
     autograd_layers = [layer for layer in layers if modules[layer.name].weight.requires_grad]
-    direct_outputs = [recorder.outputs[name] for name in recorder.direct
-                      if name in recorder.outputs]
     # the direct layers' outputs are asked for only so that the pass reaches them when no
     # weight needs autograd; their tensor hooks record δ either way
     targets = [modules[layer.name].weight for layer in autograd_layers] + \
-        ([] if autograd_layers else direct_outputs)
-    del direct_outputs
+        ([] if autograd_layers else list(recorder.direct_edges.values()))
+    recorder.direct_edges.clear()
     autograd_grads = dict(zip((layer.name for layer in autograd_layers),
                               torch.autograd.grad(loss, targets, allow_unused=True)
                               if targets else (), strict=False))

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from zest.layers import Layer
 from zest.models import Batch
@@ -196,8 +197,11 @@ class _Recorder:
         self.needs = needs
         self.batch = batch
         self.batch_size = batch_size
-        #: outputs whose tensor hook has not fired yet (released when it does)
+        #: outputs kept for ``fisher`` until their gradient arrives (released then)
         self.outputs: dict[str, torch.Tensor] = {}
+        #: where the outputs of the layers the probe differentiates itself enter the autograd
+        #: graph (no tensor kept): the backward pass's targets when no weight needs autograd
+        self.direct_edges: dict[str, GradientEdge] = {}
         self.inputs: dict[str, tuple[tuple, dict]] = {}
         #: output gradients kept past their hook: only of layers autograd differentiates
         self.output_grads: dict[str, torch.Tensor] = {}
@@ -291,7 +295,10 @@ class _Recorder:
             self._summarise_forward(name, module, summary)
             if out.requires_grad and (name in self.direct or self.needs & {
                     "fisher", "grad_halves", "per_example_fisher"}):
-                self.outputs[name] = out  # the hook takes it (the closure must not hold it)
+                if "fisher" in self.needs:
+                    self.outputs[name] = out  # the hook takes it (the closure must not hold it)
+                if name in self.direct:
+                    self.direct_edges[name] = get_gradient_edge(out)
                 self.handles.append(out.register_hook(self._grad_hook(name, module,
                                                                       per_example)))
 
@@ -341,12 +348,12 @@ class _Recorder:
     def _grad_hook(self, name: str, module: nn.Module, per_example: bool):
         """Summarises the output gradient δ as soon as it arrives and releases what only it
         needed, so that the backward pass frees memory as a plain one does: the output (kept
-        for ``fisher``), and for a layer the probe differentiates itself, its recorded input
+        only for ``fisher``), and for a layer the probe differentiates itself, its recorded input
         and δ once its ∇W parts and per-example Fisher are formed. Layers autograd
         differentiates keep δ and their input until after the backward pass."""
         def hook(grad: torch.Tensor) -> None:
-            out = self.outputs.pop(name)
-            if "fisher" in self.needs:
+            out = self.outputs.pop(name, None)
+            if out is not None:
                 self.fisher[name] = _channel_fisher(out.detach(), grad, _channel_dim(module))
             del out
             if not (self._keeps(name) and per_example):
