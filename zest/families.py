@@ -883,46 +883,49 @@ def _layer_mask_functions(stack: nn.Module, n_layers: int) -> list[Callable[...,
     return [full] * n_layers
 
 
-_DECODER_KINDS = ("classification", "causal_lm")
+def register_decoder(name: str, layout: DecoderLayout, *, model_families: tuple[str, ...],
+                     description: str, plan: PlanBuilder | None = None,
+                     module_types: Mapping[str, ModuleType] | None = None) -> Family:
+    """Registers a transformers decoder family: recognised and cut into stages by its
+    :class:`DecoderLayout` (or ``plan``), its head where transformers keeps it, pooling the
+    last non-padding token, for classification and the causal-LM task."""
+    return register_family(Family(
+        name=name, modality="text", recognise=layout.recognise, head=transformers_head,
+        pooling="last", plan=plan or layout.plan, kinds=("classification", "causal_lm"),
+        model_families=model_families, module_types=dict(module_types or {}),
+        description=description))
+
 
 _LLAMA_LAYOUT = DecoderLayout(stack="model", embed="embed_tokens", layers="layers",
                               final=("norm",), rotary=True)
-LLAMA = register_family(Family(
-    name="llama", modality="text", recognise=_LLAMA_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_LLAMA_LAYOUT.plan, kinds=_DECODER_KINDS,
-    model_families=("llama", "mistral", "qwen2", "gemma"),
-    description="LLaMA-style decoders (model.embed_tokens, model.layers.i, model.norm)"))
+LLAMA = register_decoder(
+    "llama", _LLAMA_LAYOUT, model_families=("llama", "mistral", "qwen2", "gemma"),
+    description="LLaMA-style decoders (model.embed_tokens, model.layers.i, model.norm)")
 
 _GPT2_LAYOUT = DecoderLayout(stack="transformer", embed="wte", positions="wpe", layers="h",
                              final=("ln_f",))
-GPT2 = register_family(Family(
-    name="gpt2", modality="text", recognise=_GPT2_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_GPT2_LAYOUT.plan, kinds=_DECODER_KINDS,
-    model_families=("gpt2",),
+GPT2 = register_decoder(
+    "gpt2", _GPT2_LAYOUT, model_families=("gpt2",),
     module_types={"Conv1D": ModuleType("linear", output_dim=1)},
     description="GPT-2 decoders (transformer.wte, transformer.wpe, transformer.h.i of Conv1D "
-                "layers, transformer.ln_f)"))
+                "layers, transformer.ln_f)")
 
 _OPT_LAYOUT = DecoderLayout(stack="model.decoder", embed="embed_tokens",
                             project_in="project_in", positions="embed_positions",
                             layers="layers", final=("final_layer_norm", "project_out"),
                             position_ids=_real_token_positions,
                             embed_positions=_opt_positions)
-OPT = register_family(Family(
-    name="opt", modality="text", recognise=_OPT_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_OPT_LAYOUT.plan, kinds=_DECODER_KINDS,
-    model_families=("opt",),
+OPT = register_decoder(
+    "opt", _OPT_LAYOUT, model_families=("opt",),
     description="OPT decoders (model.decoder.embed_tokens, embed_positions, layers.i, "
-                "final_layer_norm, project_out)"))
+                "final_layer_norm, project_out)")
 
 _GPT_NEOX_LAYOUT = DecoderLayout(stack="gpt_neox", embed="embed_in", layers="layers",
                                  final=("final_layer_norm",), rotary=True)
-GPT_NEOX = register_family(Family(
-    name="gpt_neox", modality="text", recognise=_GPT_NEOX_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_GPT_NEOX_LAYOUT.plan, kinds=_DECODER_KINDS,
-    model_families=("gpt_neox",),
+GPT_NEOX = register_decoder(
+    "gpt_neox", _GPT_NEOX_LAYOUT, model_families=("gpt_neox",),
     description="GPT-NeoX/Pythia decoders (gpt_neox.embed_in, gpt_neox.layers.i, "
-                "gpt_neox.final_layer_norm)"))
+                "gpt_neox.final_layer_norm)")
 
 # Falcon's forward materialises its causal mask (to add ALiBi to it) and passes alibi
 _FALCON_LAYOUT = DecoderLayout(stack="transformer", embed="word_embeddings", layers="h",
@@ -938,20 +941,16 @@ def _falcon_plan(model: nn.Module, task: Task) -> StagePlan | None:
     return _FALCON_LAYOUT.plan(model, task)
 
 
-FALCON = register_family(Family(
-    name="falcon", modality="text", recognise=_FALCON_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_falcon_plan, kinds=_DECODER_KINDS,
-    model_families=("falcon",),
+FALCON = register_decoder(
+    "falcon", _FALCON_LAYOUT, model_families=("falcon",), plan=_falcon_plan,
     description="Falcon decoders (transformer.word_embeddings, transformer.h.i, "
-                "transformer.ln_f; ALiBi ones without cache)"))
+                "transformer.ln_f; ALiBi ones without cache)")
 
 _PHI_LAYOUT = DecoderLayout(stack="model", embed="embed_tokens", layers="layers",
                             final=("final_layernorm",), rotary=True)
-PHI = register_family(Family(
-    name="phi", modality="text", recognise=_PHI_LAYOUT.recognise,
-    head=transformers_head, pooling="last", plan=_PHI_LAYOUT.plan, kinds=_DECODER_KINDS,
-    model_families=("phi",),
-    description="Phi decoders (model.embed_tokens, model.layers.i, model.final_layernorm)"))
+PHI = register_decoder(
+    "phi", _PHI_LAYOUT, model_families=("phi",),
+    description="Phi decoders (model.embed_tokens, model.layers.i, model.final_layernorm)")
 
 
 # -- the generic adapter -------------------------------------------------------------------------
