@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from zest.cli import app
-from zest.errors import InvalidInputError
+from zest.errors import DataError, InvalidInputError
 from zest.finetune import Delta, Layers, apply_delta
 from zest.frames import metrics_frame
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
@@ -258,3 +258,23 @@ def test_smollm2_ranks_its_layers_for_next_token_prediction_on_r8():
         real = task.loss(task.forward(model, batch))
         scrambled = task.loss(task.forward(model, dict(batch, input_ids=shuffled)))
     assert float(real) < float(scrambled) - 1.0, (float(real), float(scrambled))
+
+
+def test_an_lm_text_file_needs_no_label_column(tmp_path):
+    """Adapting a decoder to a domain reads only texts: ``lm:csv:`` without a label column
+    loads (one class, ``text``), ranks and fine-tunes; a classification task still asks for
+    the column."""
+    path = tmp_path / "notes.csv"
+    words = ["river", "stone", "market", "light", "engine", "model", "token", "layer"]
+    rows = [" ".join(words[(i + j) % len(words)] for j in range(12)) for i in range(40)]
+    pd.DataFrame({"text": rows}).to_csv(path, index=False)
+    model, task, data = load_pair("tiny_llama", f"lm:csv:{path}", options=OPTIONS)
+    assert data.class_names == ["text"] and task.kind == "causal_lm"
+    assert len(rank(model, task, data.batches("train", 8, 1)).table) > 0
+    result = runner.invoke(app, ["finetune", "--model", "tiny_llama", "--dataset",
+                                 f"lm:csv:{path}", "--method", "layers", "--layers", "top:2",
+                                 "--epochs", "1", "--max-length", "24",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(DataError, match="--label-column"):
+        load_pair("tiny_llama", f"csv:{path}", options=OPTIONS)

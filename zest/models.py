@@ -473,8 +473,10 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     Returns:
         The model (in eval mode, on ``device``) and its :class:`Task`.
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise InvalidInputError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
+    fewest = 1 if kind == "causal_lm" else 2  # next tokens need no classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < fewest:
+        raise InvalidInputError(f"num_classes must be an integer ≥ {fewest}, got "
+                                f"{num_classes!r}")
     if checkpoint is not None and not spec.startswith(("timm:", "tv:")):
         raise InvalidInputError(f"--checkpoint is only used with timm:<arch> and tv:<arch> specs, "
                                 f"not {spec!r}; for Hugging Face models use hf:<local dir>")

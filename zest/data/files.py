@@ -25,6 +25,9 @@ class ReadOptions:
     image_size: int = 64
     text_column: str = "text"
     label_column: str = "label"
+    #: A causal-LM task (``lm:``) reads only the texts: without the label column every text
+    #: gets the one class ``text``.
+    labels_required: bool = True
 
 
 FileReader = Callable[[str, str, ReadOptions], RawData]
@@ -60,8 +63,11 @@ def _existing(spec: str, path_str: str, want_dir: bool = False) -> Path:
     return p
 
 
-def _table(spec: str, df: pd.DataFrame, path: Path, text_column: str, label_column: str) -> RawData:
+def _table(spec: str, df: pd.DataFrame, path: Path, text_column: str, label_column: str,
+           labels_required: bool = True) -> RawData:
     cols = [str(c) for c in df.columns]
+    if not labels_required and label_column not in df.columns:
+        df = df.assign(**{label_column: "text"})
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if col not in df.columns:
             raise DataError(
@@ -81,7 +87,8 @@ def _read_csv(spec: str, path_str: str, options: ReadOptions) -> RawData:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {p} as CSV: {str(e).splitlines()[0]}") from None
-    return _table(spec, df, p, options.text_column, options.label_column)
+    return _table(spec, df, p, options.text_column, options.label_column,
+                  options.labels_required)
 
 
 @register_file_reader("parquet")
@@ -91,7 +98,8 @@ def _read_parquet(spec: str, path_str: str, options: ReadOptions) -> RawData:
         df = pd.read_parquet(p)
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"cannot read {p} as parquet: {str(e).splitlines()[0]}") from None
-    return _table(spec, df, p, options.text_column, options.label_column)
+    return _table(spec, df, p, options.text_column, options.label_column,
+                  options.labels_required)
 
 
 def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:

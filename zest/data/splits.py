@@ -156,7 +156,8 @@ def known_datasets() -> list[str]:
     return DATASETS.names() + list(user_specs()) + [f"{LM_PREFIX}<text data set>"]
 
 
-def _raw_for(spec: str, image_size: int, text_column: str, label_column: str) -> RawData:
+def _raw_for(spec: str, image_size: int, text_column: str, label_column: str,
+             labels_required: bool = True) -> RawData:
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(
             f"data set spec must be a non-empty string, got {spec!r}; known: "
@@ -167,7 +168,7 @@ def _raw_for(spec: str, image_size: int, text_column: str, label_column: str) ->
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in FILE_READERS:
         return FILE_READERS.get(prefix)(spec, rest, ReadOptions(image_size, text_column,
-                                                                 label_column))
+                                                                 label_column, labels_required))
     raise UnknownNameError(unknown_name_message("data set", spec, known_datasets()))
 
 
@@ -227,14 +228,15 @@ def load_dataset(
     check_data_args(image_size=image_size, max_length=max_length, caps=caps,
                     val_fraction=val_fraction, test_fraction=test_fraction, channels=channels)
     task_kind, source = task_of_spec(spec)
-    raw = _raw_for(source, image_size, text_column, label_column)
+    raw = _raw_for(source, image_size, text_column, label_column,
+                   labels_required=task_kind != "causal_lm")
     if task_kind == "causal_lm" and raw.modality != "text":
         raise InvalidInputError(f"{spec!r}: lm: predicts the next tokens of texts, and "
                                 f"{source!r} holds images; drop the lm: prefix")
     has_test = raw.y_test is not None
     label_sets = (raw.y, raw.y_test) if has_test else (raw.y,)
     class_names, ids = _label_ids(*[np.asarray(a) for a in label_sets])
-    if len(class_names) < 2:
+    if len(class_names) < 2 and task_kind != "causal_lm":  # next tokens need no classes
         k = len(class_names)
         shown = ", ".join(class_names) or "none"
         raise DataError(
