@@ -364,16 +364,23 @@ TIMM_EFFICIENTNET = register_family(Family(
 
 # -- timm ResNets --------------------------------------------------------------------------------
 
-def _timm_resnet_plan(model: nn.Module, task: Task) -> StagePlan:
+def _resnet_plan(model: nn.Module, activation: nn.Module,
+                 features: Callable[[State], torch.Tensor]) -> StagePlan:
+    """A ResNet's stages, timm's and torchvision's alike: the stem (``conv1``, ``bn1``, the
+    activation, ``maxpool``), then every block of ``layer1``-``layer4``."""
     names = ["conv1"]
     functions: list[StageFunction] = [
-        lambda s: {"x": model.maxpool(model.act1(model.bn1(model.conv1(s["x"]))))}]
+        lambda s: {"x": model.maxpool(activation(model.bn1(model.conv1(s["x"]))))}]
     for k in range(1, 5):
         for j, block in enumerate(getattr(model, f"layer{k}")):
             names.append(f"layer{k}.{j}")
             functions.append(lambda s, b=block: {"x": b(s["x"])})
-    return StagePlan(names, functions, _image_state,
-                     lambda s: model.forward_head(s["x"], pre_logits=True))
+    return StagePlan(names, functions, _image_state, features)
+
+
+def _timm_resnet_plan(model: nn.Module, task: Task) -> StagePlan:
+    return _resnet_plan(model, model.act1,
+                        lambda s: model.forward_head(s["x"], pre_logits=True))
 
 
 TIMM_RESNET = register_family(Family(
@@ -440,15 +447,8 @@ def _torchvision_plan(model: nn.Module, task: Task) -> StagePlan | None:
     stages). Others (DenseNet's final ReLU, MNASNet's ``layers``, ConvNeXt, ViT) have none; any
     plan is checked against the model's own forward before use."""
     if _has(model, "conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc"):
-        names = ["conv1"]
-        functions: list[StageFunction] = [
-            lambda s: {"x": model.maxpool(model.relu(model.bn1(model.conv1(s["x"]))))}]
-        for k in range(1, 5):
-            for j, block in enumerate(getattr(model, f"layer{k}")):
-                names.append(f"layer{k}.{j}")
-                functions.append(lambda s, b=block: {"x": b(s["x"])})
         pool = _global_pool(model)
-        return StagePlan(names, functions, _image_state, lambda s: pool(s["x"]))
+        return _resnet_plan(model, model.relu, lambda s: pool(s["x"]))
     features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
     if not (isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential)):
         return None
