@@ -35,6 +35,7 @@ Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 1e-3,1e-4] [-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -108,6 +109,13 @@ def group_methods(model_spec: str, methods: list[str]) -> list[str]:
             if m != LORA_PEFT_DEFAULT or peft_default_targets(model_spec) is not None]
 
 
+@functools.cache
+def complete_groups() -> list[str]:
+    """The corpus groups a predictor learns from (read once per run)."""
+    metrics, _ = load_corpus(RECORDS, min_seeds=2)
+    return sorted(set(metrics["group"]))
+
+
 def held_out_predictor(group_name: str, refresh: bool = False) -> str:
     """The predictor that ranks ``group_name``: trained with the shipped predictor's recipe
     (its ranker parameters, metrics and target) on every complete corpus group but this one,
@@ -115,8 +123,7 @@ def held_out_predictor(group_name: str, refresh: bool = False) -> str:
     shipped one's, or with ``refresh`` when the corpus has grown since (its
     ``training_groups`` say what it saw; the ZEST rows it ranked are then redone). Groups
     outside the corpus get the shipped one, which never saw them."""
-    metrics, _ = load_corpus(RECORDS, min_seeds=2)
-    groups = sorted(set(metrics["group"]))
+    groups = complete_groups()
     if group_name not in groups:
         return "universal"
     shipped = json.loads(shipped_predictor_path().read_text())
