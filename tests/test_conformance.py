@@ -69,6 +69,11 @@ HF_FAMILIES = {
                 intermediate_size=64, pad_token_id=0),
     "gemma": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2, intermediate_size=64, head_dim=16, pad_token_id=0),
+    # an encoder-decoder: the decoder reads the input shifted right (from [PAD]) and the head
+    # reads its state at the end-of-text token, the [SEP] that ends every MiniLM-tokenised text
+    "t5": dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+               relative_attention_num_buckets=8, eos_token_id=102, pad_token_id=0,
+               decoder_start_token_id=0),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zest.errors import UnknownNameError
 from zest.layers import block_of, candidate_layers, group_by_block, select_layers
@@ -38,6 +39,23 @@ def test_block_grouping_covers_every_layer(tiny):
     groups = group_by_block(layers)
     assert sum(len(members) for members in groups.values()) == len(layers)
     assert all(all(m.block == block for m in members) for block, members in groups.items())
+
+
+def test_modules_that_share_a_weight_are_not_candidates():
+    """T5's layout: one token embedding held by three modules; a weight tied to the head alone
+    (a causal LM's input embedding) stays a candidate."""
+    from torch import nn
+
+    model = nn.Module()
+    model.shared = nn.Embedding(10, 4)
+    model.encoder = nn.ModuleDict({"embed_tokens": nn.Embedding(10, 4), "fc": nn.Linear(4, 4)})
+    model.decoder = nn.ModuleDict({"embed_tokens": nn.Embedding(10, 4)})
+    model.encoder.embed_tokens.weight = model.decoder.embed_tokens.weight = model.shared.weight
+    model.head = nn.Linear(4, 10)
+    assert [layer.name for layer in candidate_layers(model, "head")] == ["encoder.fc"]
+    model.head.weight = model.shared.weight = nn.Parameter(torch.zeros(10, 4))
+    del model.encoder["embed_tokens"], model.decoder["embed_tokens"]
+    assert [layer.name for layer in candidate_layers(model, "head")] == ["shared", "encoder.fc"]
 
 
 def test_select_layers_by_name_and_block_and_suggestion():

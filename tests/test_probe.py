@@ -96,6 +96,25 @@ def test_model_restored_when_synflow_pass_raises(monkeypatch):
     assert_same(before, snapshot(model))
 
 
+def test_synflow_is_nan_for_a_model_that_refuses_the_all_ones_input():
+    """T5's classifier raises ValueError on a text without end-of-text tokens; here a tiny CNN
+    refuses an all-ones image the same way: SynFlow is NaN, the other metrics are not, and
+    the model is left as it was."""
+    model, task = load_model("tiny_cnn", 3)
+
+    def refuse_all_ones(_module, args):
+        if bool((args[0] == 1).all()):
+            raise ValueError("no end-of-text token")
+
+    model.register_forward_pre_hook(refuse_all_ones)
+    before = snapshot(model)
+    result = probe(model, task, image_batch(), needs=ALL_NEEDS)
+    assert_same(before, snapshot(model))
+    assert result.passes == ["forward", "backward", "hvp"]
+    values = compute_metrics(result.contexts, metric_names())
+    assert all(math.isnan(v["synflow"]) and math.isfinite(v["snip"]) for v in values.values())
+
+
 def test_model_restored_when_loss_is_not_finite():
     model, task = load_model("tiny_cnn", 3)
     before = snapshot(model)

@@ -2,13 +2,15 @@
 
 A candidate layer is a module, named by its ``named_modules()`` name, that directly owns a weight
 of ndim ≥ 2 (Conv, Linear, Embedding, ...). The classification head and everything inside it is
-never a candidate. Layers are identified by name only; ``depth`` (0..1) is the position in module
+never a candidate, nor is a module whose weight another candidate holds too (tied weights).
+Layers are identified by name only; ``depth`` (0..1) is the position in module
 order, which is the forward order for the supported families.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -93,13 +95,24 @@ def owns_matrix_weight(module: nn.Module) -> bool:
 
 
 def candidate_layers(model: nn.Module, head_name: str) -> list[Layer]:
-    """Every candidate layer of ``model`` in forward order, the head excluded."""
+    """Every candidate layer of ``model`` in forward order, the head excluded.
+
+    A weight that several of these modules hold (tied weights: T5's token embedding is its
+    ``shared``, encoder ``embed_tokens`` and decoder ``embed_tokens``) is no one module's, so
+    none of its holders is a candidate: a method that tunes a module changes that module's
+    forward (GPS's sparse values, SPSFT's rows, a LoRA wrapper) and so one use of the weight,
+    while its delta merges into the weight that every holder reads. A weight tied to the head
+    alone (a causal LM's input embedding and LM head) stays a candidate.
+    """
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or name == head_name or name.startswith(head_name + "."):
             continue
         if owns_matrix_weight(module):
             found.append((name, module))
+    holders = Counter(id(module._parameters["weight"]) for _, module in found)  # noqa: SLF001
+    found = [(name, module) for name, module in found
+             if holders[id(module._parameters["weight"])] == 1]  # noqa: SLF001
     n = len(found)
     layers = []
     for i, (name, module) in enumerate(found):

@@ -61,7 +61,11 @@ def synflow(ctx: LayerContext) -> float:
     float64 when that overflows (Tanaka et al. 2020). On networks with bounded activations the
     all-ones input through |θ| saturates them (ReLU6 in EfficientNet-Lite clips every unit at
     6), so no gradient flows and the score is exactly 0 for every layer: measured, not
-    missing, but uninformative there (its Kendall τ against any ground truth is undefined)."""
+    missing, but uninformative there (its Kendall τ against any ground truth is undefined).
+    NaN for a model whose forward refuses the all-ones input (T5's classifier reads its state at
+    the end-of-text tokens, which that input lacks)."""
+    if ctx.synflow_grad is None:
+        return NOT_AVAILABLE
     return sum64_of(lambda w, s: w.abs() * s, ctx.weight, ctx.synflow_grad)
 
 

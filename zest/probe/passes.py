@@ -60,15 +60,20 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
 
 def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
              weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor]
-             ) -> list[torch.Tensor]:
+             ) -> list[torch.Tensor] | None:
     """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) on a single all-ones input (Tanaka et al. 2020).
 
     Parameters are replaced by their absolute values (original storages go to ``saved`` and are
     swapped back by the caller). The pass runs in the model's dtype and is repeated in float64
     only when that overflows (SynFlow's products over depth can exceed float32's range), seen as
-    a non-finite sum of some layer's gradient.
+    a non-finite sum of some layer's gradient. ``None`` when the model's forward refuses the
+    all-ones input with a ``ValueError`` (T5's classifier reads its state at the end-of-text
+    tokens, which an all-ones text lacks): SynFlow does not apply to that model.
     """
-    grads = _synflow_pass(model, task, batch, device, weights, saved, None)
+    try:
+        grads = _synflow_pass(model, task, batch, device, weights, saved, None)
+    except ValueError:
+        return None
     # one pass per gradient: a non-finite entry makes its sum non-finite; finite entries
     # overflow the float32 sum only near float32's range, which calls for float64 as well
     if bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all()):

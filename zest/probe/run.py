@@ -13,7 +13,8 @@ The probe is the only place that runs the model for zero-shot metrics. It runs
    product (GraSP): a finite-difference ``H g ≈ (∇L(θ + εg) − ∇L(θ)) / ε``;
 3. a data-free SynFlow pass on a single all-ones input, only when ``synflow`` is requested
    (Tanaka et al. 2020 use exactly such an input; one example suffices because the score is
-   linear in the batch size), in the model's dtype with a float64 retry on overflow.
+   linear in the batch size), in the model's dtype with a float64 retry on overflow; a model
+   whose forward refuses that input (T5's classifier pools at end-of-text tokens) gets none.
 
 Everything it changes is restored in ``finally``: ``requires_grad``, train/eval flags, parameter
 values and dtypes; every hook is removed, also when a metric raises.
@@ -136,7 +137,8 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
                 synflow_grads = extra_passes._synflow(model, task, batch, device, weights,
                                                       saved_storages)
                 extra_passes._swap_back(saved_storages)
-                passes.append("synflow")
+                if synflow_grads is not None:
+                    passes.append("synflow")
         finally:
             recorder.detach()
             extra_passes._swap_back(saved_storages)
