@@ -54,6 +54,17 @@ def test_cached_and_uncached_give_the_same_records(tmp_path, model):
     a, b = _sorted(cached), _sorted(plain)
     assert list(a["layer"]) == list(b["layer"])
     pd.testing.assert_frame_equal(a[VALUE_COLUMNS], b[VALUE_COLUMNS], atol=1e-4, rtol=1e-4)
+    # the cached run computed the train prefix only for the examples the last seed's 3 batches
+    # of 16 draw, not for the split's 96
+    import torch
+
+    from zest.groundtruth import _PREFIXES, PairSpec
+
+    pair = PairSpec(model, "digits" if model == "tiny_cnn" else "rotten_tomatoes",
+                    dataset_options)
+    held = _PREFIXES[(pair.key(), GroundTruthConfig().eval_batch_size, "train")]
+    assert torch.equal(held.examples, torch.unique(torch.cat(batch_order(96, 16, 3, seed=1))))
+    assert len(held.examples) == 48 and next(iter(held.state.values())).shape[0] == 48
 
 
 def test_records_have_schema_and_one_row_per_layer_and_seed(tmp_path):
@@ -305,6 +316,31 @@ def test_trimming_padding_keeps_the_outputs():
                                    task.forward(model, trimmed).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_chunks_are_trimmed_and_keep_the_full_width_outputs():
+    import torch
+
+    from zest.groundtruth import PairSpec, _batch_of, _cached_pair, _split_inputs, _Trainer
+    from zest.stages import stage_plan
+
+    options = DataOptions(max_length=48, max_train=96, max_val=48)
+    net, task, data = _cached_pair(PairSpec("tiny_bert", "rotten_tomatoes", options))
+    inputs, labels = _split_inputs(task, data, "val", None)
+    plan = stage_plan(net, task, _batch_of(task, inputs, labels, torch.arange(2)))
+    stop = len(plan.names) - 1  # the last encoder layer's output, before pooling
+    config = GroundTruthConfig(steps=3, batch_size=16, eval_batch_size=8)
+    val = _Trainer(net, task, data, config, plan).prefix_states(stop, seed=0)[1]
+    with torch.no_grad():  # all val examples at once, at the split's full width
+        full = plan.run(plan.start(task.model_inputs({k: v for k, v in inputs.items()})), 0,
+                        stop)
+    mask = inputs["attention_mask"].bool()
+    assert val.state["hidden"].shape == full["hidden"].shape
+    torch.testing.assert_close(val.state["hidden"][mask], full["hidden"][mask], atol=1e-5,
+                               rtol=1e-5)
+    # chunks of short texts ran trimmed: their padding past the chunk's longest was not computed
+    assert (val.state["hidden"][~mask] == 0).all(dim=-1).any()
+    assert not (full["hidden"][~mask] == 0).all(dim=-1).any()
+
+
 def test_grid_collects_both_kinds_and_skips_what_is_done(tmp_path):
     from typer.testing import CliRunner
 
@@ -392,20 +428,25 @@ def test_prefix_continued_from_a_cached_state_is_identical(model):
     net, task, data = _cached_pair(pair)
     sample = _batch_of(task, *_split_inputs(task, data, "train", None), torch.arange(2))
     plan = stage_plan(net, task, sample)
-    config = GroundTruthConfig(steps=1, eval_batch_size=40)
+    config = GroundTruthConfig(steps=3, batch_size=16, eval_batch_size=40)
     stop = len(plan.names) - 1
-    plain = _Trainer(net, task, data, config, plan).prefix_states(stop)
+    plain = _Trainer(net, task, data, config, plan).prefix_states(stop, seed=0)
     key = ("test", model)
-    _PREFIXES.pop(key, None)
     trainer = _Trainer(net, task, data, config, plan, pair_key=key)
     for step in range(stop + 1):  # one stage at a time, as jobs of successive blocks do
-        continued = trainer.prefix_states(step)
-    assert _PREFIXES[key][0] == stop
+        continued = trainer.prefix_states(step, seed=0)
+    assert _PREFIXES[(*key, "train")].stop == _PREFIXES[(*key, "val")].stop == stop
     for part, expected in zip(continued, plain, strict=True):
-        assert expected.keys() == part.keys()
-        for name in expected:
-            assert torch.equal(expected[name], part[name]), name
-    _PREFIXES.pop(key)
+        assert torch.equal(part.examples, expected.examples)
+        assert expected.state.keys() == part.state.keys()
+        for name in expected.state:
+            assert torch.equal(expected.state[name], part.state[name]), name
+    # another seed draws other train examples: its prefix starts again from the input
+    other = trainer.prefix_states(stop, seed=1)[0]
+    assert not torch.equal(other.examples, continued[0].examples)
+    assert torch.equal(other.examples, _PREFIXES[(*key, "train")].examples)
+    for split in ("train", "val"):
+        _PREFIXES.pop((*key, split))
 
 
 def _children(pid: int) -> set[int]:

@@ -11,9 +11,10 @@ untouched pretrained model (ARCHITECTURE.md §3c).
 
 Speed: everything before the tuned layer's block is frozen, so its output is computed once per
 example (eval mode, no augmentation) and reused for every step and every layer of that block
-(:mod:`zest.stages`); only the suffix runs forward and backward. The whole model stays in eval
-mode (frozen normalisation statistics, no dropout) so cached and uncached runs compute the same
-thing.
+(:mod:`zest.stages`); only the suffix runs forward and backward. The prefix runs only over the
+train examples the seed's batch order draws (and every val example), in chunks of texts of
+similar length, each trimmed to its longest text. The whole model stays in eval mode (frozen
+normalisation statistics, no dropout) so cached and uncached runs compute the same thing.
 
 Jobs are (block, seed) pairs, run serially, with joblib (``n_jobs``) or on a dask.distributed
 cluster; the driver alone appends finished rows to the record file (atomically, under a lock),
@@ -50,7 +51,7 @@ from zest.records import (
     settings_difference,
     zest_version,
 )
-from zest.stages import StagePlan, concat_states, slice_state, stage_plan, trim_padding
+from zest.stages import StagePlan, State, pad_tokens, slice_state, stage_plan, trim_padding
 
 BASELINE = "__head__"
 MIN_VAL_EXAMPLES = 20
@@ -119,11 +120,38 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 _PAIRS: dict[tuple, tuple[nn.Module, Task, Dataset]] = {}
-#: Per loaded pair, the last frozen-prefix outputs computed in this process: (stop, train, val).
-#: The prefix is frozen and the model is restored after every job, so a later job whose layers
-#: sit deeper continues from there instead of re-running the prefix from the input: across the
-#: blocks of one seed the prefix costs one forward pass of the data in all, not one per block.
-_PREFIXES: dict[tuple, tuple[int, Any, Any]] = {}
+
+
+@dataclass
+class PrefixCache:
+    """The outputs of stages ``0..stop-1`` of some examples of one split.
+
+    Attributes:
+        stop: The first stage not run.
+        examples: The split's example indices held, ascending (row ``i`` of ``state`` is example
+            ``examples[i]``).
+        state: The stage state (text: padded back to the split's width).
+    """
+
+    stop: int
+    examples: torch.Tensor
+    state: State
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows of the examples ``index`` (each must be held)."""
+        rows = torch.searchsorted(self.examples, index)
+        if bool((rows >= len(self.examples)).any()) or not torch.equal(self.examples[rows], index):
+            raise RuntimeError("the prefix cache does not hold every example of the batch")
+        return rows
+
+
+#: Per loaded pair and split (``(pair key, eval batch size, split)``), the last frozen-prefix
+#: outputs computed in this process. The prefix is frozen and the model is restored after every
+#: job, so a later job whose layers sit deeper, over the same examples, continues from there
+#: instead of re-running the prefix from the input: across the blocks of one seed the prefix
+#: costs one forward pass of the data in all, not one per block. The val entry serves every
+#: seed; the train entry holds the examples of one seed's batch order.
+_PREFIXES: dict[tuple, PrefixCache] = {}
 
 
 def _cached_pair(pair: PairSpec) -> tuple[nn.Module, Task, Dataset]:
@@ -151,13 +179,14 @@ def _split_inputs(task: Task, data: Dataset, split: str, device: Any) -> tuple[A
     return part.x, part.y
 
 
-def _batch_of(task: Task, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
-              trim: bool = True) -> Any:
+def _batch_of(task: Task, inputs: Any, labels: torch.Tensor, index: torch.Tensor) -> Any:
+    """The examples ``index`` of a split (text: trimmed to the longest, see
+    :func:`~zest.stages.trim_padding`)."""
     if task.modality == "image":
         return inputs[index], labels[index]
-    batch = {"input_ids": inputs["input_ids"][index],
-             "attention_mask": inputs["attention_mask"][index], "labels": labels[index]}
-    return trim_padding(batch) if trim else batch
+    return trim_padding({"input_ids": inputs["input_ids"][index],
+                         "attention_mask": inputs["attention_mask"][index],
+                         "labels": labels[index]})
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -192,48 +221,82 @@ class _Trainer:
         self.head = task.head(model)
 
     # -- cache ----------------------------------------------------------------------------
-    def prefix_states(self, stop: int) -> tuple[Any, Any]:
-        """Outputs of stages ``0..stop-1`` for every train and val example, continued from the
-        deepest earlier prefix of this pair when there is one (:data:`_PREFIXES`)."""
-        start, train, val = 0, None, None
-        cached = _PREFIXES.get(self.pair_key) if self.pair_key is not None else None
-        if cached is not None and cached[0] <= stop:
-            start, train, val = cached
-        train = self._run_prefix(self.train_inputs, self.train_labels, start, stop, train)
-        val = self._run_prefix(self.val_inputs, self.val_labels, start, stop, val)
-        if self.pair_key is not None:
-            _PREFIXES[self.pair_key] = (stop, train, val)
+    def drawn_examples(self, seed: int) -> torch.Tensor:
+        """The train examples that the batch order of ``seed`` draws, ascending (fewer than the
+        split when ``steps × batch_size`` does not cover it)."""
+        order = batch_order(self.train_labels.shape[0], self.config.batch_size,
+                            self.config.steps, seed)
+        return torch.unique(torch.cat(order))
+
+    def prefix_states(self, stop: int, seed: int) -> tuple[PrefixCache, PrefixCache]:
+        """Outputs of stages ``0..stop-1`` for the train examples that ``seed`` draws and for
+        every val example, each continued from the deepest earlier prefix of this pair over the
+        same examples when there is one (:data:`_PREFIXES`)."""
+        train = self._prefix("train", self.train_inputs, self.train_labels,
+                             self.drawn_examples(seed), stop)
+        val = self._prefix("val", self.val_inputs, self.val_labels,
+                           torch.arange(self.val_labels.shape[0]), stop)
         return train, val
 
-    def _run_prefix(self, inputs: Any, labels: torch.Tensor, start: int, stop: int,
-                    state: Any) -> Any:
-        """Stages ``start..stop-1`` over every example, in chunks of ``eval_batch_size`` (the
-        same chunks whether the prefix starts at the input or at a cached state, so both give
-        the same values)."""
+    def _prefix(self, split: str, inputs: Any, labels: torch.Tensor, examples: torch.Tensor,
+                stop: int) -> PrefixCache:
+        key = (*self.pair_key, split) if self.pair_key is not None else None
+        cached = _PREFIXES.get(key) if key is not None else None
+        start, state = 0, None
+        if cached is not None and cached.stop <= stop and torch.equal(cached.examples,
+                                                                      examples):
+            if cached.stop == stop:
+                return cached
+            start, state = cached.stop, cached.state
+        if key is not None:
+            _PREFIXES.pop(key, None)  # freed before the new prefix is built, unless continued
+        prefix = PrefixCache(stop, examples,
+                             self._run_prefix(inputs, labels, examples, start, stop, state))
+        if key is not None:
+            _PREFIXES[key] = prefix
+        return prefix
+
+    def _run_prefix(self, inputs: Any, labels: torch.Tensor, examples: torch.Tensor,
+                    start: int, stop: int, state: State | None) -> State:
+        """Stages ``start..stop-1`` over ``examples`` (from the input, or from ``state``: their
+        stage-``start`` outputs, row per example), in chunks of ``eval_batch_size`` examples
+        sorted by text length, each trimmed to its longest text and padded back to the split's
+        width. The chunks are the same whether the prefix starts at the input or at a cached
+        state, so both give the same values."""
         assert self.plan is not None
-        chunks = []
-        n = labels.shape[0]
+        n = len(examples)
+        order = torch.arange(n)
+        width = 0
+        if isinstance(inputs, dict):  # text: similar lengths share a chunk
+            mask = inputs["attention_mask"]
+            width = mask.shape[1]
+            order = torch.sort(mask[examples].sum(dim=1), stable=True).indices
+        out: State = {}
         with torch.no_grad():
             for first in range(0, n, self.config.eval_batch_size):
-                index = torch.arange(first, min(n, first + self.config.eval_batch_size))
+                rows = order[first:first + self.config.eval_batch_size]
                 if state is None:
-                    batch = _batch_of(self.task, inputs, labels, index, trim=False)
+                    batch = _batch_of(self.task, inputs, labels, examples[rows])
                     chunk = self.plan.start(self.task.model_inputs(batch, self.device))
                 else:
-                    chunk = {k: v[index] for k, v in state.items()}
-                chunks.append(self.plan.run(chunk, start, stop))
-        return concat_states(chunks)
+                    chunk = trim_padding({k: v[rows] for k, v in state.items()})
+                result = pad_tokens(self.plan.run(chunk, start, stop), width)
+                for name, value in result.items():
+                    if name not in out:
+                        out[name] = value.new_empty((n, *value.shape[1:]))
+                    out[name][rows.to(value.device)] = value
+        return out
 
     # -- one run --------------------------------------------------------------------------
-    def predictions(self, cache: Any, inputs: Any, labels: torch.Tensor, index: torch.Tensor,
-                    first_stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def predictions(self, cache: PrefixCache | None, inputs: Any, labels: torch.Tensor,
+                    index: torch.Tensor, first_stage: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets of the predictions of examples ``index``
         (:meth:`~zest.models.Task.predictions`: one per example, or one per next token): from
         the cache from ``first_stage`` on, or the full forward when uncached."""
         if self.plan is None or cache is None:
             batch = _batch_of(self.task, inputs, labels, index)
             return self.task.predictions(self.task.forward(self.model, batch, self.device))
-        state = slice_state(cache, index)  # trimmed to the batch's longest text
+        state = slice_state(cache.state, cache.rows(index))  # trimmed to the batch's longest
         features = self.plan.features(self.plan.run(state, first_stage))
         logits = self.head(features)
         next_tokens = None
@@ -245,7 +308,8 @@ class _Trainer:
                                                 next_tokens=next_tokens))
 
     def fit_and_score(self, params: list[nn.Parameter], seed: int, first_stage: int,
-                      train_cache: Any, val_cache: Any, label: str) -> dict[str, float]:
+                      train_cache: PrefixCache | None, val_cache: PrefixCache | None,
+                      label: str) -> dict[str, float]:
         """Trains ``params`` (with the freshly reset head when the task has one) for
         ``config.steps`` and scores on val."""
         if self.task.tunes_head:
@@ -265,7 +329,8 @@ class _Trainer:
         accuracy, val_loss = self.evaluate(val_cache, first_stage)
         return {"score": accuracy, "loss": val_loss, "seconds": time.perf_counter() - start}
 
-    def evaluate(self, val_cache: Any, first_stage: int) -> tuple[float, float]:
+    def evaluate(self, val_cache: PrefixCache | None, first_stage: int
+                 ) -> tuple[float, float]:
         """Accuracy and mean cross-entropy over the val split's predictions."""
         n = self.val_labels.shape[0]
         correct, total_loss, scored = 0, 0.0, 0
@@ -313,8 +378,8 @@ def run_job(job: Job) -> list[dict[str, Any]]:
                 return results
             if job.block == BASELINE:
                 stop = len(plan.names) if plan is not None else 0
-                train_cache, val_cache = trainer.prefix_states(stop) if plan is not None \
-                    else (None, None)
+                train_cache, val_cache = (trainer.prefix_states(stop, job.seed)
+                                          if plan is not None else (None, None))
                 for p in head_params:
                     p.requires_grad_(True)
                 out = trainer.fit_and_score(head_params, job.seed, stop, train_cache, val_cache,
@@ -324,7 +389,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
             stages = [plan.stage_of(name) for name in job.layers] if plan is not None else [None]
             first = None if None in stages else min(stages)
             if plan is not None and first is not None:
-                train_cache, val_cache = trainer.prefix_states(first)
+                train_cache, val_cache = trainer.prefix_states(first, job.seed)
             else:
                 train_cache = val_cache = None
                 first = 0

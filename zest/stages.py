@@ -9,7 +9,7 @@ DistilBERT, ALBERT, MPNet and DeBERTa-v2 encoders; LLaMA-style, GPT-2, OPT, GPT-
 Phi decoders). :func:`stage_plan` checks the family's plan against
 the model's own forward on a sample batch before use; a model without a plan, or whose plan does
 not reproduce the logits, runs the uncached loop. States are dicts of tensors whose first
-dimension is the example, so they can be cached, sliced and concatenated.
+dimension is the example, so they can be cached and sliced.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def trim_padding(state: dict[str, Any]) -> dict[str, Any]:
             for k, v in state.items()}
 
 
-def concat_states(states: list[State]) -> State:
-    """Concatenates states along the example dimension."""
-    return {k: torch.cat([s[k] for s in states]) for k in states[0]}
+def pad_tokens(state: State, width: int) -> State:
+    """Pads the token columns of a trimmed text state back to ``width`` (zeros: masked
+    padding, which :func:`slice_state` trims again wherever a batch's texts are all shorter), so
+    that states of chunks trimmed to different lengths can be stored side by side."""
+    mask = state.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] >= width:
+        return state
+    length = mask.shape[1]
+    return {k: torch.cat([v, v.new_zeros(v.shape[0], width - length, *v.shape[2:])], dim=1)
+            if k in TOKEN_KEYS and v.ndim >= 2 and v.shape[1] == length else v
+            for k, v in state.items()}
