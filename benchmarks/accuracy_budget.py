@@ -2,10 +2,16 @@
 
 For each group and budget: full fine-tuning and head only (budget-free references), LoRA (on
 every linear layer, and on peft's default targets of the model type: BERT's query/value,
-LLaMA's q_proj/v_proj), GPS and SPSFT on all layers (sized to the budget), and layer choices
-of the same budget — ZEST, random-k, last-k, KappaTune (lowest κ) and FIM (highest share of
-the empirical Fisher) — each trained densely (``layers``); ZEST's choice also with GPS and
-SPSFT updates.
+LLaMA's q_proj/v_proj), GPS and SPSFT on all layers, and layer choices of the same budget —
+ZEST, random-k, last-k, KappaTune (lowest κ) and FIM (highest share of the empirical Fisher) —
+each trained densely (``layers``); ZEST's choice also with GPS and SPSFT updates.
+
+Every budget counts the head, for every method (issue 22). "All layers" is the shared plan
+(``zest.planning.plan_finetune``) over the layers in network order with a spread so wide that
+every layer fits densely: the densest setting (LoRA rank, GPS's K, SPSFT's ratio) at which they
+fit the budget, or, where even the sparsest setting on every layer exceeds it (at ~1 % on the
+CNNs), as many layers as fit. Rows from before the head counted (it came on top of the
+budget) that trained more than their budget are redone.
 
 The ZEST rows are the call a user makes, ``zest.pipeline.run_finetune(model, dataset, out,
 method=M, param_budget=B, spread=S, predictor=P, ...)`` (``zest finetune --method M
@@ -52,7 +58,7 @@ from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import model_family
 from zest.pipeline import run_finetune
-from zest.planning import DEFAULT_SPREAD, fill_budget
+from zest.planning import DEFAULT_SPREAD, fill_budget, plan_finetune
 from zest.ranking import rank, shipped_predictor_path
 from zest.records import METRIC_PREFIX
 from zest.training import load_corpus, train_predictor
@@ -92,6 +98,9 @@ PLAN_METHODS = ("lora (linear / dense convs)", LORA_PEFT_DEFAULT, "gps (all laye
                 "last-k + dense", "kappatune + dense", "fim + dense")
 #: what ZEST rows record, so that rows planned otherwise (before ``Ranking.plan``) are redone
 PLANNED_BY = "Ranking.plan"
+#: what the other budget rows record: their plan counted the head in the budget (rows without
+#: it that trained more than their budget are redone)
+HEAD_IN_BUDGET = "head_in_budget"
 RECORDS = Path("data/records")
 HELD_OUT = Path("benchmarks/results/held_out_predictors")
 
@@ -158,16 +167,6 @@ def pick(order: list[str], cost: dict[str, int], budget: int) -> list[str]:
         [min(order, key=lambda n: cost[n])]
 
 
-def gps_k(layers: list[str], rows: dict[str, int], width: dict[str, int], budget: int) -> int:
-    """The largest K whose GPS entries, Σ rows · min(K, fan-in), fit in ``budget`` (at least 1);
-    neurons with fewer inputs keep all of them, as GPS on all layers does."""
-    k = 1
-    while k < max(width[n] for n in layers) and \
-            sum(rows[n] * min(k + 1, width[n]) for n in layers) <= budget:
-        k += 1
-    return k
-
-
 def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
     """Layers best first by KappaTune and FIM, from one train minibatch of the seed; every
     budget's plan reads them (ZEST ranks inside ``run_finetune``, as a user's run does)."""
@@ -194,42 +193,34 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
     layers = candidate_layers(model, task.head_name)
     names = [layer.name for layer in layers]
     total = sum(p.numel() for p in model.parameters())
-    budget = int(budget_share * total)
+    # the head trains in every method and counts in the budget, as in Ranking.plan
+    budget = int(budget_share * total) - sum(p.numel() for p in task.head(model).parameters())
     dense = {layer.name: layer.n_params for layer in layers}
     modules = {n: model.get_submodule(n) for n in names}
     scores, fim = orders["kappa"], orders["fim_score"]
     rng = np.random.default_rng(seed)
     random_order = list(rng.permutation(names))
     last = names[::-1]
-    spsft_ok = [n for n in names if getattr(modules[n], "groups", 1) in
-                (1, getattr(modules[n], "in_channels", 1)) and
-                type(modules[n]).__name__ != "Embedding"]
-    width = {n: modules[n].weight[0].numel() for n in names}
-    out_rows = {n: modules[n].weight.shape[0] for n in names}
-    gps_all = [n for n in names if "position" not in n]
-    k = gps_k(gps_all, out_rows, width, budget)
-    ratio = min(1.0, budget / sum(modules[n].weight.numel() for n in spsft_ok))
     linear = [n for n in names if type(modules[n]).__name__ == "Linear"] or \
         [n for n in names if getattr(modules[n], "groups", 1) == 1 and
          type(modules[n]).__name__ != "Embedding"]
 
-    def lora_rank(wrapped: list[str]) -> int:
-        """A and B hold (fan-in + fan-out) · r per layer; a rank beyond the smallest layer's
-        dimensions would add nothing but parameters."""
-        rank = round(budget / sum(modules[n].weight.shape[0] + modules[n].weight[0].numel()
-                                  for n in wrapped))
-        return max(1, min(rank, *(min(modules[n].weight.shape[0], modules[n].weight[0].numel())
-                                  for n in wrapped)))
+    def everywhere(method: str, layers: list[str]) -> tuple[str, dict]:
+        """``method`` on every layer of ``layers`` it can tune, at the density filling the
+        budget: the shared plan with a spread so wide that every layer fits densely."""
+        plan = plan_finetune(layers, model, task, method, budget_share,
+                             spread=max(1.0, 1 / budget_share))
+        return method, {"layers": plan.layers, **plan.options}
 
     defaults = {}
     if targets:
         wrapped = [n for n in linear if n.rsplit(".", 1)[-1] in targets]
-        defaults = {LORA_PEFT_DEFAULT: ("lora", {"layers": wrapped, "rank": lora_rank(wrapped)})}
+        defaults = {LORA_PEFT_DEFAULT: everywhere("lora", wrapped)}
     return {
-        "lora (linear / dense convs)": ("lora", {"layers": linear, "rank": lora_rank(linear)}),
+        "lora (linear / dense convs)": everywhere("lora", linear),
         **defaults,
-        "gps (all layers)": ("gps", {"layers": "all", "k": k}),  # K ≤ fan-in per neuron
-        "spsft (all layers)": ("spsft", {"layers": spsft_ok, "ratio": ratio}),
+        "gps (all layers)": everywhere("gps", [n for n in names if "position" not in n]),
+        "spsft (all layers)": everywhere("spsft", names),
         "random-k + dense": ("layers", {"layers": pick(random_order, dense, budget)}),
         "last-k + dense": ("layers", {"layers": pick(last, dense, budget)}),
         "kappatune + dense": ("layers", {"layers": pick(scores, dense, budget)}),
@@ -320,6 +311,10 @@ def main() -> None:
     # was chosen per method (they carry no "lr")
     done["trials"] = [r for r in done.get("trials", []) if _current(r, fingerprints)]
     done["results"] = [r for r in done["results"] if _current(r, fingerprints) and "lr" in r]
+    # the share of every budget row is counted with the head: rows of the earlier rule (the
+    # head on top of the budget) that trained more than the budget are redone
+    for kind in ("trials", "results"):
+        done[kind] = [r for r in done[kind] if not _over_old_budget(r)]
     redo = {m.strip() for m in args.redo.split(",") if m.strip()}
     known = set(methods) | {"full", "head"}
     if redo - known:
@@ -357,6 +352,8 @@ def main() -> None:
                 case = {"group": name, "budget": budget, "method": method}
                 if method.startswith("zest"):
                     case["predictor_sha"] = fingerprints[name]
+                elif budget is not None:
+                    case[HEAD_IN_BUDGET] = True
                 if seed == seeds[0]:
                     for lr in lrs:  # the trials that choose this method's learning rate
                         if not any(_same_case(t, case) and t["lr"] == lr
@@ -384,8 +381,16 @@ def _current(row: dict, fingerprints: dict[str, str]) -> bool:
         and row.get("planned_by") == PLANNED_BY)
 
 
+def _over_old_budget(row: dict) -> bool:
+    """True for a budget row planned with the head on top of the budget that trained more than
+    the budget (``Ranking.plan`` and :func:`plans` count the head in it)."""
+    return (row.get("budget") is not None and not row["method"].startswith("zest")
+            and not row.get(HEAD_IN_BUDGET) and row["trainable_share"] > row["budget"])
+
+
 def _same_case(row: dict, case: dict) -> bool:
-    return all(row.get(k) == v for k, v in case.items() if k != "predictor_sha")
+    return all(row.get(k) == v for k, v in case.items()
+               if k not in ("predictor_sha", HEAD_IN_BUDGET))
 
 
 def _best_trial(trials: list[dict], case: dict, lrs: list[float]) -> dict:
