@@ -175,15 +175,29 @@ def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
             for by in ("kappa", "fim_score")}
 
 
+def zest_label(tuner: str, spread: float) -> str:
+    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the default spread unlabelled)."""
+    return f"zest + {tuner}" + ("" if spread == DEFAULT_SPREAD else f" (spread {spread:g})")
+
+
 def zest_methods(spreads: list[float]) -> dict[str, tuple[str, float | None]]:
     """ZEST's method labels → (tuning method, spread): dense layers, and GPS and SPSFT at each
-    spread (the default one unlabelled)."""
+    spread."""
     methods: dict[str, tuple[str, float | None]] = {"zest + dense": ("layers", None)}
     for spread in spreads:
-        suffix = "" if spread == DEFAULT_SPREAD else f" (spread {spread:g})"
         for tuner in ("gps", "spsft"):
-            methods[f"zest + {tuner}{suffix}"] = (tuner, spread)
+            methods[zest_label(tuner, spread)] = (tuner, spread)
     return methods
+
+
+def relabel_spreads(rows: list[dict]) -> None:
+    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows of the earlier
+    default spread keep their meaning after ``DEFAULT_SPREAD`` changes."""
+    for row in rows:
+        tuner = row["method"].removeprefix("zest + ").split(" ")[0]
+        if row["method"].startswith("zest + ") and tuner in ("gps", "spsft") \
+                and row.get("spread") is not None:
+            row["method"] = zest_label(tuner, row["spread"])
 
 
 def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int,
@@ -310,6 +324,8 @@ def main() -> None:
     # planned before Ranking.plan, are redone; so are results from before the learning rate
     # was chosen per method (they carry no "lr")
     done["trials"] = [r for r in done.get("trials", []) if _current(r, fingerprints)]
+    for kind in ("trials", "results"):
+        relabel_spreads(done[kind])
     done["results"] = [r for r in done["results"] if _current(r, fingerprints) and "lr" in r]
     # the share of every budget row is counted with the head: rows of the earlier rule (the
     # head on top of the budget) that trained more than the budget are redone

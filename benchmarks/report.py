@@ -102,16 +102,24 @@ def cache_section() -> list[str]:
     if not data:
         return []
     lines = ["### Ground-truth cache (`gt_cache.json`)", "",
-             "| model (family) | layers × steps | naive | cached | speed-up | "
+             "| model (family) | weights | layers × steps | naive | cached | speed-up | "
              "max val-loss difference | machine load |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         family = f" ({r['family']})" if r.get("family") else ""
+        weights = r.get("weights", "packaged")
+        if r.get("shape"):
+            weights += f" ({r['shape']})"
         speedup = f"{r['speedup']}×" if r.get("cache_used", True) else "no plan: not cached"
-        lines.append(f"| {r['model']}{family} | {r['layers']} × {r['steps']} | "
+        lines.append(f"| {r['model']}{family} | {weights} | {r['layers']} × {r['steps']} | "
                      f"{r['naive_seconds']} s | {r['cached_seconds']} s | {speedup} | "
                      f"{r['max_abs_loss_difference']:.1e} | {r.get('load', 'idle')} |")
-    return lines + [""]
+    note = ("One seed, the same layers (every n-th candidate, the first being the embedding or "
+            "stem) tuned with and without the cache. `random`: a random-init configuration of "
+            "the named model's size (transformers ones with the MiniLM tokenizer's vocabulary); "
+            "the time does not depend on the weights. Method: "
+            "[benchmarks/gt_cache.py](/benchmarks/gt_cache.py).")
+    return lines + ["", note, ""]
 
 
 MEMORY_MAIN = ("full", "lora r16", "spsft r16", "spsft r32", "gps", "gps dense-mask")
@@ -497,6 +505,7 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
     lines += _best_plan_verdict(data["results"], groups, budgets)
     lines += _spread_section(data["results"], groups, budgets)
+    lines += _rule_section(data["results"], budgets)
     for budget in budgets:
         bars = {}
         for group in groups:
@@ -679,6 +688,63 @@ def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
                 lines.append(f"| mean of {len(full)} | " + " | ".join(
                     f"{100 * v:.1f} / {100 * t:.1f}" for v, t in means) + " |")
             lines.append("")
+    return lines
+
+
+def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
+    """Issue 22's rules read off the measurement: the spread and the ``--method auto`` choice
+    that win on val accuracy (mean over seeds, then over the groups that have every option),
+    beside what ``zest.planning`` ships (``DEFAULT_SPREAD``, ``METHOD_RULES``)."""
+    import statistics
+    from collections import defaultdict
+
+    from zest.planning import DEFAULT_SPREAD, choose_method
+
+    runs: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        tuner = r["method"].removeprefix("zest + ").split(" ")[0]
+        if r["method"].startswith("zest + ") and r["budget"] is not None:
+            spread = r.get("spread") if tuner in ("gps", "spsft") else None
+            runs[r["group"], r["budget"], tuner, spread].append(r["val_accuracy"])
+    val = {key: statistics.mean(v) for key, v in runs.items()}
+    spreads = sorted({key[3] for key in val if key[3] is not None})
+    if len(spreads) < 2:
+        return []
+    lines = ["", "**The plan's rules, measured** (val accuracy in %, mean over seeds, then over "
+             "the groups that have every option; `zest.planning` ships what wins here):", "",
+             "| budget | update | groups | " + " | ".join(f"spread {x:g}" for x in spreads)
+             + " |", "|---|---|---|" + "---|" * len(spreads)]
+    overall: dict[float, list[float]] = defaultdict(list)
+    for budget in budgets:
+        for tuner in ("gps", "spsft"):
+            groups = sorted({g for (g, b, t, _) in val if b == budget and t == tuner
+                             and all((g, b, t, x) in val for x in spreads)})
+            if not groups:
+                continue
+            means = [statistics.mean(val[g, budget, tuner, x] for g in groups) for x in spreads]
+            for x in spreads:
+                overall[x] += [val[g, budget, tuner, x] for g in groups]
+            best = max(means)
+            lines.append(f"| ~{budget:.0%} | {tuner.upper()} | {len(groups)} | " + " | ".join(
+                f"**{100 * m:.1f}**" if m == best else f"{100 * m:.1f}" for m in means) + " |")
+    if overall:
+        winner = max(spreads, key=lambda x: statistics.mean(overall[x]))
+        lines += ["", f"Spread with the best mean val accuracy over every (budget, update, "
+                  f"group) cell ({len(overall[winner])} cells): **{winner:g}** "
+                  f"({100 * statistics.mean(overall[winner]):.1f} %); shipped "
+                  f"`DEFAULT_SPREAD` = {DEFAULT_SPREAD:g}."]
+    lines += ["", "| budget | groups | ZEST + dense | ZEST + GPS | ZEST + SPSFT | best on val | "
+              "`--method auto` ships |", "|---|---|---|---|---|---|---|"]
+    for budget in budgets:
+        options = [("dense", None), ("gps", DEFAULT_SPREAD), ("spsft", DEFAULT_SPREAD)]
+        groups = sorted({g for (g, b, _, _) in val if b == budget
+                         and all((g, b, t, x) in val for t, x in options)})
+        if not groups:
+            continue
+        means = [statistics.mean(val[g, budget, t, x] for g in groups) for t, x in options]
+        best = options[means.index(max(means))][0].replace("dense", "layers")  # the tuner
+        lines.append(f"| ~{budget:.0%} | {len(groups)} | " + " | ".join(
+            f"{100 * m:.1f}" for m in means) + f" | {best} | {choose_method(budget).method} |")
     return lines
 
 
