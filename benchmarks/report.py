@@ -111,11 +111,16 @@ def cache_section() -> list[str]:
         if r.get("shape"):
             weights += f" ({r['shape']})"
         speedup = f"{r['speedup']}×" if r.get("cache_used", True) else "no plan: not cached"
+        times = [f"{r[f'{run}_cpu_seconds']} s CPU ({r[f'{run}_seconds']} s wall)"
+                 if f"{run}_cpu_seconds" in r else f"{r[f'{run}_seconds']} s wall"
+                 for run in ("naive", "cached")]
         lines.append(f"| {r['model']}{family} | {weights} | {r['layers']} × {r['steps']} | "
-                     f"{r['naive_seconds']} s | {r['cached_seconds']} s | {speedup} | "
+                     f"{times[0]} | {times[1]} | {speedup} | "
                      f"{r['max_abs_loss_difference']:.1e} | {r.get('load', 'idle')} |")
     note = ("One seed, the same layers (every n-th candidate, the first being the embedding or "
-            "stem) tuned with and without the cache. `random`: a random-init configuration of "
+            "stem) tuned with and without the cache; the speed-up is the ratio of CPU times "
+            "where they were recorded (one torch thread; the machine is shared), else of wall "
+            "times. `random`: a random-init configuration of "
             "the named model's size (transformers ones with the MiniLM tokenizer's vocabulary); "
             "the time does not depend on the weights. Method: "
             "[benchmarks/gt_cache.py](/benchmarks/gt_cache.py).")
