@@ -138,11 +138,11 @@ def test_method_auto_follows_the_declared_rules(tiny_models):
         (rule.min_budget for rule in METHOD_RULES), reverse=True)
     assert METHOD_RULES[-1].min_budget == 0
     assert all(METHODS.get(rule.method).uses_layers for rule in METHOD_RULES)
-    assert choose_method(0.01).method == "gps"
+    assert choose_method(0.01).method == "spsft"
     assert choose_method(0.05).method == "layers"
     model, task = tiny_models["tiny_cnn"]
     plan = plan_finetune(_worst_first(model, task), model, task, AUTO, 0.01)
-    assert plan.method == "gps" and plan.method_rule == choose_method(0.01).reason
+    assert plan.method == "spsft" and plan.method_rule == choose_method(0.01).reason
 
 
 @pytest.mark.parametrize("kwargs, message", [
