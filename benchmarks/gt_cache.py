@@ -21,7 +21,6 @@ import os
 import platform
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth, plan_groundtruth
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
+from zest.models import write_random_hf_model
 
 TEXT = DataOptions(max_length=64, max_train=512, max_val=256)
 IMAGES = DataOptions(image_size=64, max_train=512, max_val=256)
@@ -72,12 +72,13 @@ def _random(model_type: str, shape: str, every: int, **config: Any) -> Case:
 
 #: name → case. Layers are thinned so that a case runs in minutes on one core (three layers of each
 #: random configuration, the first being the embedding, which has no prefix to cache); the
-#: decoder's 211 layers at a few CPU-minutes each are thinned most.
+#: decoder's 211 layers at a few CPU-minutes each are thinned most (4 layers; 8 at the corpus's
+#: settings).
 CASES = {
     "efficientnet_lite0": Case("efficientnet_lite0", "digits", IMAGES, 4, 30),
     "minilm": Case("minilm", "r8", TEXT, 4, 30),
     "mobilenetv2": Case("mobilenetv2", "digits", IMAGES, 4, 30),
-    "smollm2": Case("smollm2", "r8", TEXT, 30, 15),
+    "smollm2": Case("smollm2", "r8", TEXT, 60, 15),
     "distilbert": _random("distilbert", "distilbert-base: 6 layers, hidden 768", 13),
     "roberta": _random("roberta", "distilroberta-base: 6 layers, hidden 768", 13,
                        num_hidden_layers=6, pad_token_id=1, max_position_embeddings=514),
@@ -101,32 +102,12 @@ CASES = {
 }
 
 
-def write_random_model(case: Case, folder: Path) -> str:
-    """Writes the random-init (seed 0) sequence classifier of ``case.config`` with the MiniLM
-    tokenizer to ``folder`` and returns its ``hf:`` spec."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from zest.models import minilm_path
-
-    hf_logging.disable_progress_bar()
-
-    settings = dict(case.config)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=tokenizer.vocab_size,
-                                  num_labels=2, **settings)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return f"hf:{folder}"
-
-
 def run_case(name: str, steps: int | None, every: int | None) -> dict:
     case = CASES[name]
     with tempfile.TemporaryDirectory() as scratch:
-        model = write_random_model(case, Path(scratch) / "model") if case.config else case.model
+        settings = dict(case.config)
+        model = write_random_hf_model(Path(scratch) / "model", settings.pop("model_type"),
+                                      **settings) if settings else case.model
         return measure(name, case, model, steps or case.steps, every or case.every)
 
 

@@ -9,8 +9,6 @@ architecture to a list below is how its support is declared (ARCHITECTURE.md §6
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import output_dim, transforms_weight
 from zest.loading import DataOptions, load_pair
-from zest.models import load_model
+from zest.models import load_model, write_random_hf_model
 
 #: timm's own tiny test models, then small real architectures (random weights).
 TIMM_ARCHS = [
@@ -85,20 +83,9 @@ def hf_root(tmp_path_factory):
 def _hf_spec(root, model_type: str, **changes) -> str:
     """The tiny model of ``model_type`` saved under ``root`` (built once per root); ``changes``
     to its configuration need a root of their own."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from zest.models import minilm_path
-
     folder = root / model_type
     if not folder.exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, num_labels=2,
-                                      **{**HF_FAMILIES[model_type], **changes})
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        write_random_hf_model(folder, model_type, **{**HF_FAMILIES[model_type], **changes})
     return f"hf:{folder}"
 
 

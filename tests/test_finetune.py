@@ -356,17 +356,11 @@ def test_garbage_delta_files_are_one_line_errors(trained_deltas, tmp_path, conte
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
-
-    from zest.models import minilm_path
+    from zest.models import write_random_hf_model
 
     folder = tmp_path_factory.mktemp("gpt2")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2,
-                        pad_token_id=0, bos_token_id=101, eos_token_id=102, num_labels=2)
-    GPT2ForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_random_hf_model(folder, "gpt2", n_embd=32, n_layer=2, n_head=2, pad_token_id=0,
+                          bos_token_id=101, eos_token_id=102)
     return folder
 
 

