@@ -317,27 +317,22 @@ def main() -> None:
             raise SystemExit(f"--groups: unknown groups {sorted(set(wanted) - set(known))}; "
                              f"known: {', '.join(known)}")
         groups = [known[g] for g in wanted]
-    predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}", args.refresh_predictors)
-                  for m, d, _ in groups}
-    fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
-    # ZEST's choices depend on the predictor and the plan: rows of another predictor, or
-    # planned before Ranking.plan, are redone; so are results from before the learning rate
-    # was chosen per method (they carry no "lr")
-    done["trials"] = [r for r in done.get("trials", []) if _current(r, fingerprints)]
-    for kind in ("trials", "results"):
-        relabel_spreads(done[kind])
-    done["results"] = [r for r in done["results"] if _current(r, fingerprints) and "lr" in r]
-    # the share of every budget row is counted with the head: rows of the earlier rule (the
-    # head on top of the budget) that trained more than the budget are redone
-    for kind in ("trials", "results"):
-        done[kind] = [r for r in done[kind] if not _over_old_budget(r)]
     redo = {m.strip() for m in args.redo.split(",") if m.strip()}
     known = set(methods) | {"full", "head"}
     if redo - known:
         raise SystemExit(f"--redo: unknown methods {sorted(redo - known)}; known: "
                          f"{sorted(known)}")
+    predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}", args.refresh_predictors)
+                  for m, d, _ in groups}
+    fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
+    # redone: ZEST rows of another predictor or planned before Ranking.plan; results from
+    # before the learning rate was chosen per method (they carry no "lr"); rows of the earlier
+    # budget rule (the head on top of the budget) that trained more than the budget; --redo
     for kind in ("trials", "results"):
-        done[kind] = [r for r in done[kind] if r["method"] not in redo]
+        rows = [r for r in done.get(kind, []) if _current(r, fingerprints)
+                and (kind == "trials" or "lr" in r) and not _over_old_budget(r)]
+        relabel_spreads(rows)
+        done[kind] = [r for r in rows if r["method"] not in redo]
     keys = {(r["group"], r["budget"], r["method"], r["seed"]) for r in done["results"]}
     # seed-major, so that a partial run already covers every group
     for seed in seeds:
