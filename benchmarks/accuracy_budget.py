@@ -53,12 +53,13 @@ from pathlib import Path
 import _results
 import numpy as np
 
+from zest.errors import InvalidInputError
 from zest.finetune import METHODS
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import model_family
 from zest.pipeline import run_finetune
-from zest.planning import DEFAULT_SPREAD, fill_budget, plan_finetune
+from zest.planning import DEFAULT_SPREAD, PlanRule, fill_budget, plan_finetune
 from zest.ranking import rank, shipped_predictor_path
 from zest.records import METRIC_PREFIX
 from zest.training import load_corpus, train_predictor
@@ -303,9 +304,15 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path("benchmarks/results/" + ("accuracy_smoke.json" if args.smoke
                                                     else "accuracy_budget.json"))
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = [float(lr) for lr in args.lrs.split(",")]
-    zest = zest_methods([float(s) for s in args.spread.split(",")])
+    seeds = _numbers(args.seeds, "--seeds", int, "0,1,2")
+    lrs = _numbers(args.lrs, "--lrs", float, "1e-3,1e-4")
+    spreads = _numbers(args.spread, "--spread", float, "1,2,4,8")
+    try:
+        for spread in spreads:
+            PlanRule(spread)
+    except InvalidInputError as error:
+        raise SystemExit(str(error)) from None
+    zest = zest_methods(spreads)
     methods = [m for m in PLAN_METHODS if not m.startswith("zest")] + list(zest)
     machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
     done = _results.load(out)
@@ -382,6 +389,15 @@ def main() -> None:
         print(f"{r['group']:32s} {str(r['budget']):5s} {r['method']:28s} seed {r['seed']}: "
               f"test acc {r['test_accuracy']:.3f} (lr {r['lr']:g}, "
               f"{r['trainable_share']:.2%} trainable)")
+
+
+def _numbers(text: str, option: str, kind: type, example: str) -> list:
+    """The comma-separated numbers of ``option``, or one line naming the bad value."""
+    try:
+        return [kind(value) for value in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{option}: {text!r} is not a comma-separated list of "
+                         f"{kind.__name__}s; pass e.g. {example}") from None
 
 
 def _current(row: dict, fingerprints: dict[str, str]) -> bool:
