@@ -18,9 +18,9 @@ method=M, param_budget=B, spread=S, predictor=P, ...)`` (``zest finetune --metho
 --param-budget B --spread S --predictor P``): it ranks one training minibatch and trains what
 ``Ranking.plan`` chooses (the layers M can tune, and GPS's K / SPSFT's ratio filling the budget,
 head included). ``--spread 1,2,4,8`` adds ZEST + GPS/SPSFT rows at other spreads (labelled
-``zest + gps (spread 2)``), the measurement that chooses the default
-(``zest.planning.DEFAULT_SPREAD``). ZEST rows recorded before the plan existed (no
-``planned_by``) were planned by this script's own rule, and are redone.
+``zest + gps (spread 2)``; each method's default spread unlabelled), the measurement that
+chooses the defaults (``zest.planning.SPREAD_RULES``). ZEST rows recorded before the plan
+existed (no ``planned_by``) were planned by this script's own rule, and are redone.
 
 ZEST ranks each group with a predictor that has not seen it: trained with the shipped one's
 recipe (ranker parameters, metrics, target) on every complete corpus group but the
@@ -35,7 +35,8 @@ JSON), the one with the best val accuracy is reported and used for the other see
 for all would favour some methods (full fine-tuning of BERT at 1e-3 loses to head-sized ones).
 Resumable: every finished trial and (group, budget, method, seed) is kept in the output JSON.
 Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 1e-3,1e-4] [--epochs 2]
-[--spread 4] [--groups G,...] [--device cuda] [--refresh-predictors] [--smoke] [--redo METHOD,...]
+[--spread default|1,2,4,8] [--groups G,...] [--device cuda] [--refresh-predictors] [--smoke]
+[--redo METHOD,...]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import model_family
 from zest.pipeline import run_finetune
-from zest.planning import DEFAULT_SPREAD, PlanRule, fill_budget, plan_finetune
+from zest.planning import PlanRule, default_spread, fill_budget, plan_finetune
 from zest.ranking import rank, shipped_predictor_path
 from zest.records import METRIC_PREFIX
 from zest.training import load_corpus, train_predictor
@@ -177,23 +178,25 @@ def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
 
 
 def zest_label(tuner: str, spread: float) -> str:
-    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the default spread unlabelled)."""
-    return f"zest + {tuner}" + ("" if spread == DEFAULT_SPREAD else f" (spread {spread:g})")
+    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the method's default spread,
+    ``zest.planning.default_spread``, unlabelled)."""
+    return f"zest + {tuner}" + ("" if spread == default_spread(tuner)
+                                else f" (spread {spread:g})")
 
 
-def zest_methods(spreads: list[float]) -> dict[str, tuple[str, float | None]]:
+def zest_methods(spreads: list[float] | None) -> dict[str, tuple[str, float | None]]:
     """ZEST's method labels → (tuning method, spread): dense layers, and GPS and SPSFT at each
-    spread."""
+    of ``spreads`` (``None``: at each method's default spread)."""
     methods: dict[str, tuple[str, float | None]] = {"zest + dense": ("layers", None)}
-    for spread in spreads:
-        for tuner in ("gps", "spsft"):
+    for tuner in ("gps", "spsft"):
+        for spread in spreads or [default_spread(tuner)]:
             methods[zest_label(tuner, spread)] = (tuner, spread)
     return methods
 
 
 def relabel_spreads(rows: list[dict]) -> None:
-    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows of the earlier
-    default spread keep their meaning after ``DEFAULT_SPREAD`` changes."""
+    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows keep their
+    meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
     for row in rows:
         tuner = row["method"].removeprefix("zest + ").split(" ")[0]
         if row["method"].startswith("zest + ") and tuner in ("gps", "spsft") \
@@ -269,7 +272,7 @@ def run_zest(group, tuner_name: str, budget: float, spread: float | None, predic
         result = run_finetune(model_spec, dataset, out, method=tuner_name, layers="auto",
                               param_budget=budget, epochs=epochs, lr=lr, batch_size=32,
                               seed=seed, options=options, predictor=predictor, device=device,
-                              **({"spread": spread} if spread is not None else {}))
+                              spread=spread)
     plan = result["plan"]
     return {"lr": lr, "val_accuracy": result["epochs"][-1]["val_accuracy"],
             "test_accuracy": result["test_accuracy"],
@@ -285,9 +288,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default="1e-3,1e-4", help="Adam learning rates to choose from")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--spread", default=f"{DEFAULT_SPREAD:g}",
+    parser.add_argument("--spread", default="default",
                         help="comma-separated spreads of the ZEST + GPS/SPSFT plans (the "
-                        "chosen layers hold this many times the budget), e.g. 1,2,4,8")
+                        "chosen layers hold this many times the budget), e.g. 1,2,4,8 "
+                        "(default: each method's zest.planning.default_spread)")
     parser.add_argument("--groups", default="all", help="comma-separated groups to run, e.g. "
                         "minilm__r8,smollm2__r8 (default: all; the smollm2 groups take hours "
                         "of CPU)")
@@ -306,9 +310,10 @@ def main() -> None:
                                                     else "accuracy_budget.json"))
     seeds = _numbers(args.seeds, "--seeds", int, "0,1,2")
     lrs = _numbers(args.lrs, "--lrs", float, "1e-3,1e-4")
-    spreads = _numbers(args.spread, "--spread", float, "1,2,4,8")
+    spreads = (None if args.spread == "default"
+               else _numbers(args.spread, "--spread", float, "1,2,4,8"))
     try:
-        for spread in spreads:
+        for spread in spreads or []:
             PlanRule(spread)
     except InvalidInputError as error:
         raise SystemExit(str(error)) from None

@@ -654,7 +654,7 @@ def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[flo
 
 def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
                     ) -> list[str]:
-    """The measurement behind ``zest.planning.DEFAULT_SPREAD``: ZEST + GPS / SPSFT at each
+    """The measurement behind ``zest.planning.SPREAD_RULES``: ZEST + GPS / SPSFT at each
     spread (the chosen layers hold this many times the budget), mean val and test accuracy
     over seeds, per group and over the groups that have every spread."""
     import statistics
@@ -699,11 +699,11 @@ def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
 def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
     """Issue 22's rules read off the measurement: the spread and the ``--method auto`` choice
     that win on val accuracy (mean over seeds, then over the groups that have every option),
-    beside what ``zest.planning`` ships (``DEFAULT_SPREAD``, ``METHOD_RULES``)."""
+    beside what ``zest.planning`` ships (``SPREAD_RULES``, ``METHOD_RULES``)."""
     import statistics
     from collections import defaultdict
 
-    from zest.planning import DEFAULT_SPREAD, choose_method
+    from zest.planning import choose_method, default_spread
 
     runs: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
@@ -719,7 +719,7 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
              "the groups that have every option; `zest.planning` ships what wins here):", "",
              "| budget | update | groups | " + " | ".join(f"spread {x:g}" for x in spreads)
              + " |", "|---|---|---|" + "---|" * len(spreads)]
-    overall: dict[float, list[float]] = defaultdict(list)
+    cells: dict[tuple[str, float], list[float]] = defaultdict(list)  # (update, spread)
     for budget in budgets:
         for tuner in ("gps", "spsft"):
             groups = sorted({g for (g, b, t, _) in val if b == budget and t == tuner
@@ -728,20 +728,27 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
                 continue
             means = [statistics.mean(val[g, budget, tuner, x] for g in groups) for x in spreads]
             for x in spreads:
-                overall[x] += [val[g, budget, tuner, x] for g in groups]
+                cells[tuner, x] += [val[g, budget, tuner, x] for g in groups]
             best = max(means)
             lines.append(f"| ~{budget:.0%} | {tuner.upper()} | {len(groups)} | " + " | ".join(
                 f"**{100 * m:.1f}**" if m == best else f"{100 * m:.1f}" for m in means) + " |")
-    if overall:
-        winner = max(spreads, key=lambda x: statistics.mean(overall[x]))
-        lines += ["", f"Spread with the best mean val accuracy over every (budget, update, "
-                  f"group) cell ({len(overall[winner])} cells): **{winner:g}** "
-                  f"({100 * statistics.mean(overall[winner]):.1f} %); shipped "
-                  f"`DEFAULT_SPREAD` = {DEFAULT_SPREAD:g}."]
-    lines += ["", "| budget | groups | ZEST + dense | ZEST + GPS | ZEST + SPSFT | best on val | "
-              "`--method auto` ships |", "|---|---|---|---|---|---|---|"]
+    winners = []
+    for tuner in ("gps", "spsft"):
+        if (tuner, spreads[0]) in cells:
+            winner = max(spreads, key=lambda x, t=tuner: statistics.mean(cells[t, x]))
+            winners.append(f"{tuner.upper()} **{winner:g}** "
+                           f"({100 * statistics.mean(cells[tuner, winner]):.1f} % over "
+                           f"{len(cells[tuner, winner])} (budget, group) cells; shipped "
+                           f"{default_spread(tuner):g})")
+    if winners:
+        lines += ["", "Best spread on mean val accuracy, per update (`SPREAD_RULES`): "
+                  + "; ".join(winners) + "."]
+    options = [("dense", None), ("gps", default_spread("gps")),
+               ("spsft", default_spread("spsft"))]
+    lines += ["", "| budget | groups | ZEST + dense | " + " | ".join(
+        f"ZEST + {t.upper()} (spread {x:g})" for t, x in options[1:])
+        + " | best on val | `--method auto` ships |", "|---|---|---|---|---|---|---|"]
     for budget in budgets:
-        options = [("dense", None), ("gps", DEFAULT_SPREAD), ("spsft", DEFAULT_SPREAD)]
         groups = sorted({g for (g, b, _, _) in val if b == budget
                          and all((g, b, t, x) in val for t, x in options)})
         if not groups:

@@ -25,8 +25,10 @@ from zest.planning import (
     DEFAULT_SPREAD,
     FILL_TOLERANCE,
     METHOD_RULES,
+    SPREAD_RULES,
     PlanRule,
     choose_method,
+    default_spread,
     plan_finetune,
 )
 
@@ -67,7 +69,7 @@ def test_the_tuner_trains_exactly_what_the_plan_counts(spec, method):
     tuner.fit(data, epochs=1, batch_size=16, max_steps=1)
     assert tuner.trainable_params_ == plan.trainable_params
     if method != "layers":
-        assert plan.spread == DEFAULT_SPREAD
+        assert plan.spread == default_spread(method)
         assert plan.options[tuner_class.density_options[0]] is not None
 
 
@@ -173,6 +175,27 @@ def test_plan_rule_validates_its_spread():
     for bad in (0.99, -1, math.inf, "4", True):
         with pytest.raises(InvalidInputError, match="--spread"):
             PlanRule(spread=bad)
+
+
+def test_each_sparse_method_plans_with_its_measured_spread_unless_given_one():
+    """Without a spread the plan takes the method's SPREAD_RULES entry (LoRA, unmeasured:
+    DEFAULT_SPREAD); a spread from the caller wins; the plan records the one it used."""
+    assert set(SPREAD_RULES) <= set(METHODS.names()) and default_spread("lora") == DEFAULT_SPREAD
+    model, task, _ = _pair("tiny_cnn")
+    for method in ("gps", "spsft", "lora"):
+        ranked = _worst_first(model, task)
+        plan = plan_finetune(ranked, model, task, method, BUDGETS["tiny_cnn"])
+        assert plan.spread == default_spread(method)
+        assert plan.spread == SPREAD_RULES.get(method, PlanRule()).spread
+        for spread in (1.0, 8.0):
+            given = plan_finetune(ranked, model, task, method, BUDGETS["tiny_cnn"],
+                                  spread=spread)
+            assert given.spread == spread
+            if spread == plan.spread:
+                assert given.layers == plan.layers and given.options == plan.options
+    wide = plan_finetune(ranked, model, task, "gps", BUDGETS["tiny_cnn"], spread=8.0)
+    narrow = plan_finetune(ranked, model, task, "gps", BUDGETS["tiny_cnn"], spread=1.0)
+    assert len(wide.layers) >= len(narrow.layers)
 
 
 @pytest.mark.parametrize("args, message", [

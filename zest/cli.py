@@ -417,8 +417,8 @@ def finetune_command(
              "it.")] = None,
     spread: Annotated[float | None, typer.Option(
         help="With --param-budget and a sparse method: the chosen layers hold this many times "
-             "the budget, so the density is about 1/spread (default: zest.planning's "
-             "DEFAULT_SPREAD, 4 at present, provisional).")] = None,
+             "the budget, so the density is about 1/spread (default: the method's measured "
+             "spread, zest.planning.SPREAD_RULES).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -464,7 +464,7 @@ def finetune_command(
 
         metrics = run_finetune(model, dataset, out, method=method, layers=layers,
                                param_budget=param_budget, epochs=epochs, lr=lr,
-                               **({"spread": spread} if spread is not None else {}),
+                               spread=spread,
                                batch_size=batch_size, seed=seed,
                                options=options,
                                device=device, checkpoint=str(checkpoint) if checkpoint else None,
@@ -490,6 +490,9 @@ def _plan_line(plan: dict) -> str:
     settings += [f"{key}={min(values)}" + (f"–{max(values)}" if len(values) > 1 else "")
                  for key, values in sorted(per_layer.items())]
     density = f" at {', '.join(settings)}" if settings else " densely"
+    if plan["spread"] is not None:
+        spread = f"{plan['spread']:g}"
+        density += f" (spread {spread}: the chosen layers hold up to {spread}× the budget)"
     line = (f"plan: {plan['method']} on {len(plan['layers'])} layers{density}, "
             f"{plan['planned_trainable_share']:.2%} of the parameters trainable")
     if plan["method_rule"]:

@@ -26,7 +26,6 @@ from zest.models import resolve_device
 from zest.outputs import check_output_dir
 from zest.planning import (
     AUTO,
-    DEFAULT_SPREAD,
     FinetunePlan,
     check_method_options,
     check_plan_request,
@@ -65,7 +64,7 @@ def parse_layers(spec: str | Sequence[str] | None) -> str | int | list[str]:
 
 
 def check_layer_request(method: str, layers: str | Sequence[str] | None,
-                        param_budget: float | None, spread: float = DEFAULT_SPREAD,
+                        param_budget: float | None, spread: float | None = None,
                         method_options: dict[str, Any] | None = None) -> None:
     """Refuses empty or contradictory requests before anything is loaded: a budget with
     ``top:K`` or with layer names, ``top:0``, layers or a budget for a method that trains a
@@ -100,7 +99,7 @@ def check_layer_request(method: str, layers: str | Sequence[str] | None,
 
 def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
                  method: str = "spsft", layers: str | Sequence[str] | None = "auto",
-                 param_budget: float | None = None, spread: float = DEFAULT_SPREAD,
+                 param_budget: float | None = None, spread: float | None = None,
                  epochs: int = 3, lr: float = 1e-3,
                  batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
                  device: str = "cpu", checkpoint: str | None = None,
@@ -111,7 +110,8 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
     :meth:`zest.Ranking.plan` chooses what to train: the layers the method can tune and, with a
     ``param_budget`` (share of trainable parameters, head included), the density that fills it
-    (``spread``: :class:`zest.planning.PlanRule`); ``method="auto"`` also chooses the method
+    (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one,
+    :func:`zest.planning.default_spread`); ``method="auto"`` also chooses the method
     (:data:`zest.planning.METHOD_RULES`). ``method_options`` are tuner options (``k``,
     ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
 

@@ -27,7 +27,6 @@ from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
 from zest.models import Batch, Task, model_family, probe_loss_for
 from zest.planning import (
-    DEFAULT_SPREAD,
     DEFAULT_TOP_K,
     FinetunePlan,
     check_selection,
@@ -120,12 +119,13 @@ class Ranking:
 
     def plan(self, model: nn.Module, task: Task, method: str,
              param_budget: float | None = None, *, top_k: int | None = None,
-             spread: float = DEFAULT_SPREAD, options: dict[str, Any] | None = None
+             spread: float | None = None, options: dict[str, Any] | None = None
              ) -> FinetunePlan:
         """The fine-tuning plan for ``method`` (or ``"auto"``) on this ranking's layers: the
         best layers the method can tune and the density (GPS's ``k``, SPSFT's ``ratio``, LoRA's
         ``rank``) that fill ``param_budget``, a share of trainable parameters, head included.
-        ``spread``: how many times the budget the chosen layers hold (density ≈ 1/spread).
+        ``spread``: how many times the budget the chosen layers hold (density ≈ 1/spread;
+        default: the method's measured one, :data:`zest.planning.SPREAD_RULES`).
         Without a budget: ``top_k`` (default :data:`DEFAULT_TOP_K`) layers at the method's
         density. See :func:`zest.planning.plan_finetune`; ``zest finetune --layers auto``
         trains this plan::
