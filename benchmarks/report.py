@@ -459,6 +459,16 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
         shares[key].append(r["trainable_share"])
         rates[key] = r.get("lr")
 
+    # the rates each case was tried at (first seed), and each group's grid: a cell whose case
+    # misses a rate of its group's grid chose from fewer rates (marked †)
+    tried: dict[tuple, set[float]] = defaultdict(set)
+    for t in data.get("trials", []):
+        tried[t["group"], t["budget"], t["method"]].add(t["lr"])
+    grid: dict[str, set[float]] = defaultdict(set)
+    for (group, _, _), rates_tried in tried.items():
+        grid[group] |= rates_tried
+    partial = {key for key in cells if tried.get(key, set()) != grid[key[0]]}
+
     def mean(key):
         return statistics.mean(cells[key]) if key in cells else None
 
@@ -467,7 +477,7 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
             return "—"
         values = cells[key]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        rate = f", lr {rates[key]:g}" if rates.get(key) else ""
+        rate = f", lr {rates[key]:g}{'†' if key in partial else ''}" if rates.get(key) else ""
         return (f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f} "
                 f"({100 * statistics.mean(shares[key]):.3g} %, n={len(values)}{rate})")
 
@@ -481,7 +491,8 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     lines = [f"### Test accuracy at a parameter budget (`{name}`)", "",
              "Test accuracy in % (mean ± std over seeds; in brackets the trainable share, head "
              "included, the number of seeds and the Adam learning rate, chosen per method on the "
-             "val split at the first seed). ZEST ranks each group with a predictor trained on "
+             "val split at the first seed from the rates its group lists; † chosen from fewer "
+             "rates, the others still to run). ZEST ranks each group with a predictor trained on "
              "the other corpus groups only (`benchmarks/results/held_out_predictors/`).", ""]
     complete = [g for g in groups if all((g, b, m) in cells for b in budgets for m in methods)
                 and (g, None, "full") in cells]
@@ -500,13 +511,20 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
         lines += [f"| head only | {head:+.1f} (any budget) |" + " |" * (len(budgets) - 1), ""]
     for group in groups:
         lines += [f"**{group}** — full fine-tuning {cell((group, None, 'full'))}, head only "
-                  f"{cell((group, None, 'head'))}", "",
+                  f"{cell((group, None, 'head'))}; rates tried: "
+                  f"{', '.join(f'{x:g}' for x in sorted(grid[group], reverse=True))}", "",
                   "| method | " + " | ".join(f"~{b:.0%} budget" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(cell((group, b, method)) for b in budgets)
                          + " |")
         lines.append("")
+    settled = [key for key in cells if key not in partial and rates.get(key)]
+    edges = {edge: sum(rates[key] == edge(grid[key[0]]) for key in settled)
+             for edge in (max, min)}
+    lines += [f"Learning rates at the edge of their group's grid: {edges[max]} of "
+              f"{len(settled)} cases chose the highest rate, {edges[min]} the lowest (a rate "
+              "beyond the edge might do better there).", ""]
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
     lines += _best_plan_verdict(data["results"], groups, budgets)
     lines += _spread_section(data["results"], groups, budgets)
