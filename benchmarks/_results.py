@@ -8,6 +8,14 @@ import os
 from pathlib import Path
 
 
+def zest_update(method: str) -> str | None:
+    """The update of a ZEST row from its label (``"zest + gps (spread 2)"`` → ``"gps"``,
+    ``"zest + dense"`` → ``"dense"``); ``None`` for the other methods' rows."""
+    if not method.startswith("zest + "):
+        return None
+    return method.removeprefix("zest + ").split(" ")[0]
+
+
 def load(path: Path) -> dict:
     """The results written so far (``{"results": []}`` when there are none)."""
     return json.loads(path.read_text()) if path.exists() else {"results": []}

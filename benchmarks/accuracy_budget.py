@@ -204,9 +204,8 @@ def relabel_spreads(rows: list[dict]) -> None:
     """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows keep their
     meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
     for row in rows:
-        tuner = row["method"].removeprefix("zest + ").split(" ")[0]
-        if row["method"].startswith("zest + ") and tuner in ("gps", "spsft") \
-                and row.get("spread") is not None:
+        tuner = _results.zest_update(row["method"])
+        if tuner in ("gps", "spsft") and row.get("spread") is not None:
             row["method"] = zest_label(tuner, row["spread"])
 
 

@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import _results
+
 RESULTS = Path("benchmarks/results")
 READMES = (Path("benchmarks/README.md"), Path("README.md"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -725,8 +727,8 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
 
     runs: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        tuner = r["method"].removeprefix("zest + ").split(" ")[0]
-        if r["method"].startswith("zest + ") and r["budget"] is not None:
+        tuner = _results.zest_update(r["method"])
+        if tuner is not None and r["budget"] is not None:
             spread = r.get("spread") if tuner in ("gps", "spsft") else None
             runs[r["group"], r["budget"], tuner, spread].append(r["val_accuracy"])
     val = {key: statistics.mean(v) for key, v in runs.items()}
