@@ -529,8 +529,11 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
               "beyond the edge might do better there).", ""]
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
     lines += _best_plan_verdict(data["results"], groups, budgets)
-    lines += _spread_section(data["results"], groups, budgets)
-    lines += _rule_section(data["results"], budgets)
+    # the rules ship what the whole grid chose: cells still missing a rate are left out
+    whole_grid = [r for r in data["results"]
+                  if (r["group"], r["budget"], r["method"]) not in partial]
+    lines += _spread_section(whole_grid, groups, budgets)
+    lines += _rule_section(whole_grid, budgets)
     for budget in budgets:
         bars = {}
         for group in groups:
@@ -688,7 +691,8 @@ def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
     label = {(r["group"], r["budget"], r["method"]): r["spread"] for r in rows}
     lines = ["", "**Spread** (`--spread`: the chosen layers hold this many times the budget, "
              "GPS's K / SPSFT's ratio then filling it): val / test accuracy in %, mean over "
-             "seeds; the last row is the mean over the groups with every spread.", ""]
+             "seeds; the last row is the mean over the groups with every spread; cells marked "
+             "† above are left out.", ""]
     for budget in budgets:
         for tuner in ("gps", "spsft"):
             cell: dict[tuple[str, float], tuple[float, float]] = {}
@@ -736,7 +740,8 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
     if len(spreads) < 2:
         return []
     lines = ["", "**The plan's rules, measured** (val accuracy in %, mean over seeds, then over "
-             "the groups that have every option; `zest.planning` ships what wins here):", "",
+             "the groups that have every option, each with its rate chosen from the whole grid; "
+             "`zest.planning` ships what wins here):", "",
              "| budget | update | groups | " + " | ".join(f"spread {x:g}" for x in spreads)
              + " |", "|---|---|---|" + "---|" * len(spreads)]
     cells: dict[tuple[str, float], list[float]] = defaultdict(list)  # (update, spread)
