@@ -450,7 +450,7 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     if not data or not data["results"]:
         return []
     import statistics
-    from collections import defaultdict
+    from collections import Counter, defaultdict
 
     cells: dict[tuple, list] = defaultdict(list)
     shares: dict[tuple, list] = defaultdict(list)
@@ -524,7 +524,25 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     settled = [key for key in cells if key not in partial and rates.get(key)]
     edges = {edge: sum(rates[key] == edge(grid[key[0]]) for key in settled)
              for edge in (max, min)}
-    lines += [f"Learning rates at the edge of their group's grid: {edges[max]} of "
+    chosen: dict[tuple, Counter] = defaultdict(Counter)  # (method, budget) → rate → cases
+    for group, budget, method in settled:
+        label = method.split(" (spread")[0] + (" (any spread)" if "spread" in method else "")
+        chosen[label, budget][rates[group, budget, method]] += 1
+    order = ["full", "head", *ACCURACY_METHODS]
+    labels = sorted({label for label, _ in chosen}, key=lambda label: (
+        order.index(label.split(" (any")[0]) if label.split(" (any")[0] in order
+        else len(order), label))
+    lines += ["**Learning rates chosen** on val (cases per rate, over groups and spreads; cells "
+              "marked † left out):", "",
+              "| method | " + " | ".join(f"~{b:.0%} budget" if b else "no budget"
+                                       for b in [None, *budgets]) + " |",
+              "|---|" + "---|" * (len(budgets) + 1)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(
+            ", ".join(f"{rate:g} ×{n}" for rate, n in sorted(chosen[label, b].items(),
+                                                               reverse=True)) or "—"
+            for b in [None, *budgets]) + " |")
+    lines += ["", f"Learning rates at the edge of their group's grid: {edges[max]} of "
               f"{len(settled)} cases chose the highest rate, {edges[min]} the lowest (a rate "
               "beyond the edge might do better there).", ""]
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
