@@ -16,6 +16,24 @@ def zest_update(method: str) -> str | None:
     return method.removeprefix("zest + ").split(" ")[0]
 
 
+def zest_label(tuner: str, spread: float) -> str:
+    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the method's default spread,
+    ``zest.planning.default_spread``, unlabelled)."""
+    from zest.planning import default_spread
+
+    return f"zest + {tuner}" + ("" if spread == default_spread(tuner)
+                                else f" (spread {spread:g})")
+
+
+def relabel_spreads(rows: list[dict]) -> None:
+    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows keep their
+    meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
+    for row in rows:
+        tuner = zest_update(row["method"])
+        if tuner in ("gps", "spsft") and row.get("spread") is not None:
+            row["method"] = zest_label(tuner, row["spread"])
+
+
 def load(path: Path) -> dict:
     """The results written so far (``{"results": []}`` when there are none)."""
     return json.loads(path.read_text()) if path.exists() else {"results": []}

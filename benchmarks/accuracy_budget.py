@@ -183,30 +183,14 @@ def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
             for by in ("kappa", "fim_score")}
 
 
-def zest_label(tuner: str, spread: float) -> str:
-    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the method's default spread,
-    ``zest.planning.default_spread``, unlabelled)."""
-    return f"zest + {tuner}" + ("" if spread == default_spread(tuner)
-                                else f" (spread {spread:g})")
-
-
 def zest_methods(spreads: list[float] | None) -> dict[str, tuple[str, float | None]]:
     """ZEST's method labels → (tuning method, spread): dense layers, and GPS and SPSFT at each
     of ``spreads`` (``None``: at each method's default spread)."""
     methods: dict[str, tuple[str, float | None]] = {"zest + dense": ("layers", None)}
     for tuner in ("gps", "spsft"):
         for spread in spreads or [default_spread(tuner)]:
-            methods[zest_label(tuner, spread)] = (tuner, spread)
+            methods[_results.zest_label(tuner, spread)] = (tuner, spread)
     return methods
-
-
-def relabel_spreads(rows: list[dict]) -> None:
-    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows keep their
-    meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
-    for row in rows:
-        tuner = _results.zest_update(row["method"])
-        if tuner in ("gps", "spsft") and row.get("spread") is not None:
-            row["method"] = zest_label(tuner, row["spread"])
 
 
 def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: int,
@@ -349,7 +333,7 @@ def main() -> None:
     for kind in ("trials", "results"):
         rows = [r for r in done.get(kind, []) if _current(r, fingerprints)
                 and (kind == "trials" or "lr" in r) and not _over_old_budget(r)]
-        relabel_spreads(rows)
+        _results.relabel_spreads(rows)
         done[kind] = [r for r in rows if r["method"] not in redo]
     results = {(r["group"], r["budget"], r["method"], r["seed"]): r for r in done["results"]}
 

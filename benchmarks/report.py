@@ -452,6 +452,9 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     import statistics
     from collections import Counter, defaultdict
 
+    for kind in ("results", "trials"):  # labels by the default spreads that ship now
+        _results.relabel_spreads(data.get(kind, []))
+
     cells: dict[tuple, list] = defaultdict(list)
     shares: dict[tuple, list] = defaultdict(list)
     rates: dict[tuple, float | None] = {}

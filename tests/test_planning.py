@@ -140,11 +140,13 @@ def test_method_auto_follows_the_declared_rules(tiny_models):
         (rule.min_budget for rule in METHOD_RULES), reverse=True)
     assert METHOD_RULES[-1].min_budget == 0
     assert all(METHODS.get(rule.method).uses_layers for rule in METHOD_RULES)
-    assert choose_method(0.01).method == "spsft"
-    assert choose_method(0.05).method == "layers"
+    for rule in METHOD_RULES:  # each rule holds from its own budget up to the next one's
+        assert choose_method(max(rule.min_budget, 1e-6)) == rule
     model, task = tiny_models["tiny_cnn"]
     plan = plan_finetune(_worst_first(model, task), model, task, AUTO, 0.01)
-    assert plan.method == "spsft" and plan.method_rule == choose_method(0.01).reason
+    assert (plan.method, plan.method_rule) == (choose_method(0.01).method,
+                                               choose_method(0.01).reason)
+    assert plan.spread == default_spread(plan.method)
 
 
 @pytest.mark.parametrize("kwargs, message", [
