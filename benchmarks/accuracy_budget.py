@@ -40,9 +40,8 @@ that a rate of 3e-3 recovers; full fine-tuning of BERT chose the bottom, 1e-4). 
 changes are trained again.
 Resumable: every finished trial and (group, budget, method, seed) is kept in the output JSON.
 Usage: python benchmarks/accuracy_budget.py [--seeds 0,1,2] [--lrs 3e-3,1e-3,3e-4,1e-4]
-[--epochs 2]
-[--spread default|1,2,4,8] [--groups G,...] [--device cuda] [--refresh-predictors] [--smoke]
-[--redo METHOD,...]
+[--epochs 2] [--spread default|1,2,4,8] [--groups G,...] [--device cuda] [--refresh-predictors]
+[--smoke] [--redo METHOD,...]
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def test_each_sparse_method_plans_with_its_measured_spread_unless_given_one():
     DEFAULT_SPREAD); a spread from the caller wins; the plan records the one it used."""
     assert set(SPREAD_RULES) <= set(METHODS.names()) and default_spread("lora") == DEFAULT_SPREAD
     model, task, _ = _pair("tiny_cnn")
+    ranked = _worst_first(model, task)
     for method in ("gps", "spsft", "lora"):
-        ranked = _worst_first(model, task)
         plan = plan_finetune(ranked, model, task, method, BUDGETS["tiny_cnn"])
         assert plan.spread == default_spread(method)
         assert plan.spread == SPREAD_RULES.get(method, PlanRule()).spread
