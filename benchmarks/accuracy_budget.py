@@ -326,14 +326,8 @@ def main() -> None:
     predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}", args.refresh_predictors)
                   for m, d, _ in groups}
     fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
-    # redone: ZEST rows of another predictor or planned before Ranking.plan; results from
-    # before the learning rate was chosen per method (they carry no "lr"); rows of the earlier
-    # budget rule (the head on top of the budget) that trained more than the budget; --redo
     for kind in ("trials", "results"):
-        rows = [r for r in done.get(kind, []) if _current(r, fingerprints)
-                and (kind == "trials" or "lr" in r) and not _over_old_budget(r)]
-        _results.relabel_spreads(rows)
-        done[kind] = [r for r in rows if r["method"] not in redo]
+        done[kind] = _kept_rows(kind, done.get(kind, []), fingerprints, redo)
     results = {(r["group"], r["budget"], r["method"], r["seed"]): r for r in done["results"]}
 
     def settled(key: tuple) -> bool:
@@ -403,12 +397,32 @@ def _numbers(text: str, option: str, kind: type, example: str) -> list:
                          f"{kind.__name__}s; pass e.g. {example}") from None
 
 
-def _current(row: dict, fingerprints: dict[str, str]) -> bool:
-    """False for a ZEST row ranked by another predictor than its group's, or planned other
-    than by ``Ranking.plan``."""
+def _kept_rows(kind: str, rows: list[dict], fingerprints: dict[str, str],
+               redo: set[str]) -> list[dict]:
+    """The ``kind`` rows ("trials" or "results") that stand, labelled by their spread.
+
+    Rows of the groups being run (the keys of ``fingerprints``) are redone when they are ZEST
+    rows ranked by another predictor or planned before ``Ranking.plan``, results from before the
+    learning rate was chosen per method (no "lr"), rows of the earlier budget rule (the head on
+    top of the budget) that trained more than the budget, or rows of a ``--redo`` method. Rows
+    of the other groups are kept as they are: a run of some groups never drops another's.
+    """
+    def stands(row: dict) -> bool:
+        if row["group"] not in fingerprints:
+            return True
+        return (_current(row, fingerprints[row["group"]]) and (kind == "trials" or "lr" in row)
+                and not _over_old_budget(row) and row["method"] not in redo)
+
+    kept = [row for row in rows if stands(row)]
+    _results.relabel_spreads(kept)
+    return kept
+
+
+def _current(row: dict, fingerprint: str) -> bool:
+    """False for a ZEST row ranked by another predictor than its group's (``fingerprint``),
+    or planned other than by ``Ranking.plan``."""
     return not row["method"].startswith("zest") or (
-        row.get("predictor_sha") == fingerprints.get(row["group"])
-        and row.get("planned_by") == PLANNED_BY)
+        row.get("predictor_sha") == fingerprint and row.get("planned_by") == PLANNED_BY)
 
 
 def _over_old_budget(row: dict) -> bool:

@@ -1,0 +1,55 @@
+"""The accuracy benchmark's resumable results: a run of some groups keeps every other group's rows.
+
+A run of ``benchmarks/accuracy_budget.py --groups G`` once dropped the ZEST rows of every other
+group (their held-out predictors were not fingerprinted, so the rows looked stale): 162 finished
+results were lost from the committed JSON before anyone noticed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+accuracy_budget = pytest.importorskip("accuracy_budget")
+
+
+def row(group: str, method: str, predictor_sha: str | None = "abc", **extra) -> dict:
+    base = {"group": group, "budget": 0.01, "method": method, "seed": 0, "lr": 1e-3,
+            "val_accuracy": 0.5, "test_accuracy": 0.5, "trainable_share": 0.01,
+            accuracy_budget.HEAD_IN_BUDGET: True}
+    if method.startswith("zest"):
+        base.update(predictor_sha=predictor_sha, planned_by=accuracy_budget.PLANNED_BY,
+                    spread=2.0)
+    return {**base, **extra}
+
+
+@pytest.mark.parametrize("kind", ["trials", "results"])
+def test_rows_of_groups_not_run_are_kept_whatever_their_predictor(kind):
+    rows = [row("other", "zest + gps", predictor_sha="old"), row("other", "random-k + dense"),
+            row("run", "zest + gps", predictor_sha="abc"),
+            row("run", "zest + spsft", predictor_sha="stale")]
+    kept = accuracy_budget._kept_rows(kind, rows, {"run": "abc"}, redo=set())
+    assert [(r["group"], r["method"]) for r in kept] == [
+        ("other", "zest + gps"), ("other", "random-k + dense"), ("run", "zest + gps")]
+
+
+def test_redo_drops_the_method_only_in_the_groups_run():
+    rows = [row("other", "kappatune + dense"), row("run", "kappatune + dense"),
+            row("run", "fim + dense")]
+    kept = accuracy_budget._kept_rows("results", rows, {"run": "abc"},
+                                      redo={"kappatune + dense"})
+    assert [(r["group"], r["method"]) for r in kept] == [
+        ("other", "kappatune + dense"), ("run", "fim + dense")]
+
+
+def test_results_without_a_chosen_rate_and_over_budget_rows_are_redone():
+    rows = [row("run", "fim + dense", lr=None), row("run", "last-k + dense"),
+            row("run", "random-k + dense", trainable_share=0.02,
+                **{accuracy_budget.HEAD_IN_BUDGET: False})]
+    del rows[0]["lr"]
+    kept = accuracy_budget._kept_rows("results", rows, {"run": "abc"}, redo=set())
+    assert [r["method"] for r in kept] == ["last-k + dense"]
