@@ -34,9 +34,26 @@ def relabel_spreads(rows: list[dict]) -> None:
             row["method"] = zest_label(tuner, row["spread"])
 
 
-def load(path: Path) -> dict:
-    """The results written so far (``{"results": []}`` when there are none)."""
-    return json.loads(path.read_text()) if path.exists() else {"results": []}
+def load(path: Path, settings: dict | None = None) -> dict:
+    """The results written so far (``{"results": []}`` when there are none).
+
+    ``settings`` are the run's options (named as on its command line, without the dashes)
+    that change what a row means (epochs, minibatches, predictor, ...): the file keeps them,
+    and a run with other settings stops with one line rather than mixing its rows with rows
+    made otherwise. A file from before it kept settings
+    takes the run's.
+    """
+    data = json.loads(path.read_text()) if path.exists() else {"results": []}
+    if settings is not None:
+        recorded = data.setdefault("settings", dict(settings))
+        for name, value in settings.items():
+            if name in recorded and recorded[name] != value:
+                raise SystemExit(
+                    f"{path} holds results made with --{name} {recorded[name]}, not "
+                    f"{value}: pass --out NEW.json to keep both, or --{name} "
+                    f"{recorded[name]} to resume it")
+            recorded.setdefault(name, value)
+    return data
 
 
 def save(path: Path, data: dict, machine: str) -> None:

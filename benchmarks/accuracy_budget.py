@@ -309,7 +309,7 @@ def main() -> None:
     zest = zest_methods(spreads)
     methods = [m for m in PLAN_METHODS if not m.startswith("zest")] + list(zest)
     machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
-    done = _results.load(out)
+    done = _results.load(out, {"epochs": args.epochs})
     groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (GROUPS, BUDGETS)
     if args.groups != "all":
         wanted = [g.strip() for g in args.groups.split(",") if g.strip()]

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/rank_vs_groundtruth.json"))
     args = parser.parse_args()
-    done = _results.load(args.out)
+    done = _results.load(args.out, {"records": str(args.records)})
     # `zest rank` computes only the metrics its predictor reads: another predictor is re-timed
     fingerprint = _results.predictor_fingerprint()
     done["results"] = [r for r in done["results"] if r.get("predictor_sha") == fingerprint]

@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--predictor", default="universal")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stability.json"))
     args = parser.parse_args()
-    done = _results.load(args.out)
-    # a retrained predictor ranks differently: results of another one are redone
+    done = _results.load(args.out, {"batches": args.batches, "predictor": args.predictor})
+    # a retrained predictor (same name, other content) ranks differently: its results are redone
     groups = sorted(load_predictor(args.predictor).groups_)
     fingerprint = _results.predictor_fingerprint(args.predictor)
     done["results"] = [r for r in done["results"] if r.get("predictor_sha") == fingerprint]

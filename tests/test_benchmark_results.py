@@ -53,3 +53,24 @@ def test_results_without_a_chosen_rate_and_over_budget_rows_are_redone():
     del rows[0]["lr"]
     kept = accuracy_budget._kept_rows("results", rows, {"run": "abc"}, redo=set())
     assert [r["method"] for r in kept] == ["last-k + dense"]
+
+
+def test_a_results_file_keeps_its_settings_and_refuses_a_run_with_others(tmp_path):
+    import _results
+
+    path = tmp_path / "accuracy.json"
+    data = _results.load(path, {"epochs": 2})
+    data["results"].append(row("run", "full"))
+    _results.save(path, data, "test machine")
+    assert _results.load(path, {"epochs": 2})["results"] == data["results"]
+    with pytest.raises(SystemExit, match="--epochs 2, not 3: pass --out NEW.json to keep "
+                                         "both, or --epochs 2 to resume it"):
+        _results.load(path, {"epochs": 3})
+
+
+def test_a_file_from_before_settings_were_kept_takes_the_runs(tmp_path):
+    import _results
+
+    path = tmp_path / "old.json"
+    _results.save(path, {"results": [row("run", "full")]}, "test machine")
+    assert _results.load(path, {"batches": 8})["settings"] == {"batches": 8}
