@@ -16,22 +16,22 @@ def zest_update(method: str) -> str | None:
     return method.removeprefix("zest + ").split(" ")[0]
 
 
-def zest_label(tuner: str, spread: float) -> str:
-    """The label of ZEST + GPS/SPSFT rows at ``spread`` (the method's default spread,
-    ``zest.planning.default_spread``, unlabelled)."""
-    from zest.planning import default_spread
+def zest_label(tuner: str, spread: float, budget: float) -> str:
+    """The label of ZEST + GPS/SPSFT rows at ``spread`` and ``budget`` (the spread the method
+    ships for the budget, ``zest.planning.spread_rule``, unlabelled)."""
+    from zest.planning import spread_rule
 
-    return f"zest + {tuner}" + ("" if spread == default_spread(tuner)
+    return f"zest + {tuner}" + ("" if spread == spread_rule(tuner, budget).spread
                                 else f" (spread {spread:g})")
 
 
 def relabel_spreads(rows: list[dict]) -> None:
-    """Labels ZEST + GPS/SPSFT rows by the spread they recorded, so that rows keep their
-    meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
+    """Labels ZEST + GPS/SPSFT rows by the spread they recorded and their budget, so that rows
+    keep their meaning after a default spread (``zest.planning.SPREAD_RULES``) changes."""
     for row in rows:
         tuner = zest_update(row["method"])
         if tuner in ("gps", "spsft") and row.get("spread") is not None:
-            row["method"] = zest_label(tuner, row["spread"])
+            row["method"] = zest_label(tuner, row["spread"], row["budget"])
 
 
 def load(path: Path, settings: dict | None = None) -> dict:

@@ -18,9 +18,10 @@ method=M, param_budget=B, spread=S, predictor=P, ...)`` (``zest finetune --metho
 --param-budget B --spread S --predictor P``): it ranks one training minibatch and trains what
 ``Ranking.plan`` chooses (the layers M can tune, and GPS's K / SPSFT's ratio filling the budget,
 head included). ``--spread 1,2,4,8`` adds ZEST + GPS/SPSFT rows at other spreads (labelled
-``zest + gps (spread 2)``; each method's default spread unlabelled), the measurement that
-chooses the defaults (``zest.planning.SPREAD_RULES``). ZEST rows recorded before the plan
-existed (no ``planned_by``) were planned by this script's own rule, and are redone.
+``zest + gps (spread 2)``; the spread each method ships for the budget unlabelled), the
+measurement that chooses the defaults (``zest.planning.SPREAD_RULES``). ZEST rows recorded
+before the plan existed (no ``planned_by``) were planned by this script's own rule, and are
+redone.
 
 ZEST ranks each group with a predictor that has not seen it: trained with the shipped one's
 recipe (ranker parameters, metrics, target) on every complete corpus group but the
@@ -65,7 +66,7 @@ from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import model_family
 from zest.pipeline import run_finetune
-from zest.planning import PlanRule, default_spread, fill_budget, plan_finetune
+from zest.planning import PlanRule, fill_budget, plan_finetune, spread_rule
 from zest.ranking import rank, shipped_predictor_path
 from zest.records import METRIC_PREFIX
 from zest.training import load_corpus, train_predictor
@@ -182,13 +183,14 @@ def layer_orders(model, task, data, seed: int) -> dict[str, list[str]]:
             for by in ("kappa", "fim_score")}
 
 
-def zest_methods(spreads: list[float] | None) -> dict[str, tuple[str, float | None]]:
-    """ZEST's method labels → (tuning method, spread): dense layers, and GPS and SPSFT at each
-    of ``spreads`` (``None``: at each method's default spread)."""
+def zest_methods(spreads: list[float] | None, budget: float
+                 ) -> dict[str, tuple[str, float | None]]:
+    """ZEST's method labels at ``budget`` → (tuning method, spread): dense layers, and GPS and
+    SPSFT at each of ``spreads`` (``None``: at the spread each method ships for the budget)."""
     methods: dict[str, tuple[str, float | None]] = {"zest + dense": ("layers", None)}
     for tuner in ("gps", "spsft"):
-        for spread in spreads or [default_spread(tuner)]:
-            methods[_results.zest_label(tuner, spread)] = (tuner, spread)
+        for spread in spreads or [spread_rule(tuner, budget).spread]:
+            methods[_results.zest_label(tuner, spread, budget)] = (tuner, spread)
     return methods
 
 
@@ -280,7 +282,7 @@ def main() -> None:
     parser.add_argument("--spread", default="default",
                         help="comma-separated spreads of the ZEST + GPS/SPSFT plans (the "
                         "chosen layers hold this many times the budget), e.g. 1,2,4,8 "
-                        "(default: each method's zest.planning.default_spread)")
+                        "(default: each method's zest.planning.spread_rule for the budget)")
     parser.add_argument("--groups", default="all", help="comma-separated groups to run, e.g. "
                         "minilm__r8,smollm2__r8 (default: all; the smollm2 groups take hours "
                         "of CPU)")
@@ -306,8 +308,9 @@ def main() -> None:
             PlanRule(spread)
     except InvalidInputError as error:
         raise SystemExit(str(error)) from None
-    zest = zest_methods(spreads)
-    methods = [m for m in PLAN_METHODS if not m.startswith("zest")] + list(zest)
+    others = [m for m in PLAN_METHODS if not m.startswith("zest")]
+    zest = {budget: zest_methods(spreads, budget) for budget in BUDGETS + SMOKE_BUDGETS}
+    methods = {budget: others + list(zest[budget]) for budget in zest}
     machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
     done = _results.load(out, {"epochs": args.epochs})
     groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (GROUPS, BUDGETS)
@@ -319,7 +322,7 @@ def main() -> None:
                              f"known: {', '.join(known)}")
         groups = [known[g] for g in wanted]
     redo = {m.strip() for m in args.redo.split(",") if m.strip()}
-    known = set(methods) | {"full", "head"}
+    known = {m for budget in methods.values() for m in budget} | {"full", "head"}
     if redo - known:
         raise SystemExit(f"--redo: unknown methods {sorted(redo - known)}; known: "
                          f"{sorted(known)}")
@@ -344,9 +347,9 @@ def main() -> None:
             name = f"{group[0]}__{group[1]}"
             todo = [(m, None, partial(run, group, m, {}, seed, args.epochs, args.device))
                     for m in ("full", "head")]
-            applicable = group_methods(group[0], methods)
             pending = [budget for budget in budgets if not all(
-                settled((name, budget, m, seed)) for m in applicable)]
+                settled((name, budget, m, seed))
+                for m in group_methods(group[0], methods[budget]))]
             if pending:
                 model, task, data = load_pair(group[0], group[1], options=group[2], seed=seed,
                                               device=args.device)
@@ -357,7 +360,7 @@ def main() -> None:
                             peft_default_targets(group[0])).items():
                         todo.append((method, budget, partial(run, group, tuner, kwargs, seed,
                                                              args.epochs, args.device)))
-                    for method, (tuner, spread) in zest.items():
+                    for method, (tuner, spread) in zest[budget].items():
                         todo.append((method, budget, partial(
                             run_zest, group, tuner, budget, spread, predictors[name], seed,
                             args.epochs, args.device)))

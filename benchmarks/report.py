@@ -442,6 +442,28 @@ def speed_section() -> list[str]:
     return lines + [""]
 
 
+def _rate_grid(data: dict) -> tuple[dict[str, set[float]], set[tuple]]:
+    """Each group's grid of learning rates (those its first-seed trials tried), and the cases
+    (group, budget, method) that chose from fewer rates than their group's grid (marked †)."""
+    from collections import defaultdict
+
+    tried: dict[tuple, set[float]] = defaultdict(set)
+    for t in data.get("trials", []):
+        tried[t["group"], t["budget"], t["method"]].add(t["lr"])
+    grid: dict[str, set[float]] = defaultdict(set)
+    for (group, _, _), rates_tried in tried.items():
+        grid[group] |= rates_tried
+    cases = {(r["group"], r["budget"], r["method"]) for r in data["results"]}
+    return grid, {key for key in cases if tried.get(key, set()) != grid[key[0]]}
+
+
+def whole_grid_results(data: dict) -> list[dict]:
+    """The results whose case chose its rate from its group's whole grid: the rules ship what
+    these chose (cases still missing a rate are left out)."""
+    _, partial = _rate_grid(data)
+    return [r for r in data["results"] if (r["group"], r["budget"], r["method"]) not in partial]
+
+
 def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     """Test accuracy at a parameter budget, mean ± std over seeds, the mean over groups, and the
     verdict on ZEST's claim: within 1 point of full fine-tuning, and (the layer choice alone,
@@ -464,15 +486,7 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
         shares[key].append(r["trainable_share"])
         rates[key] = r.get("lr")
 
-    # the rates each case was tried at (first seed), and each group's grid: a cell whose case
-    # misses a rate of its group's grid chose from fewer rates (marked †)
-    tried: dict[tuple, set[float]] = defaultdict(set)
-    for t in data.get("trials", []):
-        tried[t["group"], t["budget"], t["method"]].add(t["lr"])
-    grid: dict[str, set[float]] = defaultdict(set)
-    for (group, _, _), rates_tried in tried.items():
-        grid[group] |= rates_tried
-    partial = {key for key in cells if tried.get(key, set()) != grid[key[0]]}
+    grid, partial = _rate_grid(data)
 
     def mean(key):
         return statistics.mean(cells[key]) if key in cells else None
@@ -550,9 +564,7 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
               "beyond the edge might do better there).", ""]
     lines += _claim_verdict(data["results"], groups, budgets, zest_methods)
     lines += _best_plan_verdict(data["results"], groups, budgets)
-    # the rules ship what the whole grid chose: cells still missing a rate are left out
-    whole_grid = [r for r in data["results"]
-                  if (r["group"], r["budget"], r["method"]) not in partial]
+    whole_grid = whole_grid_results(data)
     lines += _spread_section(whole_grid, groups, budgets)
     lines += _rule_section(whole_grid, budgets)
     for budget in budgets:
@@ -741,14 +753,20 @@ def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
     return lines
 
 
-def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
-    """Issue 22's rules read off the measurement: the spread and the ``--method auto`` choice
-    that win on val accuracy (mean over seeds, then over the groups that have every option),
-    beside what ``zest.planning`` ships (``SPREAD_RULES``, ``METHOD_RULES``)."""
+def measured_rules(results: list[dict], budgets: list[float]) -> dict:
+    """Issue 22's rules as the accuracy benchmark measured them (val accuracy, mean over seeds,
+    then over the groups that have every option compared; pass :func:`whole_grid_results`).
+
+    Returns:
+        ``spreads``: the spreads measured; ``spread``: (budget, update) → (groups, mean val
+        accuracy per spread); ``method``: budget → (groups, option → mean val accuracy), the
+        options being dense layers and GPS / SPSFT at the spread ``zest.planning`` ships for
+        the budget (``(tuner, spread)``).
+    """
     import statistics
     from collections import defaultdict
 
-    from zest.planning import choose_method, default_spread
+    from zest.planning import spread_rule
 
     runs: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
@@ -758,51 +776,61 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
             runs[r["group"], r["budget"], tuner, spread].append(r["val_accuracy"])
     val = {key: statistics.mean(v) for key, v in runs.items()}
     spreads = sorted({key[3] for key in val if key[3] is not None})
-    if len(spreads) < 2:
-        return []
-    lines = ["", "**The plan's rules, measured** (val accuracy in %, mean over seeds, then over "
-             "the groups that have every option, each with its rate chosen from the whole grid; "
-             "`zest.planning` ships what wins here):", "",
-             "| budget | update | groups | " + " | ".join(f"spread {x:g}" for x in spreads)
-             + " |", "|---|---|---|" + "---|" * len(spreads)]
-    cells: dict[tuple[str, float], list[float]] = defaultdict(list)  # (update, spread)
+    measured: dict = {"spreads": spreads, "spread": {}, "method": {}}
     for budget in budgets:
         for tuner in ("gps", "spsft"):
             groups = sorted({g for (g, b, t, _) in val if b == budget and t == tuner
                              and all((g, b, t, x) in val for x in spreads)})
-            if not groups:
-                continue
-            means = [statistics.mean(val[g, budget, tuner, x] for g in groups) for x in spreads]
-            for x in spreads:
-                cells[tuner, x] += [val[g, budget, tuner, x] for g in groups]
-            best = max(means)
-            lines.append(f"| ~{budget:.0%} | {tuner.upper()} | {len(groups)} | " + " | ".join(
-                f"**{100 * m:.1f}**" if m == best else f"{100 * m:.1f}" for m in means) + " |")
-    winners = []
-    for tuner in ("gps", "spsft"):
-        if (tuner, spreads[0]) in cells:
-            winner = max(spreads, key=lambda x, t=tuner: statistics.mean(cells[t, x]))
-            winners.append(f"{tuner.upper()} **{winner:g}** "
-                           f"({100 * statistics.mean(cells[tuner, winner]):.1f} % over "
-                           f"{len(cells[tuner, winner])} (budget, group) cells; shipped "
-                           f"{default_spread(tuner):g})")
-    if winners:
-        lines += ["", "Best spread on mean val accuracy, per update (`SPREAD_RULES`): "
-                  + "; ".join(winners) + "."]
-    options = [("dense", None), ("gps", default_spread("gps")),
-               ("spsft", default_spread("spsft"))]
-    lines += ["", "| budget | groups | ZEST + dense | " + " | ".join(
-        f"ZEST + {t.upper()} (spread {x:g})" for t, x in options[1:])
-        + " | best on val | `--method auto` ships |", "|---|---|---|---|---|---|---|"]
-    for budget in budgets:
+            if groups and len(spreads) > 1:
+                measured["spread"][budget, tuner] = (groups, [
+                    statistics.mean(val[g, budget, tuner, x] for g in groups) for x in spreads])
+        options = [("layers", None), ("gps", spread_rule("gps", budget).spread),
+                   ("spsft", spread_rule("spsft", budget).spread)]
+        lookup = {option: ("dense" if option[0] == "layers" else option[0], option[1])
+                  for option in options}
         groups = sorted({g for (g, b, _, _) in val if b == budget
-                         and all((g, b, t, x) in val for t, x in options)})
-        if not groups:
-            continue
-        means = [statistics.mean(val[g, budget, t, x] for g in groups) for t, x in options]
-        best = options[means.index(max(means))][0].replace("dense", "layers")  # the tuner
+                         and all((g, b, *lookup[o]) in val for o in options)})
+        if groups:
+            measured["method"][budget] = (groups, {o: statistics.mean(
+                val[(g, budget, *lookup[o])] for g in groups) for o in options})
+    return measured
+
+
+def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
+    """The rules of :func:`measured_rules` beside what ``zest.planning`` ships
+    (``SPREAD_RULES``, ``METHOD_RULES``)."""
+    from zest.planning import choose_method, spread_rule
+
+    measured = measured_rules(results, budgets)
+    spreads = measured["spreads"]
+    if not measured["spread"]:
+        return []
+    lines = ["", "**The plan's rules, measured** (val accuracy in %, mean over seeds, then over "
+             "the groups that have every option, each with its rate chosen from the whole grid; "
+             "best in bold; `zest.planning.SPREAD_RULES` ships a spread per update and budget):",
+             "", "| budget | update | groups | " + " | ".join(f"spread {x:g}" for x in spreads)
+             + " | shipped |", "|---|---|---|" + "---|" * len(spreads) + "---|"]
+    misses = []
+    for (budget, tuner), (groups, means) in measured["spread"].items():
+        best, shipped = max(means), spread_rule(tuner, budget).spread
+        winner = spreads[means.index(best)]
+        if winner != shipped:
+            misses.append(f"{tuner.upper()} at ~{budget:.0%} ships {shipped:g}, " + (
+                f"{100 * (best - means[spreads.index(shipped)]):.1f} points below spread "
+                f"{winner:g}" if shipped in spreads else f"not measured; spread {winner:g} led"))
+        lines.append(f"| ~{budget:.0%} | {tuner.upper()} | {len(groups)} | " + " | ".join(
+            f"**{100 * m:.1f}**" if m == best else f"{100 * m:.1f}" for m in means)
+            + f" | {shipped:g} |")
+    lines += ["", "Shipped spreads against the measured best: " + (
+        "; ".join(misses) + "." if misses else "each is the best of its row.")]
+    lines += ["", "| budget | groups | ZEST + dense | ZEST + GPS (shipped spread) | ZEST + SPSFT "
+              "(shipped spread) | best on val | `--method auto` ships |",
+              "|---|---|---|---|---|---|---|"]
+    for budget, (groups, means) in measured["method"].items():
+        best = max(means, key=means.get)[0]
         lines.append(f"| ~{budget:.0%} | {len(groups)} | " + " | ".join(
-            f"{100 * m:.1f}" for m in means) + f" | {best} | {choose_method(budget).method} |")
+            f"{100 * m:.1f}" + (f" (spread {x:g})" if x is not None else "")
+            for (_, x), m in means.items()) + f" | {best} | {choose_method(budget).method} |")
     return lines
 
 

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 accuracy_budget = pytest.importorskip("accuracy_budget")
 
+from zest.planning import spread_rule  # noqa: E402
+
 
 def row(group: str, method: str, predictor_sha: str | None = "abc", **extra) -> dict:
     base = {"group": group, "budget": 0.01, "method": method, "seed": 0, "lr": 1e-3,
@@ -23,7 +25,8 @@ def row(group: str, method: str, predictor_sha: str | None = "abc", **extra) -> 
             accuracy_budget.HEAD_IN_BUDGET: True}
     if method.startswith("zest"):
         base.update(predictor_sha=predictor_sha, planned_by=accuracy_budget.PLANNED_BY,
-                    spread=2.0)
+                    spread=spread_rule(method.split()[2], base["budget"]).spread
+                    if method.startswith(("zest + gps", "zest + spsft")) else None)
     return {**base, **extra}
 
 
@@ -74,3 +77,37 @@ def test_a_file_from_before_settings_were_kept_takes_the_runs(tmp_path):
     path = tmp_path / "old.json"
     _results.save(path, {"results": [row("run", "full")]}, "test machine")
     assert _results.load(path, {"batches": 8})["settings"] == {"batches": 8}
+
+
+def test_the_shipped_plan_rules_are_what_the_committed_benchmark_measured():
+    """Issue 22: the plan's rules are chosen by measurement. Each spread of SPREAD_RULES and
+    each method of METHOD_RULES is the best on val of its budget in the committed accuracy
+    benchmark (as the README's "The plan's rules, measured" reads it), and each reason quotes
+    the figure it rests on: rerun ``benchmarks/report.py`` and update ``zest/planning.py``
+    when new results change a winner."""
+    import json
+
+    import report
+
+    from zest.planning import choose_method
+
+    data = json.loads((Path(report.__file__).parent / "results" / "accuracy_budget.json")
+                      .read_text())
+    for kind in ("results", "trials"):
+        report._results.relabel_spreads(data[kind])
+    budgets = sorted({r["budget"] for r in data["results"] if r["budget"] is not None},
+                     reverse=True)
+    measured = report.measured_rules(report.whole_grid_results(data), budgets)
+    assert measured["spread"] and measured["method"]
+    for (budget, tuner), (groups, means) in measured["spread"].items():
+        rule, best = spread_rule(tuner, budget), max(means)
+        winner = measured["spreads"][means.index(best)]
+        assert rule.spread == winner, f"{tuner} at ~{budget:.0%}: spread {winner:g} led"
+        assert f"val {100 * best:.1f} %" in rule.reason and f"{len(groups)} groups" in \
+            rule.reason, f"{tuner} at ~{budget:.0%}: {100 * best:.1f} over {len(groups)}"
+    for budget, (groups, means) in measured["method"].items():
+        (tuner, _), best = max(means.items(), key=lambda item: item[1])
+        rule = choose_method(budget)
+        assert rule.method == tuner, f"~{budget:.0%}: {tuner} led"
+        assert f"val {100 * best:.1f} %" in rule.reason and f"{len(groups)} groups" in \
+            rule.reason, f"~{budget:.0%}: {100 * best:.1f} over {len(groups)} groups"

@@ -28,8 +28,8 @@ from zest.planning import (
     SPREAD_RULES,
     PlanRule,
     choose_method,
-    default_spread,
     plan_finetune,
+    spread_rule,
 )
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_the_tuner_trains_exactly_what_the_plan_counts(spec, method):
     tuner.fit(data, epochs=1, batch_size=16, max_steps=1)
     assert tuner.trainable_params_ == plan.trainable_params
     if method != "layers":
-        assert plan.spread == default_spread(method)
+        assert plan.spread == spread_rule(method, budget).spread
         assert plan.options[tuner_class.density_options[0]] is not None
 
 
@@ -146,7 +146,7 @@ def test_method_auto_follows_the_declared_rules(tiny_models):
     plan = plan_finetune(_worst_first(model, task), model, task, AUTO, 0.01)
     assert (plan.method, plan.method_rule) == (choose_method(0.01).method,
                                                choose_method(0.01).reason)
-    assert plan.spread == default_spread(plan.method)
+    assert plan.spread == spread_rule(plan.method, 0.01).spread
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -172,75 +172,63 @@ def test_bad_plan_requests_are_refused(tiny_models, kwargs, message):
         plan_finetune(_worst_first(model, task), model, task, method, **kwargs)
 
 
-def test_plan_rule_validates_its_spread():
+def test_plan_rule_validates_its_spread_and_budget():
     assert PlanRule().spread == DEFAULT_SPREAD
     for bad in (0.99, -1, math.inf, "4", True):
         with pytest.raises(InvalidInputError, match="--spread"):
             PlanRule(spread=bad)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(InvalidInputError, match="min_budget"):
+            PlanRule(2.0, min_budget=bad)
 
 
-def test_each_sparse_method_plans_with_its_measured_spread_unless_given_one():
-    """Without a spread the plan takes the method's SPREAD_RULES entry (LoRA, unmeasured:
-    DEFAULT_SPREAD); a spread from the caller wins; the plan records the one it used."""
-    assert set(SPREAD_RULES) <= set(METHODS.names()) and default_spread("lora") == DEFAULT_SPREAD
+def test_spread_rules_cover_every_budget_of_their_method():
+    """Each method's rules run from the largest min_budget down to 0 (every budget has one),
+    each holds from its own budget up to the next one's, and each says why; LoRA (unmeasured)
+    takes DEFAULT_SPREAD without a reason."""
+    assert set(SPREAD_RULES) <= set(METHODS.names())
+    for method, rules in SPREAD_RULES.items():
+        minima = [rule.min_budget for rule in rules]
+        assert minima == sorted(minima, reverse=True) and minima[-1] == 0
+        for rule in rules:
+            assert rule.reason and spread_rule(method, max(rule.min_budget, 1e-6)) == rule
+        assert spread_rule(method, None) == rules[-1]
+    assert spread_rule("lora", 0.05) == PlanRule() and not PlanRule().reason
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1])
+def test_each_sparse_method_plans_with_its_measured_spread_unless_given_one(budget):
+    """Without a spread the plan takes the method's SPREAD_RULES entry for the budget (LoRA,
+    unmeasured: DEFAULT_SPREAD) and records it with its reason; a spread from the caller wins
+    and carries no rule."""
     model, task, _ = _pair("tiny_cnn")
     ranked = _worst_first(model, task)
     for method in ("gps", "spsft", "lora"):
-        plan = plan_finetune(ranked, model, task, method, BUDGETS["tiny_cnn"])
-        assert plan.spread == default_spread(method)
-        assert plan.spread == SPREAD_RULES.get(method, PlanRule()).spread
+        rule = spread_rule(method, budget)
+        plan = plan_finetune(ranked, model, task, method, budget)
+        assert (plan.spread, plan.spread_rule) == (rule.spread, rule.reason or None)
+        assert plan.to_dict()["spread_rule"] == plan.spread_rule
         for spread in (1.0, 8.0):
-            given = plan_finetune(ranked, model, task, method, BUDGETS["tiny_cnn"],
-                                  spread=spread)
-            assert given.spread == spread
+            given = plan_finetune(ranked, model, task, method, budget, spread=spread)
+            assert (given.spread, given.spread_rule) == (spread, None)
             if spread == plan.spread:
                 assert given.layers == plan.layers and given.options == plan.options
-    wide = plan_finetune(ranked, model, task, "gps", BUDGETS["tiny_cnn"], spread=8.0)
-    narrow = plan_finetune(ranked, model, task, "gps", BUDGETS["tiny_cnn"], spread=1.0)
+    wide = plan_finetune(ranked, model, task, "gps", budget, spread=8.0)
+    narrow = plan_finetune(ranked, model, task, "gps", budget, spread=1.0)
     assert len(wide.layers) >= len(narrow.layers)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "auto"], "--param-budget"),
-    (["--method", "auto", "--param-budget", "0.1", "--k", "2"], "drop k"),
-    (["--method", "auto", "--layers", "all"], "--param-budget"),
-    (["--method", "spsft", "--k", "2"], "takes no option k"),
-    (["--method", "head", "--k", "2"], "takes no option k"),
-    (["--param-budget", "0.1", "--spread", "0.5"], "--spread"),
-])
-def test_bad_finetune_requests_are_refused_before_loading(args, message, tmp_path,
-                                                          monkeypatch):
-    import zest.pipeline
-
-    def no_loading(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(zest.pipeline, "load_pair", no_loading)
+def test_cli_plan_line_says_which_spread_rule_it_followed(tmp_path):
     result = runner.invoke(app, ["finetune", "--model", "tiny_cnn", "--dataset", "digits",
-                                 "--out", str(tmp_path / "run"), *args])
-    assert result.exit_code == 1, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "run" / "config.json").exists()
-
-
-def test_config_records_the_plan_and_the_measured_share(tmp_path):
-    from zest.pipeline import run_finetune
-
-    result = run_finetune("tiny_cnn", "digits", tmp_path / "run", method="spsft",
-                          param_budget=0.1, spread=2, epochs=1, batch_size=16,
-                          options=IMAGE_OPTIONS)
+                                 "--image-size", "16", "--max-train", "32", "--max-val", "16",
+                                 "--method", "gps", "--param-budget", "0.1", "--epochs", "1",
+                                 "--batch-size", "16", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rule = spread_rule("gps", 0.1)
+    assert f"spread {rule.spread:g}: the chosen layers hold up to" in result.output
+    assert rule.reason in result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    plan = config["plan"]
-    assert plan == result["plan"] and result["method"] == "spsft"
-    assert plan["layers"] == config["layers"] and plan["spread"] == 2
-    assert set(plan["per_layer"]) == set(plan["layers"])
-    assert all(entry["r"] >= 1 for entry in plan["per_layer"].values())
-    assert config["method_options"] == plan["options"] == {"ratio": plan["options"]["ratio"]}
-    assert plan["trainable_params"] == metrics["trainable_params"] == \
-        plan["planned_trainable_params"]
-    assert plan["trainable_share"] == metrics["trainable_share"]
-    assert 0.1 * (1 - FILL_TOLERANCE) <= plan["trainable_share"] <= 0.1
+    assert config["plan"]["spread_rule"] == rule.reason
 
 
 def test_cli_method_auto_reports_its_choice(tmp_path):

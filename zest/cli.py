@@ -418,7 +418,7 @@ def finetune_command(
     spread: Annotated[float | None, typer.Option(
         help="With --param-budget and a sparse method: the chosen layers hold this many times "
              "the budget, so the density is about 1/spread (default: the method's measured "
-             "spread, zest.planning.SPREAD_RULES).")] = None,
+             "spread for the budget, zest.planning.SPREAD_RULES).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
@@ -492,7 +492,8 @@ def _plan_line(plan: dict) -> str:
     density = f" at {', '.join(settings)}" if settings else " densely"
     if plan["spread"] is not None:
         spread = f"{plan['spread']:g}"
-        density += f" (spread {spread}: the chosen layers hold up to {spread}× the budget)"
+        why = f"; {plan['spread_rule']}" if plan["spread_rule"] else ""
+        density += f" (spread {spread}: the chosen layers hold up to {spread}× the budget{why})"
     line = (f"plan: {plan['method']} on {len(plan['layers'])} layers{density}, "
             f"{plan['planned_trainable_share']:.2%} of the parameters trainable")
     if plan["method_rule"]:

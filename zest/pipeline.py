@@ -110,8 +110,8 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
     :meth:`zest.Ranking.plan` chooses what to train: the layers the method can tune and, with a
     ``param_budget`` (share of trainable parameters, head included), the density that fills it
-    (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one,
-    :func:`zest.planning.default_spread`); ``method="auto"`` also chooses the method
+    (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one for the
+    budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the method
     (:data:`zest.planning.METHOD_RULES`). ``method_options`` are tuner options (``k``,
     ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
 

@@ -16,7 +16,7 @@ The plan chooses only among the layers the method can tune (``Tuner.can_tune``),
   within them; (2) those layers at the densest setting whose trained values still fit; (3)
   further layers, best first, at that setting while they fit. A setting given by the caller
   (``k=4``) is kept, and the plan chooses only the layers. Without a ``spread`` from the caller,
-  the method's measured one (:data:`SPREAD_RULES`, :func:`default_spread`).
+  the method's measured one for the budget (:data:`SPREAD_RULES`, :func:`spread_rule`).
 
 ``method="auto"`` picks the method from :data:`METHOD_RULES` by the budget.
 """
@@ -51,15 +51,19 @@ DEFAULT_SPREAD = 4.0
 
 @dataclass(frozen=True)
 class PlanRule:
-    """The parameter of the sparse plan.
+    """The parameter of the sparse plan, and, in :data:`SPREAD_RULES`, the budgets it is for.
 
     Attributes:
         spread: How many times the budget the chosen layers hold, counted densely (at least 1);
             the sparse update's density within them is about ``1 / spread``. 1 tunes few layers
             densely, larger values tune more layers more sparsely.
+        min_budget: In :data:`SPREAD_RULES`: the rule holds for budgets from this share up
+            (to the next rule's).
+        reason: In :data:`SPREAD_RULES`: the measurement behind it (the plan records it).
     """
 
     spread: float = DEFAULT_SPREAD
+    min_budget: float = 0.0
     reason: str = ""
 
     def __post_init__(self) -> None:
@@ -67,29 +71,36 @@ class PlanRule:
                 or not math.isfinite(self.spread) or self.spread < 1):
             raise InvalidInputError(f"--spread must be a number of at least 1 (how many times "
                                     f"the budget the chosen layers hold), got {self.spread!r}")
+        if not 0 <= self.min_budget < 1:
+            raise InvalidInputError(f"a spread rule's min_budget must be in [0, 1), got "
+                                    f"{self.min_budget!r}")
 
 
-#: The spread of each sparse method's plan when the caller gives none, chosen by
-#: ``benchmarks/accuracy_budget.py --spread 1,2,4,8`` (README, "The plan's rules, measured": val
-#: accuracy, mean over seeds and the groups with every spread, ranked by predictors that did not
-#: see the group). Both measured methods chose 2: the chosen layers hold twice the budget, an
-#: update of about half their entries. Spreads on either side lost, 1 (GPS) and 8 (SPSFT) most;
-#: GPS alone at ~1 % did better at 8, which a rule per budget would capture (not shipped yet).
-SPREAD_RULES: Mapping[str, PlanRule] = MappingProxyType({
-    "gps": PlanRule(2.0, "GPS led at spread 2 over its (budget, group) cells (val 89.0 %; "
-                    "spread 1: 85.0, 4: 88.6, 8: 88.8; 11 cells: 4 CNN groups (3 seeds) and "
-                    "minilm r8 (1 seed) at ~5 % and ~1 %, minilm rotten_tomatoes at ~5 %); at "
-                    "~1 % alone spread 8 led (90.4 against 86.2)"),
-    "spsft": PlanRule(2.0, "SPSFT led at spread 2 over its (budget, group) cells (val 91.8 %; "
-                      "spread 1: 91.0, 4: 91.5, 8: 87.7; 10 cells, as GPS's without rotten "
-                      "tomatoes)"),
+#: The spread of each sparse method's plan when the caller gives none, per budget: the first
+#: rule whose ``min_budget`` the budget reaches. Chosen by ``benchmarks/accuracy_budget.py
+#: --spread 1,2,4,8`` (README, "The plan's rules, measured": val accuracy, mean over seeds and
+#: the groups with every spread, ranked by predictors that did not see the group), at ~5 % and
+#: ~1 % only, so the boundary between them (3 %, as in :data:`METHOD_RULES`) is not measured.
+SPREAD_RULES: Mapping[str, tuple[PlanRule, ...]] = MappingProxyType({
+    "gps": (PlanRule(2.0, 0.03, "GPS at ~5 %: spread 2 led (val 91.4 %; 1: 84.2, 4: 88.1, "
+                     "8: 87.5; 6 groups)"),
+            PlanRule(8.0, 0.0, "GPS at ~1 %: spread 8 led (val 90.4 %; 1: 85.9, 2: 86.2, "
+                     "4: 89.3; 5 groups)")),
+    "spsft": (PlanRule(1.0, 0.03, "SPSFT at ~5 %: spread 1 led (val 90.3 %; 2: 89.6, "
+                       "4: 88.8, 8: 85.8; 6 groups)"),
+              PlanRule(4.0, 0.0, "SPSFT at ~1 %: spread 4 led (val 91.2 %; 1: 88.6, 2: 91.0, "
+                       "8: 87.7; 5 groups)")),
 })
 
 
-def default_spread(method: str) -> float:
-    """The spread a plan for ``method`` uses when the caller gives none: its
-    :data:`SPREAD_RULES` entry, else :data:`DEFAULT_SPREAD`."""
-    return SPREAD_RULES.get(method, PlanRule()).spread
+def spread_rule(method: str, param_budget: float | None) -> PlanRule:
+    """The rule a plan for ``method`` at ``param_budget`` follows when the caller gives no
+    spread: the method's first :data:`SPREAD_RULES` entry whose ``min_budget`` the budget
+    reaches (no budget: the smallest budgets' rule), else ``PlanRule()``:
+    :data:`DEFAULT_SPREAD` without a reason (LoRA's rank: not measured)."""
+    budget = 0.0 if param_budget is None else param_budget
+    return next((rule for rule in SPREAD_RULES.get(method, ()) if budget >= rule.min_budget),
+                PlanRule())
 
 
 @dataclass(frozen=True)
@@ -106,12 +117,12 @@ class MethodRule:
 #: the groups with every option, each method at its learning rate of 3e-3 … 1e-4 chosen on val,
 #: ZEST rows through ``Ranking.plan`` at the shipped spreads, predictors that did not see the
 #: group). Measured at ~5 % and ~1 % only: the boundary between them is not measured, and the
-#: margins are small (0.6 and 0.8 points), so treat the rule as a default, not a law.
+#: margins are small (under a point), so treat the rule as a default, not a law.
 METHOD_RULES = (
-    MethodRule(0.03, "gps", "GPS led at ~5 % (val 91.4 %, dense layers 90.8, SPSFT 89.6; "
-               "mean of 6 groups: 4 CNN, 2 minilm)"),
-    MethodRule(0.0, "spsft", "SPSFT led at ~1 % (val 91.0 %, dense layers 90.2, GPS 86.2; "
-               "mean of 5 groups: 4 CNN, minilm r8)"),
+    MethodRule(0.03, "gps", "GPS led at ~5 % (val 91.4 %, dense layers 90.8, SPSFT at "
+               "spread 1 90.3; 6 groups: 4 CNN, 2 minilm)"),
+    MethodRule(0.0, "spsft", "SPSFT led at ~1 % (val 91.2 %, GPS at spread 8 90.4, dense "
+               "layers 90.2; 5 groups: 4 CNN, minilm r8)"),
 )
 
 
@@ -140,6 +151,8 @@ class FinetunePlan:
         param_budget: The requested share of trainable parameters, if any.
         top_k: The requested number of layers, if any.
         spread: The :class:`PlanRule` spread used (``None`` when the plan set no density).
+        spread_rule: The reason of the :data:`SPREAD_RULES` row it followed, when the caller
+            gave no spread and the method has a measured one.
         method_rule: With ``method="auto"``: the reason from :data:`METHOD_RULES`.
         notes: What the caller should know (a budget the method cannot fill).
     """
@@ -153,6 +166,7 @@ class FinetunePlan:
     param_budget: float | None = None
     top_k: int | None = None
     spread: float | None = None
+    spread_rule: str | None = None
     method_rule: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -171,6 +185,7 @@ class FinetunePlan:
         return {"method": self.method, "layers": list(self.layers), "options": dict(self.options),
                 "per_layer": {name: dict(entry) for name, entry in self.per_layer.items()},
                 "param_budget": self.param_budget, "top_k": self.top_k, "spread": self.spread,
+                "spread_rule": self.spread_rule,
                 "method_rule": self.method_rule, "head_params": self.head_params,
                 "total_params": self.total_params,
                 "planned_trainable_params": self.trainable_params,
@@ -256,7 +271,7 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
         param_budget: Share of the model's parameters to train, head included, in (0, 1].
         top_k: Instead of a budget: this many layers, with the method's own density.
         spread: How many times the budget a sparse plan's layers hold (:class:`PlanRule`);
-            ``None``: the method's :func:`default_spread`.
+            ``None``: the method's measured one for the budget, :func:`spread_rule`.
         options: Tuner options fixed by the caller (``{"k": 4}``, ``{"importance": "l2"}``).
 
     Returns:
@@ -266,7 +281,7 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
     options = dict(options or {})
     method, method_rule = check_plan_request(method, param_budget, top_k=top_k, spread=spread,
                                              options=options)
-    spread = default_spread(method) if spread is None else spread
+    rule = spread_rule(method, param_budget) if spread is None else PlanRule(spread)
     tuner_class = METHODS.get(method)
     tunable = [name for name in ranked_layers
                if tuner_class.can_tune(name, model.get_submodule(name))]
@@ -312,11 +327,11 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
         else:
             knob = tuner_class.density_options[0]
             chosen, settings = _sparse_choice(tunable, shapes, tuner_class, settings, knob,
-                                              allowed, spread, fill)
+                                              allowed, rule.spread, fill)
             for other in tuner_class.density_options[1:]:
                 settings[other] = None  # the plan's knob decides (SPSFT: ratio, not r)
             plan.options = {**options, knob: settings[knob]}
-            plan.spread = spread
+            plan.spread, plan.spread_rule = rule.spread, rule.reason or None
         if not chosen:
             cheapest = min(e["trainable"] for e in entries(tunable, settings).values()
                            if e is not None)
@@ -330,7 +345,7 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
     if param_budget is not None and plan.trainable_share < (1 - FILL_TOLERANCE) * param_budget:
         plan.notes.append(f"the plan fills only {plan.trainable_share:.3g} of the "
                           f"{param_budget:g} budget: no further layer --method {method} can "
-                          "tune fits" + (f" at a density of about 1/{spread:g} or more"
+                          "tune fits" + (f" at a density of about 1/{plan.spread:g} or more"
                                          if plan.spread is not None else ""))
     return plan
 

@@ -125,7 +125,7 @@ class Ranking:
         best layers the method can tune and the density (GPS's ``k``, SPSFT's ``ratio``, LoRA's
         ``rank``) that fill ``param_budget``, a share of trainable parameters, head included.
         ``spread``: how many times the budget the chosen layers hold (density ≈ 1/spread;
-        default: the method's measured one, :data:`zest.planning.SPREAD_RULES`).
+        default: the method's measured one for the budget, :data:`zest.planning.SPREAD_RULES`).
         Without a budget: ``top_k`` (default :data:`DEFAULT_TOP_K`) layers at the method's
         density. See :func:`zest.planning.plan_finetune`; ``zest finetune --layers auto``
         trains this plan::
