@@ -433,13 +433,18 @@ def speed_section() -> list[str]:
         return []
     lines = ["### `zest rank` vs the brute-force ground truth (`rank_vs_groundtruth.json`)", "",
              "| group | settings | ground truth (layers × seeds) | zest rank (batch 32) | "
-             "speed-up |", "|---|---|---|---|---|"]
+             "speed-up | load average, torch threads |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        load = (f"{r['load_average'][0]:g}–{r['load_average'][1]:g}, {r['torch_threads']}"
+                if "load_average" in r else "not recorded")
         lines.append(f"| {r['group']} | {settings} | {r['groundtruth_seconds'] / 3600:.2f} CPU-h "
                      f"({r['layers']} × {r['seeds']}) | {r['rank_seconds']:.2f} s | "
-                     f"{r['speedup']:,}× |")
-    return lines + [""]
+                     f"{r['speedup']:,}× | {load} |")
+    return lines + ["", "The load average is the machine's (1-minute, before and after the "
+                    "timing): on these 2 cores a load above 2 means other jobs shared them, and "
+                    "the time grows with it (`probe_cost.py` below times the probe against a "
+                    "plain forward+backward in alternating rounds, which cancels it)."]
 
 
 def _rate_grid(data: dict) -> tuple[dict[str, set[float]], set[tuple]]:
