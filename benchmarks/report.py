@@ -679,8 +679,9 @@ def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[flo
     :data:`CLAIM_POINTS`) and against random-k and last-k of the same budget, paired by seed."""
     import statistics
 
-    val = _seed_means(results, "val_accuracy")
+    val, test = _seed_means(results, "val_accuracy"), _seed_means(results, "test_accuracy")
     paired = _paired_differences(results)
+    misses = []
     lines = ["", "**The best ZEST plan** (method and spread chosen on val accuracy, mean over "
              "seeds), test-accuracy points paired by seed: ✓ against full fine-tuning means "
              f"within {CLAIM_POINTS:g} point, against random-k / last-k ahead on average.", "",
@@ -704,13 +705,36 @@ def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[flo
                 holds = bool(diffs) and holds_at(statistics.mean(diffs))
                 cells.append(_difference_text(diffs, holds) if diffs else "—")
                 ok.append(holds)
+                if diffs and not holds:
+                    misses.append(_miss_text(group, budget, best, other, diffs, test))
             held[budget][0] += 1
             held[budget][1] += all(ok)
             lines.append(f"| {group} | ~{budget:.0%} | {best} "
                          f"({100 * val[group, budget, best]:.1f}) | " + " | ".join(cells) + " |")
     lines += ["", "All three hold: " + "; ".join(
         f"~{b:.0%} budget {n_ok} of {n} groups" for b, (n, n_ok) in held.items()) + "."]
+    if misses:
+        lines += ["", "Where it misses (test points paired by seed; for full fine-tuning, how "
+                  "much full fine-tuning gains over training the head alone there, and the "
+                  "share of that gain the plan recovers):", ""] + [f"- {m}" for m in misses]
     return lines
+
+
+def _miss_text(group: str, budget: float, plan: str, other: str, diffs: list[float],
+               test: dict[tuple, float]) -> str:
+    """One line on a miss of :func:`_best_plan_verdict`, with what measured context there is."""
+    import statistics
+
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    text = (f"{group} at ~{budget:.0%}: {plan} is {abs(statistics.mean(diffs)):.1f} ± "
+            f"{spread:.1f} points {'below' if statistics.mean(diffs) < 0 else 'above'} "
+            f"{other} over {len(diffs)} seed{'s' if len(diffs) > 1 else ''}")
+    full, head = test.get((group, None, "full")), test.get((group, None, "head"))
+    if other == "full" and full is not None and head is not None and full > head:
+        recovered = (test[group, budget, plan] - head) / (full - head)
+        text += (f"; full fine-tuning gains {100 * (full - head):.1f} points over the head "
+                 f"there, the plan recovers {recovered:.0%} of it")
+    return text + "."
 
 
 def _spread_section(results: list[dict], groups: list[str], budgets: list[float]
