@@ -114,7 +114,8 @@ class MethodRule:
 
 #: ``method="auto"``: the first rule whose ``min_budget`` the budget reaches, read off the
 #: accuracy benchmark (README, "The plan's rules, measured": val accuracy, mean over 3 seeds and
-#: the groups with every option, each method at its learning rate of 3e-3 … 1e-4 chosen on val,
+#: the groups with every option, each method at its learning rate chosen on val from 3e-3 …
+#: 1e-4 (and 1e-2 on the two mnist5k groups),
 #: ZEST rows through ``Ranking.plan`` at the shipped spreads, predictors that did not see the
 #: group). Measured at ~5 % and ~1 % only: the boundary between them is not measured. At ~5 %
 #: the three are a near tie (0.05 and 0.5 points), so GPS there is a default, not a law; at ~1 %
