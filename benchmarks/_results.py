@@ -40,8 +40,7 @@ def load(path: Path, settings: dict | None = None) -> dict:
     ``settings`` are the run's options (named as on its command line, without the dashes)
     that change what a row means (epochs, minibatches, predictor, ...): the file keeps them,
     and a run with other settings stops with one line rather than mixing its rows with rows
-    made otherwise. A file from before it kept settings
-    takes the run's.
+    made otherwise. A file from before it kept settings takes the run's.
     """
     data = json.loads(path.read_text()) if path.exists() else {"results": []}
     if settings is not None:

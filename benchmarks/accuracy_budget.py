@@ -313,12 +313,12 @@ def main() -> None:
             PlanRule(spread)
     except InvalidInputError as error:
         raise SystemExit(str(error)) from None
-    others = [m for m in PLAN_METHODS if not m.startswith("zest")]
-    zest = {budget: zest_methods(spreads, budget) for budget in BUDGETS + SMOKE_BUDGETS}
-    methods = {budget: others + list(zest[budget]) for budget in zest}
     machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
     done = _results.load(out, {"epochs": args.epochs})
     groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (GROUPS, BUDGETS)
+    others = [m for m in PLAN_METHODS if not m.startswith("zest")]
+    zest = {budget: zest_methods(spreads, budget) for budget in budgets}
+    methods = {budget: others + list(zest[budget]) for budget in budgets}
     if args.groups == "default" and args.device == "cpu":
         groups = [g for g in groups if g[0] not in DECODERS]
     elif args.groups not in ("all", "default"):

@@ -54,10 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     done = _results.load(args.out, {"records": str(args.records)})
     redo = {g.strip() for g in args.redo.split(",") if g.strip()}
-    done["results"] = [r for r in done["results"] if r["group"] not in redo]
     # `zest rank` computes only the metrics its predictor reads: another predictor is re-timed
     fingerprint = _results.predictor_fingerprint()
-    done["results"] = [r for r in done["results"] if r.get("predictor_sha") == fingerprint]
+    done["results"] = [r for r in done["results"]
+                       if r.get("predictor_sha") == fingerprint and r["group"] not in redo]
     _, groundtruth = load_corpus(args.records, min_seeds=2)
     known = sorted(set(groundtruth["group"]))
     if redo - set(known):

@@ -469,18 +469,26 @@ def whole_grid_results(data: dict) -> list[dict]:
     return [r for r in data["results"] if (r["group"], r["budget"], r["method"]) not in partial]
 
 
+def load_accuracy(name: str = "accuracy_budget.json") -> dict | None:
+    """The accuracy benchmark's results and trials, ZEST rows labelled by the spreads that ship
+    now (``_results.relabel_spreads``); ``None`` when there are none."""
+    data = _load(name)
+    if not data or not data["results"]:
+        return None
+    for kind in ("results", "trials"):
+        _results.relabel_spreads(data.get(kind, []))
+    return data
+
+
 def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     """Test accuracy at a parameter budget, mean ± std over seeds, the mean over groups, and the
     verdict on ZEST's claim: within 1 point of full fine-tuning, and (the layer choice alone,
     dense updates on both sides) above random-k and last-k of the same size."""
-    data = _load(name)
-    if not data or not data["results"]:
+    data = load_accuracy(name)
+    if data is None:
         return []
     import statistics
     from collections import Counter, defaultdict
-
-    for kind in ("results", "trials"):  # labels by the default spreads that ship now
-        _results.relabel_spreads(data.get(kind, []))
 
     cells: dict[tuple, list] = defaultdict(list)
     shares: dict[tuple, list] = defaultdict(list)
