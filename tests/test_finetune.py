@@ -443,3 +443,41 @@ def test_spsft_keeps_no_dense_gradient_for_frozen_weights():
         assert tuner.optimizer_.state[delta]["exp_avg"].shape == delta.shape
     frozen = [p for p in model.parameters() if id(p) not in trained]
     assert all(p.grad is None and p not in tuner.optimizer_.state for p in frozen)
+
+
+@pytest.mark.parametrize("method", ["spsft", "full", "gps"])
+def test_the_model_kept_is_the_best_val_epoch(method):
+    """Issue 35: after fit, the model holds the best validation epoch's values (not the last),
+    and the history keeps every epoch trained."""
+    model, task, data, layers = pair(IMAGE)
+    kwargs = {} if method == "full" else {"layers": layers}
+    # a rate high enough that later epochs move away from the best one on this tiny set
+    tuner = METHODS.get(method)(model, task, lr=3e-2, **kwargs).fit(data, epochs=5,
+                                                                  batch_size=16)
+    records = tuner.history_
+    assert len(records) == 5
+    best = max(records, key=lambda r: (r.val_accuracy, -r.val_loss))
+    assert tuner.best_epoch_ == best.epoch
+    val_loss, val_accuracy = tuner.evaluate(data, "val")
+    assert val_accuracy == pytest.approx(best.val_accuracy)
+    assert val_loss == pytest.approx(best.val_loss, rel=1e-4, abs=1e-5)
+
+
+def test_patience_stops_early_and_keeps_the_best_epoch():
+    model, task, data, layers = pair(IMAGE)
+    # a tiny rate: val barely changes, so some epoch fails to improve within a few
+    tuner = METHODS.get("layers")(model, task, layers=layers, lr=1e-7).fit(
+        data, epochs=30, batch_size=16, patience=2)
+    epochs = len(tuner.history_)
+    assert epochs < 30 and tuner.stopped_.startswith("early stop")
+    assert epochs - tuner.best_epoch_ == 2
+    assert all(not (r.val_accuracy, -r.val_loss) > (
+        tuner.history_[tuner.best_epoch_ - 1].val_accuracy,
+        -tuner.history_[tuner.best_epoch_ - 1].val_loss) for r in tuner.history_)
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_a_bad_patience_is_refused(patience):
+    model, task, data, layers = pair(IMAGE)
+    with pytest.raises(InvalidInputError, match="patience"):
+        METHODS.get("head")(model, task).fit(data, epochs=2, patience=patience)

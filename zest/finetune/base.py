@@ -121,6 +121,15 @@ class EpochRecord:
     test_accuracy: float | None = None
 
 
+def better_epoch(record: EpochRecord, best: EpochRecord, task_kind: str) -> bool:
+    """Whether ``record`` is a better validation epoch than ``best``: the higher val accuracy
+    (ties: the lower val loss) for classification, the lower val next-token loss for a
+    causal-LM task (perplexity is its exponential)."""
+    if task_kind == "causal_lm":
+        return record.val_loss < best.val_loss
+    return (record.val_accuracy, -record.val_loss) > (best.val_accuracy, -best.val_loss)
+
+
 @dataclass
 class Tuner:
     """Base class: fine-tunes a model on a data set, training only what ``_prepare`` chooses.
@@ -226,30 +235,39 @@ class Tuner:
 
     def fit(self, data: Dataset, epochs: int = 3, batch_size: int = 32,
             progress: ProgressCallback | None = None, max_steps: int | None = None,
-            test_each_epoch: bool = False) -> Tuner:
-        """Selects, then trains for ``epochs`` with validation after each one.
+            test_each_epoch: bool = False, patience: int | None = None) -> Tuner:
+        """Selects, then trains for at most ``epochs`` with validation after each one, and
+        keeps the model of the best validation epoch (:func:`better_epoch`).
 
         Args:
             data: A data set (text data must be tokenised with ``task.tokenizer``).
-            epochs: Passes over the train split.
+            epochs: The most passes over the train split.
             batch_size: Training batch size.
             progress: Called with a dict after every step (``step``, ``loss``) and epoch.
             max_steps: Stop after this many steps (for benchmarks).
             test_each_epoch: Also score the test split after every epoch.
+            patience: Early stopping: stop once this many epochs in a row have not improved
+                on the best validation epoch (``None``: train every epoch).
 
         Returns:
-            ``self``; ``history_``, ``trainable_params_``, ``peak_memory_mb_`` and
-            ``seconds_`` are set; ``optimizer_`` holds the optimizer (its state covers only
-            the trained values).
+            ``self``; ``history_`` (every epoch trained), ``best_epoch_`` (the epoch whose
+            trained values the model holds now), ``trainable_params_``, ``peak_memory_mb_``
+            and ``seconds_`` are set; ``optimizer_`` holds the optimizer (its state covers
+            only the trained values).
         """
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
+        if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool)
+                                     or patience < 1):
+            raise InvalidInputError(f"patience must be a positive integer or None, got "
+                                    f"{patience!r}")
         with training_state(self.model, self.task, self.gradient_checkpointing):
-            return self._fit(data, epochs, batch_size, progress, max_steps, test_each_epoch)
+            return self._fit(data, epochs, batch_size, progress, max_steps, test_each_epoch,
+                             patience)
 
     def _fit(self, data: Dataset, epochs: int, batch_size: int,
              progress: ProgressCallback | None, max_steps: int | None,
-             test_each_epoch: bool) -> Tuner:
-        if not isinstance(epochs, int) or epochs < 1:
-            raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
+             test_each_epoch: bool, patience: int | None) -> Tuner:
         self.device_ = self.device or next(self.model.parameters()).device
         start = time.perf_counter()
         self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
@@ -262,7 +280,9 @@ class Tuner:
                                                          weight_decay=self.weight_decay)
         self.history_: list[EpochRecord] = []
         self.stopped_ = None
+        self.best_epoch_: int | None = None
         self._last_good = self._snapshot()
+        best_state: dict[str, torch.Tensor] | None = None
         step = 0
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
@@ -302,10 +322,19 @@ class Tuner:
             if test_each_epoch:
                 record.test_loss, record.test_accuracy = self.evaluate(data, "test")
             self.history_.append(record)
+            if self.best_epoch_ is None or better_epoch(
+                    record, self.history_[self.best_epoch_ - 1], self.task.kind):
+                self.best_epoch_, best_state = epoch, self._last_good
             if progress is not None:
                 progress({"epoch_done": epoch, **record.__dict__})
             if max_steps is not None and step >= max_steps:
                 break
+            if patience is not None and epoch - self.best_epoch_ >= patience:
+                self.stopped_ = (f"early stop after epoch {epoch}: no better val epoch in "
+                                 f"{patience}")
+                break
+        if best_state is not None and self.best_epoch_ != len(self.history_):
+            self._restore(best_state)
         self.seconds_ = time.perf_counter() - start
         self.peak_memory_mb_ = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.model.eval()
@@ -344,12 +373,19 @@ class Tuner:
         return sum(p.numel() for p in self.trainable_parameters())
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {str(i): p.detach().clone() for i, p in enumerate(self.trainable_parameters())}
+        """What training changes: the trained values and the running statistics of the
+        normalisation layers that train."""
+        state = {str(i): p.detach().clone() for i, p in enumerate(self.trainable_parameters())}
+        state.update({name: b.detach().clone()
+                      for name, b in self._trained_norm_buffers().items()})
+        return state
 
     def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for i, p in enumerate(self.trainable_parameters()):
                 p.copy_(snapshot[str(i)])
+            for name, buffer in self._trained_norm_buffers().items():
+                buffer.copy_(snapshot[name])
 
     def delta(self) -> Delta:
         """Only what was trained, as a :class:`~zest.finetune.delta.Delta`."""
