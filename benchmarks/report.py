@@ -833,6 +833,79 @@ def measured_rules(results: list[dict], budgets: list[float]) -> dict:
     return measured
 
 
+def rate_tuner(method: str) -> str:
+    """The tuner a method label trains with (``"zest + gps (spread 2)"`` → ``gps``, ``"lora
+    (...)"`` → ``lora``, the dense layer choices → ``layers``)."""
+    if method in ("full", "head"):
+        return method
+    for tuner in ("gps", "spsft", "lora"):
+        if tuner in method:
+            return tuner
+    return "layers"
+
+
+def group_kind(group: str) -> str:
+    """The model kind (``zest.rates.MODEL_KINDS``) of a benchmark group, from its model."""
+    from zest.models import MODELS
+
+    meta = MODELS.meta(group.split("__")[0])
+    if meta["modality"] == "image":
+        return "image"
+    return "decoder" if meta.get("causal_lm") else "encoder"
+
+
+def measured_rates(trials: list[dict]) -> dict[tuple[str, str], dict]:
+    """The learning rates the benchmark measured, per (tuner, model kind) as
+    ``zest.rates.RATE_RULES`` keys them: over the first-seed cases (group, budget, method
+    label) of the cell, the mean val accuracy at each rate every case tried, the best of them,
+    and whether it sits at an edge of those rates (a rate beyond it is untested somewhere)."""
+    import statistics
+    from collections import defaultdict
+
+    cases: dict[tuple, dict[float, float]] = defaultdict(dict)
+    for t in trials:
+        cell = (rate_tuner(t["method"]), group_kind(t["group"]))
+        cases[cell, t["group"], t["budget"], t["method"]][t["lr"]] = t["val_accuracy"]
+    cells: dict[tuple, list[dict[float, float]]] = defaultdict(list)
+    for (cell, *_), by_rate in cases.items():
+        cells[cell].append(by_rate)
+    measured = {}
+    for cell, rows in cells.items():
+        rates = sorted(set.intersection(*(set(r) for r in rows)))
+        if not rates:
+            continue
+        means = {rate: statistics.mean(r[rate] for r in rows) for rate in rates}
+        best = max(rates, key=means.get)
+        measured[cell] = {"cases": len(rows), "means": means, "best": best,
+                          "edge": best in (rates[0], rates[-1])}
+    return measured
+
+
+def rate_section(trials: list[dict], regime: str) -> list[str]:
+    """The rates measured (:func:`measured_rates`) beside what ``zest.rates`` ships."""
+    from zest.rates import RATE_RULES
+
+    measured = measured_rates(trials)
+    lines = ["", f"**Learning rates, measured** ({regime}; mean val accuracy in % over the "
+             "first-seed cases of each method and model kind; best in bold; `zest.rates."
+             "RATE_RULES` ships a rate per row, `--lr auto`):", "",
+             "| method | model kind | cases | val accuracy by rate | best | shipped |",
+             "|---|---|---|---|---|---|"]
+    edges = []
+    for (tuner, kind), m in sorted(measured.items()):
+        by_rate = ", ".join(("**{:g}: {:.1f}**" if rate == m["best"] else "{:g}: {:.1f}").format(
+            rate, 100 * acc) for rate, acc in m["means"].items())
+        rule = RATE_RULES.get((tuner, kind))
+        shipped = f"{rule.lr:g}" if rule else "—"
+        lines.append(f"| {tuner} | {kind} | {m['cases']} | {by_rate} | {m['best']:g}"
+                     f"{' (edge)' if m['edge'] else ''} | {shipped} |")
+        if m["edge"]:
+            edges.append(f"{tuner} on {kind} models")
+    lines += ["", f"Best rate at an edge of the rates every case tried: {len(edges)} of "
+              f"{len(measured)} ({', '.join(edges) or 'none'})."]
+    return lines
+
+
 def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
     """The rules of :func:`measured_rules` beside what ``zest.planning`` ships
     (``SPREAD_RULES``, ``METHOD_RULES``)."""

@@ -108,3 +108,19 @@ def test_the_shipped_plan_rules_are_what_the_committed_benchmark_measured(monkey
         assert rule.method == tuner, f"~{budget:.0%}: {tuner} led"
         assert f"val {100 * best:.1f} %" in rule.reason and f"{len(groups)} groups" in \
             rule.reason, f"~{budget:.0%}: {100 * best:.1f} over {len(groups)} groups"
+
+
+def test_the_shipped_rates_are_the_measured_best():
+    """Issue 35: every ``zest.rates.RATE_RULES`` row the benchmark measures is the rate of the
+    best mean val accuracy there, and its reason quotes the number of cases it rests on."""
+    report = pytest.importorskip("report")
+    from zest.rates import RATE_RULES
+
+    data = report.load_accuracy()
+    measured = report.measured_rates(data["trials"])
+    assert measured, "the committed benchmark measured no rate"
+    for cell, m in measured.items():
+        rule = RATE_RULES[cell]
+        assert rule.lr == m["best"], (cell, rule.lr, m["best"])
+        assert f"{m['cases']} cases" in rule.reason, (cell, rule.reason)
+        assert ("edge" in rule.reason) == m["edge"], (cell, rule.reason)

@@ -419,8 +419,14 @@ def finetune_command(
         help="With --param-budget and a sparse method: the chosen layers hold this many times "
              "the budget, so the density is about 1/spread (default: the method's measured "
              "spread for the budget, zest.planning.SPREAD_RULES).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="The most epochs; the model kept is the one of the "
+                                        "best val epoch.")] = 3,
+    lr: Annotated[str, typer.Option(help="AdamW learning rate, or auto: the method's measured "
+                                    "rate for the model's kind (zest.rates.RATE_RULES).")]
+    = "auto",
+    patience: Annotated[int | None, typer.Option(
+        help="Early stopping: stop once this many epochs have not improved on the best val "
+             "epoch (default: train every epoch).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     k: Annotated[int | None, typer.Option(help="GPS: input connections per neuron (default 1; "
                                           "with --param-budget: planned).")] = None,
@@ -455,6 +461,8 @@ def finetune_command(
         def report(event: dict) -> None:
             if "plan" in event and not quiet:
                 typer.echo(_plan_line(event["plan"]), err=True)
+            if "lr" in event and not quiet:
+                typer.echo(f"learning rate {event['lr']:g} ({event['lr_reason']})", err=True)
             if progress is not None and "step" in event:
                 progress(event["step"], event["step"])
             if "epoch_done" in event and not quiet:
@@ -463,7 +471,8 @@ def finetune_command(
                            f"val loss {event['val_loss']:.4f}", err=True)
 
         metrics = run_finetune(model, dataset, out, method=method, layers=layers,
-                               param_budget=param_budget, epochs=epochs, lr=lr,
+                               param_budget=param_budget, epochs=epochs,
+                               lr=_rate_option(lr), patience=patience,
                                spread=spread,
                                batch_size=batch_size, seed=seed,
                                options=options,
@@ -474,8 +483,21 @@ def finetune_command(
                  f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
                  else f"test accuracy {metrics['test_accuracy']:.4f}")
         chose = f"--method auto chose {metrics['method']}; " if method == "auto" else ""
-        typer.echo(f"{chose}{score}; {metrics['trainable_params']:,} trainable parameters "
-                   f"({metrics['trainable_share']:.2%}); run written to {out}")
+        typer.echo(f"{chose}{score} at the best val epoch ({metrics['best_epoch']} of "
+                   f"{len(metrics['epochs'])}); {metrics['trainable_params']:,} trainable "
+                   f"parameters ({metrics['trainable_share']:.2%}); run written to {out}")
+
+
+def _rate_option(text: str) -> float | str:
+    """``--lr``: ``auto`` or a number (checked by the tuner); anything else, one line."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    from zest.errors import InvalidInputError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInputError(f"--lr must be a positive number or auto, got {text!r}") from None
 
 
 def _plan_line(plan: dict) -> str:

@@ -100,7 +100,7 @@ def check_layer_request(method: str, layers: str | Sequence[str] | None,
 def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
                  method: str = "spsft", layers: str | Sequence[str] | None = "auto",
                  param_budget: float | None = None, spread: float | None = None,
-                 epochs: int = 3, lr: float = 1e-3,
+                 epochs: int = 3, lr: float | str = "auto", patience: int | None = None,
                  batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
                  device: str = "cpu", checkpoint: str | None = None,
                  predictor: str = "universal", method_options: dict[str, Any] | None = None,
@@ -114,6 +114,11 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the method
     (:data:`zest.planning.METHOD_RULES`). ``method_options`` are tuner options (``k``,
     ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
+    ``lr="auto"`` trains at the method's measured rate for the model's kind
+    (:func:`zest.rates.default_rate`; ``config.json`` records the rate and why). ``epochs`` is
+    a maximum: the model kept is the one of the best val epoch (``metrics.json``
+    ``best_epoch``), and with ``patience`` training stops once that many epochs have not
+    improved on it.
 
     Returns:
         The metrics written to ``metrics.json``, plus ``method`` (the method trained) and
@@ -150,17 +155,21 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     elif request is not None:
         chosen = request
     tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
+    if progress is not None:
+        progress({"lr": tuner.lr, "lr_reason": tuner.lr_reason_})
     config = {"model": model_spec, "dataset": dataset_spec, "method": method,
               "layers_spec": layers if isinstance(layers, str) or layers is None else
               list(layers), "layers": tuner.layer_names, "param_budget": param_budget,
-              "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+              "epochs": epochs, "patience": patience, "lr": tuner.lr,
+              "lr_requested": lr, "lr_reason": tuner.lr_reason_,
+              "batch_size": batch_size, "seed": seed,
               "method_options": kwargs, "data": data.summary(),
               "plan": plan.to_dict() if plan is not None else None, **info}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
     failure = None
     try:
         tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
-                  test_each_epoch=True)
+                  test_each_epoch=True, patience=patience)
     except Exception as exc:  # keep the last good delta, then re-raise
         failure = exc
     delta = tuner.delta() if hasattr(tuner, "trainable_params_") else None
@@ -169,11 +178,16 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         delta.save(out_dir / "delta.safetensors")
     if failure is not None:
         raise failure
-    test_loss, test_accuracy = tuner.history_[-1].test_loss, tuner.history_[-1].test_accuracy
+    best = tuner.history_[tuner.best_epoch_ - 1]
+    test_loss, test_accuracy = best.test_loss, best.test_accuracy
     total_params = sum(p.numel() for p in model.parameters())
     metrics = {
         "task_kind": task.kind,
         "epochs": [record.__dict__ for record in tuner.history_],
+        "best_epoch": tuner.best_epoch_, "selected_by": (
+            "val loss" if task.kind == "causal_lm" else "val accuracy (ties: val loss)"),
+        "stopped": tuner.stopped_,
+        "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
         "test_accuracy": test_accuracy, "test_loss": test_loss,
         "trainable_params": int(tuner.trainable_params_),
         "trainable_share": tuner.trainable_params_ / total_params,
@@ -181,7 +195,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         "peak_memory_mb": tuner.peak_memory_mb_, "wall_seconds": time.perf_counter() - start,
     }
     if task.kind == "causal_lm":
-        metrics["val_perplexity"] = math.exp(tuner.history_[-1].val_loss)
+        metrics["val_perplexity"] = math.exp(best.val_loss)
         metrics["test_perplexity"] = math.exp(test_loss)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if plan is not None:  # what the tuner measured, beside what the plan expected

@@ -9,7 +9,6 @@ every epoch, and keeps the history; :meth:`Tuner.delta` returns only the trained
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from zest.finetune.memory import training_state
 from zest.fingerprint import model_fingerprint
 from zest.layers import candidate_layers, output_dim
 from zest.models import Task
+from zest.rates import AUTO_RATE, check_rate, default_rate
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -138,7 +138,8 @@ class Tuner:
         model: The model to tune in place.
         task: Its task adapter.
         layers: Chosen layer names (or ``"all"``); unused by ``full``, ``head`` and ``bitfit``.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate, or ``"auto"``: the method's measured rate for the model's kind
+            (:func:`zest.rates.default_rate`; ``lr_reason_`` says which measurement).
         weight_decay: AdamW weight decay.
         seed: Seed of batch order and selection.
         device: Where to train (default: where the model is).
@@ -150,7 +151,7 @@ class Tuner:
     model: nn.Module
     task: Task
     layers: Sequence[str] | str | None = None
-    lr: float = 1e-3
+    lr: float | str = AUTO_RATE
     weight_decay: float = 0.0
     seed: int = 0
     device: Any = None
@@ -163,8 +164,12 @@ class Tuner:
     density_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
-            raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
+        check_rate(self.lr)
+        if self.lr == AUTO_RATE:
+            rule = default_rate(self.method, self.task)
+            self.lr, self.lr_reason_ = rule.lr, rule.reason
+        else:
+            self.lr_reason_ = "given"
         if not isinstance(self.gradient_checkpointing, bool):
             raise InvalidInputError("gradient_checkpointing must be True or False, got "
                                     f"{self.gradient_checkpointing!r}")
