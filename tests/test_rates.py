@@ -70,7 +70,8 @@ def keyword_csv(tmp_path_factory):
     import random
 
     rng = random.Random(0)
-    words = "the a of film story plot actor scene music light long short".split()
+    words = ["the", "a", "of", "film", "story", "plot", "actor", "scene", "music", "light",
+             "long", "short"]
     rows = ["text,label"]
     for i in range(160):
         label = ("great", "awful")[i % 2]
