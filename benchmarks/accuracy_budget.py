@@ -68,7 +68,7 @@ from zest.models import model_family
 from zest.pipeline import run_finetune
 from zest.planning import PlanRule, fill_budget, plan_finetune, spread_rule
 from zest.ranking import rank, shipped_predictor_path
-from zest.records import METRIC_PREFIX
+from zest.records import METRIC_PREFIX, group_key
 from zest.training import load_corpus, train_predictor
 
 GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200,
@@ -91,6 +91,33 @@ GROUPS = [("minilm", "r8", DataOptions(max_length=64, max_train=600, max_val=200
                                         max_test=500)),
           ("smollm2", "rotten_tomatoes", DataOptions(max_length=48, max_train=600, max_val=200,
                                                      max_test=500))]
+#: The converged regime (issue 32): about 1,000 training examples a group (a VTAB-1k-like split),
+#: each trial trained until val has not improved for ``--patience`` epochs (at most
+#: ``--epochs``), scored at its best val epoch. The decoder groups are smaller (a smollm2 epoch
+#: of 1,000 texts is ~20 CPU-minutes); ``lm:`` groups are scored by next-token loss.
+CONVERGED_GROUPS = [
+    ("efficientnet_lite0", "digits", DataOptions(image_size=64, max_train=1000, max_val=200,
+                                                 max_test=500)),
+    ("minilm", "rotten_tomatoes", DataOptions(max_length=48, max_train=1000, max_val=200,
+                                              max_test=500)),
+    ("efficientnet_lite0", "mnist5k", DataOptions(image_size=64, max_train=1000, max_val=200,
+                                                  max_test=500)),
+    ("minilm", "r8", DataOptions(max_length=64, max_train=1000, max_val=200, max_test=500)),
+    ("mobilenetv2", "mnist5k", DataOptions(image_size=64, max_train=1000, max_val=200,
+                                           max_test=500)),
+    ("efficientnet_lite2", "mnist5k", DataOptions(image_size=64, max_train=1000, max_val=200,
+                                                  max_test=500)),
+    ("mobilenetv2", "digits", DataOptions(image_size=64, max_train=1000, max_val=200,
+                                          max_test=500)),
+    ("smollm2", "r8", DataOptions(max_length=48, max_train=400, max_val=100, max_test=300)),
+    ("smollm2", "lm:r8", DataOptions(max_length=48, max_train=400, max_val=100, max_test=300)),
+]
+#: The converged regime's methods (issue 32's reduced set): full, head, the best LoRA, ZEST
+#: with each update, last-k.
+CONVERGED_METHODS = ("lora (linear / dense convs)", "lora (peft default targets)",
+                     "last-k + dense")
+#: The rates a grid extends to at its edges (``--extend-edges``): about half a decade apart.
+RATE_LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 #: models whose groups the default run leaves out on a CPU
 DECODERS = ("smollm2",)
 SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
@@ -206,8 +233,10 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
     layers = candidate_layers(model, task.head_name)
     names = [layer.name for layer in layers]
     total = sum(p.numel() for p in model.parameters())
-    # the head trains in every method and counts in the budget, as in Ranking.plan
-    budget = int(budget_share * total) - sum(p.numel() for p in task.head(model).parameters())
+    # the head trains in every method and counts in the budget, as in Ranking.plan (a
+    # causal-LM task keeps its pretrained LM head: nothing to count)
+    head = sum(p.numel() for p in task.head(model).parameters()) if task.tunes_head else 0
+    budget = int(budget_share * total) - head
     dense = {layer.name: layer.n_params for layer in layers}
     modules = {n: model.get_submodule(n) for n in names}
     scores, fim = orders["kappa"], orders["fim_score"]
@@ -242,17 +271,20 @@ def plans(model, task, orders: dict[str, list[str]], budget_share: float, seed: 
 
 
 def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, device: str,
-        lr: float) -> dict:
+        lr: float, patience: int | None = None) -> dict:
+    """One trial of a non-ZEST method, scored at its best val epoch (``Tuner.fit`` keeps it)."""
     model_spec, dataset, options = group
     model, task, data = load_pair(model_spec, dataset, options=options, seed=seed,
                                   device=device)
     start = time.perf_counter()
     tuner = METHODS.get(tuner_name)(model, task, lr=lr, seed=seed, **kwargs)
-    tuner.fit(data, epochs=epochs, batch_size=32)
-    _, val_accuracy = tuner.evaluate(data, "val")
-    _, test_accuracy = tuner.evaluate(data, "test")
+    tuner.fit(data, epochs=epochs, batch_size=32, patience=patience)
+    val_loss, val_accuracy = tuner.evaluate(data, "val")
+    test_loss, test_accuracy = tuner.evaluate(data, "test")
     total = sum(p.numel() for p in model.parameters())
     return {"lr": lr, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
+            "val_loss": val_loss, "test_loss": test_loss, "best_epoch": tuner.best_epoch_,
+            "epochs_trained": len(tuner.history_),
             "trainable_params": int(tuner.trainable_params_),
             "trainable_share": tuner.trainable_params_ / total,
             "layers": len(tuner.layer_names), "layer_names": list(tuner.layer_names),
@@ -260,17 +292,21 @@ def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, device: st
 
 
 def run_zest(group, tuner_name: str, budget: float, spread: float | None, predictor: str,
-             seed: int, epochs: int, device: str, lr: float) -> dict:
-    """A ZEST row: the user's call, ``run_finetune`` with ``--layers auto`` and the budget."""
+             seed: int, epochs: int, device: str, lr: float, patience: int | None = None
+             ) -> dict:
+    """A ZEST row: the user's call, ``run_finetune`` with ``--layers auto`` and the budget,
+    scored at its best val epoch."""
     model_spec, dataset, options = group
     with tempfile.TemporaryDirectory() as out:
-        result = run_finetune(model_spec, dataset, out, method=tuner_name, layers="auto",
-                              param_budget=budget, epochs=epochs, lr=lr, batch_size=32,
-                              seed=seed, options=options, predictor=predictor, device=device,
-                              spread=spread)
+        result = run_finetune(model_spec, dataset, Path(out) / "run", method=tuner_name,
+                              layers="auto", param_budget=budget, epochs=epochs, lr=lr,
+                              patience=patience, batch_size=32, seed=seed, options=options,
+                              predictor=predictor, device=device, spread=spread)
     plan = result["plan"]
-    return {"lr": lr, "val_accuracy": result["epochs"][-1]["val_accuracy"],
-            "test_accuracy": result["test_accuracy"],
+    return {"lr": lr, "val_accuracy": result["val_accuracy"],
+            "test_accuracy": result["test_accuracy"], "val_loss": result["val_loss"],
+            "test_loss": result["test_loss"], "best_epoch": result["best_epoch"],
+            "epochs_trained": len(result["epochs"]),
             "trainable_params": result["trainable_params"],
             "trainable_share": result["trainable_share"], "layers": len(plan["layers"]),
             "layer_names": plan["layers"], "options": plan["options"], "spread": plan["spread"],
@@ -283,7 +319,21 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default="3e-3,1e-3,3e-4,1e-4",
                         help="Adam learning rates to choose from on val")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs (quick: 2); in the converged regime the most epochs "
+                        "(default 30; decoders 8)")
+    parser.add_argument("--regime", choices=("quick", "converged"), default="quick",
+                        help="quick: 2 epochs x 600 examples, every method (the committed "
+                        "accuracy_budget.json); converged: ~1,000 examples, trained until val "
+                        "stops improving (--patience), the reduced method set, rate grids "
+                        "extended at their edges (accuracy_converged.json)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="converged regime: stop a trial after this many epochs without a "
+                        "better val epoch (default 4; decoders 2)")
+    parser.add_argument("--extend-edges", action=argparse.BooleanOptionalAction, default=None,
+                        help="when a case's best rate is the lowest or highest it tried, try "
+                        "the next rate of RATE_LADDER beyond it, until the best is inside "
+                        "(default: on in the converged regime)")
     parser.add_argument("--spread", default="default",
                         help="comma-separated spreads of the ZEST + GPS/SPSFT plans (the "
                         "chosen layers hold this many times the budget), e.g. 1,2,4,8 "
@@ -302,10 +352,14 @@ def main() -> None:
                         "that method chooses or trains, e.g. 'kappatune + dense'); it acts "
                         "once: resume an interrupted redo without it")
     args = parser.parse_args()
-    out = args.out or Path("benchmarks/results/" + ("accuracy_smoke.json" if args.smoke
-                                                    else "accuracy_budget.json"))
+    converged = args.regime == "converged"
+    out = args.out or Path("benchmarks/results/" + (
+        "accuracy_smoke.json" if args.smoke else "accuracy_converged.json" if converged
+        else "accuracy_budget.json"))
     seeds = _numbers(args.seeds, "--seeds", int, "0,1,2")
     lrs = _numbers(args.lrs, "--lrs", float, "3e-3,1e-3,3e-4,1e-4")
+    extend = converged if args.extend_edges is None else args.extend_edges
+    epochs_of, patience_of = _regime_limits(args, converged)
     spreads = (None if args.spread == "default"
                else _numbers(args.spread, "--spread", float, "1,2,4,8"))
     try:
@@ -313,17 +367,27 @@ def main() -> None:
             PlanRule(spread)
     except InvalidInputError as error:
         raise SystemExit(str(error)) from None
-    machine = f"{platform.machine()} CPU, {args.epochs} epochs, lr chosen from {lrs} on val"
-    done = _results.load(out, {"epochs": args.epochs})
-    groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (GROUPS, BUDGETS)
-    others = [m for m in PLAN_METHODS if not m.startswith("zest")]
+    settings = {"epochs": args.epochs or 2} if not converged else {
+        "regime": "converged", "epochs": args.epochs, "patience": args.patience,
+        "extend-edges": extend}
+    machine = (f"{platform.machine()} CPU, {args.epochs or 2} epochs, lr chosen from {lrs} on "
+               "val" if not converged else
+               f"{platform.machine()} CPU, converged regime (at most {epochs_of('x')} epochs, "
+               f"patience {patience_of('x')}; decoders {epochs_of('smollm2')} / "
+               f"{patience_of('smollm2')}), lr chosen on val from {lrs}"
+               + (" extended at the edges" if extend else ""))
+    done = _results.load(out, settings)
+    groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (
+        CONVERGED_GROUPS if converged else GROUPS, BUDGETS)
+    others = [m for m in (CONVERGED_METHODS if converged else PLAN_METHODS)
+              if not m.startswith("zest")]
     zest = {budget: zest_methods(spreads, budget) for budget in budgets}
     methods = {budget: others + list(zest[budget]) for budget in budgets}
     if args.groups == "default" and args.device == "cpu":
         groups = [g for g in groups if g[0] not in DECODERS]
     elif args.groups not in ("all", "default"):
         wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
-        known = {f"{m}__{d}": (m, d, o) for m, d, o in groups}
+        known = {group_key(m, d): (m, d, o) for m, d, o in groups}
         if set(wanted) - set(known):
             raise SystemExit(f"--groups: unknown groups {sorted(set(wanted) - set(known))}; "
                              f"known: {', '.join(known)}")
@@ -333,7 +397,7 @@ def main() -> None:
     if redo - known:
         raise SystemExit(f"--redo: unknown methods {sorted(redo - known)}; known: "
                          f"{sorted(known)}")
-    predictors = {f"{m}__{d}": held_out_predictor(f"{m}__{d}", args.refresh_predictors)
+    predictors = {group_key(m, d): held_out_predictor(group_key(m, d), args.refresh_predictors)
                   for m, d, _ in groups}
     fingerprints = {name: _results.predictor_fingerprint(p) for name, p in predictors.items()}
     for kind in ("trials", "results"):
@@ -341,19 +405,22 @@ def main() -> None:
     results = {(r["group"], r["budget"], r["method"], r["seed"]): r for r in done["results"]}
 
     def settled(key: tuple) -> bool:
-        """A result stands while its learning rate is the best of ``lrs`` at the first seed
-        (a rate added to ``--lrs`` reopens every case: its trial runs, and the later seeds of
-        the cases whose choice it changes are trained again)."""
+        """A result stands while its learning rate is the best of its case's grid at the first
+        seed (a rate added to ``--lrs`` reopens every case: its trial runs, and the later seeds
+        of the cases whose choice it changes are trained again)."""
         group_name, budget, method, _ = key
         return key in results and results[key]["lr"] == _chosen_lr(
-            done["trials"], {"group": group_name, "budget": budget, "method": method}, lrs)
+            done["trials"], {"group": group_name, "budget": budget, "method": method}, lrs,
+            extend)
 
     # seed-major, so that a partial run already covers every group
     for seed in seeds:
         for group in groups:
-            name = f"{group[0]}__{group[1]}"
-            todo = [(m, None, partial(run, group, m, {}, seed, args.epochs, args.device))
-                    for m in ("full", "head")]
+            name = group_key(group[0], group[1])
+            epochs, patience = epochs_of(group[0]), patience_of(group[0])
+            todo = [(m, None, partial(run, group, m, {}, seed, epochs, args.device,
+                                      patience=patience))
+                    for m in ("full", "head") if m != "head" or _tunes_head(group)]
             pending = [budget for budget in budgets if not all(
                 settled((name, budget, m, seed))
                 for m in group_methods(group[0], methods[budget]))]
@@ -365,12 +432,14 @@ def main() -> None:
                     for method, (tuner, kwargs) in plans(
                             model, task, orders, budget, seed,
                             peft_default_targets(group[0])).items():
-                        todo.append((method, budget, partial(run, group, tuner, kwargs, seed,
-                                                             args.epochs, args.device)))
+                        if method in methods[budget]:
+                            todo.append((method, budget, partial(
+                                run, group, tuner, kwargs, seed, epochs, args.device,
+                                patience=patience)))
                     for method, (tuner, spread) in zest[budget].items():
                         todo.append((method, budget, partial(
                             run_zest, group, tuner, budget, spread, predictors[name], seed,
-                            args.epochs, args.device)))
+                            epochs, args.device, patience=patience)))
             for method, budget, train in todo:
                 if settled((name, budget, method, seed)):
                     continue
@@ -380,14 +449,17 @@ def main() -> None:
                 elif budget is not None:
                     case[HEAD_IN_BUDGET] = True
                 if seed == seeds[0]:
-                    for lr in lrs:  # the trials that choose this method's learning rate
-                        if not any(_same_case(t, case) and t["lr"] == lr
-                                   for t in done["trials"]):
-                            done["trials"].append({**case, "seed": seed, **train(lr=lr)})
-                            _results.save(out, done, machine)
-                    result = _best_trial(done["trials"], case, lrs)
+                    while True:  # the trials that choose this method's learning rate
+                        missing = [lr for lr in _case_rates(done["trials"], case, lrs, extend)
+                                   if not any(_same_case(t, case) and t["lr"] == lr
+                                              for t in done["trials"])]
+                        if not missing:
+                            break
+                        done["trials"].append({**case, "seed": seed, **train(lr=missing[0])})
+                        _results.save(out, done, machine)
+                    result = _best_trial(done["trials"], case, lrs, extend)
                 else:
-                    lr = _best_trial(done["trials"], case, lrs)["lr"]
+                    lr = _best_trial(done["trials"], case, lrs, extend)["lr"]
                     result = {**case, "seed": seed, **train(lr=lr)}
                 results[name, budget, method, seed] = result
                 done["results"] = list(results.values())
@@ -447,22 +519,76 @@ def _same_case(row: dict, case: dict) -> bool:
                if k not in ("predictor_sha", HEAD_IN_BUDGET))
 
 
-def _best_trial(trials: list[dict], case: dict, lrs: list[float]) -> dict:
-    """The first-seed trial of ``case`` with the best val accuracy: its learning rate is the
-    method's."""
-    candidates = [t for t in trials if _same_case(t, case) and t["lr"] in lrs]
-    if {t["lr"] for t in candidates} != set(lrs):
+def val_score(trial: dict) -> float:
+    """What chooses a rate on val: accuracy, or minus the next-token loss for an ``lm:``
+    group (scored by perplexity)."""
+    if "__lm-" in trial["group"]:
+        return -trial["val_loss"]
+    return trial["val_accuracy"]
+
+
+def _case_rates(trials: list[dict], case: dict, lrs: list[float], extend: bool
+                ) -> list[float]:
+    """The rates ``case`` chooses from: ``lrs``, and with ``extend`` the next rate of
+    :data:`RATE_LADDER` beyond an edge while the best trial so far sits at that edge."""
+    grid = sorted(lrs)
+    scores = {t["lr"]: val_score(t) for t in trials if _same_case(t, case)}
+    while extend and all(rate in scores for rate in grid):
+        best = max(grid, key=scores.get)
+        lower = [r for r in RATE_LADDER if r < grid[0] * 0.99]
+        higher = [r for r in RATE_LADDER if r > grid[-1] * 1.01]
+        if best == grid[0] and lower:
+            grid.insert(0, lower[-1])
+        elif best == grid[-1] and higher:
+            grid.append(higher[0])
+        else:
+            break
+    return grid
+
+
+def _best_trial(trials: list[dict], case: dict, lrs: list[float], extend: bool = False
+                ) -> dict:
+    """The first-seed trial of ``case`` with the best val score (:func:`val_score`) over its
+    grid (:func:`_case_rates`): its learning rate is the method's."""
+    grid = _case_rates(trials, case, lrs, extend)
+    candidates = [t for t in trials if _same_case(t, case) and t["lr"] in grid]
+    if {t["lr"] for t in candidates} != set(grid):
         raise SystemExit(f"the learning rate of {case} is not chosen yet: run the first seed "
                          "(--seeds starting with it) before the others")
-    return max(candidates, key=lambda t: t["val_accuracy"])
+    return max(candidates, key=val_score)
 
 
-def _chosen_lr(trials: list[dict], case: dict, lrs: list[float]) -> float | None:
-    """The learning rate of :func:`_best_trial`, or ``None`` while a rate of ``lrs`` has no
-    first-seed trial of ``case``."""
-    if {t["lr"] for t in trials if _same_case(t, case)} >= set(lrs):
-        return _best_trial(trials, case, lrs)["lr"]
+def _chosen_lr(trials: list[dict], case: dict, lrs: list[float], extend: bool = False
+               ) -> float | None:
+    """The learning rate of :func:`_best_trial`, or ``None`` while a rate of the case's grid
+    has no first-seed trial of ``case``."""
+    if {t["lr"] for t in trials if _same_case(t, case)} >= set(
+            _case_rates(trials, case, lrs, extend)):
+        return _best_trial(trials, case, lrs, extend)["lr"]
     return None
+
+
+def _regime_limits(args: argparse.Namespace, converged: bool):
+    """(model → most epochs, model → patience) of the run: ``--epochs`` / ``--patience``, or
+    the converged regime's defaults (30 / 4; decoders 8 / 2, whose epochs cost ~20 times a
+    CNN's)."""
+    def epochs_of(model: str) -> int:
+        if args.epochs:
+            return args.epochs
+        return (8 if model in DECODERS else 30) if converged else 2
+
+    def patience_of(model: str) -> int | None:
+        if not converged:
+            return args.patience
+        return args.patience or (2 if model in DECODERS else 4)
+
+    return epochs_of, patience_of
+
+
+def _tunes_head(group) -> bool:
+    """Whether the group trains a fresh head (not an ``lm:`` group, which keeps its LM head:
+    no head-only reference there)."""
+    return not group[1].startswith("lm:")
 
 
 if __name__ == "__main__":
