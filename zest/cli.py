@@ -406,9 +406,10 @@ def finetune_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    method: Annotated[str, typer.Option(help="gps, spsft, layers, full, head, bitfit, lora, or "
-                                        "auto (chosen by --param-budget; a provisional rule).")]
-    = "spsft",
+    method: Annotated[str | None, typer.Option(
+        help="gps, spsft, layers, full, head, bitfit, lora, or auto (chosen by --param-budget "
+             "from the accuracy benchmark's measured rule). Default: auto with --param-budget, "
+             "else spsft.")] = None,
     layers: Annotated[str, typer.Option("--layers", help="auto (zest rank, then the plan), "
                                         "top:K, all, or comma-separated layer names.")] = "auto",
     param_budget: Annotated[float | None, typer.Option(
@@ -450,10 +451,11 @@ def finetune_command(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta."""
-    from zest.pipeline import run_finetune
+    from zest.pipeline import default_method, run_finetune
 
     # the flags given, by the name of the tuner option they set (a method refuses others)
     flags = {"k": k, "ratio": ratio, "r": rows, "importance": importance, "rank": lora_rank}
+    method = default_method(method, param_budget)
     with _user_errors(), _progress(f"{method}", quiet) as progress:
         method_options = {name: value for name, value in flags.items() if value is not None}
         if gradient_checkpointing:

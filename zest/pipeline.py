@@ -97,8 +97,16 @@ def check_layer_request(method: str, layers: str | Sequence[str] | None,
                        spread=spread, options=options)
 
 
+def default_method(method: str | None, param_budget: float | None) -> str:
+    """The method a run trains without ``method``: ``auto`` (the measured rule of
+    :data:`zest.planning.METHOD_RULES` for the budget) with a ``param_budget``, else SPSFT."""
+    if method is not None:
+        return method
+    return AUTO if param_budget is not None else "spsft"
+
+
 def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
-                 method: str = "spsft", layers: str | Sequence[str] | None = "auto",
+                 method: str | None = None, layers: str | Sequence[str] | None = "auto",
                  param_budget: float | None = None, spread: float | None = None,
                  epochs: int = 3, lr: float | str = "auto", patience: int | None = None,
                  batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
@@ -112,7 +120,8 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     ``param_budget`` (share of trainable parameters, head included), the density that fills it
     (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one for the
     budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the method
-    (:data:`zest.planning.METHOD_RULES`). ``method_options`` are tuner options (``k``,
+    (:data:`zest.planning.METHOD_RULES`), and so does no ``method`` with a ``param_budget``
+    (:func:`default_method`). ``method_options`` are tuner options (``k``,
     ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
     ``lr="auto"`` trains at the method's measured rate for the model's kind
     (:func:`zest.rates.default_rate`; ``config.json`` records the rate and why). ``epochs`` is
@@ -126,6 +135,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         ``None`` for named layers or a method without layers). ``progress`` receives
         ``{"plan": ...}`` once the plan is made, before training.
     """
+    method = default_method(method, param_budget)
     check_layer_request(method, layers, param_budget, spread, method_options)
     out_dir = check_output_dir(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
