@@ -321,7 +321,7 @@ def main() -> None:
                         help="Adam learning rates to choose from on val")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs (quick: 2); in the converged regime the most epochs "
-                        "(default 30; decoders 8)")
+                        "(default 30; decoders 5)")
     parser.add_argument("--regime", choices=("quick", "converged"), default="quick",
                         help="quick: 2 epochs x 600 examples, every method (the committed "
                         "accuracy_budget.json); converged: ~1,000 examples, trained until val "
@@ -368,13 +368,14 @@ def main() -> None:
     except InvalidInputError as error:
         raise SystemExit(str(error)) from None
     settings = {"epochs": args.epochs or 2} if not converged else {
-        "regime": "converged", "epochs": args.epochs, "patience": args.patience,
+        "regime": "converged", "epochs": epochs_of("cnn"), "patience": patience_of("cnn"),
+        "decoder-epochs": epochs_of(DECODERS[0]), "decoder-patience": patience_of(DECODERS[0]),
         "extend-edges": extend}
     machine = (f"{platform.machine()} CPU, {args.epochs or 2} epochs, lr chosen from {lrs} on "
                "val" if not converged else
-               f"{platform.machine()} CPU, converged regime (at most {epochs_of('x')} epochs, "
-               f"patience {patience_of('x')}; decoders {epochs_of('smollm2')} / "
-               f"{patience_of('smollm2')}), lr chosen on val from {lrs}"
+               f"{platform.machine()} CPU, converged regime (at most {epochs_of('cnn')} epochs, "
+               f"patience {patience_of('cnn')}; decoders {epochs_of(DECODERS[0])} / "
+               f"{patience_of(DECODERS[0])}), lr chosen on val from {lrs}"
                + (" extended at the edges" if extend else ""))
     done = _results.load(out, settings)
     groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (
@@ -570,12 +571,13 @@ def _chosen_lr(trials: list[dict], case: dict, lrs: list[float], extend: bool = 
 
 def _regime_limits(args: argparse.Namespace, converged: bool):
     """(model → most epochs, model → patience) of the run: ``--epochs`` / ``--patience``, or
-    the converged regime's defaults (30 / 4; decoders 8 / 2, whose epochs cost ~20 times a
-    CNN's)."""
+    the converged regime's defaults (30 / 4; decoders 5 / 2: a smollm2 epoch of 400 texts
+    costs about as much as 20 CNN epochs of 1,000 images, and a decoder group is sized to ~6
+    CPU-hours)."""
     def epochs_of(model: str) -> int:
         if args.epochs:
             return args.epochs
-        return (8 if model in DECODERS else 30) if converged else 2
+        return (5 if model in DECODERS else 30) if converged else 2
 
     def patience_of(model: str) -> int | None:
         if not converged:
