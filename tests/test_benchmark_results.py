@@ -123,4 +123,4 @@ def test_the_shipped_rates_are_the_measured_best():
         rule = RATE_RULES[cell]
         assert rule.lr == m["best"], (cell, rule.lr, m["best"])
         assert f"{m['cases']} cases" in rule.reason, (cell, rule.reason)
-        assert ("edge" in rule.reason) == m["edge"], (cell, rule.reason)
+        assert ("at the grid's" in rule.reason) == m["edge"], (cell, rule.reason)
