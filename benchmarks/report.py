@@ -1157,13 +1157,16 @@ def _converged_miss(group: str, budget: float, plan: str, other: str, diffs: lis
     mean = statistics.mean(diffs)
     spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     seeds = f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}"
+
+    def side(value: float) -> str:
+        return "above" if value > 0 else "below" if value < 0 else "level with"
+
     if lm:
-        text = (f"test perplexity {abs(mean):.1f} ± {spread:.1f} % "
-                f"{'above' if mean > 0 else 'below'} {other}'s")
+        text = f"test perplexity {abs(mean):.1f} ± {spread:.1f} % {side(mean)} {other}'s"
         target = ("a lower perplexity" if allowed is None else
                   f"within {allowed:g} %" if allowed else "at most its perplexity")
     else:
-        text = f"{abs(mean):.1f} ± {spread:.1f} points {'below' if mean < 0 else 'above'} {other}"
+        text = f"{abs(mean):.1f} ± {spread:.1f} points {side(mean)} {other}"
         target = ("ahead" if allowed is None else
                   f"within {allowed:g} point{'s' if allowed != 1 else ''}" if allowed
                   else "at or above")
