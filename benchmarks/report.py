@@ -8,6 +8,7 @@ Usage: python benchmarks/report.py
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -645,39 +646,63 @@ def _claim_verdict(results: list[dict], groups: list[str], budgets: list[float],
     return lines
 
 
-def _paired_differences(results: list[dict]) -> Callable[..., list[float]]:
-    """``paired(group, budget, method, other_budget, other)``: test-accuracy points of
-    ``method`` minus ``other``, per seed both have (the same seed gives both the same splits,
-    head initialisation and batch order)."""
-    by_seed = {(r["group"], r["budget"], r["method"], r["seed"]): r["test_accuracy"]
-               for r in results}
+def _accuracy_points(row: dict, other: dict) -> float:
+    """Test-accuracy points of ``row`` minus ``other``."""
+    return 100 * (row["test_accuracy"] - other["test_accuracy"])
+
+
+def _perplexity_percent(row: dict, other: dict) -> float:
+    """How much higher ``row``'s test perplexity (exp of the next-token loss) is than
+    ``other``'s, in % of ``other``'s (negative: lower, better)."""
+    return 100 * (math.exp(row["test_loss"] - other["test_loss"]) - 1)
+
+
+def _paired_differences(results: list[dict],
+                        difference: Callable[[dict, dict], float] = _accuracy_points
+                        ) -> Callable[..., list[float]]:
+    """``paired(group, budget, method, other_budget, other)``: ``difference`` of the rows of
+    ``method`` and ``other`` (by default test-accuracy points of ``method`` minus ``other``),
+    per seed both have (the same seed gives both the same splits, head initialisation and batch
+    order)."""
+    by_seed = {(r["group"], r["budget"], r["method"], r["seed"]): r for r in results}
     seeds = sorted({r["seed"] for r in results})
 
     def paired(group, budget, method, other_budget, other) -> list[float]:
-        return [100 * (by_seed[group, budget, method, s] - by_seed[group, other_budget, other, s])
+        return [difference(by_seed[group, budget, method, s],
+                           by_seed[group, other_budget, other, s])
                 for s in seeds if (group, budget, method, s) in by_seed
                 and (group, other_budget, other, s) in by_seed]
 
     return paired
 
 
-def _difference_text(diffs: list[float], holds: bool) -> str:
-    """``mean ± std ✓/✗`` of paired differences."""
+def _difference_text(diffs: list[float], holds: bool, unit: str = "") -> str:
+    """``mean ± std ✓/✗`` of paired differences (``unit`` after the mean, e.g. " %")."""
     import statistics
 
     spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return f"{statistics.mean(diffs):+.1f} ± {spread:.1f} {'✓' if holds else '✗'}"
+    return f"{statistics.mean(diffs):+.1f}{unit} ± {spread:.1f} {'✓' if holds else '✗'}"
 
 
-def _seed_means(results: list[dict], key: str) -> dict[tuple, float]:
-    """(group, budget, method) → mean of ``key`` over seeds."""
+def _seed_means(results: list[dict], key: str | Callable[[dict], float]
+                ) -> dict[tuple, float]:
+    """(group, budget, method) → mean over seeds of ``key`` (a field, or a function of a row)."""
     import statistics
     from collections import defaultdict
 
+    value = key if callable(key) else (lambda r: r[key])
     values: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        values[r["group"], r["budget"], r["method"]].append(r[key])
+        values[r["group"], r["budget"], r["method"]].append(value(r))
     return {k: statistics.mean(v) for k, v in values.items()}
+
+
+def _best_on_val(val: dict[tuple, float], group: str, budget: float | None, prefix: str
+                 ) -> str | None:
+    """The method label starting with ``prefix`` with the best mean val score (``val``, from
+    :func:`_seed_means`) at (group, budget); ``None`` when there is none."""
+    labels = [m for (g, b, m) in val if g == group and b == budget and m.startswith(prefix)]
+    return max(labels, key=lambda m: val[group, budget, m]) if labels else None
 
 
 def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[float]
@@ -698,11 +723,9 @@ def _best_plan_verdict(results: list[dict], groups: list[str], budgets: list[flo
     held: dict[float, list[int]] = {b: [0, 0] for b in budgets}
     for group in groups:
         for budget in budgets:
-            plans = [m for (g, b, m) in val if g == group and b == budget and
-                     m.startswith("zest")]
-            if not plans:
+            best = _best_on_val(val, group, budget, "zest")
+            if best is None:
                 continue
-            best = max(plans, key=lambda m: val[group, budget, m])
             cells, ok = [], []
             # within CLAIM_POINTS of full fine-tuning; ahead of the rivals on average
             for other_budget, other, holds_at in (
@@ -944,9 +967,334 @@ def _rule_section(results: list[dict], budgets: list[float]) -> list[str]:
     return lines
 
 
+LM_CLAIM_PERCENT = 2.0  # decoders (lm: groups): within this many % of full's test perplexity
+CONVERGED_TARGET_GROUPS = 6  # issue 32: each target holds on at least this many groups
+PRETRAINED = "pretrained"  # an lm: group's untouched pretrained model (budget None), if recorded
+
+
+def _perplexity_scored(group: str) -> bool:
+    """Whether ``group`` is an ``lm:`` group (``<model>__lm-<data set>``): scored by test
+    perplexity, chosen on val next-token loss (``accuracy_budget.val_score``)."""
+    return "__lm-" in group
+
+
+def _test_score(row: dict) -> float:
+    """What a converged row is reported by: test accuracy in %, or (``lm:`` groups) test
+    perplexity, exp of the next-token loss."""
+    return math.exp(row["test_loss"]) if _perplexity_scored(row["group"]) \
+        else 100 * row["test_accuracy"]
+
+
+def _mean_std_text(values: list[float]) -> str:
+    import statistics
+
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def converged_section(name: str = "accuracy_converged.json") -> list[str]:
+    """Issue 32's converged benchmark (``accuracy_budget.py --regime converged``): full
+    fine-tuning against the head (``lm:`` groups: the pretrained model) per group; per group and
+    budget the best ZEST plan (method, spread and rate chosen on val) against full fine-tuning
+    and the best LoRA of the budget, paired by seed; issue 32's targets counted; epochs; a plot
+    per group of test accuracy (perplexity) against trainable share; the rates chosen."""
+    data = load_accuracy(name)
+    if data is None:
+        return []
+    results = data["results"]
+    groups = list(dict.fromkeys(r["group"] for r in results))
+    budgets = sorted({r["budget"] for r in results if r["budget"] is not None}, reverse=True)
+    lines = [f"### Accuracy trained to convergence (`{name}`)", "",
+             "`python benchmarks/accuracy_budget.py --regime converged` (issue 32): each trial "
+             "trained until val stops improving, scored on test at its best val epoch; "
+             f"{data.get('machine', 'machine not recorded')}. Classification groups in test "
+             "accuracy % (points), `lm:` groups in test perplexity (exp of the next-token loss; "
+             "differences in % of the other's perplexity, lower is better); mean ± std over "
+             "seeds, differences paired by seed.", ""]
+    lines += _converged_references(results, groups)
+    lines += _converged_plans(results, groups, budgets)
+    lines += _converged_epochs(results, data.get("settings", {}))
+    for group in groups:
+        path = RESULTS / name.replace(".json", f"_{group}.png")
+        share_plot(results, group, path)
+        lines += ["", f"![{group}: test score against trainable share](/{path.as_posix()})"]
+    trials = data.get("trials", [])
+    classified = [t for t in trials if not _perplexity_scored(t["group"])]
+    if classified:
+        lines += rate_section(classified, "converged regime, classification groups")
+    lines += _rate_edges(trials, results)
+    return lines + [""]
+
+
+def _converged_references(results: list[dict], groups: list[str]) -> list[str]:
+    """Full fine-tuning against head only per group (issue 32: full must beat the head, a group
+    where it does not is reported as such); ``lm:`` groups: full's test perplexity, and the
+    untouched pretrained model's where recorded (:data:`PRETRAINED`)."""
+    import statistics
+
+    scores: dict[tuple, list[float]] = {}
+    for r in results:
+        if r["budget"] is None:
+            scores.setdefault((r["group"], r["method"]), []).append(_test_score(r))
+    paired = {False: _paired_differences(results),
+              True: _paired_differences(results, _perplexity_percent)}
+    lines = ["**Full fine-tuning against the head alone** (`lm:` groups: against the pretrained "
+             "model, perplexity):", "",
+             "| group | score | full | head only / pretrained | full − reference, paired |",
+             "|---|---|---|---|---|"]
+    short = []
+    for group in groups:
+        lm = _perplexity_scored(group)
+        reference = PRETRAINED if lm else "head"
+        if (group, "full") not in scores:
+            continue
+        diffs = paired[lm](group, None, "full", None, reference)
+        beats = bool(diffs) and (statistics.mean(diffs) < 0 if lm else
+                                 statistics.mean(diffs) > 0)
+        if diffs and not beats:
+            short.append(f"{group} (full − {reference}: {_mean_std_text(diffs)}"
+                         f"{' % perplexity' if lm else ' points'})")
+        lines.append(f"| {group} | {'test perplexity' if lm else 'test accuracy %'} | "
+                     f"{_mean_std_text(scores[group, 'full'])} | "
+                     + (_mean_std_text(scores[group, reference])
+                        if (group, reference) in scores else "—")
+                     + f" | {_difference_text(diffs, beats, ' %' if lm else '') if diffs else '—'}"
+                     " |")
+    compared = [g for g in groups if (g, "full") in scores
+                and (g, PRETRAINED if _perplexity_scored(g) else "head") in scores]
+    lines += ["", f"Full fine-tuning beats its reference on {len(compared) - len(short)} of "
+              f"{len(compared)} groups" + (f"; it does NOT on {'; '.join(short)}." if short
+                                          else ".")]
+    return lines
+
+
+def _converged_plans(results: list[dict], groups: list[str], budgets: list[float]
+                     ) -> list[str]:
+    """Per (group, budget): the best ZEST plan on val (every update and spread; classification
+    by mean val accuracy, ``lm:`` groups by mean val loss, ``accuracy_budget.val_score``) against
+    full fine-tuning and against the best LoRA on val of the budget, paired by seed; issue 32's
+    targets counted over the groups, the misses listed with by how much."""
+    import statistics
+
+    from accuracy_budget import val_score
+
+    val, test = _seed_means(results, val_score), _seed_means(results, _test_score)
+    rates = {(r["group"], r["budget"], r["method"]): r.get("lr") for r in results}
+    paired = {False: _paired_differences(results),
+              True: _paired_differences(results, _perplexity_percent)}
+    lines = ["", "**The best ZEST plan against full fine-tuning and the best LoRA** (method, "
+             "spread and rate chosen on val for both, mean over seeds); test differences paired "
+             "by seed, points (`lm:` groups: % of the other's perplexity). Against full ✓ means "
+             f"within {CLAIM_POINTS:g} point (`lm:` {LM_CLAIM_PERCENT:g} % perplexity) at ~1 %, "
+             "at or above it at larger budgets; against LoRA, ahead on average.", "",
+             "| group | budget | best ZEST (val, lr) | test | − full | best LoRA (val, lr) | "
+             "test | ZEST − LoRA |", "|---|---|---|---|---|---|---|---|"]
+    # (budget, rival) → [groups compared, groups where it holds], and the misses
+    held: dict[tuple, list[int]] = {}
+    misses = []
+    for group in groups:
+        lm = _perplexity_scored(group)
+        unit = " %" if lm else ""
+        for budget in budgets:
+            best = _best_on_val(val, group, budget, "zest")
+            if best is None:
+                continue
+            lora = _best_on_val(val, group, budget, "lora")
+            tolerance = (LM_CLAIM_PERCENT if lm else CLAIM_POINTS) if budget <= 0.01 else 0.0
+            cells = []
+            # against full: within the tolerance; against the best LoRA (None): ahead
+            for rival, other_budget, other, allowed in (("full", None, "full", tolerance),
+                                                        ("best LoRA", budget, lora, None)):
+                diffs = paired[lm](group, budget, best, other_budget, other) if other else []
+                if not diffs:
+                    cells.append("—")
+                    continue
+                # points ahead (lm: % of perplexity below), rounded off float noise: a plan
+                # exactly 1.0 point below full is within 1 point
+                gain = round(-statistics.mean(diffs) if lm else statistics.mean(diffs), 9)
+                holds = gain > 0 if allowed is None else gain >= -allowed
+                count = held.setdefault((budget, rival), [0, 0])
+                count[0] += 1
+                count[1] += holds
+                cells.append(_difference_text(diffs, holds, unit))
+                if not holds:
+                    misses.append(_converged_miss(group, budget, best, other, diffs, lm,
+                                                  allowed))
+            lines.append(
+                f"| {group} | ~{budget:.0%} | {best} ({_val_text(val[group, budget, best], lm)}, "
+                f"lr {rates[group, budget, best]:g}) | {test[group, budget, best]:.1f} | "
+                f"{cells[0]} | " + (f"{lora} ({_val_text(val[group, budget, lora], lm)}, lr "
+                                    f"{rates[group, budget, lora]:g}) | "
+                                    f"{test[group, budget, lora]:.1f}" if lora else "— | —")
+                + f" | {cells[1]} |")
+    lines += ["", f"**Issue 32's targets** (each on at least {CONVERGED_TARGET_GROUPS} groups):",
+              ""]
+    for budget in budgets:
+        against_full = (f"within {CLAIM_POINTS:g} point of full fine-tuning (`lm:` "
+                        f"{LM_CLAIM_PERCENT:g} % perplexity)" if budget <= 0.01
+                        else "at or above full fine-tuning")
+        for rival, what in (("full", against_full), ("best LoRA", "ahead of the best LoRA")):
+            compared, holding = held.get((budget, rival), (0, 0))
+            lines.append(f"- ~{budget:.0%}: best ZEST plan {what} on {holding} of {compared} "
+                         f"groups (target: at least {CONVERGED_TARGET_GROUPS}) "
+                         + ("✓" if holding >= CONVERGED_TARGET_GROUPS else "✗"))
+    if misses:
+        lines += ["", "Misses (paired by seed):", ""] + [f"- {m}" for m in misses]
+    return lines
+
+
+def _val_text(score: float, lm: bool) -> str:
+    """A mean val score (``accuracy_budget.val_score``) as read: accuracy % or next-token loss."""
+    return f"val loss {-score:.3f}" if lm else f"val {100 * score:.1f}"
+
+
+def _converged_miss(group: str, budget: float, plan: str, other: str, diffs: list[float],
+                    lm: bool, allowed: float | None) -> str:
+    """One line on a target the best ZEST plan misses against ``other``: by how much, and the
+    target (``allowed``: how far behind it may be; ``None``: it must be ahead)."""
+    import statistics
+
+    mean = statistics.mean(diffs)
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    seeds = f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}"
+
+    def side(value: float) -> str:
+        return "above" if value > 0 else "below" if value < 0 else "level with"
+
+    if lm:
+        text = f"test perplexity {abs(mean):.1f} ± {spread:.1f} % {side(mean)} {other}'s"
+        target = ("a lower perplexity" if allowed is None else
+                  f"within {allowed:g} %" if allowed else "at most its perplexity")
+    else:
+        text = f"{abs(mean):.1f} ± {spread:.1f} points {side(mean)} {other}"
+        target = ("ahead" if allowed is None else
+                  f"within {allowed:g} point{'s' if allowed != 1 else ''}" if allowed
+                  else "at or above")
+    return f"{group} at ~{budget:.0%}: {plan} is {text} over {seeds} (target: {target})."
+
+
+def _converged_epochs(results: list[dict], settings: dict) -> list[str]:
+    """Mean best val epoch and epochs trained per method, and the trials that trained every
+    epoch allowed with their patience not run out (not converged); the limits are the run's
+    (``settings``) or the converged regime's defaults (``accuracy_budget._regime_limits``)."""
+    import argparse
+    import statistics
+    from collections import defaultdict
+
+    from accuracy_budget import _regime_limits
+
+    epochs_of, patience_of = _regime_limits(argparse.Namespace(
+        epochs=settings.get("epochs"), patience=settings.get("patience")), converged=True)
+
+    def still_improving(r: dict) -> bool:
+        model = r["group"].split("__")[0]
+        return (r["epochs_trained"] >= epochs_of(model)
+                and r["epochs_trained"] - r["best_epoch"] < patience_of(model))
+
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: (r["budget"] is not None, r["method"])):
+        rows[r["method"]].append(r)
+    lines = ["", f"**Epochs** (the reported trials; at most {epochs_of('x')} epochs, decoders "
+             f"{epochs_of('smollm2')}; patience {patience_of('x')}, decoders "
+             f"{patience_of('smollm2')}):", "",
+             "| method | trials | mean best val epoch | mean epochs trained | at the maximum, "
+             "still improving |", "|---|---|---|---|---|"]
+    for method, method_rows in rows.items():
+        lines.append(f"| {method} | {len(method_rows)} | "
+                     f"{statistics.mean(r['best_epoch'] for r in method_rows):.1f} | "
+                     f"{statistics.mean(r['epochs_trained'] for r in method_rows):.1f} | "
+                     f"{sum(map(still_improving, method_rows))} |")
+    unconverged = [f"{r['group']} {r['method']}"
+                   + (f" ~{r['budget']:.0%}" if r["budget"] is not None else "")
+                   + f" seed {r['seed']} (best epoch {r['best_epoch']} of "
+                   f"{r['epochs_trained']})" for r in results if still_improving(r)]
+    lines += ["", f"Trials that reached the epoch maximum still improving (not converged): "
+              f"{len(unconverged)}" + (": " + "; ".join(unconverged) + "." if unconverged
+                                      else ".")]
+    return lines
+
+
+def _rate_edges(trials: list[dict], results: list[dict]) -> list[str]:
+    """Per method (spreads together): of the cases whose rate is chosen, how many chose the
+    lowest or the highest rate they tried (``--extend-edges`` tries the next rate of
+    ``accuracy_budget.RATE_LADDER`` beyond such an edge: an edge left is the ladder's end, or a
+    case still running)."""
+    from collections import defaultdict
+
+    from accuracy_budget import RATE_LADDER
+
+    tried: dict[tuple, set[float]] = defaultdict(set)
+    for t in trials:
+        tried[t["group"], t["budget"], t["method"]].add(t["lr"])
+    chosen = {(r["group"], r["budget"], r["method"]): r["lr"] for r in results
+              if r.get("lr") is not None}
+    counts: dict[str, list[int]] = {}  # method → cases, lowest, highest, at the ladder's end
+    for key, lr in chosen.items():
+        if key not in tried:
+            continue
+        count = counts.setdefault(key[2].split(" (spread")[0], [0, 0, 0, 0])
+        for column, hit in enumerate((True, lr == min(tried[key]), lr == max(tried[key]),
+                                      lr in (RATE_LADDER[0], RATE_LADDER[-1]))):
+            count[column] += hit
+    if not counts:
+        return []
+    lines = ["", "**Rates at an edge** (all groups, `lm:` ones chosen on val loss): cases "
+             "whose chosen rate is the lowest or the highest they tried, and at the end of "
+             "`RATE_LADDER` (nothing beyond to try):", "",
+             "| method | cases | lowest tried | highest tried | end of the ladder |",
+             "|---|---|---|---|---|"]
+    for method, (cases, lowest, highest, end) in counts.items():
+        lines.append(f"| {method} | {cases} | {lowest} | {highest} | {end} |")
+    total = [sum(c[i] for c in counts.values()) for i in range(4)]
+    return lines + ["", f"At an edge: {total[1]} of {total[0]} cases at the lowest rate tried, "
+                    f"{total[2]} at the highest."]
+
+
+def share_plot(results: list[dict], group: str, path: Path) -> None:
+    """Test accuracy (``lm:`` groups: perplexity) against trainable share (log scale) for every
+    method of ``group``, mean ± std over seeds, a method's budgets joined by a line; full
+    fine-tuning's score as a dashed line."""
+    import statistics
+    from collections import defaultdict
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        if r["group"] == group:
+            cases[r["method"], r["budget"]].append(r)
+    points: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for (method, _), rows in cases.items():
+        scores = [_test_score(r) for r in rows]
+        points[method].append((statistics.mean(r["trainable_share"] for r in rows),
+                               statistics.mean(scores),
+                               statistics.stdev(scores) if len(scores) > 1 else 0.0))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (method, method_points) in enumerate(sorted(points.items())):
+        shares, means, spreads = zip(*sorted(method_points), strict=True)
+        ax.errorbar(shares, means, yerr=spreads, marker="o", capsize=3, label=method,
+                    color=colors[i % len(colors)],
+                    linewidth=2 if method.startswith("zest") else 1)
+    if "full" in points:
+        ax.axhline(points["full"][0][1], color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable share (head included)")
+    ax.set_ylabel("test perplexity" if _perplexity_scored(group) else "test accuracy (%)")
+    ax.set_title(group)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
-    body = ranking_section() + accuracy_section() + speed_section() + probe_section() + \
-        probe_memory_section() + cache_section() + memory_section() + stability_section()
+    body = ranking_section() + accuracy_section() + converged_section() + speed_section() + \
+        probe_section() + probe_memory_section() + cache_section() + memory_section() + \
+        stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)
