@@ -291,6 +291,21 @@ def run(group, tuner_name: str, kwargs: dict, seed: int, epochs: int, device: st
             "seconds": time.perf_counter() - start}
 
 
+def run_pretrained(group, seed: int, device: str) -> dict:
+    """The untouched model's val and test scores: an ``lm:`` group's reference (its pretrained
+    LM head has nothing to train alone)."""
+    model_spec, dataset, options = group
+    model, task, data = load_pair(model_spec, dataset, options=options, seed=seed,
+                                  device=device)
+    start = time.perf_counter()
+    scorer = METHODS.get("full")(model, task, lr=1e-3, seed=seed)  # evaluates, never fits
+    val_loss, val_accuracy = scorer.evaluate(data, "val")
+    test_loss, test_accuracy = scorer.evaluate(data, "test")
+    return {"lr": None, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
+            "val_loss": val_loss, "test_loss": test_loss, "trainable_params": 0,
+            "trainable_share": 0.0, "layers": 0, "seconds": time.perf_counter() - start}
+
+
 def run_zest(group, tuner_name: str, budget: float, spread: float | None, predictor: str,
              seed: int, epochs: int, device: str, lr: float, patience: int | None = None
              ) -> dict:
@@ -419,6 +434,12 @@ def main() -> None:
         for group in groups:
             name = group_key(group[0], group[1])
             epochs, patience = epochs_of(group[0]), patience_of(group[0])
+            if not _tunes_head(group) and (name, None, "pretrained", seed) not in results:
+                results[name, None, "pretrained", seed] = {
+                    "group": name, "budget": None, "method": "pretrained", "seed": seed,
+                    **run_pretrained(group, seed, args.device)}
+                done["results"] = list(results.values())
+                _results.save(out, done, machine)
             todo = [(m, None, partial(run, group, m, {}, seed, epochs, args.device,
                                       patience=patience))
                     for m in ("full", "head") if m != "head" or _tunes_head(group)]
@@ -467,7 +488,7 @@ def main() -> None:
                 _results.save(out, done, machine)
     for r in done["results"]:
         print(f"{r['group']:32s} {str(r['budget']):5s} {r['method']:28s} seed {r['seed']}: "
-              f"test acc {r['test_accuracy']:.3f} (lr {r['lr']:g}, "
+              f"test acc {r['test_accuracy']:.3f} (lr {r['lr'] or 0:g}, "
               f"{r['trainable_share']:.2%} trainable)")
 
 
