@@ -123,7 +123,9 @@ DECODERS = ("smollm2",)
 SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
                                             max_test=32)),
          ("tiny_bert", "rotten_tomatoes", DataOptions(max_length=24, max_train=64, max_val=32,
-                                                      max_test=32))]
+                                                      max_test=32)),
+         ("tiny_llama", "lm:rotten_tomatoes", DataOptions(max_length=24, max_train=64,
+                                                          max_val=32, max_test=32))]
 BUDGETS = (0.05, 0.01)
 #: the tiny CNN's 10-class head alone is 2.5 % of its parameters
 SMOKE_BUDGETS = (0.1, 0.05)
