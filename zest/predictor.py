@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -72,6 +73,9 @@ def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
         raise RecordError("no metric records; run `zest collect metrics` first")
     keys = ["group", "layer"]
     metric_cols = [c for c in metrics.columns if c.startswith(METRIC_PREFIX)]
+    metrics = metrics.assign(**{column: numeric_column(
+        metrics, column, "metric", "recollect it with `zest collect metrics`")
+        for column in metric_cols})
     first = {c: "first" for c in ("model", "dataset", "layer_type", "depth", "n_params",
                                   "modality", "block", "probe_loss", "batch_size")
              if c in metrics.columns}
@@ -85,7 +89,32 @@ def target_table(groundtruth: pd.DataFrame, target: str) -> pd.DataFrame:
         raise InvalidInputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if target not in groundtruth:
         raise RecordError(f"ground-truth records lack the column {target!r}")
+    fix = "recollect it with `zest collect groundtruth`"
+    groundtruth = groundtruth.assign(**{target: numeric_column(groundtruth, target,
+                                                               "ground-truth", fix)})
+    missing = groundtruth[groundtruth[target].isna()]
+    if not missing.empty:
+        group = missing["group"].iloc[0]
+        raise RecordError(f"group {group!r} has no value (NaN) in the ground-truth column "
+                          f"{target!r} for {int((missing['group'] == group).sum())} rows; {fix}")
     return groundtruth.groupby(["group", "layer"], sort=False)[target].mean().reset_index()
+
+
+def numeric_column(records: pd.DataFrame, column: str, kind: str, fix: str) -> pd.Series:
+    """``records[column]`` as floats; raises :class:`RecordError` naming the first group whose
+    ``column`` holds something that is not a number (a string, a list, a flag), and ``fix``."""
+    values = records[column]
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values
+    for index, value in values.items():
+        if (isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)) or \
+                value is None or value is pd.NA:
+            continue
+        group = records.at[index, "group"] if "group" in records else "?"
+        raise RecordError(f"the {kind} column {column!r} of group {group!r} holds "
+                          f"{type(value).__name__} values such as {str(value)[:40]!r}, not "
+                          f"numbers; {fix}")
+    return pd.to_numeric(values).astype(float)
 
 
 def join_records(metrics: pd.DataFrame, groundtruth: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -611,7 +640,7 @@ def _check_tree(block: str, index: int, n_features: int) -> None:
                              f"{line[:40]!r}")
         by_key[key] = value
 
-    def numbers(key: str, count: int, integer: bool = False) -> list[float]:
+    def array(key: str, count: int, integer: bool = False) -> list[float]:
         text = by_key.get(key)
         if text is None:
             raise ValueError(f"tree {index} of its LightGBM model lacks {key}")
@@ -625,30 +654,30 @@ def _check_tree(block: str, index: int, n_features: int) -> None:
             raise ValueError(f"tree {index} of its LightGBM model has non-finite {key}")
         return values
 
-    leaves = numbers("num_leaves", 1, integer=True)[0]
+    leaves = array("num_leaves", 1, integer=True)[0]
     if leaves < 1:
         raise ValueError(f"tree {index} of its LightGBM model has {leaves} leaves")
-    if numbers("num_cat", 1, integer=True) != [0] or by_key.get("is_linear", "0") != "0":
+    if array("num_cat", 1, integer=True) != [0] or by_key.get("is_linear", "0") != "0":
         raise ValueError(f"tree {index} of its LightGBM model has categorical or linear "
                          "splits, which zest never trains")
-    numbers("shrinkage", 1)
-    numbers("leaf_value", leaves)
+    array("shrinkage", 1)
+    array("leaf_value", leaves)
     if leaves == 1:  # a constant tree: LightGBM reads its leaf value only
         return
     for key in _NODE_ARRAYS:
-        numbers(key, leaves - 1, integer=key in ("split_feature", "decision_type", "left_child",
+        array(key, leaves - 1, integer=key in ("split_feature", "decision_type", "left_child",
                                                  "right_child", "internal_count"))
     for key in _LEAF_ARRAYS[1:]:
-        numbers(key, leaves, integer=key == "leaf_count")
-    split = numbers("split_feature", leaves - 1, integer=True)
+        array(key, leaves, integer=key == "leaf_count")
+    split = array("split_feature", leaves - 1, integer=True)
     if min(split) < 0 or max(split) >= n_features:
         raise ValueError(f"tree {index} of its LightGBM model splits on a feature outside "
                          f"0..{n_features - 1}")
-    for kind in numbers("decision_type", leaves - 1, integer=True):
+    for kind in array("decision_type", leaves - 1, integer=True):
         if not 0 <= kind < 16 or kind & 1 or (kind >> 2) & 3 == 3:
             raise ValueError(f"tree {index} of its LightGBM model has decision type {kind}")
-    left = numbers("left_child", leaves - 1, integer=True)
-    right = numbers("right_child", leaves - 1, integer=True)
+    left = array("left_child", leaves - 1, integer=True)
+    right = array("right_child", leaves - 1, integer=True)
     seen_nodes, seen_leaves, stack = {0}, set(), [0]
     while stack:  # every node and leaf reached exactly once from the root: one tree, no cycle
         node = stack.pop()
