@@ -83,6 +83,15 @@ def tuner_defaults(method: str) -> dict[str, Any]:
             if f.name in names and f.default is not MISSING}
 
 
+def check_finite_options(options: Mapping[str, Any]) -> None:
+    """Refuses a non-finite float option (``--ratio nan``, ``lr=inf``): NaN passes every
+    range check, so each float a tuner or a plan takes is checked here first."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be a finite number, got "
+                                    f"{value!r}")
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What a budget plan reads of a layer: ``rows`` output neurons of ``width`` weight values
@@ -154,6 +163,7 @@ class Tuner:
     density_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        check_finite_options({f.name: getattr(self, f.name) for f in fields(self) if f.init})
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.gradient_checkpointing, bool):
