@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -701,7 +701,9 @@ def test_damaged_deltas_are_one_line_or_applied_exactly(deltas, tmp_path, method
     except ZestError as error:
         _single_line(error)
         assert _unchanged(base, state)
+        event("refused")
         return
+    event("applied")
     expected = _reference_merge(state, loaded)
     for name, value in base.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6)
@@ -748,8 +750,10 @@ def test_damaged_predictor_files_are_one_line_or_load_intact(predictor_file, tmp
         ranker = ZestRanker.load(damaged)
     except ZestError as error:
         _single_line(error)
+        event("refused")
         return
     changed = json.loads(damaged_text) != json.loads(text)
+    event("loaded, changed" if changed else "loaded, unchanged")
     predicted = ranker.predict(table)
     if not changed:
         np.testing.assert_array_equal(predicted, scores)
