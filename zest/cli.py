@@ -532,6 +532,10 @@ def apply_delta_command(
     out: Annotated[Path, typer.Option(help="Merged weights (.safetensors).")],
     seed: SeedOption = 0,
     checkpoint: CheckpointOption = None,
+    check_base: Annotated[bool, typer.Option(
+        "--check-base/--no-check-base", help="Refuse a base other than the one the delta was "
+        "trained on, and a delta that does not record its base. --no-check-base applies it to "
+        "any base it fits: only for a base you know is the right one.")] = True,
 ) -> None:
     """Merge a delta into a fresh base model and save the merged weights."""
     from safetensors.torch import save_file
@@ -547,7 +551,7 @@ def apply_delta_command(
         base, _task = load_model(model, num_classes, seed=seed,
                                  checkpoint=str(checkpoint) if checkpoint else None,
                                  kind=loaded.meta.get("task_kind", "classification"))
-        apply_delta(base, loaded, model_spec=model)
+        apply_delta(base, loaded, model_spec=model, check_base=check_base)
         out.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
         save_file(state, str(out), metadata={"zest_delta": str(delta)})

@@ -30,6 +30,7 @@ from zest.errors import (
     InvalidInputError,
     NonFiniteLossError,
     UnknownNameError,
+    ZestError,
     unknown_name_message,
 )
 from zest.families import (
@@ -523,7 +524,7 @@ def model_family(spec: str) -> str:
         try:
             config = json.loads((Path(name) / "config.json").read_text())
             return str(config.get("model_type") or "hf")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object
             return "hf"
     return spec
 
@@ -813,7 +814,7 @@ def write_random_hf_model(folder: str | os.PathLike, model_type: str, *, num_lab
 
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), **HF_LOAD_SAFELY)
         settings = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size,
                                         num_labels=num_labels, **config)
         torch.manual_seed(seed)
@@ -928,21 +929,86 @@ def _build_hf_dir(spec: str, path: Path, num_classes: int,
         AutoTokenizer,
     )
 
+    check_hf_folder(path)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **HF_LOAD_SAFELY)
+            if kind == "causal_lm":
+                try:
+                    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                                 **HF_LOAD_SAFELY)
+                except ValueError:  # a configuration without a causal-LM class
+                    raise InvalidInputError(not_a_decoder_message(spec)) from None
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), num_labels=num_classes, ignore_mismatched_sizes=True,
+                    use_safetensors=True, **HF_LOAD_SAFELY)
+    except ZestError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InvalidInputError(f"transformers cannot load the model folder {str(path)!r} "
+                                f"({type(exc).__name__}: {first}); pass hf:<dir> with a "
+                                "config.json, .safetensors weights and tokenizer files that "
+                                "this transformers reads") from None
+    if kind == "causal_lm":
+        return model, _hf_lm_task(spec, model, tokenizer, num_classes)
+    return model, _hf_text_task(spec, model, tokenizer, num_classes)
+
+
+#: What every transformers load from a folder passes: never run code shipped with the folder
+#: (``auto_map`` classes), even if stdin would answer yes to transformers' prompt.
+HF_LOAD_SAFELY: dict[str, Any] = {"trust_remote_code": False}
+#: Weight files of a transformers folder that unpickle (and so can run code); never loaded.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_hf_folder(path: Path) -> None:
+    """Refuses, before transformers reads anything, a model folder that would run code or
+    cannot be loaded as data alone: no ``config.json``, a configuration that is not a JSON
+    object or lacks ``model_type``, an ``auto_map`` in ``config.json`` or
+    ``tokenizer_config.json`` (the files transformers reads it from: custom classes
+    shipped as Python files), or no ``.safetensors`` weights (pickled ``pytorch_model.bin``
+    weights are not loaded: unpickling can run code). One line naming the folder and the fix."""
+    folder = str(path)
+    if not path.is_dir():
+        raise InvalidInputError(f"model folder {folder!r} does not exist; pass hf:<dir> with a "
+                                "transformers model folder")
     if not (path / "config.json").is_file():
-        raise InvalidInputError(f"{str(path)!r} is not a transformers model directory (no "
+        raise InvalidInputError(f"{folder!r} is not a transformers model directory (no "
                                 "config.json); pass hf:<dir> with config.json, weights and "
                                 "tokenizer files")
-    with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if kind == "causal_lm":
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(path))
-            except ValueError:  # a configuration without a causal-LM class
-                raise InvalidInputError(not_a_decoder_message(spec)) from None
-            return model, _hf_lm_task(spec, model, tokenizer, num_classes)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_classes, ignore_mismatched_sizes=True)
-    return model, _hf_text_task(spec, model, tokenizer, num_classes)
+    for config_file in (path / "config.json", path / "tokenizer_config.json"):
+        if not config_file.is_file():
+            continue
+        try:
+            settings = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(f"{str(config_file)!r} in model folder {folder!r} is not "
+                                    f"readable JSON ({type(exc).__name__}); save the model "
+                                    "again with save_pretrained") from None
+        if not isinstance(settings, dict):
+            raise InvalidInputError(f"{str(config_file)!r} in model folder {folder!r} is not a "
+                                    "JSON object; save the model again with save_pretrained")
+        if "auto_map" in settings:
+            raise InvalidInputError(f"model folder {folder!r} asks to run its own Python code "
+                                    f"(auto_map in {config_file.name}); zest never runs code "
+                                    "from a model folder: use a model whose classes ship with "
+                                    "transformers")
+        if config_file.name == "config.json" and not (
+                isinstance(settings.get("model_type"), str) and settings["model_type"]):
+            raise InvalidInputError(f"config.json of model folder {folder!r} has no model_type; "
+                                    "save the model with a transformers version that writes "
+                                    "it (save_pretrained) or add the model_type field")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+        if pickled:
+            raise InvalidInputError(f"model folder {folder!r} holds only pickled weights "
+                                    f"({', '.join(pickled[:3])}), which zest does not load "
+                                    "(unpickling can run code); convert them to .safetensors "
+                                    "(model.save_pretrained(dir, safe_serialization=True))")
+        raise InvalidInputError(f"model folder {folder!r} has no .safetensors weights; save "
+                                "the model with save_pretrained")
 
 
 @MODELS.register("minilm", modality="text", pretrained=True, family="bert")
@@ -1002,8 +1068,10 @@ def smollm2_path() -> Path:
     work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      **HF_LOAD_SAFELY)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          **HF_LOAD_SAFELY)
             config = loaded.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
@@ -1038,7 +1106,7 @@ def _tiny_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(str(minilm_path()))
+        return AutoTokenizer.from_pretrained(str(minilm_path()), **HF_LOAD_SAFELY)
 
 
 @MODELS.register("tiny_bert", modality="text", pretrained=False, family="bert")

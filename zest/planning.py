@@ -33,7 +33,7 @@ from torch import nn
 
 from zest.errors import InvalidInputError
 from zest.finetune import METHODS, Tuner, tuner_parameters
-from zest.finetune.base import LayerShape, tuner_defaults
+from zest.finetune.base import LayerShape, check_finite_options, tuner_defaults
 from zest.models import Task
 
 #: The method name that lets :data:`METHOD_RULES` choose.
@@ -225,7 +225,9 @@ def _shared_options() -> set[str]:
 
 
 def check_method_options(method: str, options: Mapping[str, Any]) -> None:
-    """Refuses options that ``method``'s tuner does not take (``k`` for SPSFT)."""
+    """Refuses options that ``method``'s tuner does not take (``k`` for SPSFT), and
+    non-finite floats (:func:`~zest.finetune.base.check_finite_options`)."""
+    check_finite_options(options)
     unknown = set(options) - tuner_parameters(method) - _shared_options()
     if unknown:
         known = ", ".join(sorted(tuner_parameters(method))) or "none of its own"

@@ -15,8 +15,10 @@ flips between families. Saved as one JSON file, never pickle.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -71,6 +73,9 @@ def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
         raise RecordError("no metric records; run `zest collect metrics` first")
     keys = ["group", "layer"]
     metric_cols = [c for c in metrics.columns if c.startswith(METRIC_PREFIX)]
+    metrics = metrics.assign(**{column: numeric_column(
+        metrics, column, "metric", "recollect it with `zest collect metrics`")
+        for column in metric_cols})
     first = {c: "first" for c in ("model", "dataset", "layer_type", "depth", "n_params",
                                   "modality", "block", "probe_loss", "batch_size")
              if c in metrics.columns}
@@ -84,7 +89,32 @@ def target_table(groundtruth: pd.DataFrame, target: str) -> pd.DataFrame:
         raise InvalidInputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     if target not in groundtruth:
         raise RecordError(f"ground-truth records lack the column {target!r}")
+    fix = "recollect it with `zest collect groundtruth`"
+    groundtruth = groundtruth.assign(**{target: numeric_column(groundtruth, target,
+                                                               "ground-truth", fix)})
+    missing = groundtruth[groundtruth[target].isna()]
+    if not missing.empty:
+        group = missing["group"].iloc[0]
+        raise RecordError(f"group {group!r} has no value (NaN) in the ground-truth column "
+                          f"{target!r} for {int((missing['group'] == group).sum())} rows; {fix}")
     return groundtruth.groupby(["group", "layer"], sort=False)[target].mean().reset_index()
+
+
+def numeric_column(records: pd.DataFrame, column: str, kind: str, fix: str) -> pd.Series:
+    """``records[column]`` as floats; raises :class:`RecordError` naming the first group whose
+    ``column`` holds something that is not a number (a string, a list, a flag), and ``fix``."""
+    values = records[column]
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values
+    for index, value in values.items():
+        if (isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)) or \
+                value is None or value is pd.NA:
+            continue
+        group = records.at[index, "group"] if "group" in records else "?"
+        raise RecordError(f"the {kind} column {column!r} of group {group!r} holds "
+                          f"{type(value).__name__} values such as {str(value)[:40]!r}, not "
+                          f"numbers; {fix}")
+    return pd.to_numeric(values).astype(float)
 
 
 def join_records(metrics: pd.DataFrame, groundtruth: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -253,7 +283,8 @@ class ZestRanker:
                                     min_child_samples=self.min_child_samples,
                                     random_state=self.random_state, verbose=-1,
                                     label_gain=list(range(self.n_grades)), n_jobs=1)
-        model.fit(design.to_numpy(dtype=float), grades, group=sizes)
+        model.fit(design.to_numpy(dtype=float), grades, group=sizes,
+                  feature_name=list(design.columns))  # declared in the model string
         self.model_string_ = model.booster_.model_to_string()
         self.coefficients_ = None
         self._booster = model.booster_
@@ -323,10 +354,16 @@ class ZestRanker:
 
     def save(self, path: str | os.PathLike, **info: Any) -> Path:
         """Writes the ranker to one JSON file (atomically: a temporary file, then
-        ``os.replace``); an existing file is replaced only if it is a zest predictor."""
+        ``os.replace``), stamped with the SHA-256 of its content (:func:`content_checksum`),
+        which :meth:`load` verifies; an existing file is replaced only if it is a zest
+        predictor."""
         path = check_predictor_out(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(**info), indent=1, default=_json_default)
+        content = json.loads(json.dumps(self.to_dict(**info), default=_json_default))
+        stamped = {key: content[key] for key in ("format", "format_version")}
+        stamped[CHECKSUM_KEY] = content_checksum(content)
+        stamped.update(content)
+        text = json.dumps(stamped, indent=1)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as handle:
@@ -344,57 +381,319 @@ class ZestRanker:
         path = Path(path)
         if not path.is_file():
             raise InvalidInputError(f"predictor file {str(path)!r} does not exist")
+        source = f"predictor file {str(path)!r}"
         try:
             spec = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"predictor file {str(path)!r} is corrupt (not valid JSON: "
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise RecordError(f"{source} is corrupt (not valid JSON: "
                               f"{exc.__class__.__name__}); train it again with "
                               "`zest train-predictor`") from None
-        return cls.from_dict(spec, source=str(path))
+        check_format(spec, source)
+        claimed = spec.pop(CHECKSUM_KEY, None)
+        if not isinstance(claimed, str):
+            raise RecordError(f"{source} has no {CHECKSUM_KEY} checksum (written before zest "
+                              "verified its predictors, or edited); train it again with "
+                              "`zest train-predictor`")
+        if claimed != content_checksum(spec):
+            raise RecordError(f"{source} is corrupt (its content does not match its "
+                              f"{CHECKSUM_KEY} checksum: damaged or edited); train it again "
+                              "with `zest train-predictor`")
+        return cls.from_dict(spec, source=source)
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], source: str = "predictor") -> ZestRanker:
-        """Rebuilds a ranker from :meth:`to_dict` output."""
-        if not isinstance(spec, dict) or spec.get("format") != "zest-predictor":
-            raise RecordError(f"{source} is not a zest predictor file; train one with "
-                              "`zest train-predictor`")
-        version = spec.get("format_version")
-        if version != FORMAT_VERSION:
-            raise RecordError(f"{source} has predictor format version {version}, this zest "
-                              f"reads {FORMAT_VERSION}; retrain it with `zest train-predictor`")
+        """Rebuilds a ranker from :meth:`to_dict` output, validated first (keys and types, the
+        feature list against the metrics, the context settings and what the LightGBM model
+        string declares, the model string's whole structure: :func:`check_lightgbm_model`), so
+        nothing malformed reaches LightGBM; any fault is one :class:`RecordError` line."""
+        check_format(spec, source)
         try:
-            ranker = cls(**spec["params"])
-            ranker.metrics_ = list(spec["metrics"])
-            ranker.features_ = list(spec["features"])
-            ranker.groups_ = list(spec["training_groups"])
-            model = spec["model"]
-            ranker.model_string_ = model.get("lightgbm")
-            ranker.coefficients_ = model.get("coefficients")
+            params = _checked_params(spec.get("params"))
+            metrics = _string_list(spec.get("metrics"), "metrics")
+            features = _string_list(spec.get("features"), "features")
+            groups = _string_list(spec.get("training_groups"), "training_groups", empty=True)
+            model = spec.get("model")
+            if not isinstance(model, dict):
+                raise ValueError("'model' is not an object")
+            ranker = cls(**params)
+            ranker._validate()
+            _check_feature_order(ranker, metrics, features)
+            ranker.metrics_, ranker.features_, ranker.groups_ = metrics, features, groups
             if ranker.backend == "pairwise_logistic":
-                ranker.fill_ = np.asarray(model.get("fill") or [0.5] * len(ranker.features_))
-                if len(ranker.coefficients_ or []) != len(ranker.features_):
-                    raise ValueError("coefficients do not match the features")
-            elif not ranker.model_string_:
-                raise ValueError("no LightGBM model")
+                ranker.model_string_ = None
+                ranker.coefficients_ = _number_list(model.get("coefficients"), "coefficients",
+                                                    len(features))
+                fill = model.get("fill")
+                ranker.fill_ = np.asarray(_number_list(fill, "fill", len(features))
+                                          if fill is not None else [0.5] * len(features))
+            else:
+                declared = check_lightgbm_model(model.get("lightgbm"), len(features))
+                if not all(re.fullmatch(r"Column_\d+", name) for name in declared) and \
+                        declared != features:
+                    raise ValueError("its feature list differs from the one its LightGBM model "
+                                     "was trained on (reordered or edited)")
+                ranker.model_string_ = model["lightgbm"]
+                ranker.coefficients_ = None
             ranker.info_ = {k: v for k, v in spec.items()
                             if k not in ("params", "metrics", "features", "model")}
-            ranker._validate()
-            if len(ranker.features_) < len(ranker.metrics_) or not ranker.metrics_:
-                raise ValueError(f"{len(ranker.features_)} features for "
-                                 f"{len(ranker.metrics_)} metrics")
-            if ranker.backend == "lightgbm":
-                booster = ranker._get_booster()
-                if booster.num_feature() != len(ranker.features_):
-                    raise ValueError(f"its LightGBM model reads {booster.num_feature()} "
-                                     f"features, the file lists {len(ranker.features_)}")
         except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
             raise RecordError(f"{source} is corrupt ({str(exc).splitlines()[0][:200]}); train "
                               "it again with `zest train-predictor`") from None
-        except Exception as exc:  # noqa: BLE001 - LightGBM's own error for a bad model string
-            raise RecordError(f"{source} is corrupt (its LightGBM model cannot be read: "
-                              f"{type(exc).__name__}); train it again with "
-                              "`zest train-predictor`") from None
+        if ranker.backend == "lightgbm":
+            try:
+                booster = ranker._get_booster()
+            except Exception as exc:  # noqa: BLE001 - LightGBM's own error for a bad model
+                raise RecordError(f"{source} is corrupt (its LightGBM model cannot be read: "
+                                  f"{type(exc).__name__}); train it again with "
+                                  "`zest train-predictor`") from None
+            if booster.num_feature() != len(ranker.features_):
+                raise RecordError(f"{source} is corrupt (its LightGBM model reads "
+                                  f"{booster.num_feature()} features, the file lists "
+                                  f"{len(ranker.features_)}); train it again with "
+                                  "`zest train-predictor`")
         return ranker
+
+
+#: The field of a saved predictor that holds the SHA-256 of the rest of the file.
+CHECKSUM_KEY = "sha256"
+
+
+def content_checksum(spec: dict[str, Any]) -> str:
+    """SHA-256 of a predictor file's content without its checksum field: the canonical JSON
+    (sorted keys, no spaces) of everything else, so any change of any value, the order of the
+    features included, changes it."""
+    content = {k: v for k, v in spec.items() if k != CHECKSUM_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_format(spec: Any, source: str) -> None:
+    """Raises :class:`RecordError` unless ``spec`` is a zest predictor of this format version."""
+    if not isinstance(spec, dict) or spec.get("format") != "zest-predictor":
+        raise RecordError(f"{source} is not a zest predictor file; train one with "
+                          "`zest train-predictor`")
+    version = spec.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RecordError(f"{source} has predictor format version {version!r}, this zest "
+                          f"reads {FORMAT_VERSION}; retrain it with `zest train-predictor`")
+
+
+def _checked_params(params: Any) -> dict[str, Any]:
+    """The ranker parameters of a file, each of its field's type (bool, int, finite float,
+    string); unknown or missing names and other types raise ``ValueError``."""
+    if not isinstance(params, dict):
+        raise ValueError("'params' is not an object")
+    defaults = ZestRanker().get_params()
+    if set(params) != set(defaults):
+        odd = sorted(set(params) ^ set(defaults))
+        raise ValueError(f"'params' names {odd[:4]} differ from a ZestRanker's")
+    for name, default in defaults.items():
+        value = params[name]
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, int):
+            fits = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            fits = isinstance(value, int | float) and not isinstance(value, bool) and \
+                math.isfinite(value)
+        else:
+            fits = isinstance(value, str)
+        if not fits:
+            raise ValueError(f"parameter {name} is {value!r}, not a {type(default).__name__}")
+    return params
+
+
+def _string_list(value: Any, what: str, empty: bool = False) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"'{what}' is not a list of names")
+    if not value and not empty:
+        raise ValueError(f"'{what}' is empty")
+    if len(set(value)) != len(value):
+        raise ValueError(f"'{what}' names one entry twice")
+    return list(value)
+
+
+def _number_list(value: Any, what: str, length: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != length or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise ValueError(f"'{what}' is not a list of {length} finite numbers")
+    return [float(v) for v in value]
+
+
+def _check_feature_order(ranker: ZestRanker, metrics: list[str], features: list[str]) -> None:
+    """Features are the metrics, in order, then (with ``use_context``) context features in
+    the order :func:`context_features` makes them; anything else was reordered or edited."""
+    if not all(m.startswith(METRIC_PREFIX) for m in metrics):
+        raise ValueError(f"a metric name lacks the {METRIC_PREFIX!r} prefix")
+    if features[:len(metrics)] != metrics:
+        raise ValueError("its features do not start with its metrics in order (reordered or "
+                         "edited)")
+    context = features[len(metrics):]
+    if context and not ranker.use_context:
+        raise ValueError("context features without use_context")
+    one_layer = pd.DataFrame({"group": ["g"], "layer": ["x"], "depth": [0.0], "n_params": [1],
+                              "modality": ["image"], "layer_type": ["Linear"], "block": ["b"]})
+    known = list(context_features(one_layer, modality=ranker.use_modality,
+                                  roles=ranker.use_roles).columns)
+    positions = [known.index(name) if name in known else -1 for name in context]
+    if -1 in positions or positions != sorted(positions):
+        raise ValueError("its context features are unknown or out of order (reordered or "
+                         "edited)")
+
+
+#: Header keys a LightGBM (v4) model string may hold, and the keys of each of its trees.
+_LIGHTGBM_HEADER = frozenset({"version", "num_class", "num_tree_per_iteration", "label_index",
+                              "max_feature_idx", "objective", "feature_names", "feature_infos",
+                              "tree_sizes", "monotone_constraints"})
+_NODE_ARRAYS = ("split_feature", "split_gain", "threshold", "decision_type", "left_child",
+                "right_child", "internal_value", "internal_weight", "internal_count")
+_LEAF_ARRAYS = ("leaf_value", "leaf_weight", "leaf_count")
+_TREE_KEYS = frozenset({"num_leaves", "num_cat", "is_linear", "shrinkage", *_NODE_ARRAYS,
+                        *_LEAF_ARRAYS})
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
+
+
+def check_lightgbm_model(text: Any, n_features: int) -> list[str]:
+    """Checks a LightGBM (v4 text format) model string completely, as LightGBM would read it,
+    so that nothing it could read out of bounds or loop on reaches it (a truncated or edited
+    model string makes LightGBM crash the process: issue 30).
+
+    The header (one class, lambdarank, ``n_features`` feature names and infos, tree sizes);
+    every tree at the offset its ``tree_sizes`` entry gives, with numeric arrays of the lengths
+    its leaf count implies, split features in range, no categorical or linear trees, and child
+    links that form one tree over every node; then ``end of trees``, the parameters and the
+    ``pandas_categorical`` line.
+
+    Returns:
+        The feature names the model string declares.
+
+    Raises:
+        ValueError: Naming the first fault.
+    """
+    if not isinstance(text, str) or not text.startswith("tree\n"):
+        raise ValueError("no LightGBM model string")
+    start = text.find("\nTree=0\n")
+    if start < 0:
+        raise ValueError("its LightGBM model has no tree")
+    start += 1
+    header = {}
+    for line in text[len("tree\n"):start].splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or key not in _LIGHTGBM_HEADER or key in header:
+            raise ValueError(f"its LightGBM model has an unexpected header line {line[:40]!r}")
+        header[key] = value
+    expected = {"version": "v4", "num_class": "1", "num_tree_per_iteration": "1",
+                "label_index": "0", "max_feature_idx": str(n_features - 1)}
+    for key, value in expected.items():
+        if header.get(key) != value:
+            raise ValueError(f"its LightGBM model has {key}={header.get(key)!r}, expected "
+                             f"{value!r}")
+    if not header.get("objective", "").startswith("lambdarank"):
+        raise ValueError("its LightGBM model is not a lambdarank model")
+    names = header.get("feature_names", "").split(" ")
+    infos = header.get("feature_infos", "").split(" ")
+    if len(names) != n_features or len(infos) != n_features or not all(names):
+        raise ValueError(f"its LightGBM model declares {len(names)} feature names and "
+                         f"{len(infos)} feature infos for {n_features} features")
+    if not all(info == "none" or re.fullmatch(r"\[[^\[\]:\s]+:[^\[\]:\s]+\]", info)
+               for info in infos):
+        raise ValueError("its LightGBM model has malformed feature infos")
+    sizes = header.get("tree_sizes", "").split(" ")
+    if not all(_INTEGER.fullmatch(size) and int(size) > 0 for size in sizes):
+        raise ValueError("its LightGBM model has malformed tree sizes")
+    offset = start
+    for index, size in enumerate(int(size) for size in sizes):
+        block = text[offset:offset + size]
+        if len(block) != size or not block.startswith(f"Tree={index}\n") or \
+                not block.endswith("\n\n\n"):
+            raise ValueError(f"its LightGBM model is truncated or edited (tree {index} does "
+                             "not fill the size its header gives)")
+        _check_tree(block, index, n_features)
+        offset += size
+    tail = text[offset:]
+    if not tail.startswith("end of trees\n"):
+        raise ValueError("its LightGBM model is truncated or edited (no 'end of trees' after "
+                         f"its {len(sizes)} trees)")
+    parameters = tail.find("\nparameters:\n")
+    closing = tail.find("\nend of parameters\n", max(parameters, 0))
+    if parameters < 0 or closing < 0 or tail[closing:].split() != [
+            "end", "of", "parameters", "pandas_categorical:null"]:
+        raise ValueError("its LightGBM model is truncated or edited (its parameters do not "
+                         "end with 'end of parameters' and 'pandas_categorical:null')")
+    for line in tail[parameters + len("\nparameters:\n"):closing].splitlines():
+        if not re.fullmatch(r"\[\w+: [^\n\]]*\]", line):
+            raise ValueError(f"its LightGBM model has a malformed parameter line {line[:40]!r}")
+    return names
+
+
+def _check_tree(block: str, index: int, n_features: int) -> None:
+    """One tree of :func:`check_lightgbm_model`."""
+    by_key: dict[str, str] = {}
+    for line in block.rstrip("\n").split("\n")[1:]:
+        key, sep, value = line.partition("=")
+        if not sep or key not in _TREE_KEYS or key in by_key:
+            raise ValueError(f"tree {index} of its LightGBM model has an unexpected line "
+                             f"{line[:40]!r}")
+        by_key[key] = value
+
+    def array(key: str, count: int, integer: bool = False) -> list[float]:
+        text = by_key.get(key)
+        if text is None:
+            raise ValueError(f"tree {index} of its LightGBM model lacks {key}")
+        items = text.split(" ") if text else []
+        pattern = _INTEGER if integer else _NUMBER
+        if len(items) != count or not all(pattern.fullmatch(item) for item in items):
+            raise ValueError(f"tree {index} of its LightGBM model has a malformed {key} "
+                             f"(expected {count} {'integers' if integer else 'numbers'})")
+        values = [int(item) if integer else float(item) for item in items]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"tree {index} of its LightGBM model has non-finite {key}")
+        return values
+
+    leaves = array("num_leaves", 1, integer=True)[0]
+    if leaves < 1:
+        raise ValueError(f"tree {index} of its LightGBM model has {leaves} leaves")
+    if array("num_cat", 1, integer=True) != [0] or by_key.get("is_linear", "0") != "0":
+        raise ValueError(f"tree {index} of its LightGBM model has categorical or linear "
+                         "splits, which zest never trains")
+    array("shrinkage", 1)
+    array("leaf_value", leaves)
+    if leaves == 1:  # a constant tree: LightGBM reads its leaf value only
+        return
+    for key in _NODE_ARRAYS:
+        array(key, leaves - 1, integer=key in ("split_feature", "decision_type", "left_child",
+                                                 "right_child", "internal_count"))
+    for key in _LEAF_ARRAYS[1:]:
+        array(key, leaves, integer=key == "leaf_count")
+    split = array("split_feature", leaves - 1, integer=True)
+    if min(split) < 0 or max(split) >= n_features:
+        raise ValueError(f"tree {index} of its LightGBM model splits on a feature outside "
+                         f"0..{n_features - 1}")
+    for kind in array("decision_type", leaves - 1, integer=True):
+        if not 0 <= kind < 16 or kind & 1 or (kind >> 2) & 3 == 3:
+            raise ValueError(f"tree {index} of its LightGBM model has decision type {kind}")
+    left = array("left_child", leaves - 1, integer=True)
+    right = array("right_child", leaves - 1, integer=True)
+    seen_nodes, seen_leaves, stack = {0}, set(), [0]
+    while stack:  # every node and leaf reached exactly once from the root: one tree, no cycle
+        node = stack.pop()
+        for child in (left[node], right[node]):
+            if child >= 0:
+                if child >= leaves - 1 or child in seen_nodes:
+                    raise ValueError(f"tree {index} of its LightGBM model has a broken link")
+                seen_nodes.add(child)
+                stack.append(child)
+            else:
+                leaf = ~child
+                if leaf >= leaves or leaf in seen_leaves:
+                    raise ValueError(f"tree {index} of its LightGBM model has a broken link")
+                seen_leaves.add(leaf)
+    if len(seen_nodes) != leaves - 1 or len(seen_leaves) != leaves:
+        raise ValueError(f"tree {index} of its LightGBM model leaves nodes unreachable")
 
 
 @contextlib.contextmanager

@@ -94,6 +94,9 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     """
     check_predictor_out(out)
     features = list(features) if features is not None else predictor_metrics()
+    if not features:
+        raise InvalidInputError("--features names no metric; pass comma-separated metric "
+                                "names, or leave it out for every predictor metric")
     if target not in TARGETS:
         raise InvalidInputError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
     metrics, groundtruth = load_corpus(records, min_seeds)
@@ -104,6 +107,7 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     metric_cols = [METRIC_PREFIX + name for name in features]
     require_metric_columns(table, metric_cols, "recollect them with `zest collect grid` or "
                            "pass --features without them")
+    check_training_groups(table, metric_cols)
     unknown = sorted(set(ranker_params) - set(ZestRanker().get_params()))
     if unknown:
         raise InvalidInputError(f"unknown predictor parameters {unknown}; known: "
@@ -111,25 +115,23 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     template = ZestRanker(backend=backend, normalization=normalization, random_state=seed,
                           **ranker_params)
     template._validate()  # noqa: SLF001 - fail before the CV
-    groups = table["group"].nunique()
+    groups = table["group"].nunique()  # at least 2: check_training_groups
     families = sorted({model_family(m) for m in table["model"].unique()})
+    schemes = ("logo", "lofo") if len(families) >= 2 else ("logo",)
+    results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
+                       make_ranker=lambda: ZestRanker(**template.get_params()),
+                       features=features)
+    mean = summarise(results)
     cv: dict[str, Any] = {}
-    summary = {"kendall": float("nan"), "recall": float("nan")}
-    if groups >= 2:
-        schemes = ("logo", "lofo") if len(families) >= 2 else ("logo",)
-        results = evaluate(metrics, groundtruth, target=target, schemes=schemes,
-                           make_ranker=lambda: ZestRanker(**template.get_params()),
-                           features=features)
-        mean = summarise(results)
-        for scheme in schemes:
-            row = mean[(mean["scheme"] == scheme) & (mean["method"] == "predictor")].iloc[0]
-            cv[scheme] = {m: float(row[m]) for m in ("kendall", "spearman", "ndcg", "recall")}
-        summary = cv["logo"]
-        cv["groups"] = int(groups)
-        if "lofo" in cv:
-            own = results[(results["scheme"] == "lofo") & (results["method"] == "predictor")]
-            cv["lofo_per_family"] = {str(k): float(v) for k, v in
-                                     own.groupby("fold")["kendall"].mean().items()}
+    for scheme in schemes:
+        row = mean[(mean["scheme"] == scheme) & (mean["method"] == "predictor")].iloc[0]
+        cv[scheme] = {m: float(row[m]) for m in ("kendall", "spearman", "ndcg", "recall")}
+    summary = cv["logo"]
+    cv["groups"] = int(groups)
+    if "lofo" in cv:
+        own = results[(results["scheme"] == "lofo") & (results["method"] == "predictor")]
+        cv["lofo_per_family"] = {str(k): float(v) for k, v in
+                                 own.groupby("fold")["kendall"].mean().items()}
     ranker = ZestRanker(**template.get_params()).fit(table, table[target].to_numpy(),
                                                          metric_cols)
     probe = {"probe_loss": str(metrics["probe_loss"].iloc[0]) if "probe_loss" in metrics
@@ -140,6 +142,25 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     ranker.save(out, target=target, probe=probe, cv=cv,
                 groups=sorted(table["group"].unique().tolist()), families=families)
     return ranker, summary
+
+
+def check_training_groups(table: pd.DataFrame, metric_cols: Sequence[str]) -> None:
+    """Refuses a joined table (:func:`~zest.predictor.join_records`) no predictor can be
+    learned from: fewer than two complete groups (a ranker learns how layers compare across
+    groups; its cross-validation needs one to hold out), or a group in which a metric column
+    has no value at all (records collected with other metrics than the rest)."""
+    groups = sorted(table["group"].unique().tolist())
+    if len(groups) < 2:
+        raise RecordError(f"training a predictor needs at least 2 complete groups, the records "
+                          f"hold {len(groups)} ({', '.join(map(repr, groups))}); collect more "
+                          "groups or lower --min-seeds")
+    absent = table[["group", *metric_cols]].groupby("group")[list(metric_cols)].count() == 0
+    if absent.to_numpy().any():
+        group, column = absent.stack()[absent.stack()].index[0]
+        raise RecordError(f"group {group!r} has no values in the metric column {column!r} "
+                          "that other groups have (collected with other metrics); recollect "
+                          "it with `zest collect metrics --metrics all` or pass --features "
+                          "without that metric")
 
 
 def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,

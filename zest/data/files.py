@@ -74,6 +74,12 @@ def _table(spec: str, df: pd.DataFrame, path: Path, text_column: str, label_colu
                 f"{path} has no column {col!r}; available columns: {', '.join(cols)}; "
                 f"set {flag} to one of them"
             )
+    compound = df[label_column].map(lambda value: not pd.api.types.is_scalar(value))
+    if compound.any():
+        value = df[label_column][compound].iloc[0]
+        raise DataError(f"{path}: column {label_column!r} holds {type(value).__name__} values "
+                        f"such as {str(value)[:40]!r}; labels must be one string or integer "
+                        "per row: set --label-column to such a column")
     sub = df[[text_column, label_column]]
     sub = sub[sub[label_column].notna() & sub[text_column].notna()]
     texts = tuple(sub[text_column].astype(str).tolist())
@@ -135,6 +141,11 @@ def _read_imagefolder(spec: str, path_str: str, options: ReadOptions) -> RawData
                     arr = np.asarray(im.convert("L" if g else "RGB"), dtype=np.float32) / 255.0
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"cannot read image {f}: {e}") from None
+            except Image.DecompressionBombError:
+                raise DataError(f"image {f} has more pixels than Pillow opens safely (over "
+                                f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}: a possible "
+                                "decompression bomb); downscale it or remove it from the "
+                                "folder") from None
             t = torch.from_numpy(arr.copy())
             t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
             images.append(resize_images(t[None], image_size)[0])

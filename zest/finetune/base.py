@@ -9,6 +9,7 @@ every epoch, and keeps the history; :meth:`Tuner.delta` returns only the trained
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -81,6 +82,15 @@ def tuner_defaults(method: str) -> dict[str, Any]:
     names = tuner_parameters(method)
     return {f.name: f.default for f in fields(METHODS.get(method))
             if f.name in names and f.default is not MISSING}
+
+
+def check_finite_options(options: Mapping[str, Any]) -> None:
+    """Refuses a non-finite float option (``--ratio nan``, ``lr=inf``): NaN passes every
+    range check, so each float a tuner or a plan takes is checked here first."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be a finite number, got "
+                                    f"{value!r}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,7 @@ class Tuner:
 
     def __post_init__(self) -> None:
         check_rate(self.lr)
+        check_finite_options({f.name: getattr(self, f.name) for f in fields(self) if f.init})
         if self.lr == AUTO_RATE:
             rule = default_rate(self.method, self.task)
             self.lr, self.lr_reason_ = rule.lr, rule.reason

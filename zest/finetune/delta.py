@@ -16,6 +16,8 @@ does not fit.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zest.errors import InvalidInputError, RecordError
+from zest.errors import InvalidInputError, RecordError, ZestError
 from zest.fingerprint import model_fingerprint
 
 FORMAT_VERSION = 1
@@ -136,19 +138,73 @@ class Delta:
             raise RecordError(f"{side.name} is not a zest delta of format version "
                               f"{FORMAT_VERSION}; export it again with this zest")
         entries = []
-        try:
-            for item in spec["entries"]:
-                entries.append(DeltaEntry(name=item["name"], kind=item["kind"],
-                                          shape=list(item["shape"]),
-                                          tensors={k: tensors[v] for k, v in
-                                                   item["tensors"].items()},
-                                          extra=item.get("extra", {})))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise RecordError(f"delta {str(path)!r} is corrupt: missing or malformed {exc}; "
-                              "export it again") from None
+        items = spec.get("entries")
+        if not isinstance(items, list):
+            raise RecordError(f"{side.name} lists no entries; export the delta again")
+        for item in items:
+            stored = item.get("tensors") if isinstance(item, dict) else None
+            if not isinstance(stored, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v in tensors
+                    for k, v in stored.items()):
+                raise RecordError(f"delta {str(path)!r} is corrupt: an entry's tensors are "
+                                  f"missing from the .safetensors file or malformed "
+                                  f"({str(stored)[:60]}); export it again")
+            shape = item.get("shape")
+            entries.append(DeltaEntry(name=item.get("name"), kind=item.get("kind"),
+                                      shape=list(shape) if isinstance(shape, list) else shape,
+                                      tensors={k: tensors[v] for k, v in stored.items()},
+                                      extra=item.get("extra", {})))
         meta = {k: v for k, v in spec.items() if k not in ("entries", "format",
                                                            "format_version")}
-        return cls(entries=entries, meta=meta)
+        delta = cls(entries=entries, meta=meta)
+        delta.check(f"delta {str(path)!r}")
+        return delta
+
+    def check(self, source: str = "the delta") -> None:
+        """Raises :class:`RecordError` for a sidecar field of the wrong type: the metadata
+        (``model``, ``head``, ``base_fingerprint``, ``task_kind`` strings, ``num_classes`` and
+        ``seed`` integers, ``layers`` names; each may be absent) and every entry's name, kind,
+        shape and ``extra`` settings (LoRA ``scaling`` a finite number, ``transposed`` and
+        ``embedding`` flags)."""
+        meta_types = {"model": str, "head": str, "base_fingerprint": str, "task_kind": str,
+                      "method": str, "num_classes": int, "seed": int}
+        for key, kind in meta_types.items():
+            value = self.meta.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise RecordError(f"{source} is corrupt: {key} is {value!r}, not "
+                                  f"{'an integer' if kind is int else 'a string'}; export it "
+                                  "again")
+        if self.meta.get("num_classes") is not None and self.meta["num_classes"] < 1:
+            raise RecordError(f"{source} is corrupt: num_classes is {self.meta['num_classes']}; "
+                              "export it again")
+        layers = self.meta.get("layers")
+        if layers is not None and not (isinstance(layers, list)
+                                       and all(isinstance(n, str) for n in layers)):
+            raise RecordError(f"{source} is corrupt: layers is not a list of names; export it "
+                              "again")
+        for entry in self.entries:
+            if not isinstance(entry.name, str) or not entry.name:
+                raise RecordError(f"{source} is corrupt: an entry has the name {entry.name!r}; "
+                                  "export it again")
+            where = f"{source} is corrupt: entry {entry.name!r}"
+            if entry.kind not in KINDS:
+                raise RecordError(f"{where} has unknown kind {entry.kind!r}; export it again")
+            if not isinstance(entry.shape, list) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                    for n in entry.shape):
+                raise RecordError(f"{where} has the shape {entry.shape!r}; export it again")
+            if not isinstance(entry.extra, dict) or not isinstance(entry.tensors, dict) or \
+                    not all(isinstance(t, torch.Tensor) for t in entry.tensors.values()):
+                raise RecordError(f"{where} has malformed tensors or settings; export it again")
+            scaling = entry.extra.get("scaling", 1.0)
+            if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or \
+                    not math.isfinite(scaling):
+                raise RecordError(f"{where} has the LoRA scaling {scaling!r}, not a finite "
+                                  "number; export it again")
+            for flag in ("transposed", "embedding"):
+                if not isinstance(entry.extra.get(flag, False), bool):
+                    raise RecordError(f"{where} has {flag}={entry.extra[flag]!r}, not true or "
+                                      "false; export it again")
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -161,20 +217,46 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
     """Merges a delta into ``model`` in place (and returns it), all or nothing.
 
     The whole delta is validated first: the base model (spec, and the fingerprint of its
-    weights when the delta records one), every entry's parameter name, shape, kind, tensor
-    shapes, index ranges and counts, and finite values; every new parameter value is then
-    computed, and only when all of that succeeded is any parameter changed. On any mismatch an
-    error names it and the model is left untouched.
+    weights), every entry's parameter name, shape, kind, tensor shapes, index types, ranges,
+    duplicates and counts, and finite values; every new parameter value is then computed, and
+    only when all of that succeeded is any parameter changed. On any mismatch a one-line
+    :class:`~zest.errors.ZestError` names it and the model is left untouched; no other
+    exception leaves this function (issue 30).
 
     Args:
         model: A freshly loaded base model with a head of the delta's ``num_classes``.
         delta: A :class:`Delta` or the path of its ``.safetensors`` file.
         model_spec: The spec ``model`` was loaded from, checked against the delta's.
-        check_base: Refuse a base whose weights differ from the one the delta was trained on.
+        check_base: Refuse a base whose weights differ from the one the delta was trained on,
+            and a delta that does not record its base (no ``base_fingerprint`` or ``model``).
+            ``False`` applies it to whatever base it fits (``zest apply-delta
+            --no-check-base``): only for a base you know is the right one.
     """
+    try:
+        return _apply_delta(model, delta, model_spec=model_spec, check_base=check_base)
+    except ZestError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            OverflowError) as exc:  # a fault the checks did not foresee is still one line
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise RecordError(f"the delta cannot be applied ({type(exc).__name__}: {first}); "
+                          "export it again") from None
+
+
+def _apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
+                 model_spec: str | None, check_base: bool) -> nn.Module:
     if not isinstance(delta, Delta):
         delta = Delta.load(delta)
+    delta.check()
     expected = delta.meta.get("model")
+    fingerprint = delta.meta.get("base_fingerprint")
+    if check_base and not (expected and fingerprint):
+        missing = "base_fingerprint" if not fingerprint else "model"
+        raise InvalidInputError(f"this delta does not record its base ({missing} is missing "
+                                "from its sidecar), so it cannot be checked against this "
+                                "model; export it again with this zest, or pass "
+                                "--no-check-base (check_base=False) for a base you know is "
+                                "the one it was trained on")
     if model_spec is not None and expected is not None and model_spec != expected:
         raise InvalidInputError(f"this delta was trained on model {expected!r}, not "
                                 f"{model_spec!r}; apply it to a fresh {expected!r}")
@@ -186,9 +268,6 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
             raise RecordError(f"delta entry {entry.name!r} appears twice; export the delta "
                               "again")
         seen.add(entry.name)
-        if entry.kind not in KINDS:
-            raise RecordError(f"delta entry {entry.name!r} has unknown kind {entry.kind!r}; "
-                              "export the delta again")
         target = params.get(entry.name)
         if target is None:
             raise InvalidInputError(f"delta entry {entry.name!r} has no parameter of that name in "
@@ -200,8 +279,7 @@ def apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
                                     f"with num_classes={delta.meta.get('num_classes')}")
         _check_entry(entry, target)
         planned.append((target, entry))
-    fingerprint = delta.meta.get("base_fingerprint")
-    if check_base and fingerprint:
+    if check_base:
         head = delta.meta.get("head")
         found = model_fingerprint(model, head)
         if found != fingerprint:
@@ -237,6 +315,9 @@ def _check_index_range(name: str, what: str, indices: torch.Tensor, limit: int, 
 #: The tensors each entry kind must have.
 _ENTRY_TENSORS = {"replace": ("value",), "sparse_add": ("indices", "values"),
                   "rows_add": ("indices", "rows"), "lora": ("A", "B")}
+#: The fewest dimensions of the tensor each entry kind changes (rows of a weight matrix; a
+#: 1-D normalisation weight for SPSFT's per-row variant).
+_SMALLEST_NDIM = {"replace": 0, "sparse_add": 2, "rows_add": 1, "lora": 2}
 
 
 def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
@@ -246,9 +327,24 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
     if missing:
         raise InvalidInputError(f"delta entry {name} ({entry.kind}) lacks its {missing[0]!r} "
                                 "tensor; export the delta again")
-    for key, tensor in entry.tensors.items():
-        if key != "indices" and tensor.is_floating_point() and \
-                not bool(torch.isfinite(tensor).all()):
+    if not target.is_floating_point():
+        raise InvalidInputError(f"delta entry {name} names a {target.dtype} tensor of the "
+                                "model (a counter, not a weight); export the delta again")
+    if target.ndim < _SMALLEST_NDIM[entry.kind]:
+        raise InvalidInputError(f"delta entry {name} ({entry.kind}) names a tensor of shape "
+                                f"{list(target.shape)}, which that kind cannot change; export "
+                                "the delta again")
+    for key in _ENTRY_TENSORS[entry.kind]:
+        tensor = entry.tensors[key]
+        if key == "indices":
+            if tensor.dtype.is_floating_point or tensor.dtype.is_complex or \
+                    tensor.dtype == torch.bool:
+                raise InvalidInputError(f"delta entry {name}: indices must be integers, got "
+                                        f"{tensor.dtype}")
+        elif not tensor.is_floating_point():
+            raise InvalidInputError(f"delta entry {name}: {key!r} holds {tensor.dtype} values, "
+                                    "not floating-point ones; export the delta again")
+        elif not bool(torch.isfinite(tensor).all()):
             raise InvalidInputError(f"delta entry {name} has non-finite values in {key!r} "
                                     "(NaN or inf); export the delta again")
     if entry.extra.get("transposed") and target.ndim == 2 and entry.kind != "replace":
@@ -259,11 +355,6 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
         raise InvalidInputError(f"delta entry {name}: stored value has shape "
                                 f"{list(entry.tensors['value'].shape)}, expected "
                                 f"{list(target.shape)}")
-    if entry.kind in ("sparse_add", "rows_add"):
-        indices = entry.tensors["indices"]
-        if indices.is_floating_point() or indices.is_complex():
-            raise InvalidInputError(f"delta entry {name}: indices must be integers, got "
-                                    f"{indices.dtype}")
     if entry.kind == "sparse_add":
         indices, values = entry.tensors["indices"], entry.tensors["values"]
         if indices.ndim != 2 or indices.shape[0] != rows or tuple(values.shape) != tuple(
@@ -272,6 +363,10 @@ def _check_entry(entry: DeltaEntry, target: torch.Tensor) -> None:
                                     f"{tuple(indices.shape)} indices do not fit a weight of "
                                     f"{rows} rows (one row of indices and values per row)")
         _check_index_range(name, "sparse indices", indices, width, "columns")
+        ordered = indices.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise InvalidInputError(f"delta entry {name}: a column index appears twice in one "
+                                    "row; export the delta again")
     if entry.kind == "rows_add":
         indices, values = entry.tensors["indices"], entry.tensors["rows"]
         per_row = values[0].numel() if len(values) else 0

@@ -40,11 +40,33 @@ def _memos_of(fingerprint: str) -> dict[str, dict[str, Any]]:
             loaded = torch.load(_path(fingerprint), weights_only=True)
         except Exception:  # noqa: BLE001 - missing, unreadable or corrupt: start afresh
             loaded = {}
-        _memos[fingerprint] = loaded if isinstance(loaded, dict) else {}
+        _memos[fingerprint] = loaded if _well_formed(loaded) else {}
     _memos.move_to_end(fingerprint)
     while len(_memos) > MODELS_KEPT:
         _memos.popitem(last=False)
     return _memos[fingerprint]
+
+
+def _well_formed(memos: Any) -> bool:
+    """Whether a cache file holds what :func:`remember` writes: per layer name, memo names of
+    :data:`WEIGHT_MEMOS` with a 1-D floating tensor (``singular_values``) or a float each. A
+    file of any other shape (edited, or written by other code) is a miss: recomputed and
+    rewritten, never an error."""
+    if not isinstance(memos, dict):
+        return False
+    for layer, values in memos.items():
+        if not isinstance(layer, str) or not isinstance(values, dict):
+            return False
+        for key, value in values.items():
+            if key not in WEIGHT_MEMOS:
+                return False
+            if key == "singular_values":
+                if not (isinstance(value, torch.Tensor) and value.ndim == 1
+                        and value.is_floating_point()):
+                    return False
+            elif not isinstance(value, float):
+                return False
+    return True
 
 
 def recall(fingerprint: str, contexts: dict[str, LayerContext]) -> None:
