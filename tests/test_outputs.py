@@ -218,7 +218,7 @@ def test_finetune_refuses_folders_and_files_it_did_not_write(made, tmp_path, no_
     (tmp_path / "afile").write_text("mine")
     before = _fingerprint(tmp_path)
     for out, word in ((model, "model folder"), (notes, "todo.txt"), (mixed, "todo.txt"),
-                      (tmp_path / "afile", "is a file")):
+                      (tmp_path / "afile", "is a file"), (tmp_path / "new" / "..", "no folder")):
         result = runner.invoke(app, ["finetune", *RUN, "--overwrite", "--out", str(out)])
         _one_line_failure(result, word)
     assert _fingerprint(tmp_path) == before
@@ -232,6 +232,22 @@ def test_staged_folder_refuses_a_folder_that_changed_kind_while_training(tmp_pat
         (out / "todo.txt").write_text("mine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert [p.name for p in out.iterdir()] == ["todo.txt"]
+
+
+def test_a_run_that_appeared_while_training_is_replaced_only_with_overwrite(made, tmp_path):
+    """Two runs onto one new --out: the second one to finish does not replace the first
+    unless it was given --overwrite."""
+    out = check_run_folder(tmp_path / "run")
+    refused = pytest.raises(InvalidInputError, match="now holds a zest fine-tuning run folder")
+    with refused, staged_folder(out) as staging:
+        (staging / "config.json").write_text("{}")
+        shutil.copytree(made / "run", out)
+    before = _fingerprint(tmp_path)
+    with staged_folder(out, replaces=("run-folder",)) as staging:
+        (staging / "config.json").write_text("{}")
+    assert before != _fingerprint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize("target, option, word", [

@@ -114,6 +114,9 @@ def check_run_folder(path: str | os.PathLike, flag: str = "--out",
     existing zest run folder, replaced whole. Anything else (a model folder, a folder with other
     files, a file) is refused."""
     path = check_output_dir(path, flag)
+    if path.name in ("", ".", ".."):
+        raise InvalidInputError(f"{flag} {str(path)!r} names no folder of its own (the run is "
+                                "renamed into place at the end); pass a path like runs/r1")
     parent = path.parent if str(path.parent) else Path(".")
     _writable_folder(parent, flag, path)
     found = path_kind(path)
@@ -132,8 +135,7 @@ def check_run_folder(path: str | os.PathLike, flag: str = "--out",
 
 
 @contextlib.contextmanager
-def staged_folder(path: str | os.PathLike, replaces: Collection[str] = ("run-folder",)
-                  ) -> Iterator[Path]:
+def staged_folder(path: str | os.PathLike, replaces: Collection[str] = ()) -> Iterator[Path]:
     """A folder written whole or not at all: yields a temporary folder beside ``path`` (same
     parent, ``.<name>.tmp-<pid>-*``); when the block ends normally it takes ``path``'s place
     (``os.replace`` for a new or empty folder; an existing folder of a kind in ``replaces`` is
@@ -196,8 +198,8 @@ def _move_into_place(staging: Path, path: Path, replaces: Collection[str]) -> No
         os.replace(staging, path)  # atomic; an empty folder is replaced by the rename itself
         return
     if found not in replaces:  # changed while the run was training
-        raise InvalidInputError(f"--out {str(path)!r} now holds {KINDS[found]}; nothing "
-                                "replaced: choose another --out")
+        raise InvalidInputError(f"--out {str(path)!r} now holds {KINDS[found]}, written while "
+                                "this one was being made; nothing replaced: choose another --out")
     aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
     os.rmdir(aside)  # a free name beside path
     os.replace(path, aside)

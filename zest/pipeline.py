@@ -169,7 +169,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
               "method_options": kwargs, "data": data.summary(),
               "plan": plan.to_dict() if plan is not None else None, **info}
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, replaces=("run-folder",) if overwrite else ()) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=1, default=str))
         try:
             tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
