@@ -107,6 +107,15 @@ def test_path_kind_tells_what_each_path_holds(made, tmp_path):
         "empty-file", "empty-folder", "file", "model-folder", "run-folder", "folder"]
 
 
+def test_large_weight_files_are_told_by_their_header_alone(made, monkeypatch):
+    import zest.outputs
+
+    monkeypatch.setattr(zest.outputs, "_READ_LIMIT", 20_000)  # below the files, above headers
+    assert (made / "merged.safetensors").stat().st_size > 20_000
+    assert path_kind(made / "merged.safetensors") == "merged-weights"
+    assert path_kind(made / "predictor.json") == "file"  # too large to parse now
+
+
 #: Refusals of ``zest finetune``: each must be one line and leave no folder or file behind.
 REFUSALS = [
     (["--lr", "-1"], "lr"),

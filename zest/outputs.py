@@ -247,11 +247,13 @@ def path_kind(path: str | os.PathLike) -> str | None:
 
         found = record_kind(path)
         return f"{found}-records" if found in ("metrics", "groundtruth") else "file"
+    found = _safetensors_kind(path, head, size)
+    if found is not None:
+        return found
     if size > _READ_LIMIT:
         return "file"
     data = path.read_bytes()
-    return (_safetensors_kind(path, data) or _json_kind(data) or _text_kind(data)
-            or _plot_kind(data) or "file")
+    return _json_kind(data) or _text_kind(data) or _plot_kind(data) or "file"
 
 
 def is_run_config(config: Any) -> bool:
@@ -284,15 +286,20 @@ def _folder_kind(path: Path) -> str:
     return "folder"
 
 
-def _safetensors_kind(path: Path, data: bytes) -> str | None:
-    if len(data) < 8:
+def _safetensors_kind(path: Path, head: bytes, size: int) -> str | None:
+    """Reads only the header (an 8-byte little-endian length, then JSON), so that large weight
+    files are told apart too."""
+    if len(head) < 8:
         return None
-    (length,) = struct.unpack("<Q", data[:8])
-    if not 2 <= length <= len(data) - 8 or data[8:9] != b"{":
+    (length,) = struct.unpack("<Q", head[:8])
+    if not 2 <= length <= min(size - 8, _READ_LIMIT):
         return None
     try:
-        header = json.loads(data[8:8 + length])
-    except ValueError:
+        with open(path, "rb") as handle:
+            handle.seek(8)
+            raw = handle.read(length)
+        header = json.loads(raw) if raw[:1] == b"{" else None
+    except (OSError, ValueError):
         return None
     if not isinstance(header, dict):
         return None
