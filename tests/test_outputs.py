@@ -265,6 +265,8 @@ def test_a_run_that_appeared_while_training_is_replaced_only_with_overwrite(made
     ("notes.csv", "--out", "zest did not write"),
     ("photo.png", "--plot", "zest did not write"),
     ("run/curve.png", "--out", "must end in"),
+    ("records.json", "--out", "zest metric record file"),
+    ("model.json", "--out", "is a folder"),
 ])
 def test_rank_refuses_outputs_of_another_kind(made, tmp_path, no_loading, target, option,
                                               word):
@@ -272,6 +274,9 @@ def test_rank_refuses_outputs_of_another_kind(made, tmp_path, no_loading, target
     shutil.copytree(made, folder)
     (folder / "notes.csv").write_text("city,population\nParis,2100000\n")
     (folder / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n a photo from a camera")
+    shutil.copy(folder / "metrics.parquet", folder / "records.json")
+    (folder / "model.json").mkdir()  # a model folder with an unlucky name
+    (folder / "model.json" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     before = _fingerprint(folder)
     _one_line_failure(runner.invoke(app, ["rank", *DATA, option, str(folder / target)]), word)
     assert _fingerprint(folder) == before
