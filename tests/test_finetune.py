@@ -218,13 +218,19 @@ def test_budget_outside_range_and_auto_layers():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_delta(tmp_path):
+    """The tuner keeps its last good delta; ``run_finetune`` writes no run at all."""
     from zest.pipeline import run_finetune
 
+    model, task, data, _layers = pair(IMAGE)
+    tuner = METHODS.get("layers")(model, task, layers=["conv_stem"], lr=1e30)
     with pytest.raises(NonFiniteLossError, match="step"):
-        run_finetune(IMAGE[0], IMAGE[1], tmp_path, method="layers", layers="conv_stem",
-                     lr=1e30, epochs=2, batch_size=16, options=IMAGE[2])
-    delta = Delta.load(tmp_path / "delta.safetensors")
+        tuner.fit(data, epochs=2, batch_size=16)
+    delta = tuner.delta()
     assert all(torch.isfinite(t).all() for e in delta.entries for t in e.tensors.values())
+    with pytest.raises(NonFiniteLossError, match="not written"):
+        run_finetune(IMAGE[0], IMAGE[1], tmp_path / "run", method="layers", layers="conv_stem",
+                     lr=1e30, epochs=2, batch_size=16, options=IMAGE[2])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_finetune_lora_auto_takes_the_layers_of_to_lora_config(tmp_path):

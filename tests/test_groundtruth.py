@@ -244,7 +244,7 @@ def test_no_collector_writes_over_a_file_of_the_other_kind(tmp_path):
     (tmp_path / "notes.parquet").write_text("my notes")
     result = runner.invoke(app, ["collect", "metrics", *common, "--out",
                                  str(tmp_path / "notes.parquet")])
-    assert result.exit_code == 1 and "not a zest record file" in result.output
+    assert result.exit_code == 1 and "zest did not write" in result.output
     assert (tmp_path / "notes.parquet").read_text() == "my notes"
     result = runner.invoke(app, ["train-predictor", "--records", str(tmp_path), "--out",
                                  str(tmp_path / "m.parquet")])

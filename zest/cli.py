@@ -57,8 +57,9 @@ def _user_errors():
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished records are kept, run the same command to resume",
-                   err=True)
+        typer.echo("interrupted; nothing half-written is left (outputs are written whole or "
+                   "not at all; a collector keeps its finished records: run the same command to "
+                   "resume)", err=True)
         raise typer.Exit(code=130) from None
 
 
@@ -344,7 +345,7 @@ def rank_command(
     from zest.errors import InvalidInputError
     from zest.loading import load_pair
     from zest.models import resolve_device
-    from zest.outputs import check_output_file
+    from zest.outputs import check_output_file, staged_file
     from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
@@ -352,9 +353,9 @@ def rank_command(
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
         if out is not None:
-            check_output_file(out, "--out", (".csv", ".json"))
+            check_output_file(out, "--out", (".csv", ".json"), kind="ranking")
         if plot is not None:
-            check_output_file(plot, "--plot", (".png", ".pdf", ".svg"))
+            check_output_file(plot, "--plot", (".png", ".pdf", ".svg"), kind="plot")
         if batches < 1:
             raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
         if by is None:
@@ -390,13 +391,14 @@ def rank_command(
         for note in ranking.notes:
             typer.echo(f"note: {note}", err=True)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if out.suffix == ".csv":
-                table.to_csv(out, index=False)
-            else:
-                table.to_json(out, orient="records", indent=1)
+            with staged_file(out) as staging:
+                if out.suffix == ".csv":
+                    table.to_csv(staging, index=False)
+                else:
+                    table.to_json(staging, orient="records", indent=1)
         if plot is not None:
-            ranking.plot(plot, chosen=chosen)
+            with staged_file(plot) as staging:
+                ranking.plot(staging, chosen=chosen)
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------
@@ -444,13 +446,17 @@ def finetune_command(
         help="Recompute each block in the backward pass instead of keeping its activations "
              "(less memory, about one more forward pass); any method.")] = False,
     predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing zest run folder at --out, whole, once the new run has "
+             "finished (without it such a folder is refused).")] = False,
     seed: SeedOption = 0,
     options: Any = None,
     device: DeviceOption = "cpu",
     checkpoint: CheckpointOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta."""
+    """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta; the run folder
+    is written whole or not at all."""
     from zest.pipeline import default_method, run_finetune
 
     # the flags given, by the name of the tuner option they set (a method refuses others)
@@ -480,7 +486,7 @@ def finetune_command(
                                options=options,
                                device=device, checkpoint=str(checkpoint) if checkpoint else None,
                                predictor=predictor, method_options=method_options,
-                               progress=report)
+                               progress=report, overwrite=overwrite)
         score = (f"test next-token loss {metrics['test_loss']:.4f} (perplexity "
                  f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
                  else f"test accuracy {metrics['test_accuracy']:.4f}")
@@ -540,20 +546,25 @@ def apply_delta_command(
     """Merge a delta into a fresh base model and save the merged weights."""
     from safetensors.torch import save_file
 
+    from zest.errors import InvalidInputError
     from zest.finetune import Delta, apply_delta
+    from zest.finetune.delta import sidecar_path
     from zest.models import load_model
-    from zest.outputs import check_output_file
+    from zest.outputs import check_output_file, staged_file
 
     with _user_errors():
-        check_output_file(out, "--out", (".safetensors",))
+        if out.resolve() in (delta.resolve(), sidecar_path(delta).resolve()):
+            raise InvalidInputError(f"--out {str(out)!r} is the delta itself; write the merged "
+                                    "weights to another --out")
+        check_output_file(out, "--out", (".safetensors",), kind="merged-weights")
         loaded = Delta.load(delta)
         num_classes = int(loaded.meta.get("num_classes") or 2)
         base, _task = load_model(model, num_classes, seed=seed,
                                  checkpoint=str(checkpoint) if checkpoint else None,
                                  kind=loaded.meta.get("task_kind", "classification"))
         apply_delta(base, loaded, model_spec=model, check_base=check_base)
-        out.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
-        save_file(state, str(out), metadata={"zest_delta": str(delta)})
+        with staged_file(out) as staging:
+            save_file(state, str(staging), metadata={"zest_delta": str(delta)})
         typer.echo(f"merged {len(loaded.entries)} delta entries ({loaded.numel():,} values) "
                    f"into {model}; wrote {out}")

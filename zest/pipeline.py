@@ -1,5 +1,5 @@
 """``zest finetune``: plan the layers (``auto``: ``zest.rank``, then ``Ranking.plan``), fine-tune,
-write a run dir.
+write a run dir whole or not at all (:func:`zest.outputs.staged_folder`).
 
 A run directory holds ``config.json`` (the request, and under ``plan`` the plan: layers,
 per-layer density, options, planned and measured trainable share), ``metrics.json`` (per-epoch
@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from zest.errors import InvalidInputError
+from zest.data.dataset import check_positive
+from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.finetune import METHODS, Tuner
 from zest.loading import DataOptions, load_pair
 from zest.models import resolve_device
-from zest.outputs import check_output_dir
+from zest.outputs import RUN_MARKER, check_run_folder, staged_folder
 from zest.planning import (
     AUTO,
     FinetunePlan,
@@ -31,7 +32,7 @@ from zest.planning import (
     check_plan_request,
     check_selection,
 )
-from zest.ranking import rank
+from zest.ranking import load_predictor, rank
 
 
 def takes_layers(method: str) -> bool:
@@ -112,8 +113,9 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
                  batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
                  device: str = "cpu", checkpoint: str | None = None,
                  predictor: str = "universal", method_options: dict[str, Any] | None = None,
-                 progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Fine-tunes and writes a run directory (``zest finetune``).
+                 progress: Callable[[dict], None] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tunes and writes a run directory (``zest finetune``), whole or not at all.
 
     With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
     :meth:`zest.Ranking.plan` chooses what to train: the layers the method can tune and, with a
@@ -129,6 +131,13 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     ``best_epoch``), and with ``patience`` training stops once that many epochs have not
     improved on it.
 
+    Every option is checked, the model loaded, the layers planned and the tuner built before
+    anything is written (:func:`zest.outputs.check_run_folder`: ``out_dir`` must be new, empty,
+    or with ``overwrite`` a zest run folder, replaced whole); the run is trained into a
+    temporary folder beside ``out_dir`` that takes its place at the end
+    (:func:`zest.outputs.staged_folder`). A run that fails (a non-finite loss, Ctrl-C, any
+    error) leaves ``out_dir`` exactly as it was and no temporary folder behind.
+
     Returns:
         The metrics written to ``metrics.json``, plus ``method`` (the method trained) and
         ``plan`` (the plan as ``config.json`` records it, with the measured trainable share;
@@ -137,10 +146,12 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     """
     method = default_method(method, param_budget)
     check_layer_request(method, layers, param_budget, spread, method_options)
-    out_dir = check_output_dir(out_dir, "--out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise InvalidInputError(f"run directory {str(out_dir)!r} is not writable")
+    check_positive("--epochs", epochs)
+    check_positive("--batch-size", batch_size)
+    out_dir = check_run_folder(out_dir, "--out", overwrite=overwrite)
+    request = parse_layers(layers) if takes_layers(method) else None
+    if request == "auto" or isinstance(request, int):
+        load_predictor(predictor)  # a bad --predictor fails before the model is loaded
     torch_device = resolve_device(device)
     model, task, data = load_pair(model_spec, dataset_spec, options=options, seed=seed,
                                   device=str(torch_device), checkpoint=checkpoint)
@@ -149,7 +160,6 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     kwargs = dict(method_options or {})
     chosen: list[str] | str | None = None
     plan: FinetunePlan | None = None
-    request = parse_layers(layers) if takes_layers(method) else None
     if request == "auto" or isinstance(request, int):
         ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
                        predictor=predictor, device=torch_device)
@@ -167,7 +177,10 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
     if progress is not None:
         progress({"lr": tuner.lr, "lr_reason": tuner.lr_reason_})
-    config = {"model": model_spec, "dataset": dataset_spec, "method": method,
+    from zest import __version__
+
+    config = {"zest": {**RUN_MARKER, "zest_version": __version__},
+              "model": model_spec, "dataset": dataset_spec, "method": method,
               "layers_spec": layers if isinstance(layers, str) or layers is None else
               list(layers), "layers": tuner.layer_names, "param_budget": param_budget,
               "epochs": epochs, "patience": patience, "lr": tuner.lr,
@@ -175,44 +188,45 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
               "batch_size": batch_size, "seed": seed,
               "method_options": kwargs, "data": data.summary(),
               "plan": plan.to_dict() if plan is not None else None, **info}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    failure = None
-    try:
-        tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
-                  test_each_epoch=True, patience=patience)
-    except Exception as exc:  # keep the last good delta, then re-raise
-        failure = exc
-    delta = tuner.delta() if hasattr(tuner, "trainable_params_") else None
-    if delta is not None:
+    with staged_folder(out_dir, replaces=("run-folder",) if overwrite else ()) as staging:
+        (staging / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        try:
+            tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
+                      test_each_epoch=True, patience=patience)
+        except NonFiniteLossError as exc:
+            reason = str(exc).split(";")[0]
+            raise NonFiniteLossError(f"{reason}; the run was not written and --out "
+                                     f"{str(out_dir)!r} is as it was; lower the learning rate "
+                                     f"(--lr {tuner.lr:g})") from None
+        delta = tuner.delta()
         delta.meta.update({"dataset": dataset_spec})
-        delta.save(out_dir / "delta.safetensors")
-    if failure is not None:
-        raise failure
-    best = tuner.history_[tuner.best_epoch_ - 1]
-    test_loss, test_accuracy = best.test_loss, best.test_accuracy
-    total_params = sum(p.numel() for p in model.parameters())
-    metrics = {
-        "task_kind": task.kind,
-        "epochs": [record.__dict__ for record in tuner.history_],
-        "best_epoch": tuner.best_epoch_, "selected_by": (
-            "val loss" if task.kind == "causal_lm" else "val accuracy (ties: val loss)"),
-        "stopped": tuner.stopped_,
-        "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
-        "test_accuracy": test_accuracy, "test_loss": test_loss,
-        "trainable_params": int(tuner.trainable_params_),
-        "trainable_share": tuner.trainable_params_ / total_params,
-        "delta_values": int(delta.numel()) if delta is not None else 0,
-        "peak_memory_mb": tuner.peak_memory_mb_, "wall_seconds": time.perf_counter() - start,
-    }
-    if task.kind == "causal_lm":
-        metrics["val_perplexity"] = math.exp(best.val_loss)
-        metrics["test_perplexity"] = math.exp(test_loss)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if plan is not None:  # what the tuner measured, beside what the plan expected
-        config["plan"].update(trainable_params=metrics["trainable_params"],
-                              trainable_share=metrics["trainable_share"])
-        (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    plot_curves(metrics, out_dir / "curve.png", title=f"{model_spec} / {dataset_spec} / {method}")
+        delta.save(staging / "delta.safetensors")
+        best = tuner.history_[tuner.best_epoch_ - 1]
+        test_loss, test_accuracy = best.test_loss, best.test_accuracy
+        total_params = sum(p.numel() for p in model.parameters())
+        metrics = {
+            "task_kind": task.kind,
+            "epochs": [record.__dict__ for record in tuner.history_],
+            "best_epoch": tuner.best_epoch_, "selected_by": (
+                "val loss" if task.kind == "causal_lm" else "val accuracy (ties: val loss)"),
+            "stopped": tuner.stopped_,
+            "val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+            "test_accuracy": test_accuracy, "test_loss": test_loss,
+            "trainable_params": int(tuner.trainable_params_),
+            "trainable_share": tuner.trainable_params_ / total_params,
+            "delta_values": int(delta.numel()),
+            "peak_memory_mb": tuner.peak_memory_mb_, "wall_seconds": time.perf_counter() - start,
+        }
+        if task.kind == "causal_lm":
+            metrics["val_perplexity"] = math.exp(best.val_loss)
+            metrics["test_perplexity"] = math.exp(test_loss)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if plan is not None:  # what the tuner measured, beside what the plan expected
+            config["plan"].update(trainable_params=metrics["trainable_params"],
+                                  trainable_share=metrics["trainable_share"])
+            (staging / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        plot_curves(metrics, staging / "curve.png",
+                    title=f"{model_spec} / {dataset_spec} / {method}")
     return {**metrics, "method": method, "plan": config["plan"]}
 
 

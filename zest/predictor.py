@@ -715,18 +715,9 @@ def _native_stderr_silenced():
 
 def check_predictor_out(path: str | os.PathLike) -> Path:
     """Fails early, before any training, when ``path`` cannot take a predictor file: a folder,
-    an unwritable place, or an existing file that is not a zest predictor (never replaced)."""
-    path = check_output_file(path, "--out")
-    if path.exists():
-        try:
-            spec = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            spec = None
-        if not isinstance(spec, dict) or spec.get("format") != "zest-predictor":
-            raise InvalidInputError(f"--out {str(path)!r} exists and is not a zest predictor "
-                                    "file; zest replaces only its own predictors: choose "
-                                    "another --out")
-    return path
+    an unwritable place, or an existing file that is not a zest predictor (never replaced;
+    :func:`zest.outputs.path_kind`)."""
+    return check_output_file(path, "--out", kind="predictor")
 
 
 def _json_default(value: Any) -> Any:

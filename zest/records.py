@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from zest.errors import RecordError
-from zest.outputs import check_output_file
+from zest.errors import InvalidInputError, RecordError
+from zest.outputs import check_output_file, check_replaceable
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"zest.schema_version"
@@ -67,16 +67,15 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 
 def check_writable(path: str | os.PathLike, kind: RecordKind | None = None) -> Path:
     """Fails early, before any work, when ``path`` cannot be written
-    (:func:`zest.outputs.check_output_file`), or (with ``kind``) when it exists and is not a
-    record file of that kind (nothing of another kind is ever replaced); creates its folder."""
+    (:func:`zest.outputs.check_output_file`), or (with ``kind``) when it holds anything but a
+    record file of that kind (:func:`zest.outputs.path_kind`: nothing of another kind is ever
+    replaced); creates its folder."""
     path = check_output_file(path, "--out")
-    if kind is not None and path.is_file():
-        found = record_kind(path)
-        if found != kind:
-            what = (f"a {_KIND_WORDS[found]} record file" if found in _KIND_WORDS
-                    else "not a zest record file")
-            raise RecordError(f"{str(path)!r} is {what}; zest writes {_KIND_WORDS[kind]} records "
-                              "only into a new file or one of the same kind: choose another --out")
+    if kind is not None:
+        try:
+            check_replaceable(path, "--out", f"{kind}-records")
+        except InvalidInputError as exc:
+            raise RecordError(str(exc)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

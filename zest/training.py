@@ -26,7 +26,7 @@ from zest.evaluation import (
     summarise,
 )
 from zest.models import model_family
-from zest.outputs import check_output_dir, check_output_file
+from zest.outputs import check_output_dir, check_output_file, staged_file
 from zest.predictor import (
     TARGETS,
     ZestRanker,
@@ -169,14 +169,17 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
                        min_seeds: int = 2) -> list[str]:
     """Writes ``report.md``, ``results.json`` and ``<scheme>.png`` to ``out_dir``, holding out
     each complete group (ground truth from at least ``min_seeds`` seeds for every layer)."""
-    check_output_dir(out_dir, "--out-dir")
+    out_dir = check_output_dir(out_dir, "--out-dir")
     if report is not None:
-        check_output_file(report, "--report", (".md",))
+        check_output_file(report, "--report", (".md",), kind="report")
     ranker = load_predictor(predictor)
     schemes = list(schemes) or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise InvalidInputError(f"unknown schemes {unknown}; use {', '.join(SCHEMES)}")
+    for name, kind in [("report.md", "report"), ("results.json", "evaluation"),
+                       *((f"{scheme}.png", "plot") for scheme in schemes)]:
+        check_output_file(out_dir / name, "--out-dir", kind=kind)
     target = target or getattr(ranker, "info_", {}).get("target", "gt_loss_gain")
     metrics, groundtruth = load_corpus(records, min_seeds)
     params = ranker.get_params()
@@ -186,19 +189,20 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
     if results.empty:
         raise RecordError("no held-out split could be formed; the records need at least two "
                           "groups (and both modalities for cross_modality)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown_report(results, target, title=f"Evaluation of {predictor}")
-    (out_dir / "report.md").write_text(text)
-    (out_dir / "results.json").write_text(json.dumps(
-        {"target": target, "predictor": str(predictor), "params": params,
-         "summary": summarise(results).to_dict(orient="records"),
-         "per_group": results.to_dict(orient="records")}, indent=1, default=str))
+    with staged_file(out_dir / "report.md") as staging:
+        staging.write_text(text)
+    with staged_file(out_dir / "results.json") as staging:
+        staging.write_text(json.dumps(
+            {"target": target, "predictor": str(predictor), "params": params,
+             "summary": summarise(results).to_dict(orient="records"),
+             "per_group": results.to_dict(orient="records")}, indent=1, default=str))
     for scheme in results["scheme"].unique():
-        plot_summary(results, str(out_dir / f"{scheme}.png"), scheme=scheme)
+        with staged_file(out_dir / f"{scheme}.png") as staging:
+            plot_summary(results, str(staging), scheme=scheme)
     if report is not None:
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        Path(report).write_text(text)
+        with staged_file(report) as staging:
+            staging.write_text(text)
     lines = []
     summary = summarise(results)
     for scheme in results["scheme"].unique():
