@@ -247,15 +247,22 @@ def check_selection(top_k: int | None, param_budget: float | None) -> None:
         raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
 
 
+def layer_tuner(method: str) -> type[Tuner]:
+    """The tuner class of ``method``, a registered method that takes layers; raises one line
+    for an unknown name or a method without layers (``full``, ``head``, ``bitfit``)."""
+    tuner_class = METHODS.get(method)
+    if not tuner_class.uses_layers:
+        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
+                                "layers to choose")
+    return tuner_class
+
+
 def tunable_layers(method: str, model: nn.Module, names: Sequence[str]) -> list[str]:
     """The layers of ``names`` that ``method`` can tune, in their order: modules with a weight
     that the method's tuner accepts (``Tuner.can_tune``; a block is no layer). The one test
     behind plans, ``Ranking.top(k, method=...)`` / ``select`` and ``zest rank --method``
     (ARCHITECTURE.md §3a)."""
-    tuner_class = METHODS.get(method)
-    if not tuner_class.uses_layers:
-        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
-                                "layers to choose")
+    tuner_class = layer_tuner(method)
     modules = dict(model.named_modules())
     return [name for name in names if name in modules
             and isinstance(getattr(modules[name], "weight", None), nn.Parameter)

@@ -32,6 +32,7 @@ from zest.planning import (
     FinetunePlan,
     check_selection,
     fill_budget,
+    layer_tuner,
     plan_finetune,
     tunable_layers,
 )
@@ -138,10 +139,7 @@ class Ranking:
         """This ranking restricted to the layers ``method`` can tune (its column of
         :attr:`table`, :func:`zest.planning.tunable_layers`), re-numbered from 1, with the same
         parameter total for budgets."""
-        tuner_class = METHODS.get(method)  # an unknown name: one line with the known ones
-        if not tuner_class.uses_layers:
-            raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it "
-                                    "has no layers to choose")
+        layer_tuner(method)  # an unknown name or a method without layers: one line
         if method not in self.table.columns:
             raise InvalidInputError(f"this ranking does not record which layers --method "
                                     f"{method} can tune (it was made before the method was "

@@ -83,6 +83,12 @@ def tuner_defaults(method: str) -> dict[str, Any]:
             if f.name in names and f.default is not MISSING}
 
 
+def method_aware_choice(method: str) -> str:
+    """The call that chooses only layers ``method`` can tune, named by a tuner refusing one."""
+    return (f"choose its layers with ranking.top(k, method={method!r}) or zest rank --method "
+            f"{method}")
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What a budget plan reads of a layer: ``rows`` output neurons of ``width`` weight values
