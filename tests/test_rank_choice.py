@@ -215,6 +215,7 @@ def test_what_is_missing_is_named_in_one_line():
                                                 intermediate_size=8)), batch),
          "cannot tell the task of BertModel"),
         (lambda: zest.rank(load_model("tiny_cnn", 3)[0], batch), "needs a transformers model"),
+        (lambda: zest.rank(_llama_classifier_without_padding(), batch), "fails on this batch"),
     ]
     for call, message in cases:
         with pytest.raises(InvalidInputError, match=message) as error:
@@ -224,6 +225,16 @@ def test_what_is_missing_is_named_in_one_line():
     tokens = {k: v for k, v in text_batch(lm_task).items() if k != "labels"}
     with pytest.raises(InvalidInputError, match=r"batch\['labels'\] = batch\['input_ids'\]"):
         zest.rank(llama, tokens)
+
+
+def _llama_classifier_without_padding():
+    """A LLaMA sequence classifier with no pad_token_id: transformers refuses batches of more
+    than one text."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=16, num_labels=3, pad_token_id=None))
 
 
 def test_infer_task_is_the_task_rank_uses():

@@ -1166,13 +1166,16 @@ def _infer_transformers_task(model: nn.Module, batch: Batch, head: str | None) -
                                 f"{type(batch).__name__}")
     path = str(getattr(model.config, "_name_or_path", "") or cls)
     spec = f"hf:{path}"
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        mask = torch.ones_like(ids)
+    trace = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if cls.endswith("ForCausalLM"):
         family = family_for(model, modality="text", kind="causal_lm", pooling="last")
         head_name = head or _head_hint(model, family, "causal_lm")
-        ids = batch["input_ids"][:1]
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.shape == batch["input_ids"].shape:
-            ids = ids[:, mask[0].bool()]
+        longest = int(mask.sum(dim=1).argmax())  # its real tokens, for the causality trace
+        ids = trace["input_ids"][longest:longest + 1, mask[longest].bool().to(device)]
         task = Task(spec=spec, modality="text", num_classes=2, head_name=head_name,
                     family=family.name, pooling="last", kind="causal_lm")
         outputs = model.get_submodule(head_name)
@@ -1182,8 +1185,8 @@ def _infer_transformers_task(model: nn.Module, batch: Batch, head: str | None) -
         if ids.shape[1] < 2 or not traced_causal(model, task, ids):
             raise InvalidInputError(f"{cls} does not run as a causal language model on this "
                                     "batch (its logits at a position must not depend on later "
-                                    "tokens, and the first text needs two tokens or more); rank "
-                                    "a *ForCausalLM decoder on a batch of texts")
+                                    "tokens, and a text needs two tokens or more); rank a "
+                                    "*ForCausalLM decoder on a batch of texts")
         return task
     if not cls.endswith("ForSequenceClassification"):
         raise InvalidInputError(f"cannot tell the task of {cls}: zest infers it for transformers "
@@ -1197,13 +1200,15 @@ def _infer_transformers_task(model: nn.Module, batch: Batch, head: str | None) -
         raise InvalidInputError(f"{cls} classifies whole texts: batch['labels'] must hold one "
                                 f"class per text, shape ({batch['input_ids'].shape[0]},), got "
                                 f"{tuple(labels.shape)}")
-    try:
-        return _hf_text_task(spec, model, None, int(model.config.num_labels),
-                             trace_batch=batch, head=head)
-    except InvalidInputError:
-        raise
+    try:  # the model must run on the batch as it is (a decoder needs its pad_token_id)
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
+            model(**trace)
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
-        raise InvalidInputError(f"{cls} fails on this batch: {str(exc).splitlines()[0]}") from None
+        raise InvalidInputError(f"{cls} fails on this batch: "
+                                f"{(str(exc).splitlines() or [''])[0]}") from None
+    return _hf_text_task(spec, model, None, int(model.config.num_labels), trace_batch=trace,
+                         head=head)
 
 
 def _infer_image_task(model: nn.Module, batch: Batch, head: str | None) -> Task:
