@@ -43,7 +43,7 @@ def resolve_layer_names(model: nn.Module, task: Task, layers: Sequence[str] | st
     names = list(dict.fromkeys(layers))
     if not names:
         raise InvalidInputError("no layer chosen; pass layer names, 'all', or use "
-                                "zest.rank(...).top(k)")
+                                "zest.rank(...).top(k, method=...)")
     modules = dict(model.named_modules())
     for name in names:
         if name in candidates:
