@@ -139,6 +139,9 @@ def test_an_hf_causal_lm_ranks_on_labels_of_input_ids():
     torch.testing.assert_close(torch.tensor(_scores(inferred).to_numpy()),
                                torch.tensor(_scores(own).to_numpy()))
     assert inferred.top(2, method="spsft")
+    task.check_batch(batch)  # token labels of the shape of input_ids pass
+    with pytest.raises(InvalidInputError, match=r"use labels=input_ids"):
+        task.check_batch({**batch, "labels": batch["labels"][:, :-1]})
 
 
 def test_token_labels_of_minus_100_predict_nothing():
