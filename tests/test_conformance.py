@@ -9,6 +9,9 @@ architecture to a list below is how its support is declared (ARCHITECTURE.md §6
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -194,3 +197,82 @@ def test_the_default_finetune_runs(spec, hf_root, tmp_path):
     assert result["plan"]["layers"] and result["trainable_params"] == \
         result["plan"]["planned_trainable_params"]
     assert (tmp_path / "run" / "delta.safetensors").exists()
+
+
+# -- the README's Python example, as written, on every architecture ------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: The README example's two loading lines, and what this test runs in their place: the tiny
+#: model and data set of an architecture (everything else runs as written).
+README_LOADS = {
+    'model, task, data = zest.load_pair("efficientnet_lite0", "digits")':
+        "model, task, data = zest.load_pair(SPEC, DATASET, options=OPTIONS)",
+    'fresh, _ = zest.load_model("efficientnet_lite0", num_classes=data.num_classes)':
+        "fresh, _ = zest.load_model(SPEC, num_classes=data.num_classes, "
+        "image_size=OPTIONS.image_size)",
+}
+README_OPTIONS = {"digits": DataOptions(image_size=32, max_train=16, max_val=8, max_test=8),
+                  "rotten_tomatoes": DataOptions(max_length=16, max_train=16, max_val=8,
+                                                 max_test=8)}
+
+
+def readme_python_blocks() -> list[str]:
+    """The ```python blocks of the README's "Python API" section, in order."""
+    section = README.read_text().split("\n## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def readme_example() -> str:
+    """The README's example with its two loading lines put on ``SPEC``, ``DATASET`` and
+    ``OPTIONS`` (:data:`README_LOADS`)."""
+    lines = readme_python_blocks()[0].splitlines()
+    code = [line.split("#", 1)[0].rstrip() for line in lines]
+    for written in README_LOADS:
+        assert code.count(written) == 1, f"the README example no longer has {written!r}"
+    return "\n".join(README_LOADS.get(stripped, line)
+                     for line, stripped in zip(lines, code, strict=True))
+
+
+def check_readme_example(spec: str, dataset: str, tmp_path, monkeypatch) -> None:
+    """Runs the README example on ``spec``: the method-aware choice is what SPSFT takes, it
+    trains, and the delta applied to a fresh model reproduces the tuned model's outputs."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {"SPEC": spec, "DATASET": dataset, "OPTIONS": README_OPTIONS[dataset]}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102
+    model, task, fresh = namespace["model"], namespace["task"], namespace["fresh"]
+    assert len(namespace["layers"]) == 8
+    assert all(SPSFT.can_tune(name, model.get_submodule(name)) for name in namespace["layers"])
+    assert namespace["tuner"].history_ and (tmp_path / "run" / "delta.safetensors").exists()
+    batch = namespace["data"].batches("train", 8, 1)[0]
+    torch.testing.assert_close(_outputs(fresh, task, batch), _outputs(model, task, batch),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(f"timm:{a}", marks=pytest.mark.slow) if a in SLOW_TIMM else f"timm:{a}"
+    for a in TIMM_ARCHS] + [f"hf:{t}" for t in HF_FAMILIES])
+def test_the_readme_example(spec, hf_root, tmp_path, monkeypatch):
+    """The README's Python example, as written but for its two loading lines, on every
+    architecture of this suite (tiny random models, data sets of 16 examples)."""
+    text = spec.startswith("hf:")
+    if text:
+        spec = _hf_spec(hf_root, spec[3:])
+    check_readme_example(spec, "rotten_tomatoes" if text else "digits", tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("model_type", [t for t in HF_FAMILIES if t != "t5"])
+def test_the_readme_own_model_example(model_type, hf_root):
+    """The README's "model and batch of your own" block, exactly as written, on a transformers
+    sequence classifier of each family loaded with transformers itself (no zest spec)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = _hf_spec(hf_root, model_type)[3:]
+    namespace = {"zest": zest, "torch": torch,
+                 "model": AutoModelForSequenceClassification.from_pretrained(folder),
+                 "tokenizer": AutoTokenizer.from_pretrained(folder),
+                 "texts": ["a short one", "a somewhat longer text with more words", "one more"],
+                 "labels": [0, 1, 1]}
+    exec(compile(readme_python_blocks()[1], "README.md", "exec"), namespace)  # noqa: S102
+    model, layers = namespace["model"], namespace["layers"]
+    assert len(layers) == 8 and namespace["ranking"].task.kind == "classification"
+    assert all(GPS.can_tune(name, model.get_submodule(name)) for name in layers)

@@ -333,6 +333,9 @@ def rank_command(
     out: Annotated[Path | None, typer.Option(help="Write the table (.csv or .json).")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG of score over depth.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="table or peft.")] = "table",
+    method: Annotated[str | None, typer.Option(
+        help="Choose only layers this tuning method can tune (gps, spsft, lora, layers); "
+             "default: any ranked layer.")] = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -346,12 +349,18 @@ def rank_command(
     from zest.loading import load_pair
     from zest.models import resolve_device
     from zest.outputs import check_output_file, staged_file
+    from zest.planning import layer_tuner
     from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
         check_selection(top_k, param_budget)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
+        if method is not None:
+            layer_tuner(method)
+        if output_format == "peft" and method not in (None, "lora"):
+            raise InvalidInputError(f"--format peft lists layers for LoRA; drop --method {method} "
+                                    "or use --method lora")
         if out is not None:
             check_output_file(out, "--out", (".csv", ".json"), kind="ranking")
         if plot is not None:
@@ -368,22 +377,26 @@ def rank_command(
         ranking = rank(model_, task, minibatches, predictor=predictor, by=by,
                        granularity=granularity, layer_names=_names(layers), device=torch_device)
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
-        source = ranking.for_lora() if output_format == "peft" else ranking
-        chosen = source.top(top_k) if top_k is not None else (
-            source.select(param_budget) if param_budget is not None
-            else source.default_choice())
+        chooser = "lora" if output_format == "peft" else method
+        chosen = ranking.top(top_k, method=chooser) if top_k is not None else (
+            ranking.select(param_budget, method=chooser) if param_budget is not None
+            else ranking.default_choice(method=chooser))
         table = ranking.to_frame()
         table["chosen"] = table["layer"].isin(chosen)
         if output_format == "peft":
             typer.echo(repr(chosen))
         else:
-            shown = table[["rank", "layer", "type", "params", "score", "chosen"]]
+            shown = table[["rank", "layer", "type", "params", "score",
+                           *([method] if method is not None else []), "chosen"]]
             shown = shown.astype({"score": object})
             shown.loc[:, "score"] = [f"{v:.4f}" if v == v else "n/a" for v in table["score"]]
             typer.echo(shown.to_string(index=False))
             share = table.loc[table["chosen"], "params"].sum() / ranking.total_params
-            typer.echo(f"\n{len(chosen)} layers chosen, {share:.2%} of {ranking.total_params:,} "
-                       f"parameters; ranked by {ranking.by} in {ranking.seconds:.2f} s")
+            among = (f" among the {int(table[method].sum())} that --method {method} can tune"
+                     if method is not None else "")
+            typer.echo(f"\n{len(chosen)} layers chosen{among}, {share:.2%} of "
+                       f"{ranking.total_params:,} parameters; ranked by {ranking.by} in "
+                       f"{ranking.seconds:.2f} s")
             if ranking.stability:
                 s = ranking.stability
                 typer.echo(f"stability over {s['batches']} minibatches: mean pairwise Kendall τ "

@@ -91,10 +91,12 @@ def check_labels(task: Task, batches: Sequence[Any], metrics: Sequence[str],
     verb = "needs" if len(labelled) == 1 else "need"
     what = f"{reader} reads {names}, which {verb}" if reader else f"{names} {verb}"
     free = [name for name in METRICS.names() if not needs_labels(name)]
+    labelled_form = ("dicts with batch['labels'] = batch['input_ids'], a causal LM's labels"
+                     if task.kind == "causal_lm" else
+                     "(images, labels) pairs or dicts with 'labels'")
     raise InvalidInputError(
-        f"batch {unlabelled[0]} has no labels, but {what} them; pass labelled batches ((images, "
-        "labels) pairs or dicts with 'labels'), or rank by a label-free metric (--by / by=): "
-        f"{', '.join(free)}")
+        f"batch {unlabelled[0]} has no labels, but {what} them; pass labelled batches "
+        f"({labelled_form}), or rank by a label-free metric (--by / by=): {', '.join(free)}")
 
 
 def aggregate_blocks(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:

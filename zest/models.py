@@ -171,6 +171,15 @@ class Task:
         if not self.has_labels(batch):
             return
         labels = self.labels(batch)
+        if self.kind == "causal_lm" and isinstance(labels, torch.Tensor) and labels.ndim == 2:
+            if tuple(labels.shape) != tuple(batch["input_ids"].shape) or \
+                    labels.is_floating_point():
+                raise InvalidInputError(f"{where}: a causal LM's token labels must be integer "
+                                        "ids of the shape of input_ids "
+                                        f"{tuple(batch['input_ids'].shape)}, got {labels.dtype} "
+                                        f"of shape {tuple(labels.shape)}; use "
+                                        "labels=input_ids (-100 where nothing is predicted)")
+            return
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or \
                 labels.is_floating_point():
             raise InvalidInputError(f"{where}: labels must be a 1-D integer tensor, got "
@@ -258,12 +267,19 @@ class Task:
     def next_tokens(batch: Batch) -> torch.Tensor:
         """The causal-LM targets of a text batch, aligned with its positions: position ``t``
         predicts ``input_ids[:, t + 1]`` where both tokens are real (attention mask 1), else
-        :data:`IGNORED_TARGET` (the last real token and padding predict nothing)."""
+        :data:`IGNORED_TARGET` (the last real token and padding predict nothing). A batch with
+        token ``labels`` (transformers' convention: the shape of ``input_ids``, ``-100`` where
+        nothing is predicted) predicts ``labels[:, t + 1]`` where that is not ``-100``."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device) != 0
+        wanted, scored = ids, real
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(ids.shape):
+            wanted = labels.to(ids.device)
+            scored = real & (wanted != IGNORED_TARGET)
         targets = torch.full_like(ids, IGNORED_TARGET)
-        targets[:, :-1] = torch.where(real[:, 1:] & real[:, :-1], ids[:, 1:], IGNORED_TARGET)
+        targets[:, :-1] = torch.where(scored[:, 1:] & real[:, :-1], wanted[:, 1:], IGNORED_TARGET)
         return targets
 
     def predictions(self, output: TaskOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -823,20 +839,24 @@ def write_random_hf_model(folder: str | os.PathLike, model_type: str, *, num_lab
     return f"hf:{folder}"
 
 
-def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -> Task:
+def _hf_text_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int,
+                  trace_batch: Mapping[str, Any] | None = None, head: str | None = None
+                  ) -> Task:
     """The task of a transformers sequence classifier: its family (:func:`family_for`) and the
     family's head (:data:`~zest.families.HF_HEAD_NAMES` for every transformers family). How the
     head pools is found by tracing: the model's logits on a padded batch are compared with the
     head applied to the first token and to the last non-padding token (causal decoders read
     the last, as their ``*ForSequenceClassification`` do); a family that declares the other
-    pooling does not adapt the model, which then runs on the generic adapter."""
+    pooling does not adapt the model, which then runs on the generic adapter. A model loaded
+    without zest (:func:`infer_task`) is traced on the user's ``trace_batch`` and may name its
+    ``head``."""
     family = family_for(model, modality="text")
-    head_name = _head_of(spec, model, family)
+    head_name = head or _head_of(spec, model, family)
     _pad_right(model, tokenizer)
     task = Task(spec=spec, modality="text", num_classes=num_classes, head_name=head_name,
                 family=family.name, tokenizer=tokenizer, pooling=family.pooling or "first")
-    if tokenizer is not None:
-        task.pooling = traced_pooling(model, task)
+    if tokenizer is not None or trace_batch is not None:
+        task.pooling = traced_pooling(model, task, trace_batch)
         task.family = family_for(model, modality="text", pooling=task.pooling).name
     return task
 
@@ -869,10 +889,12 @@ def _hf_lm_task(spec: str, model: nn.Module, tokenizer: Any, num_classes: int) -
     return task
 
 
-def traced_causal(model: nn.Module, task: Task) -> bool:
-    """Whether the model is causal: changing the last token of a text leaves the logits at
-    every earlier position as they were."""
-    ids = task.tokenizer(["one two three four five six"], return_tensors="pt")["input_ids"]
+def traced_causal(model: nn.Module, task: Task, ids: torch.Tensor | None = None) -> bool:
+    """Whether the model is causal: changing the last token of a text (``ids``, one row of
+    token ids; default: a short text from the task's tokenizer) leaves the logits at every
+    earlier position as they were."""
+    if ids is None:
+        ids = task.tokenizer(["one two three four five six"], return_tensors="pt")["input_ids"]
     try:
         with preserved_training_state(model), torch.no_grad():
             model.eval()
@@ -886,12 +908,18 @@ def traced_causal(model: nn.Module, task: Task) -> bool:
                                                     rtol=1e-4))
 
 
-def traced_pooling(model: nn.Module, task: Task) -> str:
+def traced_pooling(model: nn.Module, task: Task, batch: Mapping[str, Any] | None = None) -> str:
     """``"last"`` when the model's logits are its head applied to the last non-padding token of
-    the head input, else ``"first"`` (also for heads that see an already pooled vector)."""
-    encoded = task.tokenizer(["one two three four five six", "one"], padding=True,
-                             return_tensors="pt")
-    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    the head input, else ``"first"`` (also for heads that see an already pooled vector). Traced
+    on ``batch`` (token ids and attention mask), by default a padded pair of texts from the
+    task's tokenizer."""
+    if batch is None:
+        encoded = task.tokenizer(["one two three four five six", "one"], padding=True,
+                                 return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
     head = task.head(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -1139,6 +1167,156 @@ def _tiny_llama(num_classes: int, image_size: int | None = None,
         return model, _hf_lm_task("tiny_llama", model, tokenizer, num_classes)
     model = LlamaForSequenceClassification(config)
     return model, _hf_text_task("tiny_llama", model, tokenizer, num_classes)
+
+
+# -- models loaded without zest --------------------------------------------------------------------
+
+def infer_task(model: nn.Module, batch: Batch, *, head: str | None = None) -> Task:
+    """The :class:`Task` of a model loaded without zest, from the model and one minibatch
+    (``zest.rank(model, batch)``; ARCHITECTURE.md §2).
+
+    - A transformers ``*ForSequenceClassification`` model with a tokenised batch (a dict with
+      ``input_ids``, ``attention_mask`` and ``labels``): classification into the configuration's
+      ``num_labels``; the head as its family finds it, its pooling traced on the batch.
+    - A transformers ``*ForCausalLM`` model with a tokenised batch whose ``labels`` are token ids
+      (the input ids, ``-100`` where nothing is predicted, as transformers' collators make
+      them): the causal-LM task (ARCHITECTURE.md §3c), its head the output embeddings.
+    - Any other model (timm, torchvision, a module of your own) with an ``(images, labels)``
+      pair: an image classifier whose head its family finds (timm's ``pretrained_cfg``, else
+      the last Linear) and whose class count is the width of its logits.
+
+    The batch is taken as the model's input as it is: images already normalised (the task's
+    ``mean`` 0 and ``std`` 1), text already tokenised (no tokenizer is needed). Without labels
+    the task is still inferred; ranking it then needs a label-free metric.
+
+    Args:
+        model: The model (left unchanged; one forward pass reads its outputs).
+        batch: One minibatch, as above.
+        head: The head's ``named_modules()`` name, for a model whose head its family cannot
+            find.
+
+    Returns:
+        The task; its ``spec`` names the model (``hf:<name or path>``, ``timm:<arch>``,
+        ``tv:<class>`` or the class name), for records and notes.
+
+    Raises:
+        InvalidInputError: One line naming what to add or change (a batch of the wrong kind, a
+            transformers model of another class, a head that cannot be found).
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if head is not None and not any(name == head for name, _ in model.named_modules()):
+        raise InvalidInputError(f"head={head!r} is no module of {type(model).__name__}; pass the "
+                                "name of its classifier as model.named_modules() lists it")
+    if hasattr(model, "config") and hasattr(model, "base_model_prefix"):
+        return _infer_transformers_task(model, batch, head)
+    return _infer_image_task(model, batch, head)
+
+
+def _head_hint(model: nn.Module, family: Family, kind: TaskKind = "classification") -> str:
+    """The head as ``family`` finds it in ``model``, or one line asking for ``head=``."""
+    name = family.head(model, kind)
+    if name is None or not any(n == name for n, _ in model.named_modules()):
+        what = "LM" if kind == "causal_lm" else "classification"
+        looked = repr(name) if name else "a Linear layer"
+        raise InvalidInputError(f"cannot find the {what} head of {type(model).__name__} (the "
+                                f"{family.name} family looks for {looked}); name it: "
+                                "zest.rank(model, batch, head='<its module name>')")
+    return name
+
+
+def _infer_transformers_task(model: nn.Module, batch: Batch, head: str | None) -> Task:
+    cls = type(model).__name__
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        raise InvalidInputError(f"{cls} ranks on a tokenised batch: a dict with 'input_ids', "
+                                "'attention_mask' and 'labels' tensors (tokenizer(texts, "
+                                "padding=True, return_tensors='pt') plus the labels), got "
+                                f"{type(batch).__name__}")
+    path = str(getattr(model.config, "_name_or_path", "") or cls)
+    spec = f"hf:{path}"
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        mask = torch.ones_like(ids)
+    trace = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if cls.endswith("ForCausalLM"):
+        family = family_for(model, modality="text", kind="causal_lm", pooling="last")
+        head_name = head or _head_hint(model, family, "causal_lm")
+        longest = int(mask.sum(dim=1).argmax())  # its real tokens, for the causality trace
+        ids = trace["input_ids"][longest:longest + 1, mask[longest].bool().to(device)]
+        task = Task(spec=spec, modality="text", num_classes=2, head_name=head_name,
+                    family=family.name, pooling="last", kind="causal_lm")
+        outputs = model.get_submodule(head_name)
+        vocabulary = getattr(outputs, "num_embeddings", None) or getattr(outputs, "out_features",
+                                                                         None)
+        task.num_classes = int(vocabulary or getattr(model.config, "vocab_size", 2))
+        if ids.shape[1] < 2 or not traced_causal(model, task, ids):
+            raise InvalidInputError(f"{cls} does not run as a causal language model on this "
+                                    "batch (its logits at a position must not depend on later "
+                                    "tokens, and a text needs two tokens or more); rank a "
+                                    "*ForCausalLM decoder on a batch of texts")
+        return task
+    if not cls.endswith("ForSequenceClassification"):
+        raise InvalidInputError(f"cannot tell the task of {cls}: zest infers it for transformers "
+                                "*ForSequenceClassification and *ForCausalLM models; load one of "
+                                "those, or pass a Task: zest.rank(model, task, batch) with "
+                                "zest.load_model")
+    if head is None:
+        _head_hint(model, family_for(model, modality="text"))
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.ndim != 1:
+        raise InvalidInputError(f"{cls} classifies whole texts: batch['labels'] must hold one "
+                                f"class per text, shape ({batch['input_ids'].shape[0]},), got "
+                                f"{tuple(labels.shape)}")
+    try:  # the model must run on the batch as it is (a decoder needs its pad_token_id)
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
+            model(**trace)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise InvalidInputError(f"{cls} fails on this batch: "
+                                f"{(str(exc).splitlines() or [''])[0]}") from None
+    return _hf_text_task(spec, model, None, int(model.config.num_labels), trace_batch=trace,
+                         head=head)
+
+
+def _infer_image_task(model: nn.Module, batch: Batch, head: str | None) -> Task:
+    cls = type(model).__name__
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        raise InvalidInputError(f"a tokenised batch needs a transformers model; {cls} is not one "
+                                "(load it with transformers' AutoModelFor* classes)")
+    images = batch.get("pixel_values") if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, torch.Tensor) else (batch[0] if len(batch) else None))
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or \
+            not images.is_floating_point():
+        raise InvalidInputError(f"{cls} is ranked as an image classifier: pass an (images, "
+                                "labels) pair, images a float tensor (N, C, H, W) as the model "
+                                "takes them, labels an integer tensor (N,)")
+    family = family_for(model, modality="image")
+    head_name = head or _head_hint(model, family)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("architecture"):
+        spec = f"timm:{cfg['architecture']}"
+    elif type(model).__module__.startswith("torchvision.models."):
+        spec = f"tv:{cls.lower()}"
+    else:
+        spec = cls
+    task = Task(spec=spec, modality="image", num_classes=2, head_name=head_name,
+                family=family.name, mean=(0.0,), std=(1.0,),
+                default_image_size=int(images.shape[-1]))
+    try:
+        with preserved_training_state(model), torch.no_grad():
+            model.eval()
+            logits = task.forward(model, images[:2], next(model.parameters()).device).logits
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise InvalidInputError(f"{cls} fails on these images: "
+                                f"{str(exc).splitlines()[0]}") from None
+    if logits.ndim != 2:
+        raise InvalidInputError(f"{cls} returns outputs of shape {tuple(logits.shape)}, not "
+                                "(N, classes); zest infers the task of classifiers only")
+    task.num_classes = int(logits.shape[1])
+    if family is GENERIC:
+        note_fallback(spec, model_family(spec), model)
+    return task
 
 
 @contextlib.contextmanager

@@ -249,6 +249,28 @@ def check_selection(top_k: int | None, param_budget: float | None) -> None:
         raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
 
 
+def layer_tuner(method: str) -> type[Tuner]:
+    """The tuner class of ``method``, a registered method that takes layers; raises one line
+    for an unknown name or a method without layers (``full``, ``head``, ``bitfit``)."""
+    tuner_class = METHODS.get(method)
+    if not tuner_class.uses_layers:
+        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
+                                "layers to choose")
+    return tuner_class
+
+
+def tunable_layers(method: str, model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The layers of ``names`` that ``method`` can tune, in their order: modules with a weight
+    that the method's tuner accepts (``Tuner.can_tune``; a block is no layer). The one test
+    behind plans, ``Ranking.top(k, method=...)`` / ``select`` and ``zest rank --method``
+    (ARCHITECTURE.md §3a)."""
+    tuner_class = layer_tuner(method)
+    modules = dict(model.named_modules())
+    return [name for name in names if name in modules
+            and isinstance(getattr(modules[name], "weight", None), nn.Parameter)
+            and tuner_class.can_tune(name, modules[name])]
+
+
 def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) -> list[str]:
     """Greedy budget fill: walks ``layers`` best first and keeps each one whose parameter
     count (``params``, aligned) still fits in ``allowed``; larger ones are skipped, not ended on.
@@ -287,8 +309,7 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
                                              options=options)
     rule = spread_rule(method, param_budget) if spread is None else PlanRule(spread)
     tuner_class = METHODS.get(method)
-    tunable = [name for name in ranked_layers
-               if tuner_class.can_tune(name, model.get_submodule(name))]
+    tunable = tunable_layers(method, model, ranked_layers)
     if not tunable:
         raise InvalidInputError(f"none of the ranked layers can be tuned by --method {method}; "
                                 "choose another --method or name the layers with --layers")

@@ -22,16 +22,19 @@ from scipy.stats import kendalltau
 from torch import nn
 
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
+from zest.finetune import METHODS
 from zest.frames import metrics_frame
 from zest.layers import check_granularity
 from zest.metrics import METRICS, get_metric
-from zest.models import Batch, Task, model_family, probe_loss_for
+from zest.models import Batch, Task, infer_task, model_family, probe_loss_for
 from zest.planning import (
     DEFAULT_TOP_K,
     FinetunePlan,
     check_selection,
     fill_budget,
+    layer_tuner,
     plan_finetune,
+    tunable_layers,
 )
 from zest.predictor import ZestRanker
 from zest.records import METRIC_PREFIX
@@ -66,8 +69,10 @@ class Ranking:
     """Layers ranked for fine-tuning, best first.
 
     Attributes:
-        table: One row per layer: ``rank, layer, type, params, score, depth, block`` plus the
-            metric values used.
+        table: One row per layer: ``rank, layer, type, params, score, depth, block``, the
+            metric values used, and one boolean column per tuning method that takes layers
+            (``gps``, ``spsft``, ``lora``, ``layers``, ...): whether it can tune the layer
+            (:func:`zest.planning.tunable_layers`).
         total_params: Parameters of the whole model (for budgets).
         by: ``predictor:<name>`` or ``metric:<name>``.
         seconds: Wall time of the probe(s) and scoring.
@@ -76,6 +81,7 @@ class Ranking:
         notes: What the user should know about how far to trust the ranking (e.g. a model
             family the predictor was not trained on, layers left out).
         skipped: Candidate layers left out of the ranking, with the reason.
+        task: The task the model was ranked for (inferred by ``zest.rank(model, batch)``).
     """
 
     table: pd.DataFrame
@@ -86,36 +92,64 @@ class Ranking:
     batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    task: Task | None = field(default=None, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         """The ranked table (a copy)."""
         return self.table.copy()
 
-    def top(self, k: int) -> list[str]:
-        """Names of the ``k`` best layers."""
-        if not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"--top-k must be a positive integer, got {k!r}")
-        if k > len(self.table):
-            raise InvalidInputError(f"--top-k {k} exceeds the {len(self.table)} candidate "
-                                    "layers; pass a smaller k")
-        return self.table["layer"].head(k).tolist()
+    def top(self, k: int, method: str | None = None) -> list[str]:
+        """Names of the ``k`` best layers; with ``method`` (``"gps"``, ``"spsft"``, ``"lora"``,
+        ...), the ``k`` best that method can tune (:meth:`for_method`), ready for its tuner.
+        Without a method every ranked layer counts, as the ranking orders them (what
+        ``layers``, peft on its own targets or a loop of your own can take)."""
+        check_selection(k, None)
+        source = self if method is None else self.for_method(method)
+        if k > len(source.table):
+            which = ("candidate layers" if method is None else
+                     f"ranked layers --method {method} can tune")
+            raise InvalidInputError(f"--top-k {k} exceeds the {len(source.table)} {which}; pass "
+                                    "a smaller k")
+        return source.table["layer"].head(k).tolist()
 
-    def default_choice(self) -> list[str]:
-        """The :data:`DEFAULT_TOP_K` best layers (all of them when there are fewer)."""
-        return self.top(min(DEFAULT_TOP_K, len(self.table)))
+    def default_choice(self, method: str | None = None) -> list[str]:
+        """The :data:`DEFAULT_TOP_K` best layers (``method``: that it can tune; all of them
+        when there are fewer)."""
+        source = self if method is None else self.for_method(method)
+        return source.top(min(DEFAULT_TOP_K, len(source.table)))
 
-    def select(self, param_budget: float) -> list[str]:
+    def select(self, param_budget: float, method: str | None = None) -> list[str]:
         """Best layers, in rank order, whose parameters fit in ``param_budget`` (a fraction of
-        the model's parameters in (0, 1]); layers too large for what is left are skipped."""
+        the model's parameters in (0, 1]); layers too large for what is left are skipped. With
+        ``method``, only layers it can tune (:meth:`for_method`); each counts its whole weight
+        and bias (:meth:`plan` sizes a sparse method's density to a budget instead)."""
         check_selection(None, param_budget)
+        source = self if method is None else self.for_method(method)
         allowed = param_budget * self.total_params
-        chosen = fill_budget(self.table["layer"], self.table["params"], allowed)
+        chosen = fill_budget(source.table["layer"], source.table["params"], allowed)
         if not chosen:
-            smallest = int(self.table["params"].min())
+            smallest = int(source.table["params"].min())
+            which = "" if method is None else f" --method {method} can tune"
             raise InvalidInputError(f"--param-budget {param_budget} ({int(allowed)} parameters) "
-                                    f"is smaller than the smallest layer ({smallest}); raise it "
-                                    f"to at least {smallest / self.total_params:.2g}")
+                                    f"is smaller than the smallest layer{which} ({smallest}); "
+                                    f"raise it to at least {smallest / self.total_params:.2g}")
         return chosen
+
+    def for_method(self, method: str) -> Ranking:
+        """This ranking restricted to the layers ``method`` can tune (its column of
+        :attr:`table`, :func:`zest.planning.tunable_layers`), re-numbered from 1, with the same
+        parameter total for budgets."""
+        layer_tuner(method)  # an unknown name or a method without layers: one line
+        if method not in self.table.columns:
+            raise InvalidInputError(f"this ranking does not record which layers --method "
+                                    f"{method} can tune (it was made before the method was "
+                                    "registered, or by hand); rank the model again with "
+                                    "zest.rank")
+        blocks = "type" in self.table.columns and bool((self.table["type"] == "block").all())
+        return self.restricted(self.table.loc[self.table[method].astype(bool), "layer"],
+                               f"--method {method}" + (" (a tuner takes layers, not blocks: "
+                                                       "rank with --granularity module)"
+                                                       if blocks else ""))
 
     def plan(self, model: nn.Module, task: Task, method: str,
              param_budget: float | None = None, *, top_k: int | None = None,
@@ -155,17 +189,8 @@ class Ranking:
 
     def for_lora(self) -> Ranking:
         """This ranking restricted to the layers peft's LoRA can wrap (Linear, Embedding,
-        ungrouped Conv2d; see :func:`zest.finetune.lora_can_wrap`), re-numbered from 1, with the
-        same parameter total for budgets."""
-        if "lora" not in self.table.columns:
-            return self
-        table = self.table[self.table["lora"].astype(bool)].reset_index(drop=True)
-        if table.empty:
-            raise InvalidInputError("none of the ranked layers can take LoRA, which wraps Linear, "
-                                    "Embedding and ungrouped Conv2d modules (blocks: rank with "
-                                    "--granularity module); or use --method gps or spsft")
-        table["rank"] = range(1, len(table) + 1)
-        return replace(self, table=table)
+        ungrouped Conv2d; see :func:`zest.finetune.lora_can_wrap`): ``for_method("lora")``."""
+        return self.for_method("lora")
 
     def restricted(self, keep: Sequence[str], what: str) -> Ranking:
         """This ranking restricted to the layers in ``keep`` (e.g. those a tuning method can
@@ -211,15 +236,22 @@ def _metric_direction(name: str) -> int:
     return direction if direction != 0 else 1
 
 
-def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
+def rank(model: nn.Module, task: Task | Batch | Sequence[Batch],
+         batches: Batch | Sequence[Batch] | None = None, *,
          predictor: str | os.PathLike | ZestRanker = "universal", by: str | None = None,
          probe_loss: str | None = None, granularity: str = "module",
-         layer_names: Sequence[str] | None = None, device: Any = None) -> Ranking:
-    """Ranks the candidate layers of ``model`` for fine-tuning on the task of ``batches``.
+         layer_names: Sequence[str] | None = None, device: Any = None,
+         head: str | None = None) -> Ranking:
+    """Ranks the candidate layers of ``model`` for fine-tuning on the task of ``batches``:
+    ``rank(model, task, batches)``, or ``rank(model, batches)`` for a model loaded without zest
+    (its task inferred from the model and the first batch: :func:`zest.models.infer_task`).
 
     Args:
         model: The pretrained model (left unchanged).
-        task: Its task adapter.
+        task: Its task adapter (:func:`zest.load_model`); or the batches, for the task to be
+            inferred: a transformers ``*ForSequenceClassification`` / ``*ForCausalLM`` model
+            with tokenised dicts (``labels``: classes, or a causal LM's token ids), a timm,
+            torchvision or other image classifier with ``(images, labels)`` as it takes them.
         batches: One minibatch (an ``(x, y)`` tuple or a dict), or a ``list`` of minibatches
             (scores are averaged over them and the ranking's stability across them reported).
             An unlabelled batch (a bare image tensor, ``(x,)``, or a dict of tokens alone) can
@@ -231,11 +263,25 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
         granularity: ``module`` or ``block``.
         layer_names: Restrict to these candidates.
         device: Where to run the probe.
+        head: With an inferred task: the head's module name, where its family cannot find it.
 
     Returns:
-        A :class:`Ranking`.
+        A :class:`Ranking` (its ``task``: the one given or inferred).
     """
     check_granularity(granularity)
+    inferred = not isinstance(task, Task)
+    if inferred:
+        if batches is not None:
+            raise InvalidInputError(f"the second argument must be a zest Task when batches "
+                                    f"follow it, got {type(task).__name__}; pass "
+                                    "zest.rank(model, batch) to infer the task, or "
+                                    "zest.rank(model, task, batch)")
+        batches = task
+    elif batches is None:
+        raise InvalidInputError("no minibatch to rank on; pass zest.rank(model, task, batch)")
+    elif head is not None:
+        raise InvalidInputError("head= names the head of a model ranked without a Task; the "
+                                f"Task names its own ({task.head_name!r})")
     batch_list = list(batches) if isinstance(batches, list) else [batches]
     if (len(batch_list) == 2 and all(isinstance(b, torch.Tensor) for b in batch_list)
             and batch_list[0].ndim >= 2 and batch_list[1].ndim == 1):
@@ -243,6 +289,8 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     if not batch_list:
         raise InvalidInputError("no minibatch to rank on; pass at least one batch")
     start = time.perf_counter()
+    if inferred:
+        task = infer_task(model, batch_list[0], head=head)
     if by is not None:
         if by not in METRICS:
             raise UnknownNameError(unknown_name_message("metric for --by", by, METRICS.names()))
@@ -277,15 +325,17 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
                           "block": first.loc[scores.index, "block"]}).reset_index(drop=True)
     for name in names:
         table[name] = first.loc[table["layer"], METRIC_PREFIX + name].to_numpy()
-    from zest.finetune.lora import lora_can_wrap
-
-    table["lora"] = [lora_can_wrap(model.get_submodule(name)) for name in table["layer"]]
+    for method in METHODS.names():  # which layers each tuner can take (Ranking.for_method)
+        if METHODS.get(method).uses_layers:
+            table[method] = table["layer"].isin(tunable_layers(method, model, table["layer"]))
     table = table.sort_values("score", ascending=False, kind="stable", na_position="last")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table = table.reset_index(drop=True)
     total = sum(p.numel() for p in model.parameters())
     stability = _stability(per_batch) if len(per_batch) > 1 else None
-    notes = [note] if ranker is not None and (note := unseen_family_note(ranker, task)) else []
+    family = getattr(getattr(model, "config", None), "model_type", None) if inferred else None
+    notes = [note] if ranker is not None and (
+        note := unseen_family_note(ranker, task, family)) else []
     if ranker is not None and loss != trained_loss:
         notes.append(f"the predictor learned from {trained_loss} probes and this ranking probed "
                      f"with {loss}" + (" (a causal-LM task probes with its next-token loss)"
@@ -299,19 +349,20 @@ def rank(model: nn.Module, task: Task, batches: Batch | Sequence[Batch], *,
     return Ranking(table=table, total_params=int(total), by=label,
                    seconds=time.perf_counter() - start, stability=stability,
                    batch_scores=[s.to_numpy() for s in per_batch], notes=notes,
-                   skipped=skipped)
+                   skipped=skipped, task=task)
 
 
-def unseen_family_note(ranker: ZestRanker, task: Task) -> str | None:
-    """One line when ``task``'s model family is not among those the predictor was trained on,
-    with the predictor's measured leave-one-family-out Kendall τ (how well it ranked families
-    it had not seen); ``None`` when the family was seen or the predictor does not record its
-    families."""
+def unseen_family_note(ranker: ZestRanker, task: Task, family: str | None = None) -> str | None:
+    """One line when ``task``'s model family (``family``, default :func:`model_family` of its
+    spec; a transformers model loaded without zest passes its ``model_type``) is not among
+    those the predictor was trained on, with the predictor's measured leave-one-family-out
+    Kendall τ (how well it ranked families it had not seen); ``None`` when the family was seen
+    or the predictor does not record its families."""
     info = getattr(ranker, "info_", {}) or {}
     families = info.get("families")
     if not families:
         return None
-    family = model_family(task.spec)
+    family = family or model_family(task.spec)
     if family in families:
         return None
     per_family = (info.get("cv") or {}).get("lofo_per_family") or {}

@@ -44,7 +44,7 @@ def resolve_layer_names(model: nn.Module, task: Task, layers: Sequence[str] | st
     names = list(dict.fromkeys(layers))
     if not names:
         raise InvalidInputError("no layer chosen; pass layer names, 'all', or use "
-                                "zest.rank(...).top(k)")
+                                "zest.rank(...).top(k, method=...)")
     modules = dict(model.named_modules())
     for name in names:
         if name in candidates:
@@ -91,6 +91,12 @@ def check_finite_options(options: Mapping[str, Any]) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidInputError(f"--{name.replace('_', '-')} must be a finite number, got "
                                     f"{value!r}")
+
+
+def method_aware_choice(method: str) -> str:
+    """The call that chooses only layers ``method`` can tune, named by a tuner refusing one."""
+    return (f"choose its layers with ranking.top(k, method={method!r}) or zest rank --method "
+            f"{method}")
 
 
 @dataclass(frozen=True)

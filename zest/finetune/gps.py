@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.families import gps_keeps_frozen
-from zest.finetune.base import LayerShape, Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import (
     SparseUpdate,
@@ -152,7 +152,7 @@ class GPS(Tuner):
             if not self.can_tune(name, self.model.get_submodule(name)):
                 raise InvalidInputError(f"GPS keeps {name!r} frozen (normalisation layers and "
                                         "position embeddings stay frozen, as in the paper); "
-                                        "drop it from --layers or use --method layers")
+                                        f"{method_aware_choice('gps')}, or use --method layers")
             module = self.model.get_submodule(name)
             width = neuron_rows(module.weight, output_dim(module)).shape[1]
             if self.k > width and self.layers != "all":

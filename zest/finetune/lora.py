@@ -14,7 +14,7 @@ from torch import nn
 
 from zest.data import Dataset
 from zest.errors import InvalidInputError
-from zest.finetune.base import LayerShape, Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import transforms_weight
 
@@ -95,11 +95,13 @@ class LoRA(Tuner):
             module = self.model.get_submodule(name)
             if isinstance(module, nn.Conv2d) and module.groups > 1:
                 raise InvalidInputError(f"LoRA cannot wrap the grouped convolution {name!r} "
-                                        f"(groups={module.groups}); use --method gps or "
+                                        f"(groups={module.groups}); "
+                                        f"{method_aware_choice('lora')}, or use --method gps or "
                                         "spsft for it")
             if not lora_can_wrap(module):
                 raise InvalidInputError(f"LoRA cannot wrap {name!r} ({type(module).__name__}); "
-                                        "use --method spsft or layers for it")
+                                        f"{method_aware_choice('lora')}, or use --method spsft "
+                                        "or layers for it")
 
     def lora_config(self):
         """The ``peft.LoraConfig`` used (built by :func:`lora_config`)."""

@@ -26,7 +26,7 @@ from torch import nn
 from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.families import conv_forward
-from zest.finetune.base import LayerShape, Tuner, register_tuner
+from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import add_rows
 from zest.layers import neuron_rows, output_dim, transforms_weight
@@ -145,8 +145,8 @@ class SPSFT(Tuner):
             if not self.can_tune(name, module):
                 raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
                                         "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
-                                        "and BatchNorm rows — use --method gps or layers for "
-                                        "this layer")
+                                        f"and BatchNorm rows — {method_aware_choice('spsft')}, "
+                                        "or use --method gps or layers for this layer")
             rows = module.weight.shape[output_dim(module)]
             if self.rows_for(rows) > rows:
                 raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "

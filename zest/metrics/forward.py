@@ -87,6 +87,8 @@ def class_separation(ctx: LayerContext) -> float:
     (direction +1). NaN with fewer than two classes in the batch."""
     z = ctx.pooled.double()
     labels = ctx.labels
+    if labels.ndim != 1:  # a causal LM's token labels name no class
+        return NOT_AVAILABLE
     classes = labels.unique()
     if len(classes) < 2:
         return NOT_AVAILABLE
