@@ -16,6 +16,27 @@ def zest_update(method: str) -> str | None:
     return method.removeprefix("zest + ").split(" ")[0]
 
 
+def rate_tuner(method: str) -> str:
+    """The tuner a method label trains with (``"zest + gps (spread 2)"`` → ``gps``, ``"lora
+    (...)"`` → ``lora``, the dense layer choices → ``layers``)."""
+    if method in ("full", "head"):
+        return method
+    for tuner in ("gps", "spsft", "lora"):
+        if tuner in method:
+            return tuner
+    return "layers"
+
+
+def group_kind(group: str) -> str:
+    """The model kind (``zest.rates.MODEL_KINDS``) of a benchmark group, from its model."""
+    from zest.models import MODELS
+
+    meta = MODELS.meta(group.split("__")[0])
+    if meta["modality"] == "image":
+        return "image"
+    return "decoder" if meta.get("causal_lm") else "encoder"
+
+
 def zest_label(tuner: str, spread: float, budget: float) -> str:
     """The label of ZEST + GPS/SPSFT rows at ``spread`` and ``budget`` (the spread the method
     ships for the budget, ``zest.planning.spread_rule``, unlabelled)."""
@@ -70,3 +91,18 @@ def predictor_fingerprint(predictor: str = "universal") -> str:
 
     spec = json.dumps(load_predictor(predictor).to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
+
+
+#: The rates a grid extends to at its edges: about half a decade apart.
+RATE_LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def centred_rates(group: str, method: str) -> list[float]:
+    """The rates a converged-regime case starts from: ``zest.rates``' default for the method
+    label's tuner on the group's model kind, and its neighbours on :data:`RATE_LADDER` (the
+    grid is then extended at its edges while the best rate sits there)."""
+    from zest.rates import rate_for
+
+    rate = rate_for(rate_tuner(method), group_kind(group)).lr
+    i = min(range(len(RATE_LADDER)), key=lambda j: abs(RATE_LADDER[j] / rate - 1))
+    return list(RATE_LADDER[max(i - 1, 0):i + 2])

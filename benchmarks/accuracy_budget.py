@@ -116,8 +116,8 @@ CONVERGED_GROUPS = [
 #: with each update, last-k.
 CONVERGED_METHODS = ("lora (linear / dense convs)", "lora (peft default targets)",
                      "last-k + dense")
-#: The rates a grid extends to at its edges (``--extend-edges``): about half a decade apart.
-RATE_LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+#: The rates a grid extends to at its edges (``--extend-edges``).
+RATE_LADDER = _results.RATE_LADDER
 #: models whose groups the default run leaves out on a CPU
 DECODERS = ("smollm2",)
 SMOKE = [("tiny_cnn", "digits", DataOptions(image_size=16, max_train=64, max_val=32,
@@ -334,8 +334,11 @@ def run_zest(group, tuner_name: str, budget: float, spread: float | None, predic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lrs", default="3e-3,1e-3,3e-4,1e-4",
-                        help="Adam learning rates to choose from on val")
+    parser.add_argument("--lrs", default=None,
+                        help="Adam learning rates to choose from on val, or 'centred': each "
+                        "case starts from zest.rates' default for its method and model kind "
+                        "and its neighbours on RATE_LADDER (default: 3e-3,1e-3,3e-4,1e-4; "
+                        "centred in the converged regime)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs (quick: 2); in the converged regime the most epochs "
                         "(default 30; decoders 5)")
@@ -374,7 +377,9 @@ def main() -> None:
         "accuracy_smoke.json" if args.smoke else "accuracy_converged.json" if converged
         else "accuracy_budget.json"))
     seeds = _numbers(args.seeds, "--seeds", int, "0,1,2")
-    lrs = _numbers(args.lrs, "--lrs", float, "3e-3,1e-3,3e-4,1e-4")
+    lrs_text = args.lrs or ("centred" if converged else "3e-3,1e-3,3e-4,1e-4")
+    lrs = None if lrs_text == "centred" else _numbers(lrs_text, "--lrs", float,
+                                                      "3e-3,1e-3,3e-4,1e-4")
     extend = converged if args.extend_edges is None else args.extend_edges
     epochs_of, patience_of = _regime_limits(args, converged)
     spreads = (None if args.spread == "default"
@@ -387,12 +392,12 @@ def main() -> None:
     settings = {"epochs": args.epochs or 2} if not converged else {
         "regime": "converged", "epochs": epochs_of("cnn"), "patience": patience_of("cnn"),
         "decoder-epochs": epochs_of(DECODERS[0]), "decoder-patience": patience_of(DECODERS[0]),
-        "extend-edges": extend}
+        "extend-edges": extend, "lrs": lrs_text}
     machine = (f"{platform.machine()} CPU, {args.epochs or 2} epochs, lr chosen from {lrs} on "
                "val" if not converged else
                f"{platform.machine()} CPU, converged regime (at most {epochs_of('cnn')} epochs, "
                f"patience {patience_of('cnn')}; decoders {epochs_of(DECODERS[0])} / "
-               f"{patience_of(DECODERS[0])}), lr chosen on val from {lrs}"
+               f"{patience_of(DECODERS[0])}), lr chosen on val from {lrs_text}"
                + (" extended at the edges" if extend else ""))
     done = _results.load(out, settings)
     groups, budgets = (SMOKE, SMOKE_BUDGETS) if args.smoke else (
@@ -551,11 +556,13 @@ def val_score(trial: dict) -> float:
     return trial["val_accuracy"]
 
 
-def _case_rates(trials: list[dict], case: dict, lrs: list[float], extend: bool
+def _case_rates(trials: list[dict], case: dict, lrs: list[float] | None, extend: bool
                 ) -> list[float]:
-    """The rates ``case`` chooses from: ``lrs``, and with ``extend`` the next rate of
-    :data:`RATE_LADDER` beyond an edge while the best trial so far sits at that edge."""
-    grid = sorted(lrs)
+    """The rates ``case`` chooses from: ``lrs`` (``None``: the case's
+    ``_results.centred_rates``), and with ``extend`` the next rate of :data:`RATE_LADDER`
+    beyond an edge while the best trial so far sits at that edge."""
+    grid = sorted(lrs if lrs is not None else
+                  _results.centred_rates(case["group"], case["method"]))
     scores = {t["lr"]: val_score(t) for t in trials if _same_case(t, case)}
     while extend and all(rate in scores for rate in grid):
         best = max(grid, key=scores.get)
@@ -570,7 +577,7 @@ def _case_rates(trials: list[dict], case: dict, lrs: list[float], extend: bool
     return grid
 
 
-def _best_trial(trials: list[dict], case: dict, lrs: list[float], extend: bool = False
+def _best_trial(trials: list[dict], case: dict, lrs: list[float] | None, extend: bool = False
                 ) -> dict:
     """The first-seed trial of ``case`` with the best val score (:func:`val_score`) over its
     grid (:func:`_case_rates`): its learning rate is the method's."""
@@ -582,7 +589,7 @@ def _best_trial(trials: list[dict], case: dict, lrs: list[float], extend: bool =
     return max(candidates, key=val_score)
 
 
-def _chosen_lr(trials: list[dict], case: dict, lrs: list[float], extend: bool = False
+def _chosen_lr(trials: list[dict], case: dict, lrs: list[float] | None, extend: bool = False
                ) -> float | None:
     """The learning rate of :func:`_best_trial`, or ``None`` while a rate of the case's grid
     has no first-seed trial of ``case``."""

@@ -856,27 +856,6 @@ def measured_rules(results: list[dict], budgets: list[float]) -> dict:
     return measured
 
 
-def rate_tuner(method: str) -> str:
-    """The tuner a method label trains with (``"zest + gps (spread 2)"`` → ``gps``, ``"lora
-    (...)"`` → ``lora``, the dense layer choices → ``layers``)."""
-    if method in ("full", "head"):
-        return method
-    for tuner in ("gps", "spsft", "lora"):
-        if tuner in method:
-            return tuner
-    return "layers"
-
-
-def group_kind(group: str) -> str:
-    """The model kind (``zest.rates.MODEL_KINDS``) of a benchmark group, from its model."""
-    from zest.models import MODELS
-
-    meta = MODELS.meta(group.split("__")[0])
-    if meta["modality"] == "image":
-        return "image"
-    return "decoder" if meta.get("causal_lm") else "encoder"
-
-
 def measured_rates(trials: list[dict]) -> dict[tuple[str, str], dict]:
     """The learning rates the benchmark measured, per (tuner, model kind) as
     ``zest.rates.RATE_RULES`` keys them: over the first-seed cases (group, budget, method
@@ -887,7 +866,7 @@ def measured_rates(trials: list[dict]) -> dict[tuple[str, str], dict]:
 
     cases: dict[tuple, dict[float, float]] = defaultdict(dict)
     for t in trials:
-        cell = (rate_tuner(t["method"]), group_kind(t["group"]))
+        cell = (_results.rate_tuner(t["method"]), _results.group_kind(t["group"]))
         cases[cell, t["group"], t["budget"], t["method"]][t["lr"]] = t["val_accuracy"]
     cells: dict[tuple, list[dict[float, float]]] = defaultdict(list)
     for (cell, *_), by_rate in cases.items():

@@ -102,15 +102,19 @@ def model_kind(task: Task) -> str:
 
 
 def default_rate(method: str, task: Task) -> RateRule:
-    """The rate ``method`` trains at on ``task``'s model without an ``lr`` (:data:`RATE_RULES`).
+    """The rate ``method`` trains at on ``task``'s model without an ``lr``: :func:`rate_for`
+    its :func:`model_kind`."""
+    return rate_for(method, model_kind(task))
 
-    A row found through :data:`KIND_FALLBACK` or :data:`METHOD_FALLBACK` says which one it
-    stands in for in its ``reason``.
+
+def rate_for(method: str, kind: str) -> RateRule:
+    """The :data:`RATE_RULES` row of ``method`` on a ``kind`` model (one of
+    :data:`MODEL_KINDS`). A row found through :data:`KIND_FALLBACK` or :data:`METHOD_FALLBACK`
+    says which one it stands in for in its ``reason``.
 
     Raises:
         InvalidInputError: no row for the method (a tuner registered without one): pass ``lr``.
     """
-    kind = model_kind(task)
     for rate_method in (method, *METHOD_FALLBACK.get(method, ())):
         for rate_kind in KIND_FALLBACK[kind]:
             rule = RATE_RULES.get((rate_method, rate_kind))
