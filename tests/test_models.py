@@ -77,7 +77,7 @@ def test_hf_directory_model(tmp_path):
     batch = batch_for(task)
     assert torch.allclose(task.forward(model, batch).logits,
                           loaded_task.forward(loaded, batch).logits, atol=1e-6)
-    with pytest.raises(InvalidInputError, match="config.json"):
+    with pytest.raises(InvalidInputError, match="does not exist"):
         load_model(f"hf:{tmp_path / 'missing'}", 3)
 
 
