@@ -503,6 +503,31 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     return model.to(resolve_device(device)), task
 
 
+
+def task_from_model(model: nn.Module, batch: Batch | None = None) -> Task:
+    """The :class:`Task` of a model loaded outside zest, inferred from the model (the one
+    place zest infers a task; :func:`zest.finetune.prepare.prepare` calls it when no ``task``
+    is given). Inferred today: a transformers ``*ForSequenceClassification`` (classification
+    with ``config.num_labels`` classes, its family's head and pooling) and a ``*ForCausalLM``
+    (the causal-LM task, its pretrained LM head kept). ``batch``, one batch of the user's data,
+    is where inference for other models will read their inputs and labels.
+
+    Raises:
+        InvalidInputError: The task cannot be told from this model; pass ``task=``.
+    """
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    spec = f"hf:{getattr(config, 'name_or_path', '') or name}"
+    if config is not None and name.endswith("ForSequenceClassification"):
+        return _hf_text_task(spec, model, None, int(config.num_labels))
+    if config is not None and name.endswith("ForCausalLM"):
+        family = family_for(model, modality="text", kind="causal_lm", pooling="last")
+        return Task(spec=spec, modality="text", num_classes=1,
+                    head_name=_head_of(spec, model, family, kind="causal_lm"),
+                    family=family.name, pooling="last", kind="causal_lm")
+    raise InvalidInputError(f"zest cannot tell the task of a {name}; pass task= (the Task "
+                            "that zest.load_model returns with the model)")
+
 def model_family(spec: str) -> str:
     """The architecture family of a model spec, without loading it: a registered model's
     ``family`` (``efficientnet``, ``mobilenetv2``, ``bert``, ``llama``, ...), the family part of
