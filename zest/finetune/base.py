@@ -11,6 +11,7 @@ entries and :meth:`Tuner.unwrap` takes the wrapping off again (ARCHITECTURE.md Â
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import resource
@@ -171,6 +172,7 @@ class Tuner:
     density_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        _refuse_prepared(self.model)
         if not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.gradient_checkpointing, bool):
@@ -307,9 +309,7 @@ class Tuner:
         Returns:
             The model, prepared.
         """
-        if prepared_tuner(self.model) is not None:
-            raise InvalidInputError("this model is already prepared; call "
-                                    "zest.unprepare(model) first, or prepare a fresh model")
+        _refuse_prepared(self.model)
         self.device_ = self.device or next(self.model.parameters()).device
         chosen = self._checked_batches(batches)
         self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
@@ -330,6 +330,7 @@ class Tuner:
                              if p.requires_grad and id(p) in existing}
         self._base_values.update({name: b.detach().cpu().clone()
                                   for name, b in self._trained_norm_buffers().items()})
+        self._hold_frozen_norms()
         setattr(self.model, PREPARED_ATTRIBUTE, self)
         return self.model
 
@@ -386,6 +387,7 @@ class Tuner:
                 for name, value in self._base_values.items():
                     current[name].copy_(value.to(current[name].device))
             self._unwrap()
+            self._release_frozen_norms()
             if merge:
                 weights = dict(self.model.named_parameters())
                 for entry in entries:  # what trained in place holds its update already
@@ -395,6 +397,26 @@ class Tuner:
         self._restore_requires_grad()
         delattr(self.model, PREPARED_ATTRIBUTE)
         return self.model
+
+    def _frozen_norms(self) -> list[nn.Module]:
+        """Normalisation layers with running statistics whose own parameters do not train."""
+        return [module for module in self.model.modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(  # noqa: SLF001
+                    p.requires_grad for p in module.parameters(recurse=False))]
+
+    def _hold_frozen_norms(self) -> None:
+        """Keeps the frozen normalisation layers in eval mode whatever loop trains the model
+        (``model.train()`` included), so their running statistics stay the base's and the
+        delta describes the whole change (in :meth:`fit` too)."""
+        for module in self._frozen_norms():
+            module.train = functools.partial(_stay_in_eval, module)
+            module.eval()
+
+    def _release_frozen_norms(self) -> None:
+        for module in self.model.modules():
+            held = module.__dict__.get("train")
+            if isinstance(held, functools.partial) and held.func is _stay_in_eval:
+                del module.train
 
     def _restore_requires_grad(self) -> None:
         for name, p in self.model.named_parameters():
@@ -472,13 +494,9 @@ class Tuner:
         return self
 
     def _train_mode(self) -> None:
-        """Train mode, except normalisation layers whose parameters are frozen: their running
-        statistics stay frozen too (so the delta describes the whole change)."""
+        """Train mode; the normalisation layers whose parameters are frozen stay in eval mode
+        (:meth:`_hold_frozen_norms`), so their running statistics stay frozen too."""
         self.model.train()
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(  # noqa: SLF001
-                    p.requires_grad for p in module.parameters(recurse=False)):
-                module.eval()
 
     def evaluate(self, data: Dataset, split: str = "val", batch_size: int = 128
                  ) -> tuple[float, float]:
@@ -563,3 +581,14 @@ def prepared_tuner(model: nn.Module) -> Tuner | None:
         model = model.module
     tuner = model.__dict__.get(PREPARED_ATTRIBUTE)
     return tuner if isinstance(tuner, Tuner) else None
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """The ``train`` of a frozen normalisation layer of a prepared model: always eval."""
+    return nn.Module.train(module, False)
+
+
+def _refuse_prepared(model: nn.Module) -> None:
+    if prepared_tuner(model) is not None:
+        raise InvalidInputError("this model is already prepared; call zest.unprepare(model) "
+                                "first, or prepare a fresh model")
