@@ -357,3 +357,59 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         report[method] = largest
     (tmp_path / "ddp_max_abs_difference.json").write_text(json.dumps(report))
     print(f"DDP vs one process, max abs difference of the delta values: {report}")
+
+
+# -- the README's example ------------------------------------------------------------------------
+
+README_SECTION = "## Use zest inside your own training"
+#: How the fast test runs the README's example on a tiny model: tiny_bert for minilm, a small
+#: share of rotten_tomatoes, 3 Trainer steps (the slow test runs it as written).
+TINY_SUBSTITUTIONS = (
+    ('"minilm"', '"tiny_bert"'),
+    ('zest.load_pair("tiny_bert", "rotten_tomatoes")',
+     'zest.load_pair("tiny_bert", "rotten_tomatoes", options=zest.DataOptions(max_length=24, '
+     'max_train=48, max_val=16, max_test=16))'),
+    ("max_steps=100", "max_steps=3"),
+)
+
+
+def readme_example() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index(README_SECTION):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def run_readme_example(code: str, folder) -> None:
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    finally:
+        os.chdir(cwd)
+    model, fresh, batch = namespace["model"], namespace["fresh"], namespace["batch"]
+    assert (folder / "run" / "delta.safetensors").is_file()
+    assert zest.delta_of(model).meta["method"] == "gps"
+    trained = logits(model.cpu(), batch)
+    assert not torch.allclose(logits(load_model_like(namespace), batch), trained)
+    torch.testing.assert_close(logits(fresh, batch), trained, atol=1e-5, rtol=1e-5)
+
+
+def load_model_like(namespace):
+    return zest.load_model(namespace["task"].spec, num_classes=namespace["data"].num_classes)[0]
+
+
+def test_the_readme_example_runs_on_a_tiny_model(tmp_path):
+    code = readme_example()
+    for old, new in TINY_SUBSTITUTIONS:
+        assert old in code, old
+        code = code.replace(old, new)
+    run_readme_example(code, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(tmp_path):
+    run_readme_example(readme_example(), tmp_path)
