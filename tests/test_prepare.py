@@ -246,7 +246,9 @@ def test_trainer_trains_resumes_and_the_delta_reproduces_it(tmp_path, spec, meth
     kind = "causal_lm" if causal else "classification"
     model, task = load_model(spec, 2, seed=0, kind=kind)
     layers = LLAMA_LAYERS if causal else TEXT_LAYERS
-    examples = text_examples(task, causal=causal)
+    # a column the forward does not take, which Trainer drops (remove_unused_columns)
+    examples = [{**example, "idx": torch.tensor(i)}
+                for i, example in enumerate(text_examples(task, causal=causal))]
     selection = [collate(examples[:8])]
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     # the task is inferred from the transformers class (no task=)
