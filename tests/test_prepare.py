@@ -193,6 +193,13 @@ def test_task_is_inferred_for_transformers_models():
     assert zest.delta_of(model).meta["head"] == task.head_name
 
 
+def prepare_lm(method, **options):
+    model, task = load_model("tiny_llama", 2, kind="causal_lm")
+    batches = [collate(text_examples(task, 4, causal=True))]
+    return zest.prepare(model, LLAMA_LAYERS, method=method, batches=batches, task=task,
+                        **options)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, t, b: zest.prepare(m, TEXT_LAYERS, batches=b, task=t), "method="),
     (lambda m, t, b: zest.prepare(m, TEXT_LAYERS, method="gps", task=t), "batches="),
@@ -203,6 +210,7 @@ def test_task_is_inferred_for_transformers_models():
                                   batches=[{"input_ids": b[0]["input_ids"]}]), "no labels"),
     (lambda m, t, b: zest.prepare(torch.nn.Linear(2, 2), ["weight"], method="gps", batches=b),
      "pass task="),
+    (lambda m, t, b: prepare_lm("spsft", importance="qm_taylor"), "token labels"),
     (lambda m, t, b: zest.delta_of(m), "not prepared"),
     (lambda m, t, b: zest.unprepare(m), "not prepared"),
 ])

@@ -243,6 +243,10 @@ class SPSFT(Tuner):
                         sums[n] += g.cpu()
                     counts[0] += len(losses)
                     continue
+                if output.labels is None or output.labels.ndim != 1:
+                    raise InvalidInputError("importance='qm_taylor' averages over classes and "
+                                            "needs one class label per example; these batches "
+                                            "have token labels, use importance='taylor'")
                 present = output.labels.unique().tolist()
                 for i, t in enumerate(present):
                     selected = output.labels == t
