@@ -353,9 +353,8 @@ def run_setting(model_spec: str, point: Point, setting: Setting, model, task, da
         # the method's preparation (not measured), its optimizer state, one step
         names = layer_names(model, task, setting)
         tuner = build_tuner(model, task, setting, names)
-        tuner.device_ = torch.device("cpu")
-        with counter:
-            tuner._prepare(data, 1)  # noqa: SLF001 - selection on one example, random scores
+        with counter:  # selection on one example, random scores
+            tuner.prepare(tuner.selection_batches_of(data, 1))
         params = tuner.trainable_parameters()
         trainable = {counter.serial(p) for p in params}
         optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -74,7 +74,7 @@ def test_gps_selects_top_k_gradient_per_neuron():
     model, task, data, layers = pair(IMAGE)
     tuner = GPS(model, task, layers=layers, k=3, selection_batches=2)
     tuner.device_ = torch.device("cpu")
-    scores = tuner.importance(data, 16)
+    scores = tuner.importance(tuner.selection_batches_of(data, 16))
     tuner.fit(data, epochs=1, batch_size=16)
     for name in layers:
         flat = scores[name].reshape(scores[name].shape[0], -1)
@@ -100,8 +100,7 @@ def test_spsft_frozen_weight_gets_no_gradient_and_starts_at_the_base_model():
     model, task, data, layers = pair(TEXT)
     base_out = outputs(model, task, data)
     tuner = SPSFT(model, task, layers=layers, ratio=0.25, importance="l2")
-    tuner.device_ = torch.device("cpu")
-    tuner._prepare(data, 16)
+    tuner.prepare(tuner.selection_batches_of(data, 16))
     torch.testing.assert_close(outputs(model, task, data), base_out)  # W_f starts at zero
     batch = data.batches("train", 16, 1)[0]
     loss = torch.nn.functional.cross_entropy(task.forward(model, batch).logits,
@@ -122,9 +121,10 @@ def test_spsft_quantile_mean_taylor_is_the_mean_of_eleven_quantiles():
     tuner = SPSFT(model, task, layers=layers[:1], ratio=0.5, importance="qm_taylor",
                   selection_batches=2)
     tuner.device_ = torch.device("cpu")
-    scores = tuner.neuron_importance(data, 16)[layers[0]]
+    batches = tuner.selection_batches_of(data, 16)
+    scores = tuner.neuron_importance(batches)[layers[0]]
     weights = {layers[0]: model.get_submodule(layers[0]).weight}
-    per_class_grads = tuner._mean_gradients(data, 16, weights, by_class=True)[layers[0]]
+    per_class_grads = tuner._mean_gradients(batches, weights, by_class=True)[layers[0]]
     w = weights[layers[0]].detach().reshape(weights[layers[0]].shape[0], -1)
     eta = torch.stack([(g.reshape(w.shape[0], -1) * w).abs().sum(1) for g in per_class_grads])
     expected = torch.stack([torch.quantile(eta.double(), q / 10, dim=0)

@@ -162,8 +162,7 @@ def test_gps_builds_no_dense_weight_gradient_or_copy(monkeypatch, implementation
     model, task, data, _ = decoder()
     tuner = GPS(model, task, layers="all", k=2, selection_batches=1,
                 implementation=implementation)
-    tuner.device_ = torch.device("cpu")
-    tuner._prepare(data, 8)
+    tuner.prepare(tuner.selection_batches_of(data, 8))
     weights = [model.get_submodule(name).weight for name in tuner.layer_names]
     assert any(name.endswith("embed_tokens") for name in tuner.layer_names)
     dense_shapes = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
@@ -204,8 +203,7 @@ def test_spsft_caches_nothing_for_its_rows():
     model, task, data, names = decoder()
     r = 5  # no other dimension of tiny_llama's activations is 5
     tuner = SPSFT(model, task, layers=names, r=r, importance="l2")
-    tuner.device_ = torch.device("cpu")
-    tuner._prepare(data, 8)
+    tuner.prepare(tuner.selection_batches_of(data, 8))
     batch = data.batches("train", 8, 1, seed=1)[0]
     model.train()
     shapes = []

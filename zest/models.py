@@ -520,6 +520,7 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
     return model.to(resolve_device(device)), task
 
 
+
 def model_family(spec: str) -> str:
     """The architecture family of a model spec, without loading it: a registered model's
     ``family`` (``efficientnet``, ``mobilenetv2``, ``bert``, ``llama``, ...), the family part of

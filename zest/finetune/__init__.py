@@ -4,6 +4,10 @@
 tuner = zest.finetune.SPSFT(model, task, layers, ratio=0.05)   # or GPS(..., k=8)
 tuner.fit(data, epochs=3)
 tuner.delta().save("run/delta.safetensors")
+
+model = zest.finetune.prepare(model, layers, method="gps", batches=[batch], k=8)
+# ... any training loop ...
+zest.finetune.delta_of(model).save("run/delta.safetensors")
 ```
 """
 
@@ -14,8 +18,9 @@ from zest.finetune.baselines import BitFit, Full, Head, Layers
 from zest.finetune.delta import Delta, DeltaEntry, apply_delta
 from zest.finetune.gps import GPS
 from zest.finetune.lora import LoRA, lora_can_wrap, lora_config
+from zest.finetune.prepare import delta_of, prepare, unprepare
 from zest.finetune.spsft import SPSFT
 
 __all__ = ["GPS", "METHODS", "SPSFT", "BitFit", "Delta", "DeltaEntry", "EpochRecord", "Full",
-           "Head", "Layers", "LoRA", "Tuner", "apply_delta", "lora_can_wrap", "lora_config",
-           "register_tuner", "tuner_parameters"]
+           "Head", "Layers", "LoRA", "Tuner", "apply_delta", "delta_of", "lora_can_wrap",
+           "lora_config", "prepare", "register_tuner", "tuner_parameters", "unprepare"]

@@ -1,18 +1,22 @@
 """The shared fine-tuning loop: prepare (select + wrap), train, validate, export a delta.
 
 Every method (GPS, SPSFT and the baselines) is a :class:`Tuner`: construction only validates its
-arguments; :meth:`Tuner.fit` selects what to train (``_prepare``), trains it with AdamW and the
-task's cross-entropy (of the labels, or of every next token for a causal-LM task), validates
-every epoch, and keeps the history; :meth:`Tuner.delta` returns only the trained entries
-(ARCHITECTURE.md §3a).
+arguments; :meth:`Tuner.prepare` selects what to train from batches (``_prepare``) and wraps the
+model in place, the one preparation behind both doors, :meth:`Tuner.fit` and
+:func:`zest.finetune.prepare.prepare` (any training loop); :meth:`Tuner.fit` then trains it with
+AdamW and the task's cross-entropy (of the labels, or of every next token for a causal-LM task),
+validates every epoch, and keeps the history; :meth:`Tuner.delta` returns only the trained
+entries and :meth:`Tuner.unwrap` takes the wrapping off again (ARCHITECTURE.md §3a).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -27,8 +31,13 @@ from zest.finetune.delta import Delta, DeltaEntry
 from zest.finetune.memory import training_state
 from zest.fingerprint import model_fingerprint
 from zest.layers import candidate_layers, output_dim
-from zest.models import Task
+from zest.models import Batch, Task
 from zest.rates import AUTO_RATE, check_rate, default_rate
+
+#: The attribute under which a prepared model keeps its :class:`Tuner` (a plain attribute:
+#: ``copy.deepcopy`` copies it with the model, DDP wraps the model around it, and
+#: ``state_dict`` leaves it out; the trained values themselves are parameters of the model).
+PREPARED_ATTRIBUTE = "_zest_tuner"
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -180,6 +189,7 @@ class Tuner:
     density_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        _refuse_prepared(self.model)
         check_rate(self.lr)
         check_finite_options({f.name: getattr(self, f.name) for f in fields(self) if f.init})
         if self.lr == AUTO_RATE:
@@ -227,9 +237,22 @@ class Tuner:
     def _check_layers(self) -> None:
         """Raises for a layer type the method cannot handle."""
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
-        """Selects and wraps what to train; sets ``requires_grad``."""
+    def _prepare(self, batches: list[Batch]) -> None:
+        """Selects (from ``batches``, where the method selects from data) and wraps what to
+        train; sets ``requires_grad``. Everything it trains must be a parameter of the model
+        (so ``state_dict`` and DDP see it) and everything it selects a buffer or a module of
+        the model, read back by :meth:`_delta_entries`."""
         raise NotImplementedError
+
+    def _unwrap(self) -> None:
+        """Takes off what :meth:`_prepare` put on the model (hooks, sparse forwards,
+        parametrizations, adapters) without folding anything into the weights; the base
+        does nothing (dense methods train the parameters in place)."""
+
+    def selection_batch_count(self) -> int:
+        """How many batches the method selects from (GPS's gradients, SPSFT's Taylor
+        importances); 0 for methods that select nothing from data."""
+        return 0
 
     def _delta_entries(self) -> list[DeltaEntry]:
         raise NotImplementedError
@@ -287,17 +310,147 @@ class Tuner:
             return self._fit(data, epochs, batch_size, progress, max_steps, test_each_epoch,
                              patience)
 
+    def selection_batches_of(self, data: Dataset, batch_size: int) -> list[Batch]:
+        """The batches :meth:`fit` selects from: :meth:`selection_batch_count` seeded batches
+        of the train split (none for a method that selects nothing from data)."""
+        count = self.selection_batch_count()
+        return data.batches("train", batch_size, count, seed=self.seed) if count else []
+
+    def prepare(self, batches: Iterable[Batch] | None = None) -> nn.Module:
+        """Selects what to train and wraps the model in place (ARCHITECTURE.md §3a): only the
+        planned values are trainable afterwards, and the model keeps this tuner (under
+        :data:`PREPARED_ATTRIBUTE`) for :meth:`delta` and :meth:`unwrap`.
+
+        Args:
+            batches: The batches selection reads (GPS's gradients, SPSFT's Taylor
+                importances): ``(x, y)`` tensors, or dicts of ``input_ids``,
+                ``attention_mask`` and ``labels`` as transformers' collators make them; at
+                most :meth:`selection_batch_count` of them are read. Methods that select
+                nothing from data ignore them.
+
+        Returns:
+            The model, prepared.
+        """
+        _refuse_prepared(self.model)
+        self.device_ = self.device or next(self.model.parameters()).device
+        chosen = self._checked_batches(batches)
+        self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
+        existing = {id(p) for p in self.model.parameters()}
+        self._requires_grad_before = {name: p.requires_grad
+                                      for name, p in self.model.named_parameters()}
+        with training_state(self.model, self.task):
+            self._prepare(chosen)
+        if not self.trainable_parameters():
+            self._unwrap()
+            self._restore_requires_grad()
+            raise InvalidInputError(f"{self.method}: nothing to train; choose at least one layer")
+        self.trainable_params_ = self.count_trainable()
+        # what trains in place (head, biases, dense layers), as it was: unwrap(merge=False)
+        # puts it back
+        self._base_values = {name: p.detach().cpu().clone()
+                             for name, p in self.model.named_parameters()
+                             if p.requires_grad and id(p) in existing}
+        self._base_values.update({name: b.detach().cpu().clone()
+                                  for name, b in self._trained_norm_buffers().items()})
+        self._hold_frozen_norms()
+        setattr(self.model, PREPARED_ATTRIBUTE, self)
+        return self.model
+
+    def _checked_batches(self, batches: Iterable[Batch] | None) -> list[Batch]:
+        """At most :meth:`selection_batch_count` of ``batches``, each checked; a one-line
+        error when the method needs batches and got none."""
+        count = self.selection_batch_count()
+        if not count:
+            return []
+        if batches is None or isinstance(batches, Mapping | torch.Tensor | str):
+            raise InvalidInputError(f"{self.method} selects from the gradients of your data; "
+                                    "pass batches=[batch, ...] (an iterable of (x, y) tensors "
+                                    "or of tokenised dicts with labels)")
+        chosen = []
+        for i, batch in enumerate(itertools.islice(batches, count)):
+            if isinstance(batch, list) and len(batch) == 2:
+                batch = tuple(batch)  # a DataLoader's default collation
+            where = f"selection batch {i}"
+            if self.task.kind == "causal_lm" and isinstance(batch, Mapping):
+                # collators give causal LMs token labels; the next tokens come from input_ids
+                self.task.check_batch({k: v for k, v in batch.items() if k != "labels"}, where)
+            else:
+                if not self.task.has_labels(batch):
+                    raise InvalidInputError(f"{where} has no labels; {self.method} selects "
+                                            "from labelled batches (an (x, y) pair or a dict "
+                                            "with 'labels')")
+                self.task.check_batch(batch, where)
+            chosen.append(batch)
+        if not chosen:
+            raise InvalidInputError(f"batches is empty; {self.method} selects from at least "
+                                    "one batch")
+        return chosen
+
+    def unwrap(self, merge: bool = True) -> nn.Module:
+        """Takes the preparation off the model: hooks, sparse forwards, parametrizations and
+        adapters removed, and every ``requires_grad`` as it was before :meth:`prepare`.
+
+        Args:
+            merge: ``True``: the weights then hold the trained update (the model computes as
+                the prepared one did). ``False``: the model is the base again, exactly (the
+                values trained in place, such as the head and biases, restored).
+
+        Returns:
+            The model.
+        """
+        if prepared_tuner(self.model) is not self:
+            raise InvalidInputError("this model is not prepared by this tuner; nothing to "
+                                    "unprepare")
+        entries = self._delta_entries() if merge else []
+        with torch.no_grad():
+            if not merge:
+                current = {**dict(self.model.named_parameters()),
+                           **dict(self.model.named_buffers())}
+                for name, value in self._base_values.items():
+                    current[name].copy_(value.to(current[name].device))
+            self._unwrap()
+            self._release_frozen_norms()
+            if merge:
+                weights = dict(self.model.named_parameters())
+                for entry in entries:  # what trained in place holds its update already
+                    if entry.kind != "replace" and entry.name not in self._base_values:
+                        target = weights[entry.name]
+                        target.add_(entry.weight_delta(target.detach().cpu()).to(target.device))
+        self._restore_requires_grad()
+        delattr(self.model, PREPARED_ATTRIBUTE)
+        return self.model
+
+    def _frozen_norms(self) -> list[nn.Module]:
+        """Normalisation layers with running statistics whose own parameters do not train."""
+        return [module for module in self.model.modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(  # noqa: SLF001
+                    p.requires_grad for p in module.parameters(recurse=False))]
+
+    def _hold_frozen_norms(self) -> None:
+        """Keeps the frozen normalisation layers in eval mode whatever loop trains the model
+        (``model.train()`` included), so their running statistics stay the base's and the
+        delta describes the whole change (in :meth:`fit` too)."""
+        for module in self._frozen_norms():
+            module.train = functools.partial(_stay_in_eval, module)
+            module.eval()
+
+    def _release_frozen_norms(self) -> None:
+        for module in self.model.modules():
+            held = module.__dict__.get("train")
+            if isinstance(held, functools.partial) and held.func is _stay_in_eval:
+                del module.train
+
+    def _restore_requires_grad(self) -> None:
+        for name, p in self.model.named_parameters():
+            if name in self._requires_grad_before:
+                p.requires_grad_(self._requires_grad_before[name])
+
     def _fit(self, data: Dataset, epochs: int, batch_size: int,
              progress: ProgressCallback | None, max_steps: int | None,
              test_each_epoch: bool, patience: int | None) -> Tuner:
-        self.device_ = self.device or next(self.model.parameters()).device
         start = time.perf_counter()
-        self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
-        self._prepare(data, batch_size)
+        self.prepare(self.selection_batches_of(data, batch_size))
         params = self.trainable_parameters()
-        if not params:
-            raise InvalidInputError(f"{self.method}: nothing to train; choose at least one layer")
-        self.trainable_params_ = self.count_trainable()
         optimizer = self.optimizer_ = torch.optim.AdamW(params, lr=self.lr,
                                                          weight_decay=self.weight_decay)
         self.history_: list[EpochRecord] = []
@@ -363,13 +516,9 @@ class Tuner:
         return self
 
     def _train_mode(self) -> None:
-        """Train mode, except normalisation layers whose parameters are frozen: their running
-        statistics stay frozen too (so the delta describes the whole change)."""
+        """Train mode; the normalisation layers whose parameters are frozen stay in eval mode
+        (:meth:`_hold_frozen_norms`), so their running statistics stay frozen too."""
         self.model.train()
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(  # noqa: SLF001
-                    p.requires_grad for p in module.parameters(recurse=False)):
-                module.eval()
 
     def evaluate(self, data: Dataset, split: str = "val", batch_size: int = 128
                  ) -> tuple[float, float]:
@@ -410,9 +559,10 @@ class Tuner:
                 buffer.copy_(snapshot[name])
 
     def delta(self) -> Delta:
-        """Only what was trained, as a :class:`~zest.finetune.delta.Delta`."""
+        """Only what was trained, as a :class:`~zest.finetune.delta.Delta` (read from the
+        model's current values; the base fingerprint is the one taken at :meth:`prepare`)."""
         if not hasattr(self, "trainable_params_"):
-            raise InvalidInputError("nothing trained yet; call fit() first")
+            raise InvalidInputError("nothing trained yet; call fit() or prepare() first")
         entries = self._delta_entries()
         return Delta(entries=entries, meta={
             "method": self.method, "model": self.task.spec, "num_classes": self.task.num_classes,
@@ -444,3 +594,23 @@ class Tuner:
         bias (they are stored whole, ``mode="replace"``)."""
         return [DeltaEntry(name=name, kind="replace", tensors={"value": p.detach().cpu()},
                            shape=list(p.shape)) for name, p in parameters.items()]
+
+
+def prepared_tuner(model: nn.Module) -> Tuner | None:
+    """The :class:`Tuner` a prepared model keeps (``None`` when it is not prepared); a
+    ``DistributedDataParallel`` or ``DataParallel`` wrapper is looked through."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    tuner = model.__dict__.get(PREPARED_ATTRIBUTE)
+    return tuner if isinstance(tuner, Tuner) else None
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """The ``train`` of a frozen normalisation layer of a prepared model: always eval."""
+    return nn.Module.train(module, False)
+
+
+def _refuse_prepared(model: nn.Module) -> None:
+    if prepared_tuner(model) is not None:
+        raise InvalidInputError("this model is already prepared; call zest.unprepare(model) "
+                                "first, or prepare a fresh model")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner, register_tuner
 from zest.finetune.delta import DeltaEntry
+from zest.models import Batch
 
 
 @register_tuner
@@ -19,7 +19,7 @@ class Full(Tuner):
     method: str = field(default="full", init=False)
     uses_layers: bool = field(default=False, init=False)
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
+    def _prepare(self, batches: list[Batch]) -> None:
         for p in self.model.parameters():
             p.requires_grad_(True)
 
@@ -43,7 +43,7 @@ class Head(Tuner):
                                     "causal-LM task keeps its pretrained LM head; use --method "
                                     "layers, gps, spsft or lora")
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
+    def _prepare(self, batches: list[Batch]) -> None:
         self._freeze_all()
         for p in self._head_parameters():
             p.requires_grad_(True)
@@ -60,7 +60,7 @@ class BitFit(Tuner):
     method: str = field(default="bitfit", init=False)
     uses_layers: bool = field(default=False, init=False)
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
+    def _prepare(self, batches: list[Batch]) -> None:
         self._freeze_all()
         for name, p in self.model.named_parameters():
             if name.endswith(".bias") or (self.task.tunes_head
@@ -82,7 +82,7 @@ class Layers(Tuner):
     def _allows_any_module(self) -> bool:
         return True
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
+    def _prepare(self, batches: list[Batch]) -> None:
         self._freeze_all()
         for name in self.layer_names:
             for p in self.model.get_submodule(name)._parameters.values():  # noqa: SLF001

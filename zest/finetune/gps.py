@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.families import gps_keeps_frozen
 from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
@@ -39,7 +38,7 @@ from zest.finetune.sparse import (
     sparse_update_of,
 )
 from zest.layers import neuron_rows, output_dim
-from zest.models import Task, preserved_training_state, supervised_contrastive_loss
+from zest.models import Batch, Task, preserved_training_state, supervised_contrastive_loss
 
 
 class SparseDelta(SparseUpdate):
@@ -159,9 +158,13 @@ class GPS(Tuner):
                 raise InvalidInputError(f"k={self.k} is larger than the {width} input connections "
                                         f"per neuron of {name!r}; use k ≤ {width}")
 
-    def importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
-        """|Σ ∇W L_supcon| over ``selection_batches`` batches, per chosen layer (§3.1); for a
-        causal-LM task, whose texts have no classes to contrast, ``L`` is its next-token loss."""
+    def selection_batch_count(self) -> int:
+        """GPS selects from the gradients of ``selection_batches`` batches."""
+        return self.selection_batches
+
+    def importance(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+        """|Σ ∇W L_supcon| over ``batches``, per chosen layer (§3.1); for a causal-LM task,
+        whose texts have no classes to contrast, ``L`` is its next-token loss."""
         weights = {name: self.model.get_submodule(name).weight for name in self.layer_names}
         total = {name: torch.zeros_like(w) for name, w in weights.items()}
         generator = torch.Generator().manual_seed(self.seed)
@@ -171,7 +174,6 @@ class GPS(Tuner):
                 w.requires_grad_(True)
             # dropout noise makes the two text views; images keep frozen BatchNorm statistics
             self.model.train(self.task.modality == "text")
-            batches = data.batches("train", batch_size, self.selection_batches, seed=self.seed)
             for batch in batches:
                 if self.task.kind == "causal_lm":
                     loss = self.task.loss(self.task.forward(self.model, batch, self.device_))
@@ -185,22 +187,22 @@ class GPS(Tuner):
                         total[name] += g.detach()
         return {name: t.abs() for name, t in total.items()}
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
-        scores = self.importance(data, batch_size)
+    def _prepare(self, batches: list[Batch]) -> None:
+        scores = self.importance(batches)
         self._freeze_all()
-        self.indices_: dict[str, torch.Tensor] = {}
+        self._mask_indices: dict[str, torch.Tensor] = {}
         self._originals: dict[str, torch.Tensor] = {}
-        self._trainable: list[nn.Parameter] = []
+        self._mask_hooks = []
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             transposed = output_dim(module) == 1
             flat = neuron_rows(scores[name], output_dim(module))
             indices = flat.topk(min(self.k, flat.shape[1]), dim=1).indices.sort(dim=1).values
-            self.indices_[name] = indices
             if self.implementation == "sparse":
-                self._trainable.append(_attach_values(module, indices, transposed))
+                _attach_values(module, indices, transposed)
             else:
                 weight = module.weight
+                self._mask_indices[name] = indices
                 # the selected entries' starting values, for the delta (not a dense copy)
                 self._originals[name] = neuron_rows(weight.detach(), output_dim(module)).gather(
                     1, indices)
@@ -208,18 +210,59 @@ class GPS(Tuner):
                 mask.scatter_(1, indices, 1.0)
                 mask = mask.T.contiguous() if transposed else mask.view_as(weight)
                 weight.requires_grad_(True)
-                weight.register_hook(lambda g, m=mask: g * m)
-                self._trainable.append(weight)
+                self._mask_hooks.append(weight.register_hook(lambda g, m=mask: g * m))
             bias = module._parameters.get("bias")  # noqa: SLF001
             if bias is not None:
                 bias.requires_grad_(True)
-                self._trainable.append(bias)
         for p in self._head_parameters():
             p.requires_grad_(True)
-            self._trainable.append(p)
+
+    def _update(self, name: str) -> SparseUpdate | None:
+        """The values of a chosen layer (sparse implementation): its sparse forward's, or its
+        parametrization's; ``None`` before :meth:`prepare`."""
+        module = self.model.get_submodule(name)
+        update = sparse_update_of(module)
+        if update is None and parametrize.is_parametrized(module, "weight"):
+            update = module.parametrizations.weight[0]
+        return update
+
+    @property
+    def indices_(self) -> dict[str, torch.Tensor]:
+        """The selected input connections of each chosen layer's neurons (the model's
+        buffers), ``(rows, k)``."""
+        if self.implementation == "sparse":
+            return {name: self._update(name).indices for name in self.layer_names}
+        return dict(getattr(self, "_mask_indices", {}))
+
+    def _unwrap(self) -> None:
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            detach_sparse_update(module, fold=False)
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for hook in getattr(self, "_mask_hooks", []):
+            hook.remove()
+        self._mask_hooks = []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(getattr(self, "_trainable", []))
+        """The selected values (or, for ``dense_mask``, the masked weights), the chosen
+        layers' biases and the head, read from the model; none before :meth:`prepare`."""
+        params = []
+        for name in self.layer_names:
+            module = self.model.get_submodule(name)
+            if self.implementation == "sparse":
+                update = self._update(name)
+                if update is None:
+                    return []
+                params.append(update.values)
+            elif name in getattr(self, "_mask_indices", {}):
+                params.append(module.weight)
+            else:
+                return []
+            bias = module._parameters.get("bias")  # noqa: SLF001
+            if bias is not None:
+                params.append(bias)
+        return params + self._head_parameters()
 
     def count_trainable(self) -> int:
         """Selected weight entries + biases + head."""
@@ -235,12 +278,11 @@ class GPS(Tuner):
             module = self.model.get_submodule(name)
             indices = self.indices_[name]
             if self.implementation == "sparse":
-                update = sparse_update_of(module)
-                if update is not None:
-                    values, shape = update.values.detach(), list(module.weight.shape)
-                else:
-                    values = module.parametrizations.weight[0].values.detach()
-                    shape = list(module.parametrizations.weight.original.shape)
+                update = self._update(name)
+                values = update.values.detach()
+                shape = list(module.parametrizations.weight.original.shape
+                             if parametrize.is_parametrized(module, "weight")
+                             else module.weight.shape)
             else:
                 values = neuron_rows(module.weight.detach(), output_dim(module)).gather(
                     1, indices) - self._originals[name]
@@ -254,15 +296,3 @@ class GPS(Tuner):
                 entries += self._dense_entries({f"{name}.bias": bias})
         entries += self._head_entries()
         return entries
-
-    def merge(self) -> nn.Module:
-        """Folds the trained entries into the weights and removes the sparse forwards and
-        parametrizations."""
-        if self.implementation == "sparse":
-            for name in self.layer_names:
-                module = self.model.get_submodule(name)
-                detach_sparse_update(module)
-                if parametrize.is_parametrized(module, "weight"):
-                    parametrize.remove_parametrizations(module, "weight",
-                                                        leave_parametrized=True)
-        return self.model

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.layers import transforms_weight
+from zest.models import Batch
 
 
 def lora_can_wrap(module: nn.Module) -> bool:
@@ -108,15 +108,29 @@ class LoRA(Tuner):
         return lora_config(self.layer_names, r=self.rank, lora_alpha=self.alpha,
                            lora_dropout=self.dropout, bias="none")
 
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
+    def _prepare(self, batches: list[Batch]) -> None:
         from peft import inject_adapter_in_model
 
         self._freeze_all()
+        self._had_peft_config = "peft_config" in self.model.__dict__
         inject_adapter_in_model(self.lora_config(), self.model)
         for name, p in self.model.named_parameters():
             p.requires_grad_("lora_" in name)
         for p in self._head_parameters():
             p.requires_grad_(True)
+
+    def _unwrap(self) -> None:
+        """Puts each chosen layer's base layer back in place of peft's LoRA wrapper."""
+        for name in self.layer_names:
+            wrapper = self.model.get_submodule(name)
+            base = getattr(wrapper, "base_layer", None)
+            if base is None:
+                continue
+            parent_name, _, attribute = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, attribute, base)
+        if not getattr(self, "_had_peft_config", True):
+            self.model.__dict__.pop("peft_config", None)
 
     def _delta_entries(self) -> list[DeltaEntry]:
         entries = []

@@ -85,14 +85,16 @@ def sparse_update_of(module: nn.Module) -> SparseUpdate | None:
     return update if isinstance(update, SparseUpdate) else None
 
 
-def detach_sparse_update(module: nn.Module) -> None:
-    """Folds the values into the weight and gives the module back its own forward."""
+def detach_sparse_update(module: nn.Module, fold: bool = True) -> None:
+    """Gives the module back its own forward; with ``fold``, the values are first added into
+    the weight (else the weight is the frozen base, untouched)."""
     update = sparse_update_of(module)
     if update is None:
         return
-    with torch.no_grad():
-        update.rows_of(module.weight).scatter_add_(1, update.indices,
-                                                   update.values.to(module.weight.dtype))
+    if fold:
+        with torch.no_grad():
+            update.rows_of(module.weight).scatter_add_(1, update.indices,
+                                                       update.values.to(module.weight.dtype))
     del module._modules[SPARSE_UPDATE]  # noqa: SLF001
     del module.forward
 

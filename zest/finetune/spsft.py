@@ -10,7 +10,9 @@ per-row (per-channel) variant: ``r`` trainable scale offsets on the normalised i
 quantile-mean Taylor importance (class-wise ``η_i^t`` on each class's data, averaged over the
 0 %, 10 %, …, 100 % quantiles over classes; Eq. 6–7).
 
-The extra output is added by a forward hook on the layer, so module names stay as they were.
+The extra output is added by a forward hook on the layer, so module names stay as they were;
+the rows and ``W_f`` live in a :class:`RowUpdate` child of the layer (a buffer and a parameter:
+``state_dict``, ``copy.deepcopy`` and DDP see them), which the hook reads at every call.
 """
 
 from __future__ import annotations
@@ -23,18 +25,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zest.data import Dataset
 from zest.errors import InvalidInputError
 from zest.families import conv_forward
 from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import add_rows
 from zest.layers import neuron_rows, output_dim, transforms_weight
-from zest.models import preserved_training_state
+from zest.models import Batch, preserved_training_state
 
 IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
+#: The child-module name under which a layer keeps its :class:`RowUpdate`.
+ROW_UPDATE = "row_update"
+
+
+class RowUpdate(nn.Module):
+    """SPSFT's trained rows of one layer: ``rows`` (the chosen output neurons, a buffer) and
+    ``delta`` (``W_f``, one row of the layer's weight per chosen neuron; a scale offset per
+    row for normalisation layers), zero at the start."""
+
+    def __init__(self, rows: torch.Tensor, inner: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.delta = nn.Parameter(torch.zeros((len(rows),) + inner, dtype=dtype,
+                                              device=rows.device))
+
+
+def row_update_of(module: nn.Module) -> RowUpdate | None:
+    """The layer's :class:`RowUpdate`, if it has one."""
+    update = module._modules.get(ROW_UPDATE)  # noqa: SLF001 - own child only
+    return update if isinstance(update, RowUpdate) else None
+
+
+def _add_row_update(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The forward hook: ``out + scatter_rows(f(W_f, x))`` (Eq. 5), from the layer's own
+    :class:`RowUpdate` (so a copy of the model computes with its own copy)."""
+    update = row_update_of(module)
+    extra, dim = _row_output(module, update.rows, update.delta, args[0])
+    return add_rows(out, dim % out.ndim, update.rows, extra.to(out.dtype))
+
+
+def _remove_row_update(module: nn.Module) -> None:
+    """Removes the hook and the :class:`RowUpdate` (the weight was never changed)."""
+    hooks = module._forward_hooks  # noqa: SLF001 - hooks found by their function, not a handle
+    for key in [key for key, hook in hooks.items() if hook is _add_row_update]:
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)  # noqa: SLF001
+        module._forward_hooks_always_called.pop(key, None)  # noqa: SLF001
+    module._modules.pop(ROW_UPDATE, None)  # noqa: SLF001
 
 
 def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor,
@@ -157,13 +196,18 @@ class SPSFT(Tuner):
         return self.neuron_count(out_features, self.ratio, self.r)
 
     # -- importance ------------------------------------------------------------------------------
-    def neuron_importance(self, data: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
-        """Importance per output neuron of each chosen layer (§3.2, Appendix A)."""
+    def selection_batch_count(self) -> int:
+        """The Taylor importances read ``selection_batches`` batches; ``l2`` reads none."""
+        return 0 if self.importance == "l2" else self.selection_batches
+
+    def neuron_importance(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+        """Importance per output neuron of each chosen layer (§3.2, Appendix A), from
+        ``batches`` (unused by ``l2``)."""
         weights = {n: self.model.get_submodule(n).weight for n in self.layer_names}
         dims = {n: output_dim(self.model.get_submodule(n)) for n in self.layer_names}
         if self.importance == "l2":
             return {n: neuron_rows(w.detach(), dims[n]).norm(dim=1) for n, w in weights.items()}
-        grads = self._mean_gradients(data, batch_size, weights, by_class=(
+        grads = self._mean_gradients(batches, weights, by_class=(
             self.importance == "qm_taylor"))
         scores = {}
         for name, w in weights.items():
@@ -177,7 +221,7 @@ class SPSFT(Tuner):
                                               dim=0).mean(dim=0).float()
         return scores
 
-    def _mean_gradients(self, data: Dataset, batch_size: int, weights: dict[str, nn.Parameter],
+    def _mean_gradients(self, batches: Sequence[Batch], weights: dict[str, nn.Parameter],
                         by_class: bool) -> dict[str, Any]:
         """Mean gradient of the cross-entropy over the selection data (per class if asked)."""
         names = list(weights)
@@ -190,8 +234,7 @@ class SPSFT(Tuner):
             for w in weights.values():
                 w.requires_grad_(True)
             self.model.eval()
-            for batch in data.batches("train", batch_size, self.selection_batches,
-                                      seed=self.seed):
+            for batch in batches:
                 output = self.task.forward(self.model, batch, self.device_)
                 losses = self.task.example_losses(output)
                 if not by_class:
@@ -200,6 +243,10 @@ class SPSFT(Tuner):
                         sums[n] += g.cpu()
                     counts[0] += len(losses)
                     continue
+                if output.labels is None or output.labels.ndim != 1:
+                    raise InvalidInputError("importance='qm_taylor' averages over classes and "
+                                            "needs one class label per example; these batches "
+                                            "have token labels, use importance='taylor'")
                 present = output.labels.unique().tolist()
                 for i, t in enumerate(present):
                     selected = output.labels == t
@@ -215,12 +262,9 @@ class SPSFT(Tuner):
                 for n, s in sums.items()}
 
     # -- wrapping --------------------------------------------------------------------------------
-    def _prepare(self, data: Dataset, batch_size: int) -> None:
-        scores = self.neuron_importance(data, batch_size)
+    def _prepare(self, batches: list[Batch]) -> None:
+        scores = self.neuron_importance(batches)
         self._freeze_all()
-        self.rows_: dict[str, torch.Tensor] = {}
-        self.deltas_: dict[str, nn.Parameter] = {}
-        self._handles = []
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             weight = module.weight
@@ -229,24 +273,33 @@ class SPSFT(Tuner):
             rows = scores[name].topk(r).indices.sort().values.to(weight.device)
             # W_f ∈ R^{r × d_in} (r scale offsets for normalisation layers), zero at the start
             inner = tuple(weight.movedim(dim, 0).shape[1:])
-            delta = nn.Parameter(torch.zeros((r,) + inner, dtype=weight.dtype,
-                                             device=weight.device))
-            self.rows_[name] = rows
-            self.deltas_[name] = delta
-            self._handles.append(module.register_forward_hook(self._hook(rows, delta)))
+            module.add_module(ROW_UPDATE, RowUpdate(rows, inner, weight.dtype))
+            module.register_forward_hook(_add_row_update)
         for p in self._head_parameters():
             p.requires_grad_(True)
 
-    @staticmethod
-    def _hook(rows: torch.Tensor, delta: nn.Parameter):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            extra, dim = _row_output(module, rows, delta, args[0])
-            return add_rows(out, dim % out.ndim, rows, extra.to(out.dtype))
+    def _updates(self) -> dict[str, RowUpdate]:
+        updates = {name: row_update_of(self.model.get_submodule(name))
+                   for name in self.layer_names}
+        return {name: u for name, u in updates.items() if u is not None}
 
-        return hook
+    @property
+    def rows_(self) -> dict[str, torch.Tensor]:
+        """The chosen output neurons of each chosen layer (the model's buffers)."""
+        return {name: update.rows for name, update in self._updates().items()}
+
+    @property
+    def deltas_(self) -> dict[str, nn.Parameter]:
+        """``W_f`` of each chosen layer (the model's parameters)."""
+        return {name: update.delta for name, update in self._updates().items()}
+
+    def _unwrap(self) -> None:
+        for name in self.layer_names:
+            _remove_row_update(self.model.get_submodule(name))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(getattr(self, "deltas_", {}).values()) + self._head_parameters()
+        deltas = list(self.deltas_.values())
+        return deltas + self._head_parameters() if deltas else []
 
     def _delta_entries(self) -> list[DeltaEntry]:
         entries = []
@@ -260,9 +313,3 @@ class SPSFT(Tuner):
                                       extra={"transposed": True} if output_dim(module) else {}))
         entries += self._head_entries()
         return entries
-
-    def remove_hooks(self) -> None:
-        """Detaches the row updates (the model computes as the base model again)."""
-        for handle in getattr(self, "_handles", []):
-            handle.remove()
-        self._handles = []
