@@ -84,7 +84,11 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
     check_method_options(method, options)
     if task is None:
         first, batches = _peek(batches)
-        task = infer_task(model, first)
+        try:
+            task = infer_task(model, first)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{error}; or pass task= (the Task zest.load_model returns "
+                                    "with the model)") from None
     layer_options = {"layers": layers} if tuner_class.uses_layers else {}
     tuner: Tuner = tuner_class(model, task, **layer_options, **options)
     return tuner.prepare(batches)
