@@ -42,3 +42,17 @@ def tiny(request):
     """(spec, model, task, batch) for every tiny architecture family."""
     model, task = load_model(request.param, 3, seed=0)
     return request.param, model, task, batch_for(task)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if a model or data set is loaded: bad options and outputs must be
+    refused first."""
+    import zest.loading
+    import zest.pipeline
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("loaded before the options and outputs were checked")
+
+    monkeypatch.setattr(zest.loading, "load_pair", refuse)
+    monkeypatch.setattr(zest.pipeline, "load_pair", refuse)

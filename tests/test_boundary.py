@@ -36,17 +36,6 @@ def _one_line_failure(result) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fails the test if a model or data set is loaded: bad options must be refused first."""
-    import zest.loading
-    import zest.pipeline
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("loaded before the options were checked")
-
-    monkeypatch.setattr(zest.loading, "load_pair", refuse)
-    monkeypatch.setattr(zest.pipeline, "load_pair", refuse)
 
 
 bad_counts = st.integers(max_value=0)

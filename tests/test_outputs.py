@@ -66,17 +66,6 @@ def made(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fails the test if a model is loaded: outputs must be refused first."""
-    import zest.loading
-    import zest.pipeline
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("loaded before the outputs were checked")
-
-    monkeypatch.setattr(zest.loading, "load_pair", refuse)
-    monkeypatch.setattr(zest.pipeline, "load_pair", refuse)
 
 
 def test_path_kind_tells_what_each_path_holds(made, tmp_path):
