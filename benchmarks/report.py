@@ -1270,10 +1270,42 @@ def share_plot(results: list[dict], group: str, path: Path) -> None:
     plt.close(fig)
 
 
+def defaults_section(name: str = "defaults.json") -> list[str]:
+    """``zest finetune`` with its defaults (``benchmarks/defaults.py``, issue 35): every method
+    with nothing but model, data set, method and run folder; per group, full fine-tuning
+    against the head alone."""
+    data = _load(name)
+    if not data or not data.get("results"):
+        return []
+    groups = list(dict.fromkeys(r["group"] for r in data["results"]))
+    lines = [f"### `zest finetune` with its defaults (`{name}`)", "",
+             "Each method with only `--model`, `--dataset`, `--method` and `--out` (the whole "
+             "packaged split, `--lr auto`, at most 3 epochs with the best val epoch kept, "
+             "`--layers auto` = the top 5 layers the method can tune), one seed:", "",
+             "| group | method | test accuracy | lr (auto) | best epoch | trainable | time |",
+             "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for group in groups:
+        rows = {r["method"]: r for r in data["results"] if r["group"] == group}
+        for method in sorted(rows):
+            r = rows[method]
+            lines.append(f"| {group} | {method} | {100 * r['test_accuracy']:.1f} % | "
+                         f"{r['lr']:g} | {r['best_epoch']} of {r['epochs']} | "
+                         f"{100 * r['trainable_share']:.3g} % | {r['seconds'] / 60:.1f} min |")
+        if "full" in rows and "head" in rows:
+            gain = 100 * (rows["full"]["test_accuracy"] - rows["head"]["test_accuracy"])
+            verdicts.append(f"{group}: full fine-tuning {'≥' if gain >= 0 else '<'} head only "
+                            f"({gain:+.1f} points)")
+        else:
+            verdicts.append(f"{group}: full or head not run yet")
+    return lines + ["", "Full fine-tuning against the head alone: " + "; ".join(verdicts)
+                    + ".", ""]
+
+
 def main() -> None:
-    body = ranking_section() + accuracy_section() + converged_section() + speed_section() + \
-        probe_section() + probe_memory_section() + cache_section() + memory_section() + \
-        stability_section()
+    body = ranking_section() + accuracy_section() + converged_section() + defaults_section() + \
+        speed_section() + probe_section() + probe_memory_section() + cache_section() + \
+        memory_section() + stability_section()
     for readme in READMES:
         text = readme.read_text()
         head, rest = text.split(START, 1)
