@@ -487,3 +487,26 @@ def test_a_bad_patience_is_refused(patience):
     model, task, data, layers = pair(IMAGE)
     with pytest.raises(InvalidInputError, match="patience"):
         METHODS.get("head")(model, task).fit(data, epochs=2, patience=patience)
+
+
+def test_lora_leaves_out_convolutions_peft_cannot_rebuild():
+    """peft builds LoRA's factors with the layer's own class and ``nn.Conv2d``'s arguments;
+    timm's ``Conv2dSame`` (the ``tf_`` EfficientNets, MobileNets) refuses ``padding_mode`` with a
+    TypeError from inside peft. Such layers are not LoRA candidates, and a LoRA plan over every
+    convolution of such a model trains."""
+    from timm.layers import Conv2dSame
+
+    from zest.finetune.lora import lora_can_wrap
+
+    assert not lora_can_wrap(Conv2dSame(3, 4, 3)) and lora_can_wrap(torch.nn.Conv2d(3, 4, 3))
+    model, task, data = load_pair("timm:tf_efficientnet_lite0", "digits",
+                                  options=DataOptions(image_size=32, max_train=32, max_val=16,
+                                                      max_test=16))
+    convs = [layer.name for layer in candidate_layers(model, task.head_name)
+             if isinstance(model.get_submodule(layer.name), Conv2dSame)]
+    assert convs  # the tf_ model has same-padding convolutions
+    with pytest.raises(InvalidInputError, match="lora"):
+        LoRA(model, task, layers=convs[:1])
+    tunable = [layer.name for layer in candidate_layers(model, task.head_name)
+               if LoRA.can_tune(layer.name, model.get_submodule(layer.name))]
+    LoRA(model, task, layers=tunable, lr=1e-3).fit(data, epochs=1, batch_size=16)

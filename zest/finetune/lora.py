@@ -6,6 +6,7 @@ the ``lora`` tuner alike); :func:`lora_can_wrap` says which layers it may name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,8 +28,16 @@ def lora_can_wrap(module: nn.Module) -> bool:
     if transforms_weight(module):
         return False
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1
+        return module.groups == 1 and _builds_like_conv2d(type(module))
     return isinstance(module, nn.Linear | nn.Embedding)
+
+
+def _builds_like_conv2d(cls: type) -> bool:
+    """Whether peft can build LoRA's factors from this Conv2d class: peft builds them with the
+    layer's own class and ``nn.Conv2d``'s arguments (``padding_mode`` among them), which a
+    subclass with another constructor refuses (timm's ``Conv2dSame`` in the ``tf_`` models, a
+    ``TypeError`` from inside peft)."""
+    return cls is nn.Conv2d or "padding_mode" in inspect.signature(cls.__init__).parameters
 
 
 def lora_config(target_modules: Sequence[str], **lora_kwargs: Any):
