@@ -581,6 +581,8 @@ def accuracy_section(name: str = "accuracy_budget.json") -> list[str]:
     whole_grid = whole_grid_results(data)
     lines += _spread_section(whole_grid, groups, budgets)
     lines += _rule_section(whole_grid, budgets)
+    lines += rate_section(data.get("trials", []), "2 epochs x 600 examples, the rates "
+                          "`zest.rates.RATE_RULES` ships")
     for budget in budgets:
         bars = {}
         for group in groups:
