@@ -1156,16 +1156,25 @@ def _converged_miss(group: str, budget: float, plan: str, other: str, diffs: lis
 
 def _converged_epochs(results: list[dict], settings: dict) -> list[str]:
     """Mean best val epoch and epochs trained per method, and the trials that trained every
-    epoch allowed with their patience not run out (not converged); the limits are the run's
-    (``settings``) or the converged regime's defaults (``accuracy_budget._regime_limits``)."""
+    epoch allowed with their patience not run out (not converged); the limits are the run's,
+    as its ``settings`` record them (decoders apart), or the converged regime's defaults
+    (``accuracy_budget._regime_limits``)."""
     import argparse
     import statistics
     from collections import defaultdict
 
-    from accuracy_budget import _regime_limits
+    from accuracy_budget import DECODERS, _regime_limits
 
-    epochs_of, patience_of = _regime_limits(argparse.Namespace(
-        epochs=settings.get("epochs"), patience=settings.get("patience")), converged=True)
+    default_epochs, default_patience = _regime_limits(argparse.Namespace(
+        epochs=None, patience=None), converged=True)
+
+    def epochs_of(model: str) -> int:
+        key = "decoder-epochs" if model in DECODERS else "epochs"
+        return settings.get(key) or default_epochs(model)
+
+    def patience_of(model: str) -> int:
+        key = "decoder-patience" if model in DECODERS else "patience"
+        return settings.get(key) or default_patience(model)
 
     def still_improving(r: dict) -> bool:
         model = r["group"].split("__")[0]
@@ -1305,7 +1314,8 @@ def defaults_section(name: str = "defaults.json") -> list[str]:
 
 
 def main() -> None:
-    body = ranking_section() + accuracy_section() + converged_section() + defaults_section() + \
+    body = ranking_section() + accuracy_section() + converged_section() + \
+        converged_section("accuracy_converged_decoders.json") + defaults_section() + \
         speed_section() + probe_section() + probe_memory_section() + cache_section() + \
         memory_section() + stability_section()
     for readme in READMES:
