@@ -198,6 +198,12 @@ class ZestRanker:
         n_estimators, learning_rate, num_leaves, min_child_samples: LightGBM settings.
         C: Inverse regularisation of the logistic regression.
         random_state: Seed of pair sampling and LightGBM.
+        prior_blend: Weight ``w`` of a robust prior in the score: ``predict`` returns
+            ``(1 − w) · rank(ranker) + w · rank(prior)``, both rank percentiles within the
+            group (0 = the ranker alone). Chosen by nested leave-one-family-out
+            (:func:`zest.training.choose_prior_blend`, issue 33).
+        prior_metric: The prior's metric (one of the ranker's metrics, larger = tune first),
+            ``n_params`` by default: the best single metric across families.
     """
 
     backend: str = "lightgbm"
@@ -213,6 +219,8 @@ class ZestRanker:
     min_child_samples: int = 5
     C: float = 1.0
     random_state: int = 0
+    prior_blend: float = 0.0
+    prior_metric: str = "n_params"
 
     # -- features ----------------------------------------------------------------------------
     def _design(self, table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -231,6 +239,15 @@ class ZestRanker:
         if self.normalization not in NORMALIZATIONS:
             raise InvalidInputError(f"unknown normalisation {self.normalization!r}; use one of "
                                     f"{', '.join(NORMALIZATIONS)}")
+        if not 0.0 <= self.prior_blend <= 1.0:
+            raise InvalidInputError(f"prior_blend is {self.prior_blend!r}; use a weight "
+                                    "between 0 (the ranker alone) and 1 (the prior alone)")
+
+    def _check_prior(self, metrics: Sequence[str]) -> None:
+        if self.prior_blend > 0 and METRIC_PREFIX + self.prior_metric not in metrics:
+            raise InvalidInputError(f"prior_metric {self.prior_metric!r} is not among the "
+                                    "ranker's metrics; add it to the features or pick one of "
+                                    f"{', '.join(m[len(METRIC_PREFIX):] for m in metrics)[:200]}")
 
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters (read from the dataclass fields, sklearn-style)."""
@@ -255,6 +272,7 @@ class ZestRanker:
         y = np.asarray(y, dtype=float)
         if len(y) != len(table):
             raise InvalidInputError(f"y has {len(y)} values for {len(table)} rows")
+        self._check_prior(metrics)
         groups = table["group"].to_numpy()
         if len(set(groups)) < 1:
             raise InvalidInputError("no group to train on")
@@ -319,6 +337,17 @@ class ZestRanker:
 
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """Scores per row (higher = tune first); rows are normalised within their group."""
+        self._check_fitted()
+        if "group" not in table:
+            table = table.assign(group="__inference__")
+        scores = self.predict_ranker(table)
+        if self.prior_blend == 0:
+            return scores
+        return blend_with_prior(scores, table[METRIC_PREFIX + self.prior_metric], table["group"],
+                                self.prior_blend)
+
+    def predict_ranker(self, table: pd.DataFrame) -> np.ndarray:
+        """The ranker's own scores per row, without the prior (see ``prior_blend``)."""
         self._check_fitted()
         if "group" not in table:
             table = table.assign(group="__inference__")
@@ -420,6 +449,7 @@ class ZestRanker:
             ranker = cls(**params)
             ranker._validate()
             _check_feature_order(ranker, metrics, features)
+            ranker._check_prior(metrics)
             ranker.metrics_, ranker.features_, ranker.groups_ = metrics, features, groups
             if ranker.backend == "pairwise_logistic":
                 ranker.model_string_ = None
@@ -456,6 +486,18 @@ class ZestRanker:
         return ranker
 
 
+def blend_with_prior(scores: Sequence[float], prior: Sequence[float], groups: Sequence,
+                     weight: float) -> np.ndarray:
+    """``(1 − weight) · rank(scores) + weight · rank(prior)``, rank percentiles within each
+    group (:func:`normalize_within_groups`); a layer without a prior value (NaN) keeps the
+    ranker's percentile alone."""
+    frame = pd.DataFrame({"ranker": np.asarray(scores, dtype=float),
+                          "prior": np.asarray(prior, dtype=float)})
+    ranks = normalize_within_groups(frame, np.asarray(groups), "rank")
+    blended = (1 - weight) * ranks["ranker"] + weight * ranks["prior"]
+    return blended.fillna(ranks["ranker"]).to_numpy(dtype=float)
+
+
 #: The field of a saved predictor that holds the SHA-256 of the rest of the file.
 CHECKSUM_KEY = "sha256"
 
@@ -480,12 +522,18 @@ def check_format(spec: Any, source: str) -> None:
                           f"reads {FORMAT_VERSION}; retrain it with `zest train-predictor`")
 
 
+#: Ranker parameters added after format version 1 was first written: a file without them was
+#: saved before they existed and loads with their defaults (the ranker it was).
+LATER_PARAMS = ("prior_blend", "prior_metric")
+
+
 def _checked_params(params: Any) -> dict[str, Any]:
     """The ranker parameters of a file, each of its field's type (bool, int, finite float,
     string); unknown or missing names and other types raise ``ValueError``."""
     if not isinstance(params, dict):
         raise ValueError("'params' is not an object")
     defaults = ZestRanker().get_params()
+    params = {**{name: defaults[name] for name in LATER_PARAMS if name not in params}, **params}
     if set(params) != set(defaults):
         odd = sorted(set(params) ^ set(defaults))
         raise ValueError(f"'params' names {odd[:4]} differ from a ZestRanker's")

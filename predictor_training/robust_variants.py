@@ -1,0 +1,146 @@
+"""Issue 33: which predictor degrades gracefully on an unseen family or modality? Measured.
+
+Each variant is a ranker recipe, evaluated by :func:`zest.evaluation.evaluate` leave-one-group-out
+(logo), leave-one-family-out (lofo) and across modalities, beside the best single metric (sign
+fitted on the training folds). ``nested`` variants choose the weight of a robust prior
+(``ZestRanker.prior_blend``) on each training split's own leave-one-family-out
+(:class:`zest.training.BlendChoosingRanker`), so no held-out number picks it. Variants that lose
+are reported too.
+
+    python predictor_training/robust_variants.py            # all variants
+    python predictor_training/robust_variants.py NAME ...   # only these (results merged)
+
+Writes robust_variants.json (merged, per variant) and robust_variants.md here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from zest.evaluation import evaluate, noise_ceiling, predictor_metrics
+from zest.predictor import ZestRanker
+from zest.training import BlendChoosingRanker, load_corpus
+
+HERE = Path(__file__).parent
+SCHEMES = ("logo", "lofo", "cross_modality")
+TARGET = "gt_loss_gain"
+#: The 16th group, collected after the 15 the shipped predictor was trained on.
+SIXTEENTH = "smollm2__lm-rotten_tomatoes"
+NOT_SINGLE = ("predictor", "random", "first_k", "last_k")
+
+#: name -> (recipe, use the 16th group)
+VARIANTS = {
+    "A roles (shipped recipe), 15 groups": (lambda: ZestRanker(use_roles=True), False),
+    "B roles, 16 groups": (lambda: ZestRanker(use_roles=True), True),
+    "C roles + n_params prior 0.3 (fixed)": (
+        lambda: ZestRanker(use_roles=True, prior_blend=0.3), True),
+    "D roles + n_params prior 0.5 (fixed)": (
+        lambda: ZestRanker(use_roles=True, prior_blend=0.5), True),
+    "E roles + n_params prior, nested-lofo weight": (
+        lambda: BlendChoosingRanker(use_roles=True), True),
+    "F roles + snip prior, nested-lofo weight": (
+        lambda: BlendChoosingRanker(use_roles=True, prior_metric="snip"), True),
+    "G roles, no modality + n_params prior, nested-lofo weight": (
+        lambda: BlendChoosingRanker(use_roles=True, use_modality=False), True),
+    "H roles + n_params prior, nested-lofo weight, 15 groups": (
+        lambda: BlendChoosingRanker(use_roles=True), False),
+    "I no context + n_params prior, nested-lofo weight": (
+        lambda: BlendChoosingRanker(use_context=False), True),
+    "J roles + n_params prior 0.7 (fixed)": (
+        lambda: ZestRanker(use_roles=True, prior_blend=0.7), True),
+}
+
+
+def measure(name: str, metrics: pd.DataFrame, groundtruth: pd.DataFrame) -> dict:
+    """One variant on the three schemes: mean τ, per held-out family / modality against the
+    best single metric there, and the held-out groups and families below ``n_params``."""
+    make, sixteenth = VARIANTS[name]
+    if not sixteenth:
+        metrics = metrics[metrics["group"] != SIXTEENTH]
+        groundtruth = groundtruth[groundtruth["group"] != SIXTEENTH]
+    results = evaluate(metrics, groundtruth, target=TARGET, schemes=SCHEMES, make_ranker=make,
+                       features=predictor_metrics())
+    results = results[~results["method"].str.contains("paper direction")]
+    row: dict = {"variant": name, "groups": int(metrics["group"].nunique())}
+    for scheme in SCHEMES:
+        part = results[results["scheme"] == scheme]
+        per_group = part.pivot_table(index="group", columns="method", values="kendall")
+        row[scheme] = float(per_group["predictor"].mean())
+        row[f"{scheme}_n_params"] = float(per_group["n_params"].mean())
+        row[f"{scheme}_groups_below_n_params"] = int(
+            (per_group["predictor"] < per_group["n_params"]).sum())
+        folds = part.pivot_table(index="fold", columns="method", values="kendall")
+        singles = folds.drop(columns=[c for c in folds.columns if c in NOT_SINGLE])
+        row[f"{scheme}_per_fold"] = {
+            fold: {"predictor": float(folds.loc[fold, "predictor"]),
+                   "n_params": float(folds.loc[fold, "n_params"]),
+                   "best_metric": str(singles.loc[fold].idxmax()),
+                   "best_metric_tau": float(singles.loc[fold].max())}
+            for fold in folds.index} if scheme != "logo" else None
+        if scheme != "logo":
+            row[f"{scheme}_folds_below_n_params"] = int(
+                (folds["predictor"] < folds["n_params"]).sum())
+    return row
+
+
+def markdown(rows: list[dict], ceiling: float) -> str:
+    lines = ["# Robust predictor variants (issue 33)", "",
+             f"Target `{TARGET}`; mean Kendall τ over held-out groups. Noise ceiling (16 groups, "
+             f"mean seed-to-seed τ) {ceiling:.3f}; 0.8 × ceiling = {0.8 * ceiling:.3f}. "
+             "`nested-lofo weight`: the prior weight is chosen on each training split's own "
+             "leave-one-family-out (grid 0–0.8), never on the held-out groups. `< n_params`: "
+             "held-out groups (families, modality directions) where the predictor's τ is below "
+             "ranking by parameter count. Regenerate with "
+             "`python predictor_training/robust_variants.py`.", "",
+             "| variant | groups | logo | lofo | cross-modality | lofo groups < n_params | "
+             "lofo families < n_params | cross-mod. groups < n_params | cross-mod. directions "
+             "< n_params |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['groups']} | {r['logo']:.3f} | {r['lofo']:.3f} | "
+            f"{r['cross_modality']:.3f} | {r['lofo_groups_below_n_params']} | "
+            f"{r['lofo_folds_below_n_params']} | {r['cross_modality_groups_below_n_params']} | "
+            f"{r['cross_modality_folds_below_n_params']} |")
+    if rows:
+        r = rows[0]
+        lines += ["", f"n_params alone: logo {r['logo_n_params']:.3f}, lofo "
+                  f"{r['lofo_n_params']:.3f}, cross-modality {r['cross_modality_n_params']:.3f}."]
+    for scheme, title in (("lofo", "held-out family"), ("cross_modality", "held-out modality")):
+        folds = sorted({f for r in rows for f in r[f"{scheme}_per_fold"]})
+        lines += ["", f"## Per {title} ({scheme}): predictor vs best single metric there "
+                  "(margin)", "", "| variant | " + " | ".join(folds) + " |",
+                  "|---|" + "---|" * len(folds)]
+        for r in rows:
+            cells = []
+            for f in folds:
+                v = r[f"{scheme}_per_fold"].get(f)
+                margin = None if v is None else v["predictor"] - v["best_metric_tau"]
+                cells.append("—" if v is None else
+                             f"{v['predictor']:.3f} vs {v['best_metric']} "
+                             f"{v['best_metric_tau']:.3f} ({margin:+.3f})")
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(names: list[str]) -> None:
+    metrics, groundtruth = load_corpus("data/records", min_seeds=2)
+    store = HERE / "robust_variants.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    ceiling = float(np.nanmean(list(noise_ceiling(groundtruth, TARGET).values())))
+    for name in names or list(VARIANTS):
+        saved[name] = measure(name, metrics, groundtruth)
+        r = saved[name]
+        print(f"{name}: logo {r['logo']:.3f} lofo {r['lofo']:.3f} cross "
+              f"{r['cross_modality']:.3f}", flush=True)
+        store.write_text(json.dumps(saved, indent=1))
+        rows = [saved[n] for n in VARIANTS if n in saved]
+        (HERE / "robust_variants.md").write_text(markdown(rows, ceiling))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
