@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import kendalltau
 
 from zest.evaluation import evaluate, noise_ceiling, predictor_metrics
+from zest.models import model_family
 from zest.predictor import ZestRanker
 from zest.training import BlendChoosingRanker, load_corpus
 
@@ -32,6 +34,58 @@ TARGET = "gt_loss_gain"
 #: The 16th group, collected after the 15 the shipped predictor was trained on.
 SIXTEENTH = "smollm2__lm-rotten_tomatoes"
 NOT_SINGLE = ("predictor", "random", "first_k", "last_k")
+
+class TypeBlindRanker:
+    """A ranker that does not see the layer type (conv/linear/embedding one-hots): an image
+    family's types never occur in a text family, so a split on them sends every layer of the
+    other modality down one branch."""
+
+    def __init__(self, **params) -> None:
+        self.ranker = ZestRanker(**params)
+
+    def fit(self, table: pd.DataFrame, y, metrics) -> TypeBlindRanker:
+        self.ranker.fit(table.assign(layer_type="Linear"), y, metrics)
+        return self
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        return self.ranker.predict(table.assign(layer_type="Linear"))
+
+
+class SignConsistentRanker:
+    """A ranker on the metrics whose direction (mean within-group Kendall τ with the target)
+    is the same on every training family, ``|τ| ≥ min_tau`` on each: a metric whose direction
+    flips between the families it has seen has no direction to carry to an unseen one."""
+
+    def __init__(self, min_tau: float = 0.0, blend: bool = False, **params) -> None:
+        self.min_tau, self.blend, self.params = min_tau, blend, params
+
+    def fit(self, table: pd.DataFrame, y, metrics):
+        y = np.asarray(y, dtype=float)
+        families = table["model"].map(model_family)
+        kept = []
+        for column in metrics:
+            means = []
+            for family in families.unique():
+                taus = []
+                for group in table.loc[families == family, "group"].unique():
+                    rows = (table["group"] == group).to_numpy()
+                    values = table.loc[rows, column].to_numpy(dtype=float)
+                    if np.isnan(values).all() or np.nanstd(values) == 0:
+                        continue
+                    taus.append(kendalltau(np.nan_to_num(values, nan=np.nanmin(values)),
+                                           y[rows]).statistic)
+                means.append(np.nanmean(taus) if taus else np.nan)
+            means = np.asarray(means)
+            if np.isnan(means).any():
+                continue
+            if (means >= self.min_tau).all() or (means <= -self.min_tau).all():
+                kept.append(column)
+        if "m_n_params" in metrics and "m_n_params" not in kept:
+            kept.append("m_n_params")
+        self.kept_ = kept
+        maker = BlendChoosingRanker(**self.params) if self.blend else ZestRanker(**self.params)
+        return maker.fit(table, y, kept)
+
 
 #: name -> (recipe, use the 16th group)
 VARIANTS = {
@@ -53,6 +107,19 @@ VARIANTS = {
         lambda: BlendChoosingRanker(use_context=False), True),
     "J roles + n_params prior 0.7 (fixed)": (
         lambda: ZestRanker(use_roles=True, prior_blend=0.7), True),
+    "K roles, no layer-type one-hots, 15 groups": (
+        lambda: TypeBlindRanker(use_roles=True), False),
+    "L depth + parameter share only (no type, role, modality), 15 groups": (
+        lambda: TypeBlindRanker(use_modality=False), False),
+    "M roles, regularised (60 trees, 3 leaves, 20 per leaf), 15 groups": (
+        lambda: ZestRanker(use_roles=True, n_estimators=60, num_leaves=3,
+                           min_child_samples=20), False),
+    "N roles, sign-consistent metrics, 15 groups": (
+        lambda: SignConsistentRanker(use_roles=True), False),
+    "O roles, sign-consistent metrics + nested n_params prior, 15 groups": (
+        lambda: SignConsistentRanker(blend=True, use_roles=True), False),
+    "P roles, sign-consistent metrics (|τ| ≥ 0.05), 15 groups": (
+        lambda: SignConsistentRanker(min_tau=0.05, use_roles=True), False),
 }
 
 
@@ -130,11 +197,11 @@ def markdown(rows: list[dict], ceiling: float) -> str:
 def main(names: list[str]) -> None:
     metrics, groundtruth = load_corpus("data/records", min_seeds=2)
     store = HERE / "robust_variants.json"
-    saved = json.loads(store.read_text()) if store.exists() else {}
     ceiling = float(np.nanmean(list(noise_ceiling(groundtruth, TARGET).values())))
     for name in names or list(VARIANTS):
-        saved[name] = measure(name, metrics, groundtruth)
-        r = saved[name]
+        r = measure(name, metrics, groundtruth)
+        saved = json.loads(store.read_text()) if store.exists() else {}
+        saved[name] = r
         print(f"{name}: logo {r['logo']:.3f} lofo {r['lofo']:.3f} cross "
               f"{r['cross_modality']:.3f}", flush=True)
         store.write_text(json.dumps(saved, indent=1))
