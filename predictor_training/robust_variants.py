@@ -87,6 +87,46 @@ class SignConsistentRanker:
         return maker.fit(table, y, kept)
 
 
+def weight_only_metrics(metrics) -> list[str]:
+    """The metrics read from the weights alone (``needs == {'weight'}``: size, shape, depth,
+    norms): they mean the same whatever the loss, data or modality of the probe."""
+    from zest.metrics import get_metric
+
+    return [c for c in metrics if get_metric(c[2:]).needs == frozenset({"weight"})]
+
+
+class WeightOnlyRanker:
+    """A ranker fitted on :func:`weight_only_metrics` only."""
+
+    def __init__(self, **params) -> None:
+        self.params = params
+
+    def fit(self, table: pd.DataFrame, y, metrics):
+        return ZestRanker(**self.params).fit(table, y, weight_only_metrics(metrics))
+
+
+class ModalityGate:
+    """The full ranker on a group of a modality it was trained on; on a modality it has never
+    seen, the fallback (``n_params`` alone, or a ranker on weight-only metrics)."""
+
+    def __init__(self, fallback: str, **params) -> None:
+        self.fallback, self.params = fallback, params
+
+    def fit(self, table: pd.DataFrame, y, metrics) -> ModalityGate:
+        self.seen_ = set(table["modality"])
+        self.full_ = ZestRanker(**self.params).fit(table, y, metrics)
+        if self.fallback == "weight_only":
+            self.other_ = WeightOnlyRanker(**self.params).fit(table, y, metrics)
+        return self
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        if set(table["modality"]) <= self.seen_:
+            return self.full_.predict(table)
+        if self.fallback == "weight_only":
+            return self.other_.predict(table)
+        return table["m_n_params"].to_numpy(dtype=float)
+
+
 #: name -> (recipe, use the 16th group)
 VARIANTS = {
     "A roles (shipped recipe), 15 groups": (lambda: ZestRanker(use_roles=True), False),
@@ -120,6 +160,20 @@ VARIANTS = {
         lambda: SignConsistentRanker(blend=True, use_roles=True), False),
     "P roles, sign-consistent metrics (|τ| ≥ 0.05), 15 groups": (
         lambda: SignConsistentRanker(min_tau=0.05, use_roles=True), False),
+    "Q roles, weight-only metrics, 15 groups": (
+        lambda: WeightOnlyRanker(use_roles=True), False),
+    "R roles; unseen modality -> n_params, 15 groups": (
+        lambda: ModalityGate("n_params", use_roles=True), False),
+    "S roles; unseen modality -> weight-only ranker, 15 groups": (
+        lambda: ModalityGate("weight_only", use_roles=True), False),
+    "T weight-only metrics, depth + share context, 15 groups": (
+        lambda: WeightOnlyRanker(use_roles=False, use_modality=False), False),
+    "U pairwise logistic, weight-only metrics, no context, 15 groups": (
+        lambda: WeightOnlyRanker(backend="pairwise_logistic", use_context=False), False),
+    "V roles; unseen modality -> n_params, 16 groups": (
+        lambda: ModalityGate("n_params", use_roles=True), True),
+    "W roles + unseen_modality_blend 1 (ZestRanker, the candidate), 15 groups": (
+        lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0), False),
 }
 
 

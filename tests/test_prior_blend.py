@@ -65,8 +65,9 @@ def test_blend_is_saved_and_files_written_before_it_load_as_the_ranker_alone(tmp
     assert loaded.prior_blend == 0.4 and loaded.prior_metric == "n_params"
     np.testing.assert_allclose(loaded.predict(table), blended.predict(table))
     spec = json.loads((tmp_path / "blend.json").read_text())
-    for name in ("prior_blend", "prior_metric"):  # a file from before the blend existed
+    for name in ("prior_blend", "prior_metric", "unseen_modality_blend"):  # before the blend
         del spec["params"][name]
+    del spec["training_modalities"]
     spec.pop(CHECKSUM_KEY)
     spec[CHECKSUM_KEY] = content_checksum(spec)
     (tmp_path / "old.json").write_text(json.dumps(spec))
@@ -89,3 +90,20 @@ def test_nested_choice_leans_on_the_prior_only_when_held_out_families_need_it():
     chosen = BlendChoosingRanker(grid=(0.0, 1.0), **weak).fit(
         prior_driven, prior_driven["gt_loss_gain"], metrics)
     assert isinstance(chosen, ZestRanker) and chosen.prior_blend == 1.0
+
+
+def test_a_modality_the_ranker_never_saw_falls_back_to_the_prior(tmp_path):
+    table = table_with_prior(target_is_prior=False)
+    metrics = ["m_a", "m_b", "m_c", "m_n_params"]
+    image = table[table["modality"] == "image"]
+    gated = ZestRanker(n_estimators=30, unseen_modality_blend=1.0).fit(
+        image, image["gt_loss_gain"], metrics)
+    assert gated.modalities_ == ["image"]
+    text_group = table[table["group"] == table.loc[table["modality"] == "text", "group"].iloc[0]]
+    image_group = image[image["group"] == image["group"].iloc[0]]
+    assert kendalltau(gated.predict(text_group),
+                      text_group["m_n_params"]).statistic == pytest.approx(1)
+    np.testing.assert_allclose(gated.predict(image_group), gated.predict_ranker(image_group))
+    loaded = ZestRanker.load(gated.save(tmp_path / "gated.json"))
+    assert loaded.modalities_ == ["image"]
+    np.testing.assert_allclose(loaded.predict(text_group), gated.predict(text_group))
