@@ -127,6 +127,35 @@ class ModalityGate:
         return table["m_n_params"].to_numpy(dtype=float)
 
 
+class ColumnSampledRanker:
+    """A ZestRanker whose LightGBM trees each see a random share of the features
+    (``colsample_bytree``), averaged over ``seeds`` fits by within-group rank: no tree leans
+    on a single feature that an unseen family may turn around."""
+
+    def __init__(self, share: float = 0.5, seeds: int = 5, **params) -> None:
+        self.share, self.seeds, self.params = share, seeds, params
+
+    def fit(self, table: pd.DataFrame, y, metrics) -> ColumnSampledRanker:
+        import functools
+
+        import lightgbm
+
+        original = lightgbm.LGBMRanker
+        self.rankers_ = []
+        try:
+            for seed in range(self.seeds):
+                lightgbm.LGBMRanker = functools.partial(original, colsample_bytree=self.share)
+                self.rankers_.append(ZestRanker(**{**self.params, "random_state": seed}).fit(
+                    table, y, metrics))
+        finally:
+            lightgbm.LGBMRanker = original
+        return self
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        scores = pd.DataFrame({i: r.predict(table) for i, r in enumerate(self.rankers_)})
+        return scores.rank(pct=True).mean(axis=1).to_numpy()
+
+
 #: name -> (recipe, use the 16th group)
 VARIANTS = {
     "A roles (shipped recipe), 15 groups": (lambda: ZestRanker(use_roles=True), False),
@@ -174,6 +203,11 @@ VARIANTS = {
         lambda: ModalityGate("n_params", use_roles=True), True),
     "W roles + unseen_modality_blend 1 (ZestRanker, the candidate), 15 groups": (
         lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0), False),
+    "X roles + gate, trees on half the features (5 seeds averaged), 15 groups": (
+        lambda: ColumnSampledRanker(use_roles=True, unseen_modality_blend=1.0), False),
+    "Y roles + gate, trees on a quarter of the features (5 seeds), 15 groups": (
+        lambda: ColumnSampledRanker(share=0.25, use_roles=True, unseen_modality_blend=1.0),
+        False),
 }
 
 
