@@ -208,6 +208,14 @@ VARIANTS = {
     "Y roles + gate, trees on a quarter of the features (5 seeds), 15 groups": (
         lambda: ColumnSampledRanker(share=0.25, use_roles=True, unseen_modality_blend=1.0),
         False),
+    "Z roles + gate, trees on half the features (one seed), 15 groups": (
+        lambda: ColumnSampledRanker(seeds=1, use_roles=True, unseen_modality_blend=1.0), False),
+    "ZZ roles + gate + feature_fraction 0.5 (ZestRanker, the candidate), 15 groups": (
+        lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0, feature_fraction=0.5),
+        False),
+    "ZZ16 roles + gate + feature_fraction 0.5, 16 groups": (
+        lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0, feature_fraction=0.5),
+        True),
 }
 
 

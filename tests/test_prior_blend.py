@@ -65,7 +65,8 @@ def test_blend_is_saved_and_files_written_before_it_load_as_the_ranker_alone(tmp
     assert loaded.prior_blend == 0.4 and loaded.prior_metric == "n_params"
     np.testing.assert_allclose(loaded.predict(table), blended.predict(table))
     spec = json.loads((tmp_path / "blend.json").read_text())
-    for name in ("prior_blend", "prior_metric", "unseen_modality_blend"):  # before the blend
+    for name in ("prior_blend", "prior_metric", "unseen_modality_blend",
+                 "feature_fraction"):  # a file from before issue 33
         del spec["params"][name]
     del spec["training_modalities"]
     spec.pop(CHECKSUM_KEY)
@@ -107,3 +108,18 @@ def test_a_modality_the_ranker_never_saw_falls_back_to_the_prior(tmp_path):
     loaded = ZestRanker.load(gated.save(tmp_path / "gated.json"))
     assert loaded.modalities_ == ["image"]
     np.testing.assert_allclose(loaded.predict(text_group), gated.predict(text_group))
+
+
+def test_feature_fraction_reaches_lightgbm_and_is_validated(tmp_path):
+    table = table_with_prior(target_is_prior=False)
+    metrics = ["m_a", "m_b", "m_c", "m_n_params"]
+    whole = ZestRanker(n_estimators=30).fit(table, table["gt_loss_gain"], metrics)
+    half = ZestRanker(n_estimators=30, feature_fraction=0.5).fit(table, table["gt_loss_gain"],
+                                                                 metrics)
+    assert "feature_fraction: 0.5" in half.model_string_
+    assert not np.allclose(whole.predict(table), half.predict(table))
+    loaded = ZestRanker.load(half.save(tmp_path / "half.json"))
+    assert loaded.feature_fraction == 0.5
+    np.testing.assert_allclose(loaded.predict(table), half.predict(table))
+    with pytest.raises(InvalidInputError, match="feature_fraction is 0"):
+        ZestRanker(feature_fraction=0.0).fit(table, table["gt_loss_gain"], metrics)

@@ -209,6 +209,10 @@ class ZestRanker:
             out-of-distribution gate of issue 33 (trained on one modality and tested on the
             other, the ranker alone scored Kendall τ 0.117 and ``n_params`` 0.420;
             predictor_training/robust_variants.md).
+        feature_fraction: Share of the features each LightGBM tree may split on
+            (``colsample_bytree``); below 1 no tree leans on one feature alone, which an unseen
+            family may turn around (issue 33: 0.5 raised leave-one-family-out τ from 0.566 to
+            0.579, predictor_training/robust_variants.md).
     """
 
     backend: str = "lightgbm"
@@ -227,6 +231,7 @@ class ZestRanker:
     prior_blend: float = 0.0
     prior_metric: str = "n_params"
     unseen_modality_blend: float = 0.0
+    feature_fraction: float = 1.0
 
     # -- features ----------------------------------------------------------------------------
     def _design(self, table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -249,6 +254,9 @@ class ZestRanker:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidInputError(f"{name} is {getattr(self, name)!r}; use a weight "
                                         "between 0 (the ranker alone) and 1 (the prior alone)")
+        if not 0.0 < self.feature_fraction <= 1.0:
+            raise InvalidInputError(f"feature_fraction is {self.feature_fraction!r}; use a "
+                                    "share above 0 and at most 1")
 
     def _check_prior(self, metrics: Sequence[str]) -> None:
         weighted = max(self.prior_blend, self.unseen_modality_blend) > 0
@@ -310,7 +318,8 @@ class ZestRanker:
                                     learning_rate=self.learning_rate, num_leaves=self.num_leaves,
                                     min_child_samples=self.min_child_samples,
                                     random_state=self.random_state, verbose=-1,
-                                    label_gain=list(range(self.n_grades)), n_jobs=1)
+                                    label_gain=list(range(self.n_grades)), n_jobs=1,
+                                    colsample_bytree=self.feature_fraction)
         model.fit(design.to_numpy(dtype=float), grades, group=sizes,
                   feature_name=list(design.columns))  # declared in the model string
         self.model_string_ = model.booster_.model_to_string()
@@ -551,7 +560,7 @@ def check_format(spec: Any, source: str) -> None:
 
 #: Ranker parameters added after format version 1 was first written: a file without them was
 #: saved before they existed and loads with their defaults (the ranker it was).
-LATER_PARAMS = ("prior_blend", "prior_metric", "unseen_modality_blend")
+LATER_PARAMS = ("prior_blend", "prior_metric", "unseen_modality_blend", "feature_fraction")
 
 
 def _checked_params(params: Any) -> dict[str, Any]:
