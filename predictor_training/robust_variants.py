@@ -216,6 +216,15 @@ VARIANTS = {
     "ZZ16 roles + gate + feature_fraction 0.5, 16 groups": (
         lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0, feature_fraction=0.5),
         True),
+    "ZA roles + gate + feature_fraction 0.7, 15 groups": (
+        lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0, feature_fraction=0.7),
+        False),
+    "ZB roles + gate + feature_fraction 0.3, 15 groups": (
+        lambda: ZestRanker(use_roles=True, unseen_modality_blend=1.0, feature_fraction=0.3),
+        False),
+    "ZC no modality flag + gate + feature_fraction 0.5, 15 groups": (
+        lambda: ZestRanker(use_roles=True, use_modality=False, unseen_modality_blend=1.0,
+                           feature_fraction=0.5), False),
 }
 
 
