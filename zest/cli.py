@@ -269,6 +269,11 @@ def train_predictor_command(
         "there (named alike in every family).")] = False,
     modality: Annotated[bool, typer.Option(
         "--modality/--no-modality", help="Context: a text/image flag.")] = True,
+    unseen_modality_blend: Annotated[float, typer.Option(
+        help="Weight of the n_params prior on a model of a modality no training group had "
+             "(1 = the prior alone; issue 33, predictor_training/robust_variants.md).")] = 0.0,
+    feature_fraction: Annotated[float, typer.Option(
+        help="Share of the features each LightGBM tree may split on (issue 33).")] = 1.0,
     min_seeds: MinSeedsOption = 2,
     features: Annotated[str | None, typer.Option(
         help="Comma-separated metrics to learn from (default: every metric but the peer-only "
@@ -283,7 +288,9 @@ def train_predictor_command(
                                           normalization=normalization, seed=seed,
                                           min_seeds=min_seeds, features=_names(features),
                                           use_context=context, use_roles=roles,
-                                          use_modality=modality)
+                                          use_modality=modality,
+                                          unseen_modality_blend=unseen_modality_blend,
+                                          feature_fraction=feature_fraction)
         typer.echo(f"trained {backend} on {len(ranker.groups_)} groups "
                    f"({len(ranker.features_)} features); leave-one-group-out mean Kendall τ "
                    f"{summary['kendall']:.3f}, top-5 recall {summary['recall']:.3f} -> {out}")
