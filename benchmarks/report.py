@@ -1182,7 +1182,8 @@ def _converged_epochs(results: list[dict], settings: dict) -> list[str]:
                 and r["epochs_trained"] - r["best_epoch"] < patience_of(model))
 
     rows: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(results, key=lambda r: (r["budget"] is not None, r["method"])):
+    trained = [r for r in results if "best_epoch" in r]  # the pretrained reference trains none
+    for r in sorted(trained, key=lambda r: (r["budget"] is not None, r["method"])):
         rows[r["method"]].append(r)
     lines = ["", f"**Epochs** (the reported trials; at most {epochs_of('x')} epochs, decoders "
              f"{epochs_of('smollm2')}; patience {patience_of('x')}, decoders "
@@ -1197,7 +1198,7 @@ def _converged_epochs(results: list[dict], settings: dict) -> list[str]:
     unconverged = [f"{r['group']} {r['method']}"
                    + (f" ~{r['budget']:.0%}" if r["budget"] is not None else "")
                    + f" seed {r['seed']} (best epoch {r['best_epoch']} of "
-                   f"{r['epochs_trained']})" for r in results if still_improving(r)]
+                   f"{r['epochs_trained']})" for r in trained if still_improving(r)]
     lines += ["", f"Trials that reached the epoch maximum still improving (not converged): "
               f"{len(unconverged)}" + (": " + "; ".join(unconverged) + "." if unconverged
                                       else ".")]

@@ -175,3 +175,16 @@ def test_no_file_or_no_results_gives_no_section(tmp_path, monkeypatch):
     assert report.converged_section() == []
     toy_file(tmp_path, [])
     assert report.converged_section() == []
+
+
+def test_a_pretrained_reference_row_without_epochs_is_left_out_of_the_epoch_table():
+    """An lm: group's untouched-model row (``pretrained``: nothing trained, no epochs) is a
+    reference for perplexity, not a trial: the epoch table must not read its epochs."""
+    lines = report._converged_epochs(
+        [{"group": "smollm2__lm-r8", "budget": None, "method": "pretrained", "seed": 0,
+          "val_loss": 6.3, "test_loss": 6.3},
+         {"group": "smollm2__lm-r8", "budget": None, "method": "full", "seed": 0,
+          "val_loss": 3.6, "test_loss": 3.5, "best_epoch": 3, "epochs_trained": 5}],
+        {"decoder-epochs": 5, "decoder-patience": 2})
+    text = "\n".join(lines)
+    assert "| full | 1 | 3.0 | 5.0 |" in text and "pretrained" not in text
