@@ -169,15 +169,15 @@ def complete_groups() -> list[str]:
 
 def held_out_predictor(group_name: str, refresh: bool = False) -> str:
     """The predictor that ranks ``group_name``: trained with the shipped predictor's recipe
-    (its ranker parameters, metrics and target) on every complete corpus group but this one,
-    and cached in :data:`HELD_OUT`. A cached one is trained again when its recipe is not the
-    shipped one's, or with ``refresh`` when the corpus has grown since (its
+    (its ranker parameters, metrics and target) on every group the shipped one learnt from but
+    this one, and cached in :data:`HELD_OUT`. A cached one is trained again when its recipe is
+    not the shipped one's, or with ``refresh`` when the corpus has grown since (its
     ``training_groups`` say what it saw; the ZEST rows it ranked are then redone). Groups
-    outside the corpus get the shipped one, which never saw them."""
-    groups = complete_groups()
+    the shipped one did not learn from get the shipped one, which never saw them."""
+    shipped = json.loads(shipped_predictor_path().read_text())
+    groups = [g for g in complete_groups() if g in shipped["training_groups"]]
     if group_name not in groups:
         return "universal"
-    shipped = json.loads(shipped_predictor_path().read_text())
     path = HELD_OUT / f"{group_name}.json"
     if path.exists():
         cached = json.loads(path.read_text())
@@ -192,7 +192,7 @@ def held_out_predictor(group_name: str, refresh: bool = False) -> str:
         for kind in ("metrics", "groundtruth"):
             (Path(tmp) / kind).mkdir()
             for file in (RECORDS / kind).glob("*.parquet"):
-                if file.stem != group_name:
+                if file.stem != group_name and file.stem in groups:
                     os.symlink(file.resolve(), Path(tmp) / kind / file.name)
         path.unlink(missing_ok=True)
         train_predictor(tmp, path, backend=params.pop("backend"),
