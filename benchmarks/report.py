@@ -1000,11 +1000,68 @@ def converged_section(name: str = "accuracy_converged.json") -> list[str]:
         share_plot(results, group, path)
         lines += ["", f"![{group}: test score against trainable share](/{path.as_posix()})"]
     trials = data.get("trials", [])
-    classified = [t for t in trials if not _perplexity_scored(t["group"])]
-    if classified:
-        lines += rate_section(classified, "converged regime, classification groups")
+    lines += converged_rate_section(trials, results)
     lines += _rate_edges(trials, results)
     return lines + [""]
+
+
+def converged_rates(trials: list[dict], results: list[dict]) -> dict[tuple[str, str], dict]:
+    """The learning rates the converged benchmark chose, per (tuner, model kind) as
+    ``zest.rates.RATE_RULES`` keys them. Each case (group, budget, method label) at the first
+    seed has its own grid, centred on the shipped rate and extended while its best sits at an
+    edge, so grids differ and their val scores are not averaged across cases (as
+    :func:`measured_rates` does for the quick regime's common grid): each case votes for the rate
+    it chose on val (``lm:`` groups on val loss), and the cell's rate is the median vote
+    (the lower one of an even count) on ``accuracy_budget.RATE_LADDER``. ``open`` counts cases
+    whose chosen rate is still the lowest or highest they tried (a rate beyond is untested)."""
+    from collections import Counter, defaultdict
+
+    from accuracy_budget import RATE_LADDER
+
+    tried: dict[tuple, set[float]] = defaultdict(set)
+    for t in trials:
+        if t["seed"] == 0:
+            tried[t["group"], t["budget"], t["method"]].add(t["lr"])
+    votes: dict[tuple, list[float]] = defaultdict(list)
+    open_cases: Counter = Counter()
+    for r in results:
+        key = (r["group"], r["budget"], r["method"])
+        if r["seed"] != 0 or r.get("lr") is None or key not in tried:
+            continue
+        cell = (_results.rate_tuner(r["method"]), _results.group_kind(r["group"]))
+        votes[cell].append(r["lr"])
+        rates = tried[key]
+        open_cases[cell] += len(rates) > 1 and r["lr"] in (min(rates), max(rates)) and \
+            r["lr"] not in (RATE_LADDER[0], RATE_LADDER[-1])
+    measured = {}
+    for cell, chosen in votes.items():
+        ordered = sorted(chosen)
+        measured[cell] = {"cases": len(chosen), "votes": dict(sorted(Counter(chosen).items())),
+                          "best": ordered[(len(ordered) - 1) // 2], "open": open_cases[cell]}
+    return measured
+
+
+def converged_rate_section(trials: list[dict], results: list[dict]) -> list[str]:
+    """The rates the converged benchmark chose (:func:`converged_rates`) beside what
+    ``zest.rates`` ships."""
+    from zest.rates import RATE_RULES
+
+    measured = converged_rates(trials, results)
+    if not measured:
+        return []
+    lines = ["", "**Learning rates, chosen** (converged regime; per method and model kind, the "
+             "rate each first-seed case chose on its own val-chosen grid, as votes; the median "
+             "vote in bold; `open`: cases whose choice is still at an edge of what they tried; "
+             "`zest.rates.RATE_RULES` ships a rate per row, `--lr auto`):", "",
+             "| method | model kind | cases | votes (rate: cases) | median | open | shipped |",
+             "|---|---|---|---|---|---|---|"]
+    for (tuner, kind), m in sorted(measured.items()):
+        votes = ", ".join(("**{:g}: {}**" if rate == m["best"] else "{:g}: {}").format(
+            rate, count) for rate, count in m["votes"].items())
+        rule = RATE_RULES.get((tuner, kind))
+        lines.append(f"| {tuner} | {kind} | {m['cases']} | {votes} | {m['best']:g} | "
+                     f"{m['open']} | {f'{rule.lr:g}' if rule else '—'} |")
+    return lines
 
 
 def _converged_references(results: list[dict], groups: list[str]) -> list[str]:
