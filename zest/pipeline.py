@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from zest._version import __version__
 from zest.data.dataset import check_positive
 from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.finetune import METHODS, Tuner
@@ -177,8 +178,6 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
     if progress is not None:
         progress({"lr": tuner.lr, "lr_reason": tuner.lr_reason_})
-    from zest import __version__
-
     config = {"zest": {**RUN_MARKER, "zest_version": __version__},
               "model": model_spec, "dataset": dataset_spec, "method": method,
               "layers_spec": layers if isinstance(layers, str) or layers is None else

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from zest._version import __version__
 from zest.errors import InvalidInputError, RecordError
 from zest.outputs import check_output_file, check_replaceable
 
@@ -45,8 +46,6 @@ GROUNDTRUTH_KEY = ["group", "layer", "gt_seed"]
 
 def zest_version() -> str:
     """The installed zest version."""
-    from zest import __version__
-
     return __version__
 
 
