@@ -581,10 +581,10 @@ def test_metric_has_a_docstring(name):
     assert doc and doc.strip()
 
 
-def test_resolve_family_returns_only_that_family():
+def test_resolve_kind_returns_only_that_kind():
     backward = zm.resolve_metrics("backward")
-    assert backward and all(zm.get_metric(n).family == "backward" for n in backward)
-    assert set(backward) == {n for n in zm.metric_names() if zm.get_metric(n).family
+    assert backward and all(zm.get_metric(n).kind == "backward" for n in backward)
+    assert set(backward) == {n for n in zm.metric_names() if zm.get_metric(n).kind
                              == "backward"}
     assert zm.resolve_metrics("all") == zm.metric_names()
 
