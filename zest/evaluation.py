@@ -22,7 +22,8 @@ from scipy.stats import kendalltau, spearmanr
 from zest.errors import InvalidInputError
 from zest.metrics import get_metric, metric_names
 from zest.models import model_family
-from zest.predictor import ZestRanker, join_records, require_metric_columns
+from zest.predictor import ZestRanker
+from zest.predictor_features import join_records, require_metric_columns
 from zest.records import METRIC_PREFIX
 
 SCHEMES = ("logo", "lodo", "lomo", "lofo", "cross_modality")
@@ -236,7 +237,7 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         for _, row in part.iterrows():
             lines.append(f"| {row['method']} | {row['kendall']:.3f} | {row['spearman']:.3f} | "
                          f"{row['ndcg']:.3f} | {row['recall']:.3f} |")
-        lines += ["", _where_beaten(results[results["scheme"] == scheme], scheme), ""]
+        lines += ["", where_beaten(results[results["scheme"] == scheme], scheme), ""]
     lofo = results[results["scheme"] == "lofo"]
     if not lofo.empty:
         pivot = _sorted_pivot(lofo, "fold")
@@ -273,7 +274,7 @@ def _sorted_pivot(results: pd.DataFrame, column: str) -> pd.DataFrame:
     return pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
 
 
-def _where_beaten(results: pd.DataFrame, scheme: str) -> str:
+def where_beaten(results: pd.DataFrame, scheme: str) -> str:
     """One sentence naming, per held-out group, the methods (peer selectors first) whose
     Kendall τ beats the predictor's, or saying that none does."""
     predictor = results[results["method"] == "predictor"].set_index("group")["kendall"]
