@@ -24,7 +24,7 @@ from zest.metrics import get_metric, metric_names
 from zest.models import model_family
 from zest.predictor import ZestRanker
 from zest.predictor_features import join_records, require_metric_columns
-from zest.records import METRIC_PREFIX
+from zest.records import METRIC_PREFIX, metric_columns
 
 SCHEMES = ("logo", "lodo", "lomo", "lofo", "cross_modality")
 RANDOM_DRAWS = 50
@@ -150,7 +150,7 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
         One row per (scheme, fold, group, method) with ``kendall, spearman, ndcg, recall``.
     """
     table = join_records(metrics, groundtruth, target)
-    metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
+    metric_cols = metric_columns(table)
     feature_cols = metric_cols if features is None else [METRIC_PREFIX + f for f in features]
     require_metric_columns(table, feature_cols, "recollect them with `zest collect grid` or "
                            "drop them from the features")

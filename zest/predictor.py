@@ -53,7 +53,7 @@ from zest.predictor_file import (
     read_predictor,
     write_predictor,
 )
-from zest.records import METRIC_PREFIX
+from zest.records import METRIC_PREFIX, metric_columns
 
 BACKENDS = ("lightgbm", "pairwise_logistic")
 
@@ -166,8 +166,7 @@ class ZestRanker:
             ``self``.
         """
         self._validate()
-        metrics = list(metrics) if metrics is not None else \
-            [c for c in table.columns if c.startswith(METRIC_PREFIX)]
+        metrics = list(metrics) if metrics is not None else metric_columns(table)
         y = np.asarray(y, dtype=float)
         if len(y) != len(table):
             raise InvalidInputError(f"y has {len(y)} values for {len(table)} rows")

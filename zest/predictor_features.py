@@ -19,7 +19,7 @@ import pandas as pd
 
 from zest.errors import InvalidInputError, RecordError
 from zest.families import LAYER_KINDS, layer_kind
-from zest.records import METRIC_PREFIX
+from zest.records import metric_columns
 
 TARGETS = ("gt_loss_gain", "gt_gain")
 NORMALIZATIONS = ("rank", "robust_z")
@@ -56,7 +56,7 @@ def metric_table(metrics: pd.DataFrame) -> pd.DataFrame:
     if metrics.empty:
         raise RecordError("no metric records; run `zest collect metrics` first")
     keys = ["group", "layer"]
-    metric_cols = [c for c in metrics.columns if c.startswith(METRIC_PREFIX)]
+    metric_cols = metric_columns(metrics)
     metrics = metrics.assign(**{column: numeric_column(
         metrics, column, "metric", "recollect it with `zest collect metrics`")
         for column in metric_cols})

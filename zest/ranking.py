@@ -89,7 +89,6 @@ class Ranking:
     by: str
     seconds: float
     stability: dict[str, float] | None = None
-    batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     task: Task | None = field(default=None, repr=False)
@@ -341,8 +340,7 @@ def rank(model: nn.Module, task: Task | Batch | Sequence[Batch],
                      f"of the ranking ({shown}{more})")
     return Ranking(table=table, total_params=int(total), by=label,
                    seconds=time.perf_counter() - start, stability=stability,
-                   batch_scores=[s.to_numpy() for s in per_batch], notes=notes,
-                   skipped=skipped, task=task)
+                   notes=notes, skipped=skipped, task=task)
 
 
 def unseen_family_note(ranker: ZestRanker, task: Task, family: str | None = None) -> str | None:

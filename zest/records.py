@@ -39,8 +39,8 @@ _KIND_WORDS = {"metrics": "metric", "groundtruth": "ground-truth"}
 
 #: Identity columns every record has.
 ID_COLUMNS = ["model", "dataset", "group", "layer", "layer_type", "block", "depth", "n_params"]
-#: Key of a metrics row and of a ground-truth row (unique within a file).
-METRICS_KEY = ["group", "layer", "batch", "seed"]
+#: Key of a ground-truth row (unique within a file; a metrics file, written whole, is keyed by
+#: group, layer, batch and seed).
 GROUNDTRUTH_KEY = ["group", "layer", "gt_seed"]
 
 
@@ -259,12 +259,3 @@ def check_same_settings(path: str | os.PathLike, settings: Mapping[str, Any] | N
     if difference:
         raise RecordError(f"{str(path)!r} was collected with {difference}; use the same "
                           "settings to resume, or write to another --out")
-
-
-def existing_keys(path: str | os.PathLike, key: Sequence[str]) -> set[tuple]:
-    """Keys already present in a record file (empty when it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    frame = read_records(path)
-    return {tuple(row) for row in frame[list(key)].itertuples(index=False, name=None)}
