@@ -71,7 +71,7 @@ def test_select_layers_by_name_and_block_and_suggestion():
 
 
 def test_stratified_sample_spreads_over_roles_and_depth():
-    from zest.layers import Layer, layer_role, stratified_layers
+    from zest.layers import Layer, layer_leaf_name, stratified_layers
 
     roles = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     place = {r: "self_attn" if r[0] in "qkvo" else "mlp" for r in roles}
@@ -84,7 +84,7 @@ def test_stratified_sample_spreads_over_roles_and_depth():
         assert [layer.name for layer in sample] == [layer.name for layer in layers
                                                    if layer in sample]  # model order
     sample = stratified_layers(layers, 24)
-    assert {layer_role(layer) for layer in sample} == set(roles) | {"embed_tokens"}
+    assert {layer_leaf_name(layer) for layer in sample} == set(roles) | {"embed_tokens"}
     blocks = {int(layer.name.split(".")[2]) for layer in sample if "layers" in layer.name}
     assert min(blocks) < 5 and max(blocks) > 25 and len(blocks) > 12
     assert stratified_layers(layers, 24) == sample  # deterministic

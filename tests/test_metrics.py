@@ -581,10 +581,10 @@ def test_metric_has_a_docstring(name):
     assert doc and doc.strip()
 
 
-def test_resolve_family_returns_only_that_family():
+def test_resolve_kind_returns_only_that_kind():
     backward = zm.resolve_metrics("backward")
-    assert backward and all(zm.get_metric(n).family == "backward" for n in backward)
-    assert set(backward) == {n for n in zm.metric_names() if zm.get_metric(n).family
+    assert backward and all(zm.get_metric(n).kind == "backward" for n in backward)
+    assert set(backward) == {n for n in zm.metric_names() if zm.get_metric(n).kind
                              == "backward"}
     assert zm.resolve_metrics("all") == zm.metric_names()
 
@@ -791,7 +791,7 @@ def test_a_corrupt_weight_memo_file_is_recomputed(monkeypatch, tmp_path):
     monkeypatch.setenv("ZEST_CACHE_DIR", str(tmp_path))
     weight_memos.clear()
     model, task = load_model("tiny_llama", 3, seed=0)
-    path = weight_memos._path(model_fingerprint(model, task.head_name))  # noqa: SLF001
+    path = weight_memos.memo_path(model_fingerprint(model, task.head_name))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a torch file")
     frame = _static_frame(model, task, batch_for(task))

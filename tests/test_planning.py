@@ -1,4 +1,4 @@
-"""Budget plans (``Ranking.plan``): what they train, that they fill the budget, ``--method
+"""Budget plans (``Ranking.finetune_plan``): what they train, that they fill the budget, ``--method
 auto``, what ``config.json`` records, and what is refused."""
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 
 from zest.errors import InvalidInputError, RecordError
 from zest.evaluation import evaluate, markdown_report, ndcg_at_k, top_k_recall
-from zest.predictor import ZestRanker, join_records
+from zest.predictor import ZestRanker
+from zest.predictor_features import join_records
 
 
 def synthetic_records(n_groups: int = 6, n_layers: int = 30, seed: int = 0, flip: bool = True):
@@ -161,16 +162,16 @@ def test_a_sampled_group_is_complete_when_every_sampled_layer_has_its_seeds():
 
 
 def test_report_names_the_groups_where_a_peer_selector_beats_the_predictor():
-    from zest.evaluation import _where_beaten
+    from zest.evaluation import where_beaten
 
     results = pd.DataFrame({
         "scheme": "logo", "group": ["g1"] * 3 + ["g2"] * 3,
         "method": ["predictor", "kappa (paper direction)", "random"] * 2,
         "kendall": [0.2, 0.5, 0.0, 0.6, 0.1, 0.0]})
-    sentence = _where_beaten(results, "logo")
+    sentence = where_beaten(results, "logo")
     assert "g1: predictor 0.200 < kappa (paper direction) 0.500" in sentence
     assert "peer selectors among them" in sentence and "g2" not in sentence
-    assert "No single metric" in _where_beaten(results[results["group"] == "g2"], "logo")
+    assert "No single metric" in where_beaten(results[results["group"] == "g2"], "logo")
 
 
 def test_default_predictor_features_leave_the_peer_only_selectors_out(tmp_path):

@@ -180,7 +180,7 @@ def test_requires_grad_comes_back_as_it_was():
 def test_prepare_takes_a_plan_and_a_one_pass_iterator():
     model, task, _, batches = text_case()
     ranking = zest.rank(model, task, batches[0], by="weight_norm")
-    plan = ranking.plan(model, task, "gps", top_k=2)
+    plan = ranking.finetune_plan(model, task, "gps", top_k=2)
     zest.prepare(model, plan, batches=iter(batches), task=task)
     delta = zest.delta_of(model)
     assert delta.meta["method"] == "gps" and delta.meta["layers"] == plan.layers

@@ -11,7 +11,9 @@ from scipy.stats import kendalltau
 
 from tests.test_predictor import synthetic_records
 from zest.errors import InvalidInputError
-from zest.predictor import CHECKSUM_KEY, ZestRanker, content_checksum, join_records
+from zest.predictor import ZestRanker
+from zest.predictor_features import join_records
+from zest.predictor_file import CHECKSUM_KEY, content_checksum
 from zest.training import BlendChoosingRanker, choose_prior_blend
 
 

@@ -49,7 +49,7 @@ def test_top_and_select_with_a_method_take_the_best_layers_it_can_tune(bert_rank
     assert params[chosen].sum() <= 0.05 * ranking.total_params
     assert ranking.default_choice(method=method) == tunable[:5]
     # the plan without a budget chooses the same layers: one way of deciding
-    assert ranking.plan(model, task, method, top_k=3).layers == tunable[:3]
+    assert ranking.finetune_plan(model, task, method, top_k=3).layers == tunable[:3]
     METHODS.get(method)(model, task, layers=ranking.top(4, method=method))  # accepted
 
 

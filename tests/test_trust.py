@@ -29,7 +29,9 @@ from zest.finetune import GPS, SPSFT, Delta, LoRA, apply_delta
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import load_model, write_random_hf_model
-from zest.predictor import CHECKSUM_KEY, ZestRanker, content_checksum, join_records
+from zest.predictor import ZestRanker
+from zest.predictor_features import join_records
+from zest.predictor_file import CHECKSUM_KEY, content_checksum
 from zest.records import write_records
 
 runner = CliRunner()
@@ -568,7 +570,7 @@ def test_a_weight_memo_file_of_other_value_types_is_recomputed(monkeypatch, tmp_
     weight_memos.clear()
     model, task = load_model("tiny_cnn", 3, seed=0)
     layer = candidate_layers(model, task.head_name)[0].name
-    path = weight_memos._path(model_fingerprint(model, task.head_name))  # noqa: SLF001
+    path = weight_memos.memo_path(model_fingerprint(model, task.head_name))
     path.parent.mkdir(parents=True)
     torch.save({layer: {"weight_norm": "large", "singular_values": torch.tensor([1, 2])}}, path)
     frame = metrics_frame(model, task, [batch_for(task)],

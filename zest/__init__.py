@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from zest import finetune  # noqa: E402
-from zest.data import (  # noqa: E402
+from zest import finetune
+from zest._version import __version__
+from zest.data import (
     DATASETS,
     FILE_READERS,
     Dataset,
@@ -14,13 +13,13 @@ from zest.data import (  # noqa: E402
     load_dataset,
     register_file_reader,
 )
-from zest.errors import ZestError  # noqa: E402
-from zest.finetune import METHODS, apply_delta, delta_of, prepare, unprepare  # noqa: E402
-from zest.layers import Layer, candidate_layers  # noqa: E402
-from zest.loading import DataOptions, load_pair  # noqa: E402
-from zest.metrics import METRICS, register_metric  # noqa: E402
-from zest.models import MODELS, Task, infer_task, known_models, load_model  # noqa: E402
-from zest.ranking import Ranking, rank  # noqa: E402
+from zest.errors import ZestError
+from zest.finetune import METHODS, apply_delta, delta_of, prepare, unprepare
+from zest.layers import Layer, candidate_layers
+from zest.loading import DataOptions, load_pair
+from zest.metrics import METRICS, register_metric
+from zest.models import MODELS, Task, infer_task, known_models, load_model
+from zest.ranking import Ranking, rank
 
 #: The extension points (ARCHITECTURE.md §6): ``MODELS``, ``DATASETS``, ``FILE_READERS`` /
 #: ``register_file_reader``, ``METRICS`` / ``register_metric`` and the tuners' ``METHODS``.

@@ -141,7 +141,7 @@ def collect_metrics_command(
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
     batch_size: Annotated[int, typer.Option(help="Probe minibatch size.")] = 32,
     batches: Annotated[int, typer.Option(help="Minibatches; each gives a row per layer.")] = 1,
-    metrics: Annotated[str, typer.Option(help="all, a family (static, forward, backward) or "
+    metrics: Annotated[str, typer.Option(help="all, a kind (static, forward, backward) or "
                                          "comma-separated metric names.")] = "all",
     probe_loss: Annotated[str | None, typer.Option(
         help="supcon (no head, τ=0.07) or ce; default supcon, and ce (next-token loss) for "

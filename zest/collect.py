@@ -64,7 +64,7 @@ def collect_metrics(model_spec: str, dataset_spec: str, *, batch_size: int = 32,
         dataset_spec: Data set spec (see :func:`zest.load_dataset`).
         batch_size: Probe minibatch size (≥ 2 with ``supcon``).
         batches: Number of distinct minibatches; each gives one row per layer (``batch`` column).
-        metrics: ``all``, a family or a list of metric names.
+        metrics: ``all``, a kind or a list of metric names.
         probe_loss: ``supcon`` or ``ce`` (default: :func:`default_probe_loss`).
         seed: Seed of the split, the head and the minibatches.
         options: Data loading options.

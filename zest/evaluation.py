@@ -22,8 +22,9 @@ from scipy.stats import kendalltau, spearmanr
 from zest.errors import InvalidInputError
 from zest.metrics import get_metric, metric_names
 from zest.models import model_family
-from zest.predictor import ZestRanker, join_records, require_metric_columns
-from zest.records import METRIC_PREFIX
+from zest.predictor import ZestRanker
+from zest.predictor_features import join_records, require_metric_columns
+from zest.records import METRIC_PREFIX, metric_columns
 
 SCHEMES = ("logo", "lodo", "lomo", "lofo", "cross_modality")
 RANDOM_DRAWS = 50
@@ -149,7 +150,7 @@ def evaluate(metrics: pd.DataFrame, groundtruth: pd.DataFrame, *, target: str = 
         One row per (scheme, fold, group, method) with ``kendall, spearman, ndcg, recall``.
     """
     table = join_records(metrics, groundtruth, target)
-    metric_cols = [c for c in table.columns if c.startswith(METRIC_PREFIX)]
+    metric_cols = metric_columns(table)
     feature_cols = metric_cols if features is None else [METRIC_PREFIX + f for f in features]
     require_metric_columns(table, feature_cols, "recollect them with `zest collect grid` or "
                            "drop them from the features")
@@ -236,7 +237,7 @@ def markdown_report(results: pd.DataFrame, target: str, title: str = "Predictor 
         for _, row in part.iterrows():
             lines.append(f"| {row['method']} | {row['kendall']:.3f} | {row['spearman']:.3f} | "
                          f"{row['ndcg']:.3f} | {row['recall']:.3f} |")
-        lines += ["", _where_beaten(results[results["scheme"] == scheme], scheme), ""]
+        lines += ["", where_beaten(results[results["scheme"] == scheme], scheme), ""]
     lofo = results[results["scheme"] == "lofo"]
     if not lofo.empty:
         pivot = _sorted_pivot(lofo, "fold")
@@ -273,7 +274,7 @@ def _sorted_pivot(results: pd.DataFrame, column: str) -> pd.DataFrame:
     return pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
 
 
-def _where_beaten(results: pd.DataFrame, scheme: str) -> str:
+def where_beaten(results: pd.DataFrame, scheme: str) -> str:
     """One sentence naming, per held-out group, the methods (peer selectors first) whose
     Kendall τ beats the predictor's, or saying that none does."""
     predictor = results[results["method"] == "predictor"].set_index("group")["kendall"]

@@ -144,17 +144,19 @@ def select_layers(layers: Sequence[Layer], names: Sequence[str] | None) -> list[
     return [layer for layer in layers if layer.name in wanted]
 
 
-def layer_role(layer: Layer) -> str:
-    """What a layer does, the same across blocks: its name's last part without indices
-    (``model.layers.3.mlp.down_proj`` → ``down_proj``, ``blocks.2.1.conv_pw`` → ``conv_pw``)."""
+def layer_leaf_name(layer: Layer) -> str:
+    """The layer's name as every block spells it: its last part without indices
+    (``model.layers.3.mlp.down_proj`` → ``down_proj``, ``blocks.2.1.conv_pw`` → ``conv_pw``);
+    the strata of :func:`stratified_layers`. (The predictor's role of a layer, named alike
+    across families, is :func:`zest.predictor_features.block_role`.)"""
     parts = [p for p in layer.name.split(".") if not _INDEX.match(p)]
     return parts[-1] if parts else layer.type
 
 
 def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
-    """A sample of ``n`` layers spread over roles and depth, for ground truth on models with
-    hundreds of candidates: every role gets a share proportional to its size (at least one
-    when ``n`` covers every role),
+    """A sample of ``n`` layers spread over leaf names (:func:`layer_leaf_name`, the "roles"
+    here) and depth, for ground truth on models with hundreds of candidates: every role gets a
+    share proportional to its size (at least one when ``n`` covers every role),
     and within a role the layers are evenly spaced in forward order. Deterministic; returned in
     model order."""
     if n < 1:
@@ -163,7 +165,7 @@ def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
         return list(layers)
     roles: dict[str, list[Layer]] = {}
     for layer in layers:
-        roles.setdefault(layer_role(layer), []).append(layer)
+        roles.setdefault(layer_leaf_name(layer), []).append(layer)
     exact = {role: n * len(members) / len(layers) for role, members in roles.items()}
     floor = 1 if n >= len(roles) else 0  # every role, when the sample has room for them all
     quota = {role: max(floor, int(share)) for role, share in exact.items()}

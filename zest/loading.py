@@ -20,10 +20,11 @@ def _option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - T
     return field(default=default, metadata={"help": help, "cli": cli})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataOptions:
     """How to load a data set: declared once here; the CLI's options (``--image-size``, ...) and
-    the grid files' keys are generated from these fields (ARCHITECTURE.md §3a)."""
+    the grid files' keys are generated from these fields (ARCHITECTURE.md §3a). Checked once,
+    when built (frozen, so they stay as checked)."""
 
     image_size: int | None = _option(None, "Image side in pixels (default 64).")
     max_length: int = _option(128, "Maximum tokens per text.")
@@ -48,10 +49,10 @@ class DataOptions:
         return {k: v for k, v in vars(self).items()
                 if v is not None or k not in ("val_fraction", "test_fraction")}
 
-    def split_fractions(self) -> dict[str, float]:
-        """The split fractions that were set (the loader's defaults apply to the others)."""
-        return {k: getattr(self, k) for k in ("val_fraction", "test_fraction")
-                if getattr(self, k) is not None}
+    def dataset_arguments(self) -> dict[str, Any]:
+        """The options as :func:`zest.data.load_dataset` keywords: the image side 64 when unset,
+        the split fractions only when set (the loader's defaults apply to the others)."""
+        return {**self.settings(), "image_size": self.image_size or 64}
 
 
 def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None = None,
@@ -59,16 +60,14 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
               ) -> tuple[nn.Module, Task, Dataset]:
     """Loads a data set and a model with a head of the data set's class count; text data is
     tokenised with the model's tokenizer. An ``lm:<text data set>`` spec loads the model for the
-    causal-LM task (only causal decoders take it; others are refused before loading)."""
+    causal-LM task (only causal decoders take it; others are refused before loading).
+    ``options`` (default: ``DataOptions()``) were checked when built and go to the loader as
+    they are (:meth:`DataOptions.dataset_arguments`)."""
     options = options or DataOptions()
     check_model_spec(model_spec)
     check_task_kind(model_spec, task_of_spec(dataset_spec)[0])
-    common = dict(max_length=options.max_length, seed=seed, max_train=options.max_train,
-                  max_val=options.max_val, max_test=options.max_test,
-                  text_column=options.text_column, label_column=options.label_column,
-                  **options.split_fractions())
-    image_size = options.image_size or 64
-    data = load_dataset(dataset_spec, image_size=image_size, **common)
+    arguments = options.dataset_arguments()
+    data = load_dataset(dataset_spec, seed=seed, **arguments)
     n_train = len(data.splits["train"])
     if n_train < 2:
         cap = f" (--max-train {options.max_train})" if options.max_train else ""
@@ -76,12 +75,12 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
                                 f"{'' if n_train == 1 else 's'}{cap}; at least 2 are needed: "
                                 "raise --max-train or add data")
     model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
-                             checkpoint=checkpoint, image_size=image_size, kind=data.task_kind)
+                             checkpoint=checkpoint, image_size=arguments["image_size"],
+                             kind=data.task_kind)
     if task.modality != data.modality:
         raise InvalidInputError(f"model {model_spec!r} takes {task.modality} inputs but data set "
                                 f"{dataset_spec!r} is {data.modality}; pair image models with "
                                 "image data and text models with text data")
     if data.modality == "text":
-        data = load_dataset(dataset_spec, image_size=image_size, tokenizer=task.tokenizer,
-                            **common)
+        data = load_dataset(dataset_spec, seed=seed, tokenizer=task.tokenizer, **arguments)
     return model, task, data

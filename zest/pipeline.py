@@ -1,4 +1,5 @@
-"""``zest finetune``: plan the layers (``auto``: ``zest.rank``, then ``Ranking.plan``), fine-tune,
+"""``zest finetune``: plan the layers (``auto``: ``zest.rank``, then
+``Ranking.finetune_plan``), fine-tune,
 write a run dir whole or not at all (:func:`zest.outputs.staged_folder`).
 
 A run directory holds ``config.json`` (the request, and under ``plan`` the plan: layers,
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from zest._version import __version__
 from zest.data.dataset import check_positive
 from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.finetune import METHODS, Tuner
@@ -118,7 +120,8 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     """Fine-tunes and writes a run directory (``zest finetune``), whole or not at all.
 
     With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
-    :meth:`zest.Ranking.plan` chooses what to train: the layers the method can tune and, with a
+    :meth:`zest.Ranking.finetune_plan` chooses what to train: the layers the method can tune
+    and, with a
     ``param_budget`` (share of trainable parameters, head included), the density that fills it
     (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one for the
     budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the method
@@ -163,9 +166,9 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     if request == "auto" or isinstance(request, int):
         ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
                        predictor=predictor, device=torch_device)
-        plan = ranking.plan(model, task, method, param_budget,
-                            top_k=request if isinstance(request, int) else None, spread=spread,
-                            options=kwargs)
+        plan = ranking.finetune_plan(model, task, method, param_budget,
+                                     top_k=request if isinstance(request, int) else None,
+                                     spread=spread, options=kwargs)
         method, chosen, kwargs = plan.method, plan.layers, dict(plan.options)
         info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
                 "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
@@ -177,8 +180,6 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
     if progress is not None:
         progress({"lr": tuner.lr, "lr_reason": tuner.lr_reason_})
-    from zest import __version__
-
     config = {"zest": {**RUN_MARKER, "zest_version": __version__},
               "model": model_spec, "dataset": dataset_spec, "method": method,
               "layers_spec": layers if isinstance(layers, str) or layers is None else

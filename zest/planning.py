@@ -1,6 +1,7 @@
 """Budget plans: which ranked layers to fine-tune, how densely, and with which method.
 
-One call, :meth:`zest.Ranking.plan` (this module's :func:`plan_finetune`), turns a ranking and a
+One call, :meth:`zest.Ranking.finetune_plan` (this module's :func:`plan_finetune`), turns a
+ranking and a
 request (a share of trainable parameters, ``top_k`` layers, or neither) into a
 :class:`FinetunePlan`: the layers, the tuner's options and what each layer will train.
 ``zest finetune --layers auto``, the Python API and ``benchmarks/accuracy_budget.py`` all train
@@ -116,7 +117,8 @@ class MethodRule:
 #: accuracy benchmark (README, "The plan's rules, measured": val accuracy, mean over 3 seeds and
 #: the groups with every option, each method at its learning rate chosen on val from 3e-3 …
 #: 1e-4 (and 1e-2 on the two mnist5k groups),
-#: ZEST rows through ``Ranking.plan`` at the shipped spreads, predictors that did not see the
+#: ZEST rows through ``Ranking.finetune_plan`` at the shipped spreads, predictors that did not
+#: see the
 #: group). Measured at ~5 % and ~1 % only: the boundary between them is not measured. At ~5 %
 #: the three are a near tie (0.05 and 0.5 points), so GPS there is a default, not a law; at ~1 %
 #: SPSFT leads GPS by 1.8 points and dense layers by 8.6.

@@ -89,7 +89,6 @@ class Ranking:
     by: str
     seconds: float
     stability: dict[str, float] | None = None
-    batch_scores: list[np.ndarray] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     task: Task | None = field(default=None, repr=False)
@@ -122,7 +121,7 @@ class Ranking:
         """Best layers, in rank order, whose parameters fit in ``param_budget`` (a fraction of
         the model's parameters in (0, 1]); layers too large for what is left are skipped. With
         ``method``, only layers it can tune (:meth:`for_method`); each counts its whole weight
-        and bias (:meth:`plan` sizes a sparse method's density to a budget instead)."""
+        and bias (:meth:`finetune_plan` sizes a sparse method's density to a budget instead)."""
         check_selection(None, param_budget)
         source = self if method is None else self.for_method(method)
         allowed = param_budget * self.total_params
@@ -145,13 +144,18 @@ class Ranking:
                                     f"{method} can tune (it was made before the method was "
                                     "registered, or by hand); rank the model again with "
                                     "zest.rank")
-        blocks = "type" in self.table.columns and bool((self.table["type"] == "block").all())
-        return self.restricted(self.table.loc[self.table[method].astype(bool), "layer"],
-                               f"--method {method}" + (" (a tuner takes layers, not blocks: "
-                                                       "rank with --granularity module)"
-                                                       if blocks else ""))
+        table = self.table[self.table[method].astype(bool)].reset_index(drop=True)
+        if table.empty:
+            blocks = "type" in self.table.columns and bool((self.table["type"] == "block").all())
+            raise InvalidInputError(f"none of the ranked layers can be tuned by --method {method}"
+                                    + (" (a tuner takes layers, not blocks: rank with "
+                                       "--granularity module)" if blocks else "")
+                                    + "; choose another --method or name the layers with "
+                                    "--layers")
+        table["rank"] = range(1, len(table) + 1)
+        return replace(self, table=table)
 
-    def plan(self, model: nn.Module, task: Task, method: str,
+    def finetune_plan(self, model: nn.Module, task: Task, method: str,
              param_budget: float | None = None, *, top_k: int | None = None,
              spread: float | None = None, options: dict[str, Any] | None = None
              ) -> FinetunePlan:
@@ -164,7 +168,7 @@ class Ranking:
         density. See :func:`zest.planning.plan_finetune`; ``zest finetune --layers auto``
         trains this plan::
 
-            plan = ranking.plan(model, task, "gps", 0.05)
+            plan = ranking.finetune_plan(model, task, "gps", 0.05)
             tuner = zest.METHODS.get(plan.method)(model, task, layers=plan.layers,
                                                   **plan.options)
         """
@@ -191,18 +195,6 @@ class Ranking:
         """This ranking restricted to the layers peft's LoRA can wrap (Linear, Embedding,
         ungrouped Conv2d; see :func:`zest.finetune.lora_can_wrap`): ``for_method("lora")``."""
         return self.for_method("lora")
-
-    def restricted(self, keep: Sequence[str], what: str) -> Ranking:
-        """This ranking restricted to the layers in ``keep`` (e.g. those a tuning method can
-        tune), re-numbered from 1, with the same parameter total for budgets; ``what`` names
-        the restriction in the error raised when no layer is left."""
-        allowed = set(keep)
-        table = self.table[self.table["layer"].isin(allowed)].reset_index(drop=True)
-        if table.empty:
-            raise InvalidInputError(f"none of the ranked layers can be tuned by {what}; choose "
-                                    "another --method or name the layers with --layers")
-        table["rank"] = range(1, len(table) + 1)
-        return replace(self, table=table)
 
     def plot(self, path: str | os.PathLike | None = None, chosen: Sequence[str] | None = None):
         """Score over depth with the chosen layers marked; saved to ``path`` if given."""
@@ -348,8 +340,7 @@ def rank(model: nn.Module, task: Task | Batch | Sequence[Batch],
                      f"of the ranking ({shown}{more})")
     return Ranking(table=table, total_params=int(total), by=label,
                    seconds=time.perf_counter() - start, stability=stability,
-                   batch_scores=[s.to_numpy() for s in per_batch], notes=notes,
-                   skipped=skipped, task=task)
+                   notes=notes, skipped=skipped, task=task)
 
 
 def unseen_family_note(ranker: ZestRanker, task: Task, family: str | None = None) -> str | None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from zest._version import __version__
 from zest.errors import InvalidInputError, RecordError
 from zest.outputs import check_output_file, check_replaceable
 
@@ -38,15 +39,13 @@ _KIND_WORDS = {"metrics": "metric", "groundtruth": "ground-truth"}
 
 #: Identity columns every record has.
 ID_COLUMNS = ["model", "dataset", "group", "layer", "layer_type", "block", "depth", "n_params"]
-#: Key of a metrics row and of a ground-truth row (unique within a file).
-METRICS_KEY = ["group", "layer", "batch", "seed"]
+#: Key of a ground-truth row (unique within a file; a metrics file, written whole, is keyed by
+#: group, layer, batch and seed).
 GROUNDTRUTH_KEY = ["group", "layer", "gt_seed"]
 
 
 def zest_version() -> str:
     """The installed zest version."""
-    from zest import __version__
-
     return __version__
 
 
@@ -260,12 +259,3 @@ def check_same_settings(path: str | os.PathLike, settings: Mapping[str, Any] | N
     if difference:
         raise RecordError(f"{str(path)!r} was collected with {difference}; use the same "
                           "settings to resume, or write to another --out")
-
-
-def existing_keys(path: str | os.PathLike, key: Sequence[str]) -> set[tuple]:
-    """Keys already present in a record file (empty when it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    frame = read_records(path)
-    return {tuple(row) for row in frame[list(key)].itertuples(index=False, name=None)}

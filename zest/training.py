@@ -29,14 +29,14 @@ from zest.evaluation import (
 )
 from zest.models import model_family
 from zest.outputs import check_output_dir, check_output_file, staged_file
-from zest.predictor import (
+from zest.predictor import ZestRanker
+from zest.predictor_features import (
     TARGETS,
-    ZestRanker,
     blend_with_prior,
-    check_predictor_out,
     join_records,
     require_metric_columns,
 )
+from zest.predictor_file import check_predictor_out
 from zest.ranking import load_predictor
 from zest.records import METRIC_PREFIX, read_records
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zest._version import __version__
 from zest.errors import InvalidInputError, RecordError, ZestError
 from zest.fingerprint import model_fingerprint
 
@@ -93,8 +94,6 @@ class Delta:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes ``<path>`` (safetensors) and ``<path stem>.json`` (sidecar)."""
         from safetensors.torch import save_file
-
-        from zest import __version__
 
         path = Path(path)
         if path.suffix != ".safetensors":

@@ -44,7 +44,8 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
     Args:
         model: The model (not yet wrapped: prepare the inner model, then wrap it in DDP).
         layers_or_plan: Layer names (``ranking.top(k)``, or ``"all"``), or a
-            :class:`~zest.planning.FinetunePlan` (``ranking.plan(...)``), which then gives the
+            :class:`~zest.planning.FinetunePlan` (``ranking.finetune_plan(...)``), which then
+            gives the
             method and its options. ``None`` for methods without layers (``full``, ``head``,
             ``bitfit``).
         method: ``gps``, ``spsft``, ``lora``, ``layers``, ... (:data:`zest.finetune.METHODS`).
@@ -79,7 +80,7 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
         layers = layers_or_plan
     if method is None:
         raise InvalidInputError("pass method= (gps, spsft, lora, layers, ...) or a plan from "
-                                "ranking.plan(...)")
+                                "ranking.finetune_plan(...)")
     tuner_class = METHODS.get(method)
     check_method_options(method, options)
     if task is None:

@@ -1,7 +1,7 @@
-"""Zero-shot layer metrics, registered by name in three families (ARCHITECTURE.md §2, "Metric").
+"""Zero-shot layer metrics, registered by name in three kinds (ARCHITECTURE.md §2, "Metric").
 
 A metric is a pure function ``LayerContext -> float`` registered with
-``@register_metric(name, family=..., needs={...}, direction=...)``. ``needs`` names what the probe
+``@register_metric(name, kind=..., needs={...}, direction=...)``. ``needs`` names what the probe
 must compute for it (see :data:`zest.probe.NEEDS`); ``direction`` is +1 when a larger value means
 "tune this layer" in the metric's source paper, -1 when a smaller one does, 0 when the source
 gives no direction. Importing this package registers every metric.
@@ -16,7 +16,8 @@ from zest._registry import Registry
 from zest.errors import InvalidInputError, UnknownNameError, unknown_name_message
 from zest.probe import LABEL_NEEDS, NEEDS, LayerContext
 
-FAMILIES = ("static", "forward", "backward")
+#: What a metric reads: the weight alone, the forward pass, or the gradients too.
+METRIC_KINDS = ("static", "forward", "backward")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class MetricInfo:
     """A registered metric."""
 
     name: str
-    family: str
+    kind: str
     needs: frozenset[str]
     direction: int
     function: Callable[[LayerContext], float]
@@ -43,13 +44,13 @@ MetricFunction = Callable[[LayerContext], float]
 AGGREGATES = ("mean", "sum", "rss", "max")
 
 
-def register_metric(name: str, *, family: str, needs: Iterable[str] = (), direction: int = 0,
+def register_metric(name: str, *, kind: str, needs: Iterable[str] = (), direction: int = 0,
                     aggregate: str = "mean") -> Callable[[MetricFunction], MetricFunction]:
     """Registers a metric function under ``name``.
 
     Args:
         name: Registry name (the record column is ``m_<name>``).
-        family: ``static``, ``forward`` or ``backward``.
+        kind: ``static``, ``forward`` or ``backward`` (:data:`METRIC_KINDS`).
         needs: Probe quantities the metric reads (:data:`zest.probe.NEEDS`).
         direction: +1 if the source paper tunes layers with large values, -1 small, 0 none.
         aggregate: How ``--granularity block`` combines a block's layers: ``mean``, ``sum``,
@@ -57,15 +58,15 @@ def register_metric(name: str, *, family: str, needs: Iterable[str] = (), direct
     """
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if kind not in METRIC_KINDS:
+        raise ValueError(f"kind must be one of {METRIC_KINDS}, got {kind!r}")
     needs = frozenset(needs) | {"weight"}
     if needs - NEEDS:
         raise ValueError(f"metric {name}: unknown needs {sorted(needs - NEEDS)}")
 
     def decorator(function: MetricFunction) -> MetricFunction:
-        info = MetricInfo(name, family, needs, direction, function, aggregate)
-        METRICS.register(name, family=family)(info)
+        info = MetricInfo(name, kind, needs, direction, function, aggregate)
+        METRICS.register(name, kind=kind)(info)
         return function
 
     return decorator
@@ -76,13 +77,14 @@ def get_metric(name: str) -> MetricInfo:
     return METRICS.get(name)
 
 
-def metric_names(family: str | None = None) -> list[str]:
-    """Registered metric names, optionally of one family, in registration order."""
-    return [n for n in METRICS.names() if family is None or METRICS.get(n).family == family]
+def metric_names(kind: str | None = None) -> list[str]:
+    """Registered metric names, optionally of one kind, in registration order."""
+    return [n for n in METRICS.names() if kind is None or METRICS.get(n).kind == kind]
 
 
 def resolve_metrics(spec: str | Sequence[str] | None) -> list[str]:
-    """Parses ``--metrics``: ``all``, a family name, or a comma-separated list of names."""
+    """Parses ``--metrics``: ``all``, a kind (:data:`METRIC_KINDS`), or a comma-separated list
+    of names."""
     if spec is None or spec == "all":
         return metric_names()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -90,16 +92,16 @@ def resolve_metrics(spec: str | Sequence[str] | None) -> list[str]:
     for item in (i.strip() for i in items):
         if not item:
             continue
-        if item in FAMILIES:
+        if item in METRIC_KINDS:
             names.extend(metric_names(item))
         elif item in METRICS:
             names.append(item)
         else:
             raise UnknownNameError(unknown_name_message("metric", item,
-                                                        METRICS.names() + list(FAMILIES)))
+                                                        METRICS.names() + list(METRIC_KINDS)))
     if not names:
-        raise InvalidInputError(f"--metrics {spec!r} selects no metric; use 'all', a family "
-                                f"({', '.join(FAMILIES)}) or metric names")
+        raise InvalidInputError(f"--metrics {spec!r} selects no metric; use 'all', a kind "
+                                f"({', '.join(METRIC_KINDS)}) or metric names")
     return list(dict.fromkeys(names))
 
 
@@ -136,13 +138,13 @@ def compute_metrics(contexts: dict[str, LayerContext], names: Sequence[str], *,
 
 
 def uses_weights_alone(names: Iterable[str]) -> bool:
-    """Whether any of the named metrics is a metric of the weights alone (family ``static``),
+    """Whether any of the named metrics is a metric of the weights alone (kind ``static``),
     the ones :func:`compute_metrics` can take from the cache of a weights fingerprint."""
-    return any(get_metric(name).family == "static" for name in names)
+    return any(get_metric(name).kind == "static" for name in names)
 
 
 # importing backward, forward and static registers their metrics
 from zest.metrics import backward, forward, static, weight_memos  # noqa: E402,F401
 
-__all__ = ["METRICS", "MetricInfo", "compute_metrics", "get_metric", "metric_names",
+__all__ = ["METRICS", "METRIC_KINDS", "MetricInfo", "compute_metrics", "get_metric", "metric_names",
            "needs_of", "register_metric", "resolve_metrics", "uses_weights_alone"]

@@ -12,13 +12,13 @@ from zest.probe import LayerContext, sum64_of
 NOT_AVAILABLE = float("nan")
 
 
-@register_metric("grad_norm", family="backward", needs={"grad"}, direction=1, aggregate="rss")
+@register_metric("grad_norm", kind="backward", needs={"grad"}, direction=1, aggregate="rss")
 def grad_norm(ctx: LayerContext) -> float:
     """``‖∇W L‖_F``."""
     return ctx.reduction("grad_norm")
 
 
-@register_metric("rgn", family="backward", needs={"grad"}, direction=1)
+@register_metric("rgn", kind="backward", needs={"grad"}, direction=1)
 def rgn(ctx: LayerContext) -> float:
     """Relative gradient norm ``‖∇W L‖ / ‖W‖`` (Lee et al. 2023, "Surgical Fine-Tuning Improves
     Adaptation to Distribution Shifts", auto-RGN: larger → tune)."""
@@ -26,13 +26,13 @@ def rgn(ctx: LayerContext) -> float:
     return ctx.reduction("grad_norm") / norm if norm > 0 else 0.0
 
 
-@register_metric("snip", family="backward", needs={"grad"}, direction=1, aggregate="sum")
+@register_metric("snip", kind="backward", needs={"grad"}, direction=1, aggregate="sum")
 def snip(ctx: LayerContext) -> float:
     """SNIP saliency summed over the layer: ``Σ |W ⊙ ∇W L|`` (Lee et al. 2019)."""
     return ctx.reduction("abs_weight_dot_grad")
 
 
-@register_metric("grasp", family="backward", needs={"grad", "hvp"}, direction=1,
+@register_metric("grasp", kind="backward", needs={"grad", "hvp"}, direction=1,
                  aggregate="sum")
 def grasp(ctx: LayerContext) -> float:
     """GraSP score summed over the layer: ``−Σ W ⊙ (H ∇W L)`` (Wang et al. 2020), with the
@@ -43,7 +43,7 @@ def grasp(ctx: LayerContext) -> float:
     return -sum64_of(torch.mul, ctx.weight, ctx.hvp)
 
 
-@register_metric("fisher", family="backward", needs={"fisher"}, direction=1, aggregate="sum")
+@register_metric("fisher", kind="backward", needs={"fisher"}, direction=1, aggregate="sum")
 def fisher(ctx: LayerContext) -> float:
     """Fisher information of the layer's output channels (Theis et al. 2018; Turner et al.
     2020, as in zero-cost-nas): ``Σ_k ½ · mean_n (Σ_s a_nks · δ_nks)²`` with ``a`` the output,
@@ -54,7 +54,7 @@ def fisher(ctx: LayerContext) -> float:
     return float(ctx.fisher_channels.sum())
 
 
-@register_metric("synflow", family="backward", needs={"synflow"}, direction=1, aggregate="sum")
+@register_metric("synflow", kind="backward", needs={"synflow"}, direction=1, aggregate="sum")
 def synflow(ctx: LayerContext) -> float:
     """SynFlow saliency summed over the layer: ``Σ |W| ⊙ ∂R/∂|W|`` with
     ``R = 1ᵀ f(1; |θ|)`` computed data-free on one all-ones input, in the model's dtype and in
@@ -69,13 +69,13 @@ def synflow(ctx: LayerContext) -> float:
     return sum64_of(lambda w, s: w.abs() * s, ctx.weight, ctx.synflow_grad)
 
 
-@register_metric("plain", family="backward", needs={"grad"}, aggregate="sum")
+@register_metric("plain", kind="backward", needs={"grad"}, aggregate="sum")
 def plain(ctx: LayerContext) -> float:
     """First-order Taylor term ``Σ W ⊙ ∇W L`` ("plain" of Abdelfattah et al. 2021)."""
     return ctx.reduction("weight_dot_grad")
 
 
-@register_metric("grad_snr", family="backward", needs={"grad_halves"}, direction=1)
+@register_metric("grad_snr", kind="backward", needs={"grad_halves"}, direction=1)
 def grad_snr(ctx: LayerContext) -> float:
     """Agreement of the two half-batch gradients: cosine similarity of the contributions of the
     first and second half of the batch to ``∇W L`` (they sum to it); 1 = both halves push the
@@ -92,7 +92,7 @@ def grad_snr(ctx: LayerContext) -> float:
 
 
 
-@register_metric("fim_score", family="backward", needs={"per_example_fisher"}, direction=1)
+@register_metric("fim_score", kind="backward", needs={"per_example_fisher"}, direction=1)
 def fim_score(ctx: LayerContext) -> float:
     """The layer's share of the diagonal empirical Fisher (Lodha et al. 2023, "On Surgical
     Fine-Tuning for Language Encoders"): ``mean_n ‖g_n‖²`` summed over the layer's weight and

@@ -18,25 +18,25 @@ NOT_AVAILABLE = float("nan")
 NASWOT_RIDGE = 1e-3
 
 
-@register_metric("act_mean", family="forward", needs={"activations"})
+@register_metric("act_mean", kind="forward", needs={"activations"})
 def act_mean(ctx: LayerContext) -> float:
     """Mean of the output activations."""
     return ctx.activation_stats["mean"]
 
 
-@register_metric("act_std", family="forward", needs={"activations"})
+@register_metric("act_std", kind="forward", needs={"activations"})
 def act_std(ctx: LayerContext) -> float:
     """Standard deviation of the output activations."""
     return ctx.activation_stats["std"]
 
 
-@register_metric("act_sparsity", family="forward", needs={"activations"})
+@register_metric("act_sparsity", kind="forward", needs={"activations"})
 def act_sparsity(ctx: LayerContext) -> float:
     """Fraction of output activations ``≤ 0`` (those a following ReLU would silence)."""
     return ctx.activation_stats["sparsity"]
 
 
-@register_metric("naswot", family="forward", needs={"binary_codes"}, direction=1)
+@register_metric("naswot", kind="forward", needs={"binary_codes"}, direction=1)
 def naswot(ctx: LayerContext) -> float:
     """NASWOT score of the layer (Mellor et al. 2021, "Neural Architecture Search without
     Training"): ``log det(K + εI)`` with ``K_ij = c_i·c_j + (1−c_i)·(1−c_j)``, ``c_i`` the binary
@@ -47,7 +47,7 @@ def naswot(ctx: LayerContext) -> float:
     return float(torch.linalg.slogdet(kernel + NASWOT_RIDGE * eye).logabsdet)
 
 
-@register_metric("effective_rank", family="forward", needs={"features"})
+@register_metric("effective_rank", kind="forward", needs={"features"})
 def effective_rank(ctx: LayerContext) -> float:
     """Effective rank (Roy & Vetterli 2007) of the centred output features:
     ``exp(−Σ p_i log p_i)`` with ``p_i = σ_i / Σσ`` the normalised singular values of a
@@ -65,7 +65,7 @@ def effective_rank(ctx: LayerContext) -> float:
     return float(math.exp(-(p * p.log()).sum()))
 
 
-@register_metric("repr_shift", family="forward", needs={"block_shift"}, direction=1)
+@register_metric("repr_shift", kind="forward", needs={"block_shift"}, direction=1)
 def repr_shift(ctx: LayerContext) -> float:
     """Representation shift of the layer's enclosing block: mean over examples of
     ``1 − cos(h_in, h_out)`` between the block's input and output representative vectors (the
@@ -78,7 +78,7 @@ def repr_shift(ctx: LayerContext) -> float:
     return ctx.block_shift if ctx.block_shift is not None else NOT_AVAILABLE
 
 
-@register_metric("class_separation", family="forward", needs={"pooled", "labels"}, direction=1)
+@register_metric("class_separation", kind="forward", needs={"pooled", "labels"}, direction=1)
 def class_separation(ctx: LayerContext) -> float:
     """Between-class over within-class variability of the pooled output features
     (Xie et al., Findings of EMNLP 2022, hidden-state variability):

@@ -30,14 +30,15 @@ FORMAT_VERSION = 1
 _memos: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
 
 
-def _path(fingerprint: str) -> Path:
+def memo_path(fingerprint: str) -> Path:
+    """The file on disk that holds the memos of the weights with ``fingerprint``."""
     return cache_dir() / "weight_memos" / f"{fingerprint}.v{FORMAT_VERSION}.pt"
 
 
 def _memos_of(fingerprint: str) -> dict[str, dict[str, Any]]:
     if fingerprint not in _memos:
         try:
-            loaded = torch.load(_path(fingerprint), weights_only=True)
+            loaded = torch.load(memo_path(fingerprint), weights_only=True)
         except Exception:  # noqa: BLE001 - missing, unreadable or corrupt: start afresh
             loaded = {}
         _memos[fingerprint] = loaded if _well_formed(loaded) else {}
@@ -89,7 +90,7 @@ def remember(fingerprint: str, contexts: dict[str, LayerContext]) -> None:
             known[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
             new = True
     if new:
-        _write(_path(fingerprint), memos)
+        _write(memo_path(fingerprint), memos)
 
 
 def clear() -> None:
@@ -101,7 +102,7 @@ def forget(fingerprint: str) -> None:
     """Forgets the memos of one fingerprint, in process and on disk (e.g. to time a first
     ``zest rank`` of a model)."""
     _memos.pop(fingerprint, None)
-    _path(fingerprint).unlink(missing_ok=True)
+    memo_path(fingerprint).unlink(missing_ok=True)
 
 
 def _write(path: Path, memos: dict[str, dict[str, Any]]) -> None:
