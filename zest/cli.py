@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from zest.errors import ZestError
+from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ZEST: pick the layers worth fine-tuning from one minibatch.")
@@ -133,6 +134,88 @@ def _echo_written(path: Path, rows: int, what: str) -> None:
 
 
 # -- collect ---------------------------------------------------------------------------------------
+def with_settings(settings_class: type, argument: str):
+    """Adds the options of a settings dataclass's fields that carry a help text (see
+    :func:`zest.groundtruth.settings.setting`; named, typed and parsed by their
+    :class:`~zest.groundtruth.settings.CommandLine` form where they have one) in place of the
+    command's ``argument`` parameter, and hands the command ``argument`` as a dict of field
+    values. The class is built by the command, under :func:`_parameters_as_flags`."""
+    import functools
+    import inspect
+    import typing
+
+    from zest.groundtruth.settings import cli_fields
+
+    hints = typing.get_type_hints(settings_class)
+    exposed = {}  # option name -> (field, its command-line form or None)
+    for f in cli_fields(settings_class):
+        form = f.metadata["command_line"]
+        exposed[form.name if form else f.name] = (f, form)
+
+    def option(name: str) -> inspect.Parameter:
+        f, form = exposed[name]
+        kind = form.type if form and form.type is not None else hints[f.name]
+        default = form.default if form and form.default is not None else f.default
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                 annotation=Annotated[kind, typer.Option(help=f.metadata["help"])])
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        resolved = typing.get_type_hints(command, include_extras=True)
+        parameters = []
+        for p in signature.parameters.values():
+            if p.name == argument:  # the options take the placeholder's place
+                parameters += [option(name) for name in exposed]
+            else:
+                parameters.append(p.replace(annotation=resolved.get(p.name, p.annotation)))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {}
+            for name, (f, form) in exposed.items():
+                value = kwargs.pop(name)
+                values[f.name] = form.parse(value) if form and form.parse else value
+            return command(**{argument: values}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def settings_flags(*settings_classes: type, **others: str) -> dict[str, str]:
+    """The flag of every Python parameter a command's settings come from: the generated options
+    of ``settings_classes`` (see :func:`with_settings`) and ``others`` (parameter: flag)."""
+    from zest.groundtruth.settings import cli_fields
+
+    flags = dict(others)
+    for settings_class in settings_classes:
+        for f in cli_fields(settings_class):
+            form = f.metadata["command_line"]
+            flags[f.name] = "--" + (form.name if form else f.name).replace("_", "-")
+    return flags
+
+
+@contextmanager
+def _parameters_as_flags(flags: dict[str, str]):
+    """Re-raises an :class:`~zest.errors.InvalidInputError` of the library with the first
+    mention of each Python parameter in ``flags`` replaced by its command-line flag (the
+    library's messages name parameters: ``steps must be ...`` reads ``--steps must be ...``)."""
+    import re
+
+    from zest.errors import InvalidInputError
+
+    try:
+        yield
+    except InvalidInputError as exc:
+        message = str(exc)
+        for name in sorted(flags, key=len, reverse=True):
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message,
+                             count=1)
+        raise InvalidInputError(message) from None
+
+
 @collect_app.command("metrics")
 @with_data_options()
 def collect_metrics_command(
@@ -171,23 +254,14 @@ def collect_metrics_command(
 
 @collect_app.command("groundtruth")
 @with_data_options()
+@with_settings(GroundTruthConfig, "config")
+@with_settings(GroundTruthRequest, "request")
 def collect_groundtruth_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file; existing rows are kept (resume).")],
-    steps: Annotated[int, typer.Option(help="Training steps per layer and for the baseline.")]
-    = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (layer and head).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
-    seeds: Annotated[str, typer.Option(help="Comma-separated ground-truth seeds.")] = "0,1",
-    n_jobs: Annotated[int, typer.Option(help="Parallel workers (joblib).")] = 1,
-    backend: Annotated[str, typer.Option(help="loky (joblib) or dask.")] = "loky",
-    scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address.")]
-    = None,
-    no_cache: Annotated[bool, typer.Option(help="Disable the frozen-prefix cache.")] = False,
-    sample_layers: Annotated[int | None, typer.Option(
-        help="Only a stratified sample of this many candidate layers (every role, spread over "
-             "depth), for models with hundreds of candidates.")] = None,
+    config: Any = None,
+    request: Any = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -196,19 +270,18 @@ def collect_groundtruth_command(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune each candidate layer alone (plus a fresh head) and record its gain."""
-    from zest.groundtruth import GroundTruthConfig, collect_groundtruth, seed_list
+    from zest.groundtruth import run_groundtruth
 
+    flags = settings_flags(GroundTruthConfig, GroundTruthRequest, layer_names="--layers",
+                           data_seed="--seed")
     with _user_errors():
-        config = GroundTruthConfig(steps=steps, lr=lr, batch_size=batch_size,
-                                   use_cache=not no_cache)
-        with _progress("layers", quiet) as progress:
-            frame = collect_groundtruth(
-                model, dataset, out, config=config, seeds=seed_list(seeds),
-                options=options,
+        with _parameters_as_flags(flags):
+            settings = GroundTruthRequest(
+                model, dataset, out, config=GroundTruthConfig(**config), options=options,
                 layer_names=_names(layers), data_seed=seed, device=device,
-                checkpoint=str(checkpoint) if checkpoint else None, n_jobs=n_jobs,
-                backend=backend, scheduler=scheduler, layer_sample=sample_layers,
-                progress=progress)
+                checkpoint=str(checkpoint) if checkpoint else None, **request)
+        with _progress("layers", quiet) as progress:
+            frame = run_groundtruth(settings, progress)
         _echo_written(out, len(frame), "ground-truth")
 
 

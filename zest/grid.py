@@ -16,7 +16,7 @@ from typing import Any
 
 from zest.collect import collect_metrics, default_probe_loss, metrics_settings
 from zest.errors import InvalidInputError, RecordError
-from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+from zest.groundtruth import GroundTruthConfig, GroundTruthRequest, run_groundtruth
 from zest.loading import DataOptions
 from zest.metrics import resolve_metrics
 from zest.records import (
@@ -51,6 +51,18 @@ class GridGroup:
     def options(self) -> DataOptions:
         return DataOptions(**{f.name: self.settings[f.name] for f in fields(DataOptions)
                               if f.name in self.settings})
+
+    def groundtruth_request(self, out: str | Path) -> GroundTruthRequest:
+        """The ground-truth collection of this group into ``out``, with the grid's settings."""
+        config = GroundTruthConfig(steps=int(self.get("steps", 100)),
+                                   lr=float(self.get("lr", 1e-3)),
+                                   batch_size=int(self.get("gt_batch_size", 32)))
+        return GroundTruthRequest(self.model, self.dataset, out, config=config,
+                                  seeds=[int(s) for s in self.get("seeds", [0, 1])],
+                                  options=self.options(), data_seed=int(self.get("data_seed", 0)),
+                                  checkpoint=self.get("checkpoint"),
+                                  n_jobs=int(self.get("n_jobs", 1)),
+                                  layer_sample=self.get("layer_sample"))
 
 
 def read_grid(path: str | Path) -> tuple[list[GridGroup], Path]:
@@ -109,7 +121,6 @@ def grid_jobs(path: str | Path, only: Sequence[str] | None = None, n_jobs: int |
 def run_grid_item(kind: str, group: GridGroup, out: Path,
                   progress: Callable[[int, int], None] | None = None) -> str:
     """Runs (or resumes) one work item; returns a short status."""
-    seeds = [int(s) for s in group.get("seeds", [0, 1])]
     if kind == "metrics":
         batches = int(group.get("batches", 4))
         seed = int(group.get("data_seed", 0))
@@ -143,10 +154,5 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
                         options=options, checkpoint=group.get("checkpoint"),
                         progress=progress, out=out)
         return "collected"
-    config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
-                               batch_size=int(group.get("gt_batch_size", 32)))
-    collect_groundtruth(group.model, group.dataset, out, config=config, seeds=seeds,
-                        options=group.options(), data_seed=int(group.get("data_seed", 0)),
-                        checkpoint=group.get("checkpoint"), n_jobs=int(group.get("n_jobs", 1)),
-                        layer_sample=group.get("layer_sample"), progress=progress)
+    run_groundtruth(group.groundtruth_request(out), progress)
     return "collected"
