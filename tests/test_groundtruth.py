@@ -487,3 +487,86 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
              and "(Z)" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:4]]
     assert not alive, f"workers {alive} outlived the driver"
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"seeds": ()}, "seeds is empty"),
+    ({"seeds": "0,x"}, "seeds must be comma-separated integers"),
+    ({"n_jobs": 0}, "n_jobs must be ≥ 1, got 0"),
+    ({"backend": "spark"}, "backend must be one of loky, dask, got 'spark'"),
+    ({"backend": "dask"}, "scheduler is needed with backend dask"),
+    ({"layer_sample": 0}, "layer_sample must be an integer ≥ 1, got 0"),
+    ({"layer_sample": 2, "layer_names": ["conv_stem"]}, "layer_sample and layer_names both"),
+])
+def test_a_request_is_checked_once_naming_the_parameter(tmp_path, settings, message):
+    from zest.groundtruth import GroundTruthRequest
+
+    with pytest.raises(InvalidInputError, match=f"^{message}"):
+        GroundTruthRequest("tiny_cnn", "digits", tmp_path / "gt.parquet", **settings)
+    with pytest.raises(InvalidInputError, match=f"^{message}"):  # the keyword form alike
+        collect_groundtruth("tiny_cnn", "digits", tmp_path / "gt.parquet", **settings)
+    assert not (tmp_path / "gt.parquet").exists()
+
+
+def test_a_request_keeps_the_seed_order_and_parses_a_seed_string(tmp_path):
+    from zest.groundtruth import GroundTruthRequest
+
+    assert GroundTruthRequest("m", "d", tmp_path / "o", seeds=[3, 1]).seeds == (3, 1)
+    assert GroundTruthRequest("m", "d", tmp_path / "o", seeds="2,0,2").seeds == (0, 2)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--steps", "0"], "--steps must be an integer ≥ 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
+    (["--n-jobs", "0"], "--n-jobs must be ≥ 1, got 0"),
+    (["--seeds", "a"], "--seeds must be comma-separated integers"),
+    (["--backend", "dask"], "--scheduler is needed with --backend dask"),
+    (["--sample-layers", "2", "--layers", "conv_stem"], "--sample-layers and --layers both"),
+])
+def test_cli_names_the_flag_of_a_bad_setting(tmp_path, arguments, message):
+    from typer.testing import CliRunner
+
+    from zest.cli import app
+
+    result = CliRunner().invoke(app, ["collect", "groundtruth", "-m", "tiny_cnn", "-d", "digits",
+                                      "--out", str(tmp_path / "gt.parquet"), *arguments])
+    assert result.exit_code == 1 and f"error: {message}" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "gt.parquet").exists()
+
+
+def test_cli_options_are_generated_from_the_settings():
+    import typer.main
+
+    from zest.cli import app
+
+    command = typer.main.get_command(app).commands["collect"].commands["groundtruth"]
+    options = {p.name: p for p in command.params}
+    assert set(options) == {"model", "dataset", "out", "steps", "lr", "batch_size", "no_cache",
+                            "seeds", "n_jobs", "backend", "scheduler", "sample_layers", "seed",
+                            "layers", "device", "checkpoint", "quiet", "image_size",
+                            "max_length", "max_train", "max_val", "text_column", "label_column"}
+    assert (options["steps"].default, options["lr"].default, options["seeds"].default,
+            options["no_cache"].default, options["backend"].default) == (100, 1e-3, "0,1",
+                                                                          False, "loky")
+    assert options["steps"].help == "Training steps per layer and for the baseline."
+    assert options["no_cache"].help == "Disable the frozen-prefix cache."
+
+
+def test_jobs_shipped_to_dask_workers_carry_absolute_paths(tmp_path, monkeypatch):
+    from zest.groundtruth import GroundTruthConfig, Job, PairSpec
+    from zest.groundtruth.executors import shippable
+
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    for spec, expected in [("npz:a.npz", f"npz:{here / 'a.npz'}"),
+                           ("lm:csv:t.csv", f"lm:csv:{here / 't.csv'}"),
+                           ("imagefolder:imgs", f"imagefolder:{here / 'imgs'}"),
+                           ("digits", "digits"), ("lm:r8", "lm:r8")]:
+        job = Job(PairSpec("hf:model", spec, checkpoint="w.pt"), GroundTruthConfig(), "b", (), 0)
+        shipped = shippable(job).pair
+        assert shipped.dataset == expected
+        assert (shipped.model, shipped.checkpoint) == (f"hf:{here / 'model'}",
+                                                       str(here / "w.pt"))
+    assert shippable(Job(PairSpec("tiny_cnn", "digits"), GroundTruthConfig(), "b", (), 0)
+                     ).pair.model == "tiny_cnn"

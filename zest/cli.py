@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from zest.collect import MetricsRequest
 from zest.errors import ZestError
 from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 
@@ -136,15 +137,15 @@ def _echo_written(path: Path, rows: int, what: str) -> None:
 # -- collect ---------------------------------------------------------------------------------------
 def with_settings(settings_class: type, argument: str):
     """Adds the options of a settings dataclass's fields that carry a help text (see
-    :func:`zest.groundtruth.settings.setting`; named, typed and parsed by their
-    :class:`~zest.groundtruth.settings.CommandLine` form where they have one) in place of the
+    :func:`zest.command_line.setting`; named, typed and parsed by their
+    :class:`~zest.command_line.CommandLine` form where they have one) in place of the
     command's ``argument`` parameter, and hands the command ``argument`` as a dict of field
     values. The class is built by the command, under :func:`_parameters_as_flags`."""
     import functools
     import inspect
     import typing
 
-    from zest.groundtruth.settings import cli_fields
+    from zest.command_line import cli_fields
 
     hints = typing.get_type_hints(settings_class)
     exposed = {}  # option name -> (field, its command-line form or None)
@@ -187,7 +188,7 @@ def with_settings(settings_class: type, argument: str):
 def settings_flags(*settings_classes: type, **others: str) -> dict[str, str]:
     """The flag of every Python parameter a command's settings come from: the generated options
     of ``settings_classes`` (see :func:`with_settings`) and ``others`` (parameter: flag)."""
-    from zest.groundtruth.settings import cli_fields
+    from zest.command_line import cli_fields
 
     flags = dict(others)
     for settings_class in settings_classes:
@@ -218,17 +219,12 @@ def _parameters_as_flags(flags: dict[str, str]):
 
 @collect_app.command("metrics")
 @with_data_options()
+@with_settings(MetricsRequest, "request")
 def collect_metrics_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-    batch_size: Annotated[int, typer.Option(help="Probe minibatch size.")] = 32,
-    batches: Annotated[int, typer.Option(help="Minibatches; each gives a row per layer.")] = 1,
-    metrics: Annotated[str, typer.Option(help="all, a family (static, forward, backward) or "
-                                         "comma-separated metric names.")] = "all",
-    probe_loss: Annotated[str | None, typer.Option(
-        help="supcon (no head, τ=0.07) or ce; default supcon, and ce (next-token loss) for "
-             "lm: data sets.")] = None,
+    request: Any = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -238,17 +234,17 @@ def collect_metrics_command(
     quiet: QuietOption = False,
 ) -> None:
     """Zero-shot metrics of every candidate layer from one forward and backward pass."""
-    from zest.collect import collect_metrics
+    from zest.collect import run_metrics
 
     with _user_errors():
+        with _parameters_as_flags(settings_flags(MetricsRequest, layer_names="--layers")):
+            settings = MetricsRequest(model, dataset, out, seed=seed, options=options,
+                                      granularity=granularity, layer_names=_names(layers),
+                                      device=device,
+                                      checkpoint=str(checkpoint) if checkpoint else None,
+                                      **request)
         with _progress("probe", quiet) as progress:
-            frame = collect_metrics(model, dataset, batch_size=batch_size, batches=batches,
-                                    metrics=metrics, probe_loss=probe_loss, seed=seed,
-                                    options=options,
-                                    granularity=granularity, layer_names=_names(layers),
-                                    device=device,
-                                    checkpoint=str(checkpoint) if checkpoint else None,
-                                    progress=progress, out=out)
+            frame = run_metrics(settings, progress)
         _echo_written(out, len(frame), "metric")
 
 

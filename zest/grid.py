@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zest.collect import collect_metrics, default_probe_loss, metrics_settings
+from zest.collect import MetricsRequest, run_metrics
 from zest.errors import InvalidInputError, RecordError
 from zest.groundtruth import GroundTruthConfig, GroundTruthRequest, run_groundtruth
 from zest.loading import DataOptions
-from zest.metrics import resolve_metrics
 from zest.records import (
     METRIC_PREFIX,
     group_key,
@@ -51,6 +50,16 @@ class GridGroup:
     def options(self) -> DataOptions:
         return DataOptions(**{f.name: self.settings[f.name] for f in fields(DataOptions)
                               if f.name in self.settings})
+
+    def metrics_request(self, out: str | Path) -> MetricsRequest:
+        """The metrics collection of this group into ``out``, with the grid's settings."""
+        return MetricsRequest(self.model, self.dataset, out,
+                              batch_size=int(self.get("batch_size", 32)),
+                              batches=int(self.get("batches", 4)),
+                              metrics=self.get("metrics", "all"),
+                              probe_loss=self.get("probe_loss"),
+                              seed=int(self.get("data_seed", 0)), options=self.options(),
+                              checkpoint=self.get("checkpoint"))
 
     def groundtruth_request(self, out: str | Path) -> GroundTruthRequest:
         """The ground-truth collection of this group into ``out``, with the grid's settings."""
@@ -122,16 +131,8 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
                   progress: Callable[[int, int], None] | None = None) -> str:
     """Runs (or resumes) one work item; returns a short status."""
     if kind == "metrics":
-        batches = int(group.get("batches", 4))
-        seed = int(group.get("data_seed", 0))
-        names = resolve_metrics(group.get("metrics", "all"))
-        options = group.options()
-        probe_loss = default_probe_loss(group.dataset, group.get("probe_loss"))
-        settings = metrics_settings(batch_size=int(group.get("batch_size", 32)),
-                                    batches=batches, metrics=names,
-                                    probe_loss=probe_loss, seed=seed,
-                                    options=options, granularity="module", layer_names=None,
-                                    checkpoint=group.get("checkpoint"))
+        request = group.metrics_request(out)
+        settings = request.settings()
         if out.exists():
             existing = read_records(out, "metrics")
             stamped = record_settings(out)
@@ -143,16 +144,12 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
                 if difference:
                     raise RecordError(f"{str(out)!r} was collected with {difference}; restore "
                                       "the grid's settings, or move the file away to redo it")
-            complete = set(range(batches)) <= set(existing["batch"].unique()) and all(
-                METRIC_PREFIX + name in existing for name in names)
+            complete = set(range(request.batches)) <= set(existing["batch"].unique()) and all(
+                METRIC_PREFIX + name in existing for name in request.metrics)
             if complete:
                 return "done"
         # metrics are cheap: a file missing a batch or a newly registered metric is redone
-        collect_metrics(group.model, group.dataset, batch_size=int(group.get("batch_size", 32)),
-                        batches=batches, metrics=names,
-                        probe_loss=probe_loss, seed=seed,
-                        options=options, checkpoint=group.get("checkpoint"),
-                        progress=progress, out=out)
+        run_metrics(request, progress)
         return "collected"
     run_groundtruth(group.groundtruth_request(out), progress)
     return "collected"

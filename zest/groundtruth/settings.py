@@ -5,56 +5,25 @@ batch sizes, the prefix cache); :class:`GroundTruthRequest` holds one whole coll
 (model, data set) pair, the record file, the config, the seeds, the layers and where the jobs
 run. Both check every value in ``__post_init__`` and name the Python parameter in their errors
 (``steps must be an integer ≥ 1, got 0``); the command line's ``zest collect groundtruth``
-options are generated from the fields that carry a help text (:func:`cli_fields`), and the CLI
-turns the parameter names of an error into its flags.
+options are generated from the fields that carry a help text
+(:func:`zest.command_line.cli_fields`), and the CLI turns the parameter names of an error into
+its flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zest.command_line import CommandLine, setting
 from zest.errors import InvalidInputError
 from zest.loading import DataOptions
 
 BACKENDS = ("loky", "dask")
-
-
-@dataclass(frozen=True)
-class CommandLine:
-    """How a setting reads on the command line where that differs from its field.
-
-    Attributes:
-        name: The option's parameter name (its flag is ``--`` + the name with dashes).
-        type: The option's type (``None``: the field's).
-        default: The option's default (``None``: the field's).
-        parse: Turns the option's value into the field's value (``None``: taken as it is);
-            it must not raise: checking the value is ``__post_init__``'s.
-    """
-
-    name: str
-    type: Any = None
-    default: Any = None
-    parse: Callable[[Any], Any] | None = None
-
-
-def setting(default: Any = dataclasses.MISSING, help: str | None = None, *,  # noqa: A002
-            default_factory: Any = dataclasses.MISSING,
-            command_line: CommandLine | None = None) -> Any:
-    """A dataclass field with the help text of its command-line option (no help: not an
-    option) and, where the option differs from the field, its :class:`CommandLine` form."""
-    return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, "command_line": command_line})
-
-
-def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a settings dataclass that are command-line options, in declaration order."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
 
 
 def seed_list(text: str | Iterable[int]) -> list[int]:
