@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from zest.collect import MetricsRequest
+from zest.command_line import option_flags
 from zest.errors import ZestError
 from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 
@@ -185,36 +186,17 @@ def with_settings(settings_class: type, argument: str):
     return decorate
 
 
-def settings_flags(*settings_classes: type, **others: str) -> dict[str, str]:
-    """The flag of every Python parameter a command's settings come from: the generated options
-    of ``settings_classes`` (see :func:`with_settings`) and ``others`` (parameter: flag)."""
-    from zest.command_line import cli_fields
-
-    flags = dict(others)
-    for settings_class in settings_classes:
-        for f in cli_fields(settings_class):
-            form = f.metadata["command_line"]
-            flags[f.name] = "--" + (form.name if form else f.name).replace("_", "-")
-    return flags
-
-
 @contextmanager
 def _parameters_as_flags(flags: dict[str, str]):
-    """Re-raises an :class:`~zest.errors.InvalidInputError` of the library with the first
-    mention of each Python parameter in ``flags`` replaced by its command-line flag (the
-    library's messages name parameters: ``steps must be ...`` reads ``--steps must be ...``)."""
-    import re
-
+    """Re-raises an :class:`~zest.errors.InvalidInputError` of the library with the Python
+    parameters it names replaced by their flags (:func:`zest.command_line.flags_in_message`)."""
+    from zest.command_line import flags_in_message
     from zest.errors import InvalidInputError
 
     try:
         yield
     except InvalidInputError as exc:
-        message = str(exc)
-        for name in sorted(flags, key=len, reverse=True):
-            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message,
-                             count=1)
-        raise InvalidInputError(message) from None
+        raise InvalidInputError(flags_in_message(str(exc), flags)) from None
 
 
 @collect_app.command("metrics")
@@ -237,7 +219,7 @@ def collect_metrics_command(
     from zest.collect import run_metrics
 
     with _user_errors():
-        with _parameters_as_flags(settings_flags(MetricsRequest, layer_names="--layers")):
+        with _parameters_as_flags(option_flags(MetricsRequest, layer_names="--layers")):
             settings = MetricsRequest(model, dataset, out, seed=seed, options=options,
                                       granularity=granularity, layer_names=_names(layers),
                                       device=device,
@@ -268,8 +250,8 @@ def collect_groundtruth_command(
     """Fine-tune each candidate layer alone (plus a fresh head) and record its gain."""
     from zest.groundtruth import run_groundtruth
 
-    flags = settings_flags(GroundTruthConfig, GroundTruthRequest, layer_names="--layers",
-                           data_seed="--seed")
+    flags = option_flags(GroundTruthConfig, GroundTruthRequest, layer_names="--layers",
+                         data_seed="--seed")
     with _user_errors():
         with _parameters_as_flags(flags):
             settings = GroundTruthRequest(
