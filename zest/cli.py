@@ -141,7 +141,8 @@ def with_settings(settings_class: type, argument: str):
     :func:`zest.command_line.setting`; named, typed and parsed by their
     :class:`~zest.command_line.CommandLine` form where they have one) in place of the
     command's ``argument`` parameter, and hands the command ``argument`` as a dict of field
-    values. The class is built by the command, under :func:`_parameters_as_flags`."""
+    values. The class is built by the command, under :func:`_parameters_as_flags` with the
+    flags of :func:`zest.command_line.option_flags`."""
     import functools
     import inspect
     import typing
