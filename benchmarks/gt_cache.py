@@ -28,7 +28,7 @@ from typing import Any
 import _results
 import torch
 
-from zest.groundtruth import GroundTruthConfig, collect_groundtruth, plan_groundtruth
+from zest.groundtruth import GroundTruthConfig, GroundTruthRequest, collect_groundtruth, list_jobs
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import write_random_hf_model
@@ -119,8 +119,8 @@ def measure(name: str, case: Case, model: str, steps: int, every: int) -> dict:
     config = GroundTruthConfig(steps=steps, batch_size=case.batch_size)
     timings, cpu, frames = {}, {}, {}
     with tempfile.TemporaryDirectory() as folder:  # loads the pair that both runs use
-        plan_groundtruth(model, dataset, Path(folder) / "gt.parquet", config=config, seeds=[0],
-                         options=options, layer_names=layers)
+        list_jobs(GroundTruthRequest(model, dataset, Path(folder) / "gt.parquet", config=config,
+                                     seeds=[0], options=options, layer_names=layers))
     load_before = os.getloadavg()[0]
     for cached in (True, False):
         with tempfile.TemporaryDirectory() as folder:

@@ -4,7 +4,7 @@ The fidelity study (``fidelity.py``) collects ground truth on a stratified layer
 several settings. The setting chosen for the corpus has then already been run on that group, so
 its rows are moved into ``<out_dir>/groundtruth/<group>.parquet`` instead of being recomputed:
 the rows are stamped with the sample size (``gt_layer_sample``), and the file is accepted only
-if the grid would resume it as its own, i.e. :func:`zest.groundtruth.plan_groundtruth` with the
+if the grid would resume it as its own, i.e. :func:`zest.groundtruth.list_jobs` with the
 grid group's settings finds no differing setting and the same layer sample. A partial file is
 adopted as well; ``zest collect grid`` then continues it.
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from zest.grid import grid_jobs
-from zest.groundtruth import GroundTruthConfig, plan_groundtruth
+from zest.groundtruth import list_jobs
 from zest.records import read_records, record_settings, write_records
 
 
@@ -40,19 +40,13 @@ def adopt(grid: str, key: str, source: Path) -> Path:
     frame = read_records(source, "groundtruth")
     stamp = record_settings(source) or {}
     frame["gt_layer_sample"] = int(sample)
-    config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
-                               batch_size=int(group.get("gt_batch_size", 32)))
     with tempfile.TemporaryDirectory() as folder:
         trial = Path(folder) / out.name
         write_records(frame, trial, "groundtruth", settings={**stamp,
                                                              "gt_layer_sample": int(sample)})
         # raises RecordError naming the first setting that differs from the grid's
-        plan = plan_groundtruth(group.model, group.dataset, trial, config=config,
-                                seeds=[int(s) for s in group.get("seeds", [0, 1])],
-                                options=group.options(),
-                                data_seed=int(group.get("data_seed", 0)),
-                                checkpoint=group.get("checkpoint"), layer_sample=int(sample))
-        sampled = {layer.name for layer in plan.layers}
+        listed = list_jobs(group.groundtruth_request(trial))
+        sampled = {layer.name for layer in listed.layers}
         if not set(frame["layer"]) <= sampled:
             sys.exit(f"{str(source)!r} holds layers outside the grid's sample of {sample}: "
                      f"{sorted(set(frame['layer']) - sampled)[:3]}")

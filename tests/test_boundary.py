@@ -264,10 +264,10 @@ def test_dask_workers_find_relative_data_paths(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_dask_cluster_without_workers_says_so(tmp_path, monkeypatch):
     distributed = pytest.importorskip("dask.distributed")
-    import zest.groundtruth
+    import zest.groundtruth.executors
     from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 
-    monkeypatch.setattr(zest.groundtruth, "DASK_NO_WORKER_SECONDS", 10.0)
+    monkeypatch.setattr(zest.groundtruth.executors, "DASK_NO_WORKER_SECONDS", 10.0)
     with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster, \
             pytest.raises(InvalidInputError, match="no worker for 10 s; finished rows are kept"):

@@ -114,3 +114,44 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, case):
     assert expected in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"batches": 0}, "batches must be ≥ 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be ≥ 1, got 0"),
+    ({"batch_size": 1}, "batch_size must be ≥ 2 for the supcon probe loss"),
+])
+def test_a_metrics_request_is_checked_once_naming_the_parameter(tmp_path, settings, message):
+    from zest.collect import MetricsRequest
+    from zest.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=f"^{message}"):
+        MetricsRequest("tiny_cnn", "digits", tmp_path / "m.parquet", **settings)
+    with pytest.raises(InvalidInputError, match=f"^{message}"):
+        collect_metrics("tiny_cnn", "digits", out=tmp_path / "m.parquet", **settings)
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_a_metrics_request_resolves_metrics_and_probe_loss():
+    from zest.collect import MetricsRequest
+
+    request = MetricsRequest("tiny_cnn", "digits", metrics="static", batch_size=4)
+    assert request.probe_loss == "supcon" and "n_params" in request.metrics
+    assert MetricsRequest("tiny_llama", "lm:r8").probe_loss == "ce"
+    assert request.settings()["metrics"] == list(request.metrics)
+
+
+def test_collect_metrics_options_are_generated_from_the_request():
+    import typer.main
+
+    from zest.cli import app
+
+    command = typer.main.get_command(app).commands["collect"].commands["metrics"]
+    options = {p.name: p for p in command.params}
+    assert [name for name in options][3:7] == ["batch_size", "batches", "metrics", "probe_loss"]
+    assert (options["batch_size"].default, options["batches"].default,
+            options["metrics"].default, options["probe_loss"].default) == (32, 1, "all", None)
+    assert options["batches"].help == "Minibatches; each gives a row per layer."
+    result = runner.invoke(app, ["collect", "metrics", "-m", "tiny_cnn", "-d", "digits", "--out",
+                                 "never.parquet", "--batches", "0"])
+    assert result.exit_code == 1 and "error: --batches must be ≥ 1, got 0" in result.output

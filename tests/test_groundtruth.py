@@ -58,11 +58,12 @@ def test_cached_and_uncached_give_the_same_records(tmp_path, model):
     # of 16 draw, not for the split's 96
     import torch
 
-    from zest.groundtruth import _PREFIXES, PairSpec
+    from zest.groundtruth import PairSpec
+    from zest.groundtruth.caches import PREFIXES
 
     pair = PairSpec(model, "digits" if model == "tiny_cnn" else "rotten_tomatoes",
                     dataset_options)
-    held = _PREFIXES[(pair.key(), GroundTruthConfig().eval_batch_size, "train")]
+    held = PREFIXES[(pair.key(), GroundTruthConfig().eval_batch_size, "train")]
     assert torch.equal(held.examples, torch.unique(torch.cat(batch_order(96, 16, 3, seed=1))))
     assert len(held.examples) == 48 and next(iter(held.state.values())).shape[0] == 48
 
@@ -98,7 +99,7 @@ def test_a_layer_sample_is_stratified_stamped_and_resumed(tmp_path):
         _run(tmp_path, "s.parquet", layer_sample=2)
     with pytest.raises(RecordError, match="gt_layer_sample"):
         _run(tmp_path, "s.parquet")  # the whole model is another setting
-    with pytest.raises(InvalidInputError, match="sample-layers"):
+    with pytest.raises(InvalidInputError, match="layer_sample and layer_names"):
         _run(tmp_path, "t.parquet", layer_sample=2, layer_names=["conv_stem"])
     whole = _run(tmp_path, "w.parquet", layer_sample=1000)  # as large as the model: no sample
     assert "gt_layer_sample" not in whole
@@ -185,7 +186,7 @@ def test_unknown_layer_suggests_close_names(tmp_path):
 
 @pytest.mark.parametrize("steps", [0, -3])
 def test_non_positive_steps(steps):
-    with pytest.raises(InvalidInputError, match="--steps"):
+    with pytest.raises(InvalidInputError, match=f"^steps must be an integer ≥ 1, got {steps}$"):
         GroundTruthConfig(steps=steps)
 
 
@@ -319,16 +320,19 @@ def test_trimming_padding_keeps_the_outputs():
 def test_prefix_chunks_are_trimmed_and_keep_the_full_width_outputs():
     import torch
 
-    from zest.groundtruth import PairSpec, _batch_of, _cached_pair, _split_inputs, _Trainer
+    from zest.groundtruth import PairSpec
+    from zest.groundtruth.batches import batch_of, split_inputs
+    from zest.groundtruth.caches import cached_pair
+    from zest.groundtruth.trainer import LayerTrainer
     from zest.stages import stage_plan
 
     options = DataOptions(max_length=48, max_train=96, max_val=48)
-    net, task, data = _cached_pair(PairSpec("tiny_bert", "rotten_tomatoes", options))
-    inputs, labels = _split_inputs(task, data, "val", None)
-    plan = stage_plan(net, task, _batch_of(task, inputs, labels, torch.arange(2)))
+    net, task, data = cached_pair(PairSpec("tiny_bert", "rotten_tomatoes", options))
+    inputs, labels = split_inputs(task, data, "val")
+    plan = stage_plan(net, task, batch_of(task, inputs, labels, torch.arange(2)))
     stop = len(plan.names) - 1  # the last encoder layer's output, before pooling
     config = GroundTruthConfig(steps=3, batch_size=16, eval_batch_size=8)
-    val = _Trainer(net, task, data, config, plan).prefix_states(stop, seed=0)[1]
+    val = LayerTrainer(net, task, data, config, plan).prefix_states(stop, seed=0)[1]
     with torch.no_grad():  # all val examples at once, at the split's full width
         full = plan.run(plan.start(task.model_inputs({k: v for k, v in inputs.items()})), 0,
                         stop)
@@ -412,30 +416,26 @@ dataset = "digits"
 def test_prefix_continued_from_a_cached_state_is_identical(model):
     import torch
 
-    from zest.groundtruth import (
-        _PREFIXES,
-        PairSpec,
-        _batch_of,
-        _cached_pair,
-        _split_inputs,
-        _Trainer,
-    )
+    from zest.groundtruth import PairSpec
+    from zest.groundtruth.batches import batch_of, split_inputs
+    from zest.groundtruth.caches import PREFIXES, cached_pair
+    from zest.groundtruth.trainer import LayerTrainer
     from zest.stages import stage_plan
 
     options = OPTIONS if model == "tiny_cnn" else DataOptions(max_length=24, max_train=96,
                                                               max_val=48)
     pair = PairSpec(model, "digits" if model == "tiny_cnn" else "r8", options)
-    net, task, data = _cached_pair(pair)
-    sample = _batch_of(task, *_split_inputs(task, data, "train", None), torch.arange(2))
+    net, task, data = cached_pair(pair)
+    sample = batch_of(task, *split_inputs(task, data, "train"), torch.arange(2))
     plan = stage_plan(net, task, sample)
     config = GroundTruthConfig(steps=3, batch_size=16, eval_batch_size=40)
     stop = len(plan.names) - 1
-    plain = _Trainer(net, task, data, config, plan).prefix_states(stop, seed=0)
+    plain = LayerTrainer(net, task, data, config, plan).prefix_states(stop, seed=0)
     key = ("test", model)
-    trainer = _Trainer(net, task, data, config, plan, pair_key=key)
+    trainer = LayerTrainer(net, task, data, config, plan, pair_key=key)
     for step in range(stop + 1):  # one stage at a time, as jobs of successive blocks do
         continued = trainer.prefix_states(step, seed=0)
-    assert _PREFIXES[(*key, "train")].stop == _PREFIXES[(*key, "val")].stop == stop
+    assert PREFIXES[(*key, "train")].stop == PREFIXES[(*key, "val")].stop == stop
     for part, expected in zip(continued, plain, strict=True):
         assert torch.equal(part.examples, expected.examples)
         assert expected.state.keys() == part.state.keys()
@@ -444,9 +444,9 @@ def test_prefix_continued_from_a_cached_state_is_identical(model):
     # another seed draws other train examples: its prefix starts again from the input
     other = trainer.prefix_states(stop, seed=1)[0]
     assert not torch.equal(other.examples, continued[0].examples)
-    assert torch.equal(other.examples, _PREFIXES[(*key, "train")].examples)
+    assert torch.equal(other.examples, PREFIXES[(*key, "train")].examples)
     for split in ("train", "val"):
-        _PREFIXES.pop((*key, split))
+        PREFIXES.pop((*key, split))
 
 
 def _children(pid: int) -> set[int]:
@@ -487,3 +487,86 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
              and "(Z)" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:4]]
     assert not alive, f"workers {alive} outlived the driver"
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"seeds": ()}, "seeds is empty"),
+    ({"seeds": "0,x"}, "seeds must be comma-separated integers"),
+    ({"n_jobs": 0}, "n_jobs must be ≥ 1, got 0"),
+    ({"backend": "spark"}, "backend must be one of loky, dask, got 'spark'"),
+    ({"backend": "dask"}, "scheduler is needed with backend dask"),
+    ({"layer_sample": 0}, "layer_sample must be an integer ≥ 1, got 0"),
+    ({"layer_sample": 2, "layer_names": ["conv_stem"]}, "layer_sample and layer_names both"),
+])
+def test_a_request_is_checked_once_naming_the_parameter(tmp_path, settings, message):
+    from zest.groundtruth import GroundTruthRequest
+
+    with pytest.raises(InvalidInputError, match=f"^{message}"):
+        GroundTruthRequest("tiny_cnn", "digits", tmp_path / "gt.parquet", **settings)
+    with pytest.raises(InvalidInputError, match=f"^{message}"):  # the keyword form alike
+        collect_groundtruth("tiny_cnn", "digits", tmp_path / "gt.parquet", **settings)
+    assert not (tmp_path / "gt.parquet").exists()
+
+
+def test_a_request_keeps_the_seed_order_and_parses_a_seed_string(tmp_path):
+    from zest.groundtruth import GroundTruthRequest
+
+    assert GroundTruthRequest("m", "d", tmp_path / "o", seeds=[3, 1]).seeds == (3, 1)
+    assert GroundTruthRequest("m", "d", tmp_path / "o", seeds="2,0,2").seeds == (0, 2)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--steps", "0"], "--steps must be an integer ≥ 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
+    (["--n-jobs", "0"], "--n-jobs must be ≥ 1, got 0"),
+    (["--seeds", "a"], "--seeds must be comma-separated integers"),
+    (["--backend", "dask"], "--scheduler is needed with --backend dask"),
+    (["--sample-layers", "2", "--layers", "conv_stem"], "--sample-layers and --layers both"),
+])
+def test_cli_names_the_flag_of_a_bad_setting(tmp_path, arguments, message):
+    from typer.testing import CliRunner
+
+    from zest.cli import app
+
+    result = CliRunner().invoke(app, ["collect", "groundtruth", "-m", "tiny_cnn", "-d", "digits",
+                                      "--out", str(tmp_path / "gt.parquet"), *arguments])
+    assert result.exit_code == 1 and f"error: {message}" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "gt.parquet").exists()
+
+
+def test_cli_options_are_generated_from_the_settings():
+    import typer.main
+
+    from zest.cli import app
+
+    command = typer.main.get_command(app).commands["collect"].commands["groundtruth"]
+    options = {p.name: p for p in command.params}
+    assert set(options) == {"model", "dataset", "out", "steps", "lr", "batch_size", "no_cache",
+                            "seeds", "n_jobs", "backend", "scheduler", "sample_layers", "seed",
+                            "layers", "device", "checkpoint", "quiet", "image_size",
+                            "max_length", "max_train", "max_val", "text_column", "label_column"}
+    assert (options["steps"].default, options["lr"].default, options["seeds"].default,
+            options["no_cache"].default, options["backend"].default) == (100, 1e-3, "0,1",
+                                                                          False, "loky")
+    assert options["steps"].help == "Training steps per layer and for the baseline."
+    assert options["no_cache"].help == "Disable the frozen-prefix cache."
+
+
+def test_jobs_shipped_to_dask_workers_carry_absolute_paths(tmp_path, monkeypatch):
+    from zest.groundtruth import GroundTruthConfig, Job, PairSpec
+    from zest.groundtruth.executors import shippable
+
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    for spec, expected in [("npz:a.npz", f"npz:{here / 'a.npz'}"),
+                           ("lm:csv:t.csv", f"lm:csv:{here / 't.csv'}"),
+                           ("imagefolder:imgs", f"imagefolder:{here / 'imgs'}"),
+                           ("digits", "digits"), ("lm:r8", "lm:r8")]:
+        job = Job(PairSpec("hf:model", spec, checkpoint="w.pt"), GroundTruthConfig(), "b", (), 0)
+        shipped = shippable(job).pair
+        assert shipped.dataset == expected
+        assert (shipped.model, shipped.checkpoint) == (f"hf:{here / 'model'}",
+                                                       str(here / "w.pt"))
+    assert shippable(Job(PairSpec("tiny_cnn", "digits"), GroundTruthConfig(), "b", (), 0)
+                     ).pair.model == "tiny_cnn"

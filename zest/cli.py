@@ -13,7 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
+from zest.collect import MetricsRequest
+from zest.command_line import option_flags
 from zest.errors import ZestError
+from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ZEST: pick the layers worth fine-tuning from one minibatch.")
@@ -133,19 +136,78 @@ def _echo_written(path: Path, rows: int, what: str) -> None:
 
 
 # -- collect ---------------------------------------------------------------------------------------
+def with_settings(settings_class: type, argument: str):
+    """Adds the options of a settings dataclass's fields that carry a help text (see
+    :func:`zest.command_line.setting`; named, typed and parsed by their
+    :class:`~zest.command_line.CommandLine` form where they have one) in place of the
+    command's ``argument`` parameter, and hands the command ``argument`` as a dict of field
+    values. The class is built by the command, under :func:`_parameters_as_flags` with the
+    flags of :func:`zest.command_line.option_flags`."""
+    import functools
+    import inspect
+    import typing
+
+    from zest.command_line import cli_fields
+
+    hints = typing.get_type_hints(settings_class)
+    exposed = {}  # option name -> (field, its command-line form or None)
+    for f in cli_fields(settings_class):
+        form = f.metadata["command_line"]
+        exposed[form.name if form else f.name] = (f, form)
+
+    def option(name: str) -> inspect.Parameter:
+        f, form = exposed[name]
+        kind = form.type if form and form.type is not None else hints[f.name]
+        default = form.default if form and form.default is not None else f.default
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                 annotation=Annotated[kind, typer.Option(help=f.metadata["help"])])
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        resolved = typing.get_type_hints(command, include_extras=True)
+        parameters = []
+        for p in signature.parameters.values():
+            if p.name == argument:  # the options take the placeholder's place
+                parameters += [option(name) for name in exposed]
+            else:
+                parameters.append(p.replace(annotation=resolved.get(p.name, p.annotation)))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {}
+            for name, (f, form) in exposed.items():
+                value = kwargs.pop(name)
+                values[f.name] = form.parse(value) if form and form.parse else value
+            return command(**{argument: values}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+@contextmanager
+def _parameters_as_flags(flags: dict[str, str]):
+    """Re-raises an :class:`~zest.errors.InvalidInputError` of the library with the Python
+    parameters it names replaced by their flags (:func:`zest.command_line.flags_in_message`)."""
+    from zest.command_line import flags_in_message
+    from zest.errors import InvalidInputError
+
+    try:
+        yield
+    except InvalidInputError as exc:
+        raise InvalidInputError(flags_in_message(str(exc), flags)) from None
+
+
 @collect_app.command("metrics")
 @with_data_options()
+@with_settings(MetricsRequest, "request")
 def collect_metrics_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-    batch_size: Annotated[int, typer.Option(help="Probe minibatch size.")] = 32,
-    batches: Annotated[int, typer.Option(help="Minibatches; each gives a row per layer.")] = 1,
-    metrics: Annotated[str, typer.Option(help="all, a kind (static, forward, backward) or "
-                                         "comma-separated metric names.")] = "all",
-    probe_loss: Annotated[str | None, typer.Option(
-        help="supcon (no head, τ=0.07) or ce; default supcon, and ce (next-token loss) for "
-             "lm: data sets.")] = None,
+    request: Any = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -155,39 +217,30 @@ def collect_metrics_command(
     quiet: QuietOption = False,
 ) -> None:
     """Zero-shot metrics of every candidate layer from one forward and backward pass."""
-    from zest.collect import collect_metrics
+    from zest.collect import run_metrics
 
     with _user_errors():
+        with _parameters_as_flags(option_flags(MetricsRequest, layer_names="--layers")):
+            settings = MetricsRequest(model, dataset, out, seed=seed, options=options,
+                                      granularity=granularity, layer_names=_names(layers),
+                                      device=device,
+                                      checkpoint=str(checkpoint) if checkpoint else None,
+                                      **request)
         with _progress("probe", quiet) as progress:
-            frame = collect_metrics(model, dataset, batch_size=batch_size, batches=batches,
-                                    metrics=metrics, probe_loss=probe_loss, seed=seed,
-                                    options=options,
-                                    granularity=granularity, layer_names=_names(layers),
-                                    device=device,
-                                    checkpoint=str(checkpoint) if checkpoint else None,
-                                    progress=progress, out=out)
+            frame = run_metrics(settings, progress)
         _echo_written(out, len(frame), "metric")
 
 
 @collect_app.command("groundtruth")
 @with_data_options()
+@with_settings(GroundTruthConfig, "config")
+@with_settings(GroundTruthRequest, "request")
 def collect_groundtruth_command(
     model: ModelOption,
     dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file; existing rows are kept (resume).")],
-    steps: Annotated[int, typer.Option(help="Training steps per layer and for the baseline.")]
-    = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (layer and head).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
-    seeds: Annotated[str, typer.Option(help="Comma-separated ground-truth seeds.")] = "0,1",
-    n_jobs: Annotated[int, typer.Option(help="Parallel workers (joblib).")] = 1,
-    backend: Annotated[str, typer.Option(help="loky (joblib) or dask.")] = "loky",
-    scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address.")]
-    = None,
-    no_cache: Annotated[bool, typer.Option(help="Disable the frozen-prefix cache.")] = False,
-    sample_layers: Annotated[int | None, typer.Option(
-        help="Only a stratified sample of this many candidate layers (every role, spread over "
-             "depth), for models with hundreds of candidates.")] = None,
+    config: Any = None,
+    request: Any = None,
     seed: SeedOption = 0,
     options: Any = None,
     layers: LayersOption = None,
@@ -196,19 +249,18 @@ def collect_groundtruth_command(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune each candidate layer alone (plus a fresh head) and record its gain."""
-    from zest.groundtruth import GroundTruthConfig, collect_groundtruth, seed_list
+    from zest.groundtruth import run_groundtruth
 
+    flags = option_flags(GroundTruthConfig, GroundTruthRequest, layer_names="--layers",
+                         data_seed="--seed")
     with _user_errors():
-        config = GroundTruthConfig(steps=steps, lr=lr, batch_size=batch_size,
-                                   use_cache=not no_cache)
-        with _progress("layers", quiet) as progress:
-            frame = collect_groundtruth(
-                model, dataset, out, config=config, seeds=seed_list(seeds),
-                options=options,
+        with _parameters_as_flags(flags):
+            settings = GroundTruthRequest(
+                model, dataset, out, config=GroundTruthConfig(**config), options=options,
                 layer_names=_names(layers), data_seed=seed, device=device,
-                checkpoint=str(checkpoint) if checkpoint else None, n_jobs=n_jobs,
-                backend=backend, scheduler=scheduler, layer_sample=sample_layers,
-                progress=progress)
+                checkpoint=str(checkpoint) if checkpoint else None, **request)
+        with _progress("layers", quiet) as progress:
+            frame = run_groundtruth(settings, progress)
         _echo_written(out, len(frame), "ground-truth")
 
 

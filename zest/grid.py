@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zest.collect import collect_metrics, default_probe_loss, metrics_settings
+from zest.collect import MetricsRequest, run_metrics
 from zest.errors import InvalidInputError, RecordError
-from zest.groundtruth import GroundTruthConfig, collect_groundtruth
+from zest.groundtruth import GroundTruthConfig, GroundTruthRequest, run_groundtruth
 from zest.loading import DataOptions
-from zest.metrics import resolve_metrics
 from zest.records import (
     METRIC_PREFIX,
     group_key,
@@ -51,6 +50,28 @@ class GridGroup:
     def options(self) -> DataOptions:
         return DataOptions(**{f.name: self.settings[f.name] for f in fields(DataOptions)
                               if f.name in self.settings})
+
+    def metrics_request(self, out: str | Path) -> MetricsRequest:
+        """The metrics collection of this group into ``out``, with the grid's settings."""
+        return MetricsRequest(self.model, self.dataset, out,
+                              batch_size=int(self.get("batch_size", 32)),
+                              batches=int(self.get("batches", 4)),
+                              metrics=self.get("metrics", "all"),
+                              probe_loss=self.get("probe_loss"),
+                              seed=int(self.get("data_seed", 0)), options=self.options(),
+                              checkpoint=self.get("checkpoint"))
+
+    def groundtruth_request(self, out: str | Path) -> GroundTruthRequest:
+        """The ground-truth collection of this group into ``out``, with the grid's settings."""
+        config = GroundTruthConfig(steps=int(self.get("steps", 100)),
+                                   lr=float(self.get("lr", 1e-3)),
+                                   batch_size=int(self.get("gt_batch_size", 32)))
+        return GroundTruthRequest(self.model, self.dataset, out, config=config,
+                                  seeds=[int(s) for s in self.get("seeds", [0, 1])],
+                                  options=self.options(), data_seed=int(self.get("data_seed", 0)),
+                                  checkpoint=self.get("checkpoint"),
+                                  n_jobs=int(self.get("n_jobs", 1)),
+                                  layer_sample=self.get("layer_sample"))
 
 
 def read_grid(path: str | Path) -> tuple[list[GridGroup], Path]:
@@ -109,18 +130,9 @@ def grid_jobs(path: str | Path, only: Sequence[str] | None = None, n_jobs: int |
 def run_grid_item(kind: str, group: GridGroup, out: Path,
                   progress: Callable[[int, int], None] | None = None) -> str:
     """Runs (or resumes) one work item; returns a short status."""
-    seeds = [int(s) for s in group.get("seeds", [0, 1])]
     if kind == "metrics":
-        batches = int(group.get("batches", 4))
-        seed = int(group.get("data_seed", 0))
-        names = resolve_metrics(group.get("metrics", "all"))
-        options = group.options()
-        probe_loss = default_probe_loss(group.dataset, group.get("probe_loss"))
-        settings = metrics_settings(batch_size=int(group.get("batch_size", 32)),
-                                    batches=batches, metrics=names,
-                                    probe_loss=probe_loss, seed=seed,
-                                    options=options, granularity="module", layer_names=None,
-                                    checkpoint=group.get("checkpoint"))
+        request = group.metrics_request(out)
+        settings = request.settings()
         if out.exists():
             existing = read_records(out, "metrics")
             stamped = record_settings(out)
@@ -132,21 +144,12 @@ def run_grid_item(kind: str, group: GridGroup, out: Path,
                 if difference:
                     raise RecordError(f"{str(out)!r} was collected with {difference}; restore "
                                       "the grid's settings, or move the file away to redo it")
-            complete = set(range(batches)) <= set(existing["batch"].unique()) and all(
-                METRIC_PREFIX + name in existing for name in names)
+            complete = set(range(request.batches)) <= set(existing["batch"].unique()) and all(
+                METRIC_PREFIX + name in existing for name in request.metrics)
             if complete:
                 return "done"
         # metrics are cheap: a file missing a batch or a newly registered metric is redone
-        collect_metrics(group.model, group.dataset, batch_size=int(group.get("batch_size", 32)),
-                        batches=batches, metrics=names,
-                        probe_loss=probe_loss, seed=seed,
-                        options=options, checkpoint=group.get("checkpoint"),
-                        progress=progress, out=out)
+        run_metrics(request, progress)
         return "collected"
-    config = GroundTruthConfig(steps=int(group.get("steps", 100)), lr=float(group.get("lr", 1e-3)),
-                               batch_size=int(group.get("gt_batch_size", 32)))
-    collect_groundtruth(group.model, group.dataset, out, config=config, seeds=seeds,
-                        options=group.options(), data_seed=int(group.get("data_seed", 0)),
-                        checkpoint=group.get("checkpoint"), n_jobs=int(group.get("n_jobs", 1)),
-                        layer_sample=group.get("layer_sample"), progress=progress)
+    run_groundtruth(group.groundtruth_request(out), progress)
     return "collected"

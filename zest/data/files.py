@@ -46,6 +46,16 @@ def user_specs() -> list[str]:
     return [f"{prefix}:{FILE_READERS.meta(prefix)['placeholder']}" for prefix in FILE_READERS]
 
 
+def absolute_dataset_spec(spec: str) -> str:
+    """``spec`` with the path of a user-data spec (any :data:`FILE_READERS` prefix, e.g.
+    ``csv:<path>``) made absolute, so that a process started in another folder reads the same
+    file; any other spec unchanged."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in FILE_READERS and rest:
+        return f"{prefix}:{Path(rest).expanduser().resolve()}"
+    return spec
+
+
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
