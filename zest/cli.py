@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from zest.errors import ZestError
+from zest.errors import ZestError, message_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ZEST: pick the layers worth fine-tuning from one minibatch.")
@@ -49,12 +49,32 @@ def main() -> None:
     app()
 
 
+def command_flags() -> dict[str, str]:
+    """The flag of each option of the running command, by the Python names it stands for: its
+    parameter name and its flag's name in Python spelling (``--top-k`` → ``top_k``), read off
+    the command's Typer options; how :func:`zest.errors.message_for` names a library error's
+    parameters on the command line (the one place parameters become flags)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return {}
+    flags: dict[str, str] = {}
+    for option in context.command.params:
+        if not isinstance(option, click.Option):
+            continue
+        flag = next((opt for opt in option.opts if opt.startswith("--")), option.opts[0])
+        flags.setdefault(flag.lstrip("-").replace("-", "_"), flag)
+        flags[option.name] = flag
+    return flags
+
+
 @contextmanager
 def _user_errors():
     try:
         yield
     except ZestError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {message_for(exc, command_flags())}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written is left (outputs are written whole or "
