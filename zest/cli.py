@@ -52,8 +52,9 @@ def main() -> None:
 def command_flags() -> dict[str, str]:
     """The flag of each option of the running command, by the Python names it stands for: its
     parameter name and its flag's name in Python spelling (``--top-k`` → ``top_k``), read off
-    the command's Typer options; how :func:`zest.errors.message_for` names a library error's
-    parameters on the command line (the one place parameters become flags)."""
+    the command's Typer options (a two-way flag also by ``name=True``/``name=False``); how
+    :func:`zest.errors.message_for` names a library error's parameters on the command line
+    (the one place parameters become flags)."""
     import click
 
     context = click.get_current_context(silent=True)
@@ -66,6 +67,9 @@ def command_flags() -> dict[str, str]:
         flag = next((opt for opt in option.opts if opt.startswith("--")), option.opts[0])
         flags.setdefault(flag.lstrip("-").replace("-", "_"), flag)
         flags[option.name] = flag
+        if option.is_flag and option.secondary_opts:  # --check-base/--no-check-base
+            flags[f"{option.name}=True"] = flag
+            flags[f"{option.name}=False"] = option.secondary_opts[0]
     return flags
 
 
@@ -350,7 +354,7 @@ def rank_command(
     predictor: Annotated[str, typer.Option(help="'universal' or a predictor JSON file.")]
     = "universal",
     by: Annotated[str | None, typer.Option(help="Rank by this single metric instead.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Choose the k best layers.")] = None,
+    k: Annotated[int | None, typer.Option("--top-k", help="Choose the k best layers.")] = None,
     param_budget: Annotated[float | None, typer.Option(help="Choose the best layers within "
                                                        "this fraction of the parameters.")]
     = None,
@@ -380,7 +384,7 @@ def rank_command(
     from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
-        check_selection(top_k, param_budget)
+        check_selection(k, param_budget)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
         if method is not None:
@@ -405,7 +409,7 @@ def rank_command(
                        granularity=granularity, layer_names=_names(layers), device=torch_device)
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
         chooser = "lora" if output_format == "peft" else method
-        chosen = ranking.top(top_k, method=chooser) if top_k is not None else (
+        chosen = ranking.top(k, method=chooser) if k is not None else (
             ranking.select(param_budget, method=chooser) if param_budget is not None
             else ranking.default_choice(method=chooser))
         table = ranking.to_frame()
@@ -442,70 +446,120 @@ def rank_command(
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------
+def tuner_option_fields() -> list[tuple[Any, Any]]:
+    """The tuner options ``zest finetune`` exposes: every field with ``cli`` metadata of the
+    registered methods' options classes (:mod:`zest.finetune.options`), each name once, the
+    methods' own in registration order and then the shared ones, with its type hint."""
+    import dataclasses
+    import typing
+
+    from zest.finetune import METHODS, TunerOptions
+
+    found: dict[str, tuple[Any, Any]] = {}
+    classes = [METHODS.get(name).options_class for name in METHODS.names()]
+    for options_class in classes:
+        hints = typing.get_type_hints(options_class)
+        for option in options_class.own_fields():
+            if option.metadata.get("cli"):
+                found.setdefault(option.name, (option, hints[option.name]))
+    hints = typing.get_type_hints(TunerOptions)
+    for option in dataclasses.fields(TunerOptions):
+        if option.metadata.get("cli"):
+            found.setdefault(option.name, (option, hints[option.name]))
+    return list(found.values())
+
+
+def with_request_options(request_class, shared: dict[str, Any]):
+    """Adds a request dataclass's options to a command, generated from its fields (their
+    ``cli`` metadata: ``help``, and ``type``/``flag`` where the CLI differs), the way
+    :func:`with_data_options` adds :class:`~zest.loading.DataOptions`; ``shared`` gives the
+    options other commands declare too (``--model``, ...), by field name. A field whose
+    metadata is ``"tuner options"`` becomes the tuners' options
+    (:func:`tuner_option_fields`), collected into a dict of those given. The command gets one
+    ``request`` argument, built (and so validated) before any work, beside its own parameters
+    and ``options`` (the data options, which :func:`with_data_options` adds)."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(request_class)
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    generated: list[inspect.Parameter] = []
+    tuner_names: list[str] = []
+    field_names: list[str] = []
+
+    def option(name: str, annotation: Any, default: Any, cli: dict[str, Any]) -> inspect.Parameter:
+        flags = (cli["flag"],) if "flag" in cli else ()
+        return inspect.Parameter(name, keyword, default=default, annotation=Annotated[
+            annotation, typer.Option(*flags, help=cli["help"])])
+
+    for entry in dataclasses.fields(request_class):
+        cli = entry.metadata.get("cli")
+        if not entry.init or cli is None:
+            continue
+        default = (inspect.Parameter.empty if entry.default is dataclasses.MISSING
+                   and entry.default_factory is dataclasses.MISSING else entry.default)
+        if cli == "tuner options":
+            for tuner_field, hint in tuner_option_fields():
+                flag_type = bool if hint is bool else hint | None
+                generated.append(option(tuner_field.name, flag_type,
+                                        False if hint is bool else None,
+                                        tuner_field.metadata["cli"]))
+                tuner_names.append(tuner_field.name)
+            field_names.append(entry.name)
+            continue
+        if cli == "shared":
+            generated.append(inspect.Parameter(entry.name, keyword, default=default,
+                                               annotation=shared[entry.name]))
+        else:
+            annotation = cli.get("type", hints[entry.name])
+            if default is None:
+                annotation = annotation | None
+            generated.append(option(entry.name, annotation, default, cli))
+        field_names.append(entry.name)
+    generated.append(inspect.Parameter("options", keyword, default=None, annotation=Any))
+
+    def decorate(command):
+        resolved = typing.get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=resolved.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "request"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {name: kwargs.pop(name) for name in tuner_names}
+            values = {name: kwargs.pop(name) for name in field_names if name in kwargs}
+            values["method_options"] = {name: value for name, value in given.items()
+                                        if value is not None and value is not False}
+            with _user_errors():
+                request = request_class(**values, options=kwargs.pop("options"))
+            return command(request=request, **kwargs)
+
+        parameters = generated + own
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def _finetune_request_options():
+    from zest.pipeline import FinetuneRequest
+
+    return with_request_options(FinetuneRequest, shared={
+        "model": ModelOption, "dataset": DatasetOption, "seed": SeedOption,
+        "device": DeviceOption, "checkpoint": CheckpointOption})
+
+
 @app.command("finetune")
 @with_data_options()
-def finetune_command(
-    model: ModelOption,
-    dataset: DatasetOption,
-    out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    method: Annotated[str | None, typer.Option(
-        help="gps, spsft, layers, full, head, bitfit, lora, or auto (chosen by --param-budget "
-             "from the accuracy benchmark's measured rule). Default: auto with --param-budget, "
-             "else spsft.")] = None,
-    layers: Annotated[str, typer.Option("--layers", help="auto (zest rank, then the plan), "
-                                        "top:K, all, or comma-separated layer names.")] = "auto",
-    param_budget: Annotated[float | None, typer.Option(
-        help="With --layers auto: share of the parameters to train, head included; the plan "
-             "picks the layers and the density (GPS --k, SPSFT --ratio, LoRA rank) that fill "
-             "it.")] = None,
-    spread: Annotated[float | None, typer.Option(
-        help="With --param-budget and a sparse method: the chosen layers hold this many times "
-             "the budget, so the density is about 1/spread (default: the method's measured "
-             "spread for the budget, zest.planning.SPREAD_RULES).")] = None,
-    epochs: Annotated[int, typer.Option(help="The most epochs; the model kept is the one of the "
-                                        "best val epoch.")] = 3,
-    lr: Annotated[str, typer.Option(help="AdamW learning rate, or auto: the method's measured "
-                                    "rate for the model's kind (zest.rates.RATE_RULES).")]
-    = "auto",
-    patience: Annotated[int | None, typer.Option(
-        help="Early stopping: stop once this many epochs have not improved on the best val "
-             "epoch (default: train every epoch).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-    k: Annotated[int | None, typer.Option(help="GPS: input connections per neuron (default 1; "
-                                          "with --param-budget: planned).")] = None,
-    ratio: Annotated[float | None, typer.Option(help="SPSFT: share of neurons per layer "
-                                                "(default 0.05; with --param-budget: "
-                                                "planned).")] = None,
-    rows: Annotated[int | None, typer.Option("--r", help="SPSFT: neurons per layer (overrides "
-                                             "--ratio).")] = None,
-    importance: Annotated[str | None, typer.Option(help="SPSFT: l2, taylor (default) or "
-                                                   "qm_taylor.")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8; with "
-                                                  "--param-budget: planned).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(
-        help="Recompute each block in the backward pass instead of keeping its activations "
-             "(less memory, about one more forward pass); any method.")] = False,
-    predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing zest run folder at --out, whole, once the new run has "
-             "finished (without it such a folder is refused).")] = False,
-    seed: SeedOption = 0,
-    options: Any = None,
-    device: DeviceOption = "cpu",
-    checkpoint: CheckpointOption = None,
-    quiet: QuietOption = False,
-) -> None:
+@_finetune_request_options()
+def finetune_command(request: Any = None, quiet: QuietOption = False) -> None:
     """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta; the run folder
     is written whole or not at all."""
-    from zest.pipeline import default_method, run_finetune
+    from zest.pipeline import run_finetune
 
-    # the flags given, by the name of the tuner option they set (a method refuses others)
-    flags = {"k": k, "ratio": ratio, "r": rows, "importance": importance, "rank": lora_rank}
-    method = default_method(method, param_budget)
-    with _user_errors(), _progress(f"{method}", quiet) as progress:
-        method_options = {name: value for name, value in flags.items() if value is not None}
-        if gradient_checkpointing:
-            method_options["gradient_checkpointing"] = True
+    with _user_errors(), _progress(f"{request.method}", quiet) as progress:
         def report(event: dict) -> None:
             if "plan" in event and not quiet:
                 typer.echo(_plan_line(event["plan"]), err=True)
@@ -518,34 +572,15 @@ def finetune_command(
                            f"{event['train_accuracy']:.3f}, val acc {event['val_accuracy']:.3f}, "
                            f"val loss {event['val_loss']:.4f}", err=True)
 
-        metrics = run_finetune(model, dataset, out, method=method, layers=layers,
-                               param_budget=param_budget, epochs=epochs,
-                               lr=_rate_option(lr), patience=patience,
-                               spread=spread,
-                               batch_size=batch_size, seed=seed,
-                               options=options,
-                               device=device, checkpoint=str(checkpoint) if checkpoint else None,
-                               predictor=predictor, method_options=method_options,
-                               progress=report, overwrite=overwrite)
+        metrics = run_finetune(request, progress=report)
         score = (f"test next-token loss {metrics['test_loss']:.4f} (perplexity "
                  f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
                  else f"test accuracy {metrics['test_accuracy']:.4f}")
-        chose = f"--method auto chose {metrics['method']}; " if method == "auto" else ""
+        chose = f"--method auto chose {metrics['method']}; " if request.method == "auto" else ""
         typer.echo(f"{chose}{score} at the best val epoch ({metrics['best_epoch']} of "
                    f"{len(metrics['epochs'])}); {metrics['trainable_params']:,} trainable "
-                   f"parameters ({metrics['trainable_share']:.2%}); run written to {out}")
-
-
-def _rate_option(text: str) -> float | str:
-    """``--lr``: ``auto`` or a number (checked by the tuner); anything else, one line."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    from zest.errors import InvalidInputError
-
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidInputError(f"--lr must be a positive number or auto, got {text!r}") from None
+                   f"parameters ({metrics['trainable_share']:.2%}); run written to "
+                   f"{request.out}")
 
 
 def _plan_line(plan: dict) -> str:

@@ -59,11 +59,15 @@ def message_for(error: BaseException, names: Mapping[str, str]) -> str:
     """The message of ``error`` with each parameter it names spelled as ``names`` spells it
     (the CLI: ``{"param_budget": "--param-budget"}``): ``param_budget`` becomes
     ``--param-budget``, ``param_budget=0`` becomes ``--param-budget 0`` and
-    ``method='gps'`` becomes ``--method gps``, wherever the message writes the name as a word of
+    ``method='gps'`` becomes ``--method gps`` (and ``check_base=False`` the flag ``names`` gives
+    it, ``--no-check-base``), wherever the message writes the name as a word of
     its own (not inside a longer name, an attribute, a flag or a call). A parameter without a
     new name, and an error that lists none, keep their words."""
     message = str(error)
     for parameter in getattr(error, "parameters", ()):
+        for setting in (f"{parameter}=True", f"{parameter}=False"):  # --x / --no-x
+            if setting in names:
+                message = message.replace(setting, names[setting])
         flag = names.get(parameter)
         if flag is None:
             continue

@@ -32,9 +32,9 @@ from typing import Any
 from torch import nn
 
 from zest.errors import InvalidInputError
-from zest.finetune import METHODS, Tuner
+from zest.finetune.base import Tuner
 from zest.finetune.options import TunerOptions
-from zest.finetune.registry import LayerShape, method_options, tuner_defaults
+from zest.finetune.registry import METHODS, LayerShape, method_options, tuner_defaults
 from zest.models import Task
 
 #: The method name that lets :data:`METHOD_RULES` choose.

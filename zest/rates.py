@@ -125,7 +125,7 @@ def rate_for(method: str, kind: str) -> RateRule:
             return RateRule(rule.lr, f"not measured for {method} on a {kind}: the rate of "
                                      f"{rate_method} on an {rate_kind} model ({rule.reason})")
     raise InvalidInputError(f"no default learning rate for method {method!r} on a {kind} model; "
-                            "pass lr (a positive number)")
+                            "pass lr (a positive number)", parameter="lr")
 
 
 def check_rate(lr: object, parameter: str = "lr") -> None:
@@ -135,4 +135,4 @@ def check_rate(lr: object, parameter: str = "lr") -> None:
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) \
             or lr <= 0:
         raise InvalidInputError(f"{parameter} must be a positive number or 'auto' (the "
-                                f"method's measured rate), got {lr!r}")
+                                f"method's measured rate), got {lr!r}", parameter=parameter)
