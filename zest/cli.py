@@ -7,7 +7,9 @@ progress bars go to stderr and are off when stderr is not a terminal or with ``-
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,28 +51,64 @@ def main() -> None:
     app()
 
 
-def command_flags() -> dict[str, str]:
-    """The flag of each option of the running command, by the Python names it stands for: its
+#: The flags of the command running now (:func:`command_flags`), set by :func:`_knowing_flags`.
+_RUNNING_FLAGS: ContextVar[dict[str, str] | None] = ContextVar("zest_running_flags",
+                                                               default=None)
+
+
+def command_flags(command: Callable[..., Any]) -> dict[str, str]:
+    """The flag of each option of ``command``, by the Python names it stands for: its
     parameter name and its flag's name in Python spelling (``--top-k`` → ``top_k``), read off
     the command's Typer options (a two-way flag also by ``name=True``/``name=False``); how
     :func:`zest.errors.message_for` names a library error's parameters on the command line
     (the one place parameters become flags)."""
-    import click
+    import inspect
+    import typing
 
-    context = click.get_current_context(silent=True)
-    if context is None:
-        return {}
+    from typer.models import OptionInfo
+
+    hints = typing.get_type_hints(command, include_extras=True)
     flags: dict[str, str] = {}
-    for option in context.command.params:
-        if not isinstance(option, click.Option):
+    for name in inspect.signature(command).parameters:
+        info = next((m for m in getattr(hints.get(name), "__metadata__", ())
+                     if isinstance(m, OptionInfo)), None)
+        if info is None:
             continue
-        flag = next((opt for opt in option.opts if opt.startswith("--")), option.opts[0])
-        flags.setdefault(flag.lstrip("-").replace("-", "_"), flag)
-        flags[option.name] = flag
-        if option.is_flag and option.secondary_opts:  # --check-base/--no-check-base
-            flags[f"{option.name}=True"] = flag
-            flags[f"{option.name}=False"] = option.secondary_opts[0]
+        # in Annotated[..., typer.Option("--top-k")] the first declaration sits in `default`
+        first = (info.default,) if isinstance(info.default, str) and \
+            info.default.startswith("-") else ()
+        declared = [d.strip() for decl in (*first, *(info.param_decls or ()))
+                    for d in decl.split("/")]
+        long = [d for d in declared if d.startswith("--")]
+        flag = long[0] if long else "--" + name.replace("_", "-")
+        flags.setdefault(flag[2:].replace("-", "_"), flag)
+        flags[name] = flag
+        if typing.get_args(hints[name])[0] is bool:  # --check-base / --no-check-base
+            flags[f"{name}=True"] = flag
+            flags[f"{name}=False"] = long[1] if len(long) > 1 else f"--no-{flag[2:]}"
     return flags
+
+
+def _knowing_flags(typer_app: typer.Typer) -> None:
+    """Runs every command of ``typer_app`` (and of its sub-apps) with its
+    :func:`command_flags` known to :func:`_user_errors`."""
+    import functools
+
+    for info in typer_app.registered_commands:
+        callback = info.callback
+        flags = command_flags(callback)
+
+        @functools.wraps(callback)
+        def run(*args: Any, __callback=callback, __flags=flags, **kwargs: Any) -> Any:
+            token = _RUNNING_FLAGS.set(__flags)
+            try:
+                return __callback(*args, **kwargs)
+            finally:
+                _RUNNING_FLAGS.reset(token)
+
+        info.callback = run
+    for group in typer_app.registered_groups:
+        _knowing_flags(group.typer_instance)
 
 
 @contextmanager
@@ -78,7 +116,7 @@ def _user_errors():
     try:
         yield
     except ZestError as exc:
-        typer.echo(f"error: {message_for(exc, command_flags())}", err=True)
+        typer.echo(f"error: {message_for(exc, _RUNNING_FLAGS.get() or {})}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written is left (outputs are written whole or "
@@ -643,3 +681,6 @@ def apply_delta_command(
             save_file(state, str(staging), metadata={"zest_delta": str(delta)})
         typer.echo(f"merged {len(loaded.entries)} delta entries ({loaded.numel():,} values) "
                    f"into {model}; wrote {out}")
+
+
+_knowing_flags(app)  # after every command is registered

@@ -56,7 +56,7 @@ def method_options(method: str, options: Mapping[str, Any]) -> TunerOptions:
         known = ", ".join(sorted(tuner_parameters(method))) or "none of its own"
         raise InvalidInputError(f"method={method!r} takes no option "
                                 f"{', '.join(sorted(unknown))}; its options: {known}",
-                                parameter="method")
+                                parameter=("method", *sorted(unknown)))
     return options_class(**options)
 
 
