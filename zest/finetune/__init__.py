@@ -20,13 +20,7 @@ from zest.finetune.delta import Delta, DeltaEntry, apply_delta
 from zest.finetune.gps import GPS
 from zest.finetune.loop import EpochRecord
 from zest.finetune.lora import LoRA, lora_can_wrap, lora_config
-from zest.finetune.options import (
-    DenseOptions,
-    GPSOptions,
-    LoRAOptions,
-    SPSFTOptions,
-    TunerOptions,
-)
+from zest.finetune.options import DenseOptions, GPSOptions, LoRAOptions, SPSFTOptions, TunerOptions
 from zest.finetune.prepare import delta_of, prepare, unprepare
 from zest.finetune.registry import METHODS, register_tuner, tuner_parameters
 from zest.finetune.spsft import SPSFT

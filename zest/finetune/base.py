@@ -25,7 +25,7 @@ from zest.errors import InvalidInputError
 from zest.finetune.delta import Delta, DeltaEntry
 from zest.finetune.loop import TrainingLoop
 from zest.finetune.memory import training_state
-from zest.finetune.options import TunerOptions
+from zest.finetune.options import DenseOptions, TunerOptions
 from zest.finetune.registry import LayerShape, resolve_layer_names
 from zest.fingerprint import model_fingerprint
 from zest.models import Batch, Task
@@ -55,8 +55,8 @@ class Tuner(TrainingLoop):
     method: ClassVar[str] = "base"
     #: Whether the method trains chosen layers (``False``: a fixed set of parameters).
     uses_layers: ClassVar[bool] = True
-    #: The method's options (:mod:`zest.finetune.options`).
-    options_class: ClassVar[type[TunerOptions]] = TunerOptions
+    #: The method's options (:mod:`zest.finetune.options`); the shared ones by default.
+    options_class: ClassVar[type[TunerOptions]] = DenseOptions
 
     def __init__(self, model: nn.Module, task: Task, layers: Sequence[str] | str | None = None,
                  *, options: TunerOptions | None = None, **keywords: Any) -> None:

@@ -1,5 +1,6 @@
 """Baselines with the tuner interface (ARCHITECTURE.md §3a): full, head, bitfit, layers (LoRA is in
-:mod:`zest.finetune.lora`)."""
+:mod:`zest.finetune.lora`); their options are the shared ones, the tuners' default
+``options_class`` (:class:`~zest.finetune.options.DenseOptions`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import ClassVar
 from zest.errors import InvalidInputError
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
-from zest.finetune.options import DenseOptions
 from zest.finetune.registry import register_tuner
 from zest.models import Batch
 
@@ -18,7 +18,6 @@ class Full(Tuner):
     """Dense fine-tuning of every parameter."""
 
     method: ClassVar[str] = "full"
-    options_class: ClassVar[type[DenseOptions]] = DenseOptions
     uses_layers: ClassVar[bool] = False
 
     def _prepare(self, batches: list[Batch]) -> None:
@@ -36,7 +35,6 @@ class Head(Tuner):
     """Only the (fresh) classification head."""
 
     method: ClassVar[str] = "head"
-    options_class: ClassVar[type[DenseOptions]] = DenseOptions
     uses_layers: ClassVar[bool] = False
 
     def _check_layers(self) -> None:
@@ -60,7 +58,6 @@ class BitFit(Tuner):
     """Every bias plus the head (Ben Zaken et al. 2022)."""
 
     method: ClassVar[str] = "bitfit"
-    options_class: ClassVar[type[DenseOptions]] = DenseOptions
     uses_layers: ClassVar[bool] = False
 
     def _prepare(self, batches: list[Batch]) -> None:
@@ -80,7 +77,6 @@ class Layers(Tuner):
     """The chosen layers trained densely (weight and bias), plus the head."""
 
     method: ClassVar[str] = "layers"
-    options_class: ClassVar[type[DenseOptions]] = DenseOptions
 
     def _allows_any_module(self) -> bool:
         return True
