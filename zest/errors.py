@@ -60,9 +60,10 @@ def message_for(error: BaseException, names: Mapping[str, str]) -> str:
     (the CLI: ``{"param_budget": "--param-budget"}``): ``param_budget`` becomes
     ``--param-budget``, ``param_budget=0`` becomes ``--param-budget 0`` and
     ``method='gps'`` becomes ``--method gps`` (and ``check_base=False`` the flag ``names`` gives
-    it, ``--no-check-base``), wherever the message writes the name as a word of
-    its own (not inside a longer name, an attribute, a flag or a call). A parameter without a
-    new name, and an error that lists none, keep their words."""
+    it, ``--no-check-base``), wherever the message writes the name as a word of its own (not
+    inside a longer name, an attribute, a flag or quotes, nor as a call's first argument:
+    ``ranking.top(k)`` stays). A parameter without a new name, and an error that lists none,
+    keep their words."""
     message = str(error)
     for parameter in getattr(error, "parameters", ()):
         for setting in (f"{parameter}=True", f"{parameter}=False"):  # --x / --no-x
@@ -71,7 +72,7 @@ def message_for(error: BaseException, names: Mapping[str, str]) -> str:
         flag = names.get(parameter)
         if flag is None:
             continue
-        word = re.compile(rf"(?<![\w.\-'\"`]){re.escape(parameter)}(?![\w(`'\"])"
+        word = re.compile(rf"(?<![\w.\-'\"`])(?<!\w\(){re.escape(parameter)}(?![\w(`'\"])"
                           r"(?P<assign>=(?:'(?P<token>[\w.:/+-]*)')?)?")
 
         def spelled(match: re.Match, flag: str = flag) -> str:
