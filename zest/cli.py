@@ -487,14 +487,20 @@ def rank_command(
 def tuner_option_fields() -> list[tuple[Any, Any]]:
     """The tuner options ``zest finetune`` exposes: every field with ``cli`` metadata of the
     registered methods' options classes (:mod:`zest.finetune.options`), each name once, the
-    methods' own in registration order and then the shared ones, with its type hint."""
+    methods' own in the order their classes were declared and then the shared ones, with its
+    type hint."""
     import dataclasses
     import typing
 
     from zest.finetune import METHODS, TunerOptions
 
+    def declared(cls: type) -> list[type]:
+        return [cls] + [c for sub in cls.__subclasses__() for c in declared(sub)]
+
+    order = declared(TunerOptions)
     found: dict[str, tuple[Any, Any]] = {}
-    classes = [METHODS.get(name).options_class for name in METHODS.names()]
+    classes = sorted({METHODS.get(name).options_class for name in METHODS.names()},
+                     key=lambda cls: order.index(cls) if cls in order else len(order))
     for options_class in classes:
         hints = typing.get_type_hints(options_class)
         for option in options_class.own_fields():
