@@ -16,7 +16,7 @@ from tests.conftest import TINY_MODELS
 from zest.cli import app
 from zest.errors import InvalidInputError
 from zest.finetune import METHODS
-from zest.finetune.base import LayerShape, tuner_defaults
+from zest.finetune.registry import LayerShape, tuner_defaults
 from zest.layers import candidate_layers
 from zest.loading import DataOptions, load_pair
 from zest.models import load_model
@@ -70,7 +70,7 @@ def test_the_tuner_trains_exactly_what_the_plan_counts(spec, method):
     assert tuner.trainable_params_ == plan.trainable_params
     if method != "layers":
         assert plan.spread == spread_rule(method, budget).spread
-        assert plan.options[tuner_class.density_options[0]] is not None
+        assert plan.options[tuner_class.options_class.density_options[0]] is not None
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_generated_plans_never_exceed_the_budget_and_say_when_they_fall_short(
     try:
         plan = plan_finetune(order, model, task, method, budget, spread=spread)
     except InvalidInputError as error:  # only a budget below the head and the smallest layer
-        assert "--param-budget" in str(error) and "raise" in str(error)
+        assert "param_budget" in str(error) and "raise" in str(error)
         return
     tuner_class = METHODS.get(method)
     assert plan.trainable_share <= budget
@@ -150,19 +150,19 @@ def test_method_auto_follows_the_declared_rules(tiny_models):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="gps", param_budget=0.0), "--param-budget"),
-    (dict(method="gps", param_budget=1.5), "--param-budget"),
-    (dict(method="gps", param_budget=True), "--param-budget"),
+    (dict(method="gps", param_budget=0.0), "^param_budget"),
+    (dict(method="gps", param_budget=1.5), "^param_budget"),
+    (dict(method="gps", param_budget=True), "^param_budget"),
     (dict(method="gps", param_budget=0.1, top_k=3), "either"),
-    (dict(method="gps", param_budget=0.1, spread=0.5), "--spread"),
-    (dict(method="gps", param_budget=0.1, spread=math.nan), "--spread"),
-    (dict(method="auto"), "--param-budget"),
+    (dict(method="gps", param_budget=0.1, spread=0.5), "^spread"),
+    (dict(method="gps", param_budget=0.1, spread=math.nan), "^spread"),
+    (dict(method="auto"), "pass param_budget"),
     (dict(method="auto", param_budget=0.1, options={"k": 2}), "drop k"),
     (dict(method="spsft", param_budget=0.1, options={"k": 2}), "takes no option k"),
     (dict(method="full", param_budget=0.1), "fixed set"),
     (dict(method="gps", param_budget=0.001), "head alone"),
     (dict(method="layers", param_budget=0.012), "smallest layer"),
-    (dict(method="spsft", top_k=99), "smaller K"),
+    (dict(method="spsft", top_k=99), "smaller top_k"),
 ])
 def test_bad_plan_requests_are_refused(tiny_models, kwargs, message):
     model, task = tiny_models["tiny_cnn"]
@@ -175,7 +175,7 @@ def test_bad_plan_requests_are_refused(tiny_models, kwargs, message):
 def test_plan_rule_validates_its_spread_and_budget():
     assert PlanRule().spread == DEFAULT_SPREAD
     for bad in (0.99, -1, math.inf, "4", True):
-        with pytest.raises(InvalidInputError, match="--spread"):
+        with pytest.raises(InvalidInputError, match="^spread"):
             PlanRule(spread=bad)
     for bad in (-0.1, 1.0):
         with pytest.raises(InvalidInputError, match="min_budget"):
@@ -231,12 +231,20 @@ def test_cli_plan_line_says_which_spread_rule_it_followed(tmp_path):
     assert config["plan"]["spread_rule"] == rule.reason
 
 
-def test_cli_method_auto_reports_its_choice(tmp_path):
+def test_cli_method_auto_reports_its_choice_and_checks_the_budget_once(tmp_path,
+                                                                        monkeypatch):
+    import zest.planning
+
+    checked = []
+    check = zest.planning.check_param_budget
+    monkeypatch.setattr(zest.planning, "check_param_budget",
+                        lambda budget: (checked.append(budget), check(budget))[1])
     result = runner.invoke(app, ["finetune", "--model", "tiny_cnn", "--dataset", "digits",
                                  "--image-size", "16", "--max-train", "32", "--max-val", "16",
                                  "--method", "auto", "--param-budget", "0.028", "--epochs", "1",
                                  "--batch-size", "16", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+    assert checked == [0.028]  # once, at the request; the plan reads the validated value
     rule = choose_method(0.028)
     assert f"--method auto chose {rule.method}" in result.output
     assert rule.reason in result.output
@@ -260,3 +268,39 @@ def test_the_default_finetune_runs_on_the_packaged_models(spec, dataset, tmp_pat
     assert result["plan"]["layers"] and \
         result["trainable_params"] == result["plan"]["planned_trainable_params"]
     assert (tmp_path / "run" / "delta.safetensors").exists()
+
+
+def test_library_errors_name_the_parameter_and_the_cli_its_flag(tmp_path):
+    from zest.finetune import LoRAOptions
+    from zest.pipeline import FinetuneRequest
+
+    with pytest.raises(InvalidInputError, match=r"^param_budget must be in \(0, 1\], got 0$"):
+        FinetuneRequest("tiny_cnn", "digits", tmp_path / "run", param_budget=0)
+    with pytest.raises(InvalidInputError, match="^rank must be a positive integer, got 0$"):
+        LoRAOptions(rank=0)
+    base = ["--model", "tiny_cnn", "--dataset", "digits"]
+    for args, line in (
+            (["finetune", *base, "--out", str(tmp_path / "run"), "--param-budget", "0"],
+             "error: --param-budget must be in (0, 1], got 0.0"),
+            (["finetune", *base, "--out", str(tmp_path / "run"), "--method", "lora",
+              "--lora-rank", "0"], "error: --lora-rank must be a positive integer, got 0"),
+            (["finetune", *base, "--out", str(tmp_path / "run"), "--layers", "top:3",
+              "--param-budget", "0.1"], "error: --layers top:3 and --param-budget 0.1 "
+             "contradict each other; pass one (a budget goes with --layers auto)"),
+            (["rank", *base, "--top-k", "0"], "error: --top-k must be a positive integer, got 0")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and result.output.strip() == line, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_message_for_renames_only_the_parameters_an_error_names():
+    from zest.errors import message_for
+
+    error = InvalidInputError("method='gps' needs k=2 (ranking.top(k) takes its own k); pass "
+                              "check_base=False or a layer_k", parameter=("method", "k",
+                                                                          "check_base"))
+    flags = {"method": "--method", "k": "--top-k", "check_base": "--check-base",
+             "check_base=False": "--no-check-base", "layer_k": "--layer-k"}
+    assert message_for(error, flags) == ("--method gps needs --top-k 2 (ranking.top(k) takes "
+                                         "its own --top-k); pass --no-check-base or a layer_k")
+    assert message_for(InvalidInputError("k must be positive"), flags) == "k must be positive"

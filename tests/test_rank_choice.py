@@ -79,13 +79,13 @@ def test_method_aware_requests_that_cannot_be_met_say_so_in_one_line(bert_rankin
     with pytest.raises(UnknownNameError, match="spsft"):
         ranking.top(2, method="spsf")
     count = int(ranking.table["spsft"].sum())
-    with pytest.raises(InvalidInputError, match=f"exceeds the {count} ranked layers --method "
-                       "spsft can tune"):
+    with pytest.raises(InvalidInputError, match=f"exceeds the {count} ranked layers method="
+                       "'spsft' can tune"):
         ranking.top(count + 1, method="spsft")
-    with pytest.raises(InvalidInputError, match="smallest layer --method spsft can tune"):
+    with pytest.raises(InvalidInputError, match="smallest layer method='spsft' can tune"):
         ranking.select(1e-6, method="spsft")
     blocks = zest.rank(model, task, text_batch(task), by="n_params", granularity="block")
-    with pytest.raises(InvalidInputError, match="--granularity module"):
+    with pytest.raises(InvalidInputError, match="granularity='module'"):
         blocks.top(1, method="gps")
 
 

@@ -549,9 +549,9 @@ def test_an_image_over_the_decompression_bomb_limit_is_one_line(tmp_path, monkey
 def test_non_finite_float_options_are_one_line(image_data, tmp_path):
     model, task, _ = image_data
     layers = [candidate_layers(model, task.head_name)[-1].name]
-    with pytest.raises(InvalidInputError, match="--ratio must be a finite number"):
+    with pytest.raises(InvalidInputError, match="^ratio must be a finite number"):
         SPSFT(model, task, layers=layers, ratio=float("nan"))
-    with pytest.raises(InvalidInputError, match="--weight-decay must be a finite number"):
+    with pytest.raises(InvalidInputError, match="^weight_decay must be a finite number"):
         GPS(model, task, layers=layers, weight_decay=float("inf"))
     result = runner.invoke(app, ["finetune", "--model", "tiny_cnn", "--dataset", "digits",
                                  "--method", "spsft", "--ratio", "nan", "--epochs", "1",

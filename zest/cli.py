@@ -7,7 +7,9 @@ progress bars go to stderr and are off when stderr is not a terminal or with ``-
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +17,7 @@ import typer
 
 from zest.collect import MetricsRequest
 from zest.command_line import option_flags
-from zest.errors import ZestError
+from zest.errors import ZestError, message_for
 from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,12 +54,72 @@ def main() -> None:
     app()
 
 
+#: The flags of the command running now (:func:`command_flags`), set by :func:`_knowing_flags`.
+_RUNNING_FLAGS: ContextVar[dict[str, str] | None] = ContextVar("zest_running_flags",
+                                                               default=None)
+
+
+def command_flags(command: Callable[..., Any]) -> dict[str, str]:
+    """The flag of each option of ``command``, by the Python names it stands for: its
+    parameter name and its flag's name in Python spelling (``--top-k`` → ``top_k``), read off
+    the command's Typer options (a two-way flag also by ``name=True``/``name=False``); how
+    :func:`zest.errors.message_for` names a library error's parameters on the command line
+    (the one place parameters become flags)."""
+    import inspect
+    import typing
+
+    from typer.models import OptionInfo
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    flags: dict[str, str] = {}
+    for name in inspect.signature(command).parameters:
+        info = next((m for m in getattr(hints.get(name), "__metadata__", ())
+                     if isinstance(m, OptionInfo)), None)
+        if info is None:
+            continue
+        # in Annotated[..., typer.Option("--top-k")] the first declaration sits in `default`
+        first = (info.default,) if isinstance(info.default, str) and \
+            info.default.startswith("-") else ()
+        declared = [d.strip() for decl in (*first, *(info.param_decls or ()))
+                    for d in decl.split("/")]
+        long = [d for d in declared if d.startswith("--")]
+        flag = long[0] if long else "--" + name.replace("_", "-")
+        flags.setdefault(flag[2:].replace("-", "_"), flag)
+        flags[name] = flag
+        if typing.get_args(hints[name])[0] is bool:  # --check-base / --no-check-base
+            flags[f"{name}=True"] = flag
+            flags[f"{name}=False"] = long[1] if len(long) > 1 else f"--no-{flag[2:]}"
+    return flags
+
+
+def _knowing_flags(typer_app: typer.Typer) -> None:
+    """Runs every command of ``typer_app`` (and of its sub-apps) with its
+    :func:`command_flags` known to :func:`_user_errors`."""
+    import functools
+
+    for info in typer_app.registered_commands:
+        callback = info.callback
+        flags = command_flags(callback)
+
+        @functools.wraps(callback)
+        def run(*args: Any, __callback=callback, __flags=flags, **kwargs: Any) -> Any:
+            token = _RUNNING_FLAGS.set(__flags)
+            try:
+                return __callback(*args, **kwargs)
+            finally:
+                _RUNNING_FLAGS.reset(token)
+
+        info.callback = run
+    for group in typer_app.registered_groups:
+        _knowing_flags(group.typer_instance)
+
+
 @contextmanager
 def _user_errors():
     try:
         yield
     except ZestError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {message_for(exc, _RUNNING_FLAGS.get() or {})}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing half-written is left (outputs are written whole or "
@@ -141,7 +203,7 @@ def with_settings(settings_class: type, argument: str):
     :func:`zest.command_line.setting`; named, typed and parsed by their
     :class:`~zest.command_line.CommandLine` form where they have one) in place of the
     command's ``argument`` parameter, and hands the command ``argument`` as a dict of field
-    values. The class is built by the command, under :func:`_parameters_as_flags` with the
+    values. The class is built by the command, under :func:`_settings_named` with the
     flags of :func:`zest.command_line.option_flags`."""
     import functools
     import inspect
@@ -188,16 +250,16 @@ def with_settings(settings_class: type, argument: str):
 
 
 @contextmanager
-def _parameters_as_flags(flags: dict[str, str]):
-    """Re-raises an :class:`~zest.errors.InvalidInputError` of the library with the Python
-    parameters it names replaced by their flags (:func:`zest.command_line.flags_in_message`)."""
-    from zest.command_line import flags_in_message
-    from zest.errors import InvalidInputError
+def _settings_named(flags: dict[str, str]):
+    """Errors raised while a command builds its settings name their parameters
+    (:func:`zest.errors.naming`), and those parameters' flags (``flags``, from
+    :func:`zest.command_line.option_flags`) join the running command's, so :func:`_user_errors`
+    prints them as flags through :func:`zest.errors.message_for`, the one renaming."""
+    from zest.errors import naming
 
-    try:
+    _RUNNING_FLAGS.set({**(_RUNNING_FLAGS.get() or {}), **flags})  # reset when the command ends
+    with naming(*flags):
         yield
-    except InvalidInputError as exc:
-        raise InvalidInputError(flags_in_message(str(exc), flags)) from None
 
 
 @collect_app.command("metrics")
@@ -220,7 +282,7 @@ def collect_metrics_command(
     from zest.collect import run_metrics
 
     with _user_errors():
-        with _parameters_as_flags(option_flags(MetricsRequest, layer_names="--layers")):
+        with _settings_named(option_flags(MetricsRequest, layer_names="--layers")):
             settings = MetricsRequest(model, dataset, out, seed=seed, options=options,
                                       granularity=granularity, layer_names=_names(layers),
                                       device=device,
@@ -254,7 +316,7 @@ def collect_groundtruth_command(
     flags = option_flags(GroundTruthConfig, GroundTruthRequest, layer_names="--layers",
                          data_seed="--seed")
     with _user_errors():
-        with _parameters_as_flags(flags):
+        with _settings_named(flags):
             settings = GroundTruthRequest(
                 model, dataset, out, config=GroundTruthConfig(**config), options=options,
                 layer_names=_names(layers), data_seed=seed, device=device,
@@ -382,7 +444,7 @@ def rank_command(
     predictor: Annotated[str, typer.Option(help="'universal' or a predictor JSON file.")]
     = "universal",
     by: Annotated[str | None, typer.Option(help="Rank by this single metric instead.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Choose the k best layers.")] = None,
+    k: Annotated[int | None, typer.Option("--top-k", help="Choose the k best layers.")] = None,
     param_budget: Annotated[float | None, typer.Option(help="Choose the best layers within "
                                                        "this fraction of the parameters.")]
     = None,
@@ -412,7 +474,7 @@ def rank_command(
     from zest.ranking import check_selection, load_predictor, rank
 
     with _user_errors():
-        check_selection(top_k, param_budget)
+        check_selection(k, param_budget)
         if output_format not in ("table", "peft"):
             raise InvalidInputError(f"unknown --format {output_format!r}; use table or peft")
         if method is not None:
@@ -437,7 +499,7 @@ def rank_command(
                        granularity=granularity, layer_names=_names(layers), device=torch_device)
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
         chooser = "lora" if output_format == "peft" else method
-        chosen = ranking.top(top_k, method=chooser) if top_k is not None else (
+        chosen = ranking.top(k, method=chooser) if k is not None else (
             ranking.select(param_budget, method=chooser) if param_budget is not None
             else ranking.default_choice(method=chooser))
         table = ranking.to_frame()
@@ -474,70 +536,126 @@ def rank_command(
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------
+def tuner_option_fields() -> list[tuple[Any, Any]]:
+    """The tuner options ``zest finetune`` exposes: every field with ``cli`` metadata of the
+    registered methods' options classes (:mod:`zest.finetune.options`), each name once, the
+    methods' own in the order their classes were declared and then the shared ones, with its
+    type hint."""
+    import dataclasses
+    import typing
+
+    from zest.finetune import METHODS, TunerOptions
+
+    def declared(cls: type) -> list[type]:
+        return [cls] + [c for sub in cls.__subclasses__() for c in declared(sub)]
+
+    order = declared(TunerOptions)
+    found: dict[str, tuple[Any, Any]] = {}
+    classes = sorted({METHODS.get(name).options_class for name in METHODS.names()},
+                     key=lambda cls: order.index(cls) if cls in order else len(order))
+    for options_class in classes:
+        hints = typing.get_type_hints(options_class)
+        for option in options_class.own_fields():
+            if option.metadata.get("cli"):
+                found.setdefault(option.name, (option, hints[option.name]))
+    hints = typing.get_type_hints(TunerOptions)
+    for option in dataclasses.fields(TunerOptions):
+        if option.metadata.get("cli"):
+            found.setdefault(option.name, (option, hints[option.name]))
+    return list(found.values())
+
+
+def with_request_options(request_class, shared: dict[str, Any]):
+    """Adds a request dataclass's options to a command, generated from its fields (their
+    ``cli`` metadata: ``help``, and ``type``/``flag`` where the CLI differs), the way
+    :func:`with_data_options` adds :class:`~zest.loading.DataOptions`; ``shared`` gives the
+    options other commands declare too (``--model``, ...), by field name. A field whose
+    metadata is ``"tuner options"`` becomes the tuners' options
+    (:func:`tuner_option_fields`), collected into a dict of those given. The command gets one
+    ``request`` argument, built (and so validated) before any work, beside its own parameters
+    and ``options`` (the data options, which :func:`with_data_options` adds)."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(request_class)
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    generated: list[inspect.Parameter] = []
+    tuner_names: list[str] = []
+    field_names: list[str] = []
+
+    def option(name: str, annotation: Any, default: Any, cli: dict[str, Any]) -> inspect.Parameter:
+        flags = (cli["flag"],) if "flag" in cli else ()
+        return inspect.Parameter(name, keyword, default=default, annotation=Annotated[
+            annotation, typer.Option(*flags, help=cli["help"])])
+
+    for entry in dataclasses.fields(request_class):
+        cli = entry.metadata.get("cli")
+        if not entry.init or cli is None:
+            continue
+        default = (inspect.Parameter.empty if entry.default is dataclasses.MISSING
+                   and entry.default_factory is dataclasses.MISSING else entry.default)
+        if cli == "tuner options":
+            for tuner_field, hint in tuner_option_fields():
+                flag_type = bool if hint is bool else hint | None
+                generated.append(option(tuner_field.name, flag_type,
+                                        False if hint is bool else None,
+                                        tuner_field.metadata["cli"]))
+                tuner_names.append(tuner_field.name)
+            field_names.append(entry.name)
+            continue
+        if cli == "shared":
+            generated.append(inspect.Parameter(entry.name, keyword, default=default,
+                                               annotation=shared[entry.name]))
+        else:
+            annotation = cli.get("type", hints[entry.name])
+            if default is None:
+                annotation = annotation | None
+            generated.append(option(entry.name, annotation, default, cli))
+        field_names.append(entry.name)
+    generated.append(inspect.Parameter("options", keyword, default=None, annotation=Any))
+
+    def decorate(command):
+        resolved = typing.get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=resolved.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "request"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {name: kwargs.pop(name) for name in tuner_names}
+            values = {name: kwargs.pop(name) for name in field_names if name in kwargs}
+            values["method_options"] = {name: value for name, value in given.items()
+                                        if value is not None and value is not False}
+            with _user_errors():
+                request = request_class(**values, options=kwargs.pop("options"))
+            return command(request=request, **kwargs)
+
+        parameters = generated + own
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def _finetune_request_options():
+    from zest.pipeline import FinetuneRequest
+
+    return with_request_options(FinetuneRequest, shared={
+        "model": ModelOption, "dataset": DatasetOption, "seed": SeedOption,
+        "device": DeviceOption, "checkpoint": CheckpointOption})
+
+
 @app.command("finetune")
 @with_data_options()
-def finetune_command(
-    model: ModelOption,
-    dataset: DatasetOption,
-    out: Annotated[Path, typer.Option(help="Run directory to write.")],
-    method: Annotated[str | None, typer.Option(
-        help="gps, spsft, layers, full, head, bitfit, lora, or auto (chosen by --param-budget "
-             "from the accuracy benchmark's measured rule). Default: auto with --param-budget, "
-             "else spsft.")] = None,
-    layers: Annotated[str, typer.Option("--layers", help="auto (zest rank, then the plan), "
-                                        "top:K, all, or comma-separated layer names.")] = "auto",
-    param_budget: Annotated[float | None, typer.Option(
-        help="With --layers auto: share of the parameters to train, head included; the plan "
-             "picks the layers and the density (GPS --k, SPSFT --ratio, LoRA rank) that fill "
-             "it.")] = None,
-    spread: Annotated[float | None, typer.Option(
-        help="With --param-budget and a sparse method: the chosen layers hold this many times "
-             "the budget, so the density is about 1/spread (default: the method's measured "
-             "spread for the budget, zest.planning.SPREAD_RULES).")] = None,
-    epochs: Annotated[int, typer.Option(help="The most epochs; the model kept is the one of the "
-                                        "best val epoch.")] = 3,
-    lr: Annotated[str, typer.Option(help="AdamW learning rate, or auto: the method's measured "
-                                    "rate for the model's kind (zest.rates.RATE_RULES).")]
-    = "auto",
-    patience: Annotated[int | None, typer.Option(
-        help="Early stopping: stop once this many epochs have not improved on the best val "
-             "epoch (default: train every epoch).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-    k: Annotated[int | None, typer.Option(help="GPS: input connections per neuron (default 1; "
-                                          "with --param-budget: planned).")] = None,
-    ratio: Annotated[float | None, typer.Option(help="SPSFT: share of neurons per layer "
-                                                "(default 0.05; with --param-budget: "
-                                                "planned).")] = None,
-    rows: Annotated[int | None, typer.Option("--r", help="SPSFT: neurons per layer (overrides "
-                                             "--ratio).")] = None,
-    importance: Annotated[str | None, typer.Option(help="SPSFT: l2, taylor (default) or "
-                                                   "qm_taylor.")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8; with "
-                                                  "--param-budget: planned).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(
-        help="Recompute each block in the backward pass instead of keeping its activations "
-             "(less memory, about one more forward pass); any method.")] = False,
-    predictor: Annotated[str, typer.Option(help="Predictor for --layers auto.")] = "universal",
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing zest run folder at --out, whole, once the new run has "
-             "finished (without it such a folder is refused).")] = False,
-    seed: SeedOption = 0,
-    options: Any = None,
-    device: DeviceOption = "cpu",
-    checkpoint: CheckpointOption = None,
-    quiet: QuietOption = False,
-) -> None:
+@_finetune_request_options()
+def finetune_command(request: Any = None, quiet: QuietOption = False) -> None:
     """Fine-tune the chosen layers (GPS/SPSFT or a baseline) and save the delta; the run folder
     is written whole or not at all."""
-    from zest.pipeline import default_method, run_finetune
+    from zest.pipeline import run_finetune
 
-    # the flags given, by the name of the tuner option they set (a method refuses others)
-    flags = {"k": k, "ratio": ratio, "r": rows, "importance": importance, "rank": lora_rank}
-    method = default_method(method, param_budget)
-    with _user_errors(), _progress(f"{method}", quiet) as progress:
-        method_options = {name: value for name, value in flags.items() if value is not None}
-        if gradient_checkpointing:
-            method_options["gradient_checkpointing"] = True
+    with _user_errors(), _progress(f"{request.method}", quiet) as progress:
         def report(event: dict) -> None:
             if "plan" in event and not quiet:
                 typer.echo(_plan_line(event["plan"]), err=True)
@@ -550,34 +668,15 @@ def finetune_command(
                            f"{event['train_accuracy']:.3f}, val acc {event['val_accuracy']:.3f}, "
                            f"val loss {event['val_loss']:.4f}", err=True)
 
-        metrics = run_finetune(model, dataset, out, method=method, layers=layers,
-                               param_budget=param_budget, epochs=epochs,
-                               lr=_rate_option(lr), patience=patience,
-                               spread=spread,
-                               batch_size=batch_size, seed=seed,
-                               options=options,
-                               device=device, checkpoint=str(checkpoint) if checkpoint else None,
-                               predictor=predictor, method_options=method_options,
-                               progress=report, overwrite=overwrite)
+        metrics = run_finetune(request, progress=report)
         score = (f"test next-token loss {metrics['test_loss']:.4f} (perplexity "
                  f"{metrics['test_perplexity']:.2f})" if "test_perplexity" in metrics
                  else f"test accuracy {metrics['test_accuracy']:.4f}")
-        chose = f"--method auto chose {metrics['method']}; " if method == "auto" else ""
+        chose = f"--method auto chose {metrics['method']}; " if request.method == "auto" else ""
         typer.echo(f"{chose}{score} at the best val epoch ({metrics['best_epoch']} of "
                    f"{len(metrics['epochs'])}); {metrics['trainable_params']:,} trainable "
-                   f"parameters ({metrics['trainable_share']:.2%}); run written to {out}")
-
-
-def _rate_option(text: str) -> float | str:
-    """``--lr``: ``auto`` or a number (checked by the tuner); anything else, one line."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    from zest.errors import InvalidInputError
-
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidInputError(f"--lr must be a positive number or auto, got {text!r}") from None
+                   f"parameters ({metrics['trainable_share']:.2%}); run written to "
+                   f"{request.out}")
 
 
 def _plan_line(plan: dict) -> str:
@@ -640,3 +739,6 @@ def apply_delta_command(
             save_file(state, str(staging), metadata={"zest_delta": str(delta)})
         typer.echo(f"merged {len(loaded.entries)} delta entries ({loaded.numel():,} values) "
                    f"into {model}; wrote {out}")
+
+
+_knowing_flags(app)  # after every command is registered

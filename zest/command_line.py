@@ -3,13 +3,13 @@
 commands built on the class, named, typed and defaulted like the field unless its
 :class:`CommandLine` form says otherwise. The CLI generates the options from these fields
 (``zest.cli.with_settings``), and maps the Python parameters an error names to their flags
-(:func:`option_flags`, :func:`flags_in_message`); the library itself never reads the command
-line and its errors name its parameters (``steps must be ...``)."""
+(:func:`option_flags`; the CLI renames them with :func:`zest.errors.message_for`); the library
+itself never reads the command line and its errors name its parameters (``steps must be
+...``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,12 +57,3 @@ def option_flags(*settings_classes: type, **others: str) -> dict[str, str]:
             form = f.metadata["command_line"]
             flags[f.name] = "--" + (form.name if form else f.name).replace("_", "-")
     return flags
-
-
-def flags_in_message(message: str, flags: dict[str, str]) -> str:
-    """``message`` with the first mention of each parameter in ``flags`` replaced by its flag
-    (``steps must be ≥ 1`` reads ``--steps must be ≥ 1``); later mentions are left as words."""
-    for name in sorted(flags, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message,
-                         count=1)
-    return message

@@ -2,16 +2,34 @@
 
 Every error a user can cause derives from :class:`ZestError`. Its message is one line that names
 the bad value and says how to fix it; the CLI prints it and exits with code 1.
+
+The library speaks Python: a message names the parameter as the Python API spells it
+(``param_budget must be in (0, 1], got 0``) and the error lists it in ``parameters``. A front
+end that spells its parameters otherwise renames them in one place, :func:`message_for`: the
+CLI passes its flags, generated from its options (``--param-budget must be in (0, 1], got 0``).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 
 class ZestError(Exception):
-    """Base class of every error caused by user input or user data."""
+    """Base class of every error caused by user input or user data.
+
+    Args:
+        message: One line naming the bad value and the fix, in Python terms.
+        parameter: The Python parameter (or parameters) the message names, written in it as a
+            word (``param_budget``, or ``param_budget=0``); :func:`message_for` renames them.
+    """
+
+    def __init__(self, message: str = "", *, parameter: str | Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.parameters: tuple[str, ...] = ((parameter,) if isinstance(parameter, str)
+                                            else tuple(parameter))
 
 
 class UnknownNameError(ZestError, KeyError):
@@ -35,6 +53,46 @@ class NonFiniteLossError(ZestError, FloatingPointError):
 
 class RecordError(ZestError):
     """A record file that cannot be read, appended to or written."""
+
+
+def message_for(error: BaseException, names: Mapping[str, str]) -> str:
+    """The message of ``error`` with each parameter it names spelled as ``names`` spells it
+    (the CLI: ``{"param_budget": "--param-budget"}``): ``param_budget`` becomes
+    ``--param-budget``, ``param_budget=0`` becomes ``--param-budget 0`` and
+    ``method='gps'`` becomes ``--method gps`` (and ``check_base=False`` the flag ``names`` gives
+    it, ``--no-check-base``), wherever the message writes the name as a word of its own (not
+    inside a longer name, an attribute, a flag or quotes, nor as a call's first argument:
+    ``ranking.top(k)`` stays). A parameter without a new name, and an error that lists none,
+    keep their words."""
+    message = str(error)
+    for parameter in getattr(error, "parameters", ()):
+        for setting in (f"{parameter}=True", f"{parameter}=False"):  # --x / --no-x
+            if setting in names:
+                message = message.replace(setting, names[setting])
+        flag = names.get(parameter)
+        if flag is None:
+            continue
+        word = re.compile(rf"(?<![\w.\-'\"`])(?<!\w\(){re.escape(parameter)}(?![\w(`'\"])"
+                          r"(?P<assign>=(?:'(?P<token>[\w.:/+-]*)')?)?")
+
+        def spelled(match: re.Match, flag: str = flag) -> str:
+            if not match.group("assign"):
+                return flag
+            return f"{flag} {match.group('token') or ''}"
+
+        message = word.sub(spelled, message)
+    return message
+
+
+@contextmanager
+def naming(*parameters: str) -> Iterator[None]:
+    """Adds ``parameters`` to a :class:`ZestError` raised inside, for a check written elsewhere
+    that names the value as it is told (``check_positive("epochs", epochs)``)."""
+    try:
+        yield
+    except ZestError as error:
+        error.parameters = (*error.parameters, *parameters)
+        raise
 
 
 def closest_names(name: str, known: Iterable[str], n: int = 3) -> list[str]:

@@ -16,25 +16,23 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zest._version import __version__
 from zest.data.dataset import check_positive
-from zest.errors import InvalidInputError, NonFiniteLossError
+from zest.errors import InvalidInputError, NonFiniteLossError, naming
 from zest.finetune import METHODS, Tuner
+from zest.finetune.options import TunerOptions
+from zest.finetune.registry import method_options
 from zest.loading import DataOptions, load_pair
 from zest.models import resolve_device
 from zest.outputs import RUN_MARKER, check_run_folder, staged_folder
-from zest.planning import (
-    AUTO,
-    FinetunePlan,
-    check_method_options,
-    check_plan_request,
-    check_selection,
-)
+from zest.planning import AUTO, FinetunePlan, PlanRequest, PlanRule, plan_finetune
 from zest.ranking import load_predictor, rank
+from zest.rates import AUTO_RATE
 
 
 def takes_layers(method: str) -> bool:
@@ -44,7 +42,7 @@ def takes_layers(method: str) -> bool:
 
 
 def parse_layers(spec: str | Sequence[str] | None) -> str | int | list[str]:
-    """A ``--layers`` value: ``"auto"`` (``None`` too), ``"all"``, ``K`` for ``top:K``, or the
+    """A ``layers`` value: ``"auto"`` (``None`` too), ``"all"``, ``K`` for ``top:K``, or the
     layer names."""
     if spec is None:
         return "auto"
@@ -56,48 +54,16 @@ def parse_layers(spec: str | Sequence[str] | None) -> str | int | list[str]:
         try:
             k = int(spec[4:])
         except ValueError:
-            raise InvalidInputError(f"--layers {spec!r}: use top:K with an integer K") from None
+            raise InvalidInputError(f"layers={spec!r}: use top:K with an integer K",
+                                    parameter="layers") from None
         if k < 1:
-            raise InvalidInputError(f"--layers {spec!r}: K must be at least 1")
+            raise InvalidInputError(f"layers={spec!r}: K must be at least 1", parameter="layers")
         return k
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise InvalidInputError("--layers is empty; pass auto, top:K, all or layer names")
+        raise InvalidInputError("layers is empty; pass 'auto', 'top:K', 'all' or layer names",
+                                parameter="layers")
     return names
-
-
-def check_layer_request(method: str, layers: str | Sequence[str] | None,
-                        param_budget: float | None, spread: float | None = None,
-                        method_options: dict[str, Any] | None = None) -> None:
-    """Refuses empty or contradictory requests before anything is loaded: a budget with
-    ``top:K`` or with layer names, ``top:0``, layers or a budget for a method that trains a
-    fixed set of parameters, ``auto`` without a budget, options the method does not take; the
-    budget, spread and options through :func:`zest.planning.check_plan_request`."""
-    check_selection(None, param_budget)
-    options = method_options or {}
-    if not takes_layers(method):
-        if layers not in (None, "auto"):
-            raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
-                                    f"--layers {layers if isinstance(layers, str) else '...'}")
-        if param_budget is not None:
-            raise InvalidInputError(f"--method {method} trains a fixed set of parameters; drop "
-                                    "--param-budget")
-        check_method_options(method, options)
-        return
-    request = parse_layers(layers)
-    if isinstance(request, int) and param_budget is not None:
-        raise InvalidInputError(f"--layers {layers} and --param-budget {param_budget} "
-                                "contradict each other; pass one (a budget goes with "
-                                "--layers auto)")
-    if not isinstance(request, int) and request != "auto":
-        if param_budget is not None:
-            raise InvalidInputError("--param-budget goes with --layers auto, not with 'all' or "
-                                    "layer names")
-        if method == AUTO:
-            raise InvalidInputError("--method auto plans the layers from --param-budget; use "
-                                    "--layers auto or name a method")
-    check_plan_request(method, param_budget, top_k=request if isinstance(request, int) else None,
-                       spread=spread, options=options)
 
 
 def default_method(method: str | None, param_budget: float | None) -> str:
@@ -108,25 +74,169 @@ def default_method(method: str | None, param_budget: float | None) -> str:
     return AUTO if param_budget is not None else "spsft"
 
 
-def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike, *,
-                 method: str | None = None, layers: str | Sequence[str] | None = "auto",
-                 param_budget: float | None = None, spread: float | None = None,
-                 epochs: int = 3, lr: float | str = "auto", patience: int | None = None,
-                 batch_size: int = 32, seed: int = 0, options: DataOptions | None = None,
-                 device: str = "cpu", checkpoint: str | None = None,
-                 predictor: str = "universal", method_options: dict[str, Any] | None = None,
+def parse_rate(lr: float | str) -> float | str:
+    """``lr``: :data:`zest.rates.AUTO_RATE` (any case) or a number, also written as text
+    (``"1e-3"``, as the CLI passes it); the tuner's options check its range."""
+    if not isinstance(lr, str):
+        return lr
+    if lr.strip().lower() == AUTO_RATE:
+        return AUTO_RATE
+    try:
+        return float(lr)
+    except ValueError:
+        raise InvalidInputError(f"lr must be a positive number or 'auto', got {lr!r}",
+                                parameter="lr") from None
+
+
+def _cli(help_text: str, **more: Any) -> dict[str, Any]:
+    """A field's metadata: its ``zest finetune`` option (``help``; ``type`` where the CLI
+    reads another type than the field's, ``flag`` where the flag is not the field's name)."""
+    return {"cli": {"help": help_text, **more}}
+
+
+#: A field whose option the CLI declares itself (shared with other commands: ``--model``, ...).
+SHARED_OPTION = {"cli": "shared"}
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """One ``zest finetune`` run, validated once, when built, before anything is loaded or
+    written; :func:`run_finetune` runs it. The CLI's options are generated from these fields
+    (their ``cli`` metadata) and from the tuners' options (``method_options``).
+
+    Args:
+        model: Model spec.
+        dataset: Data set spec.
+        out: Run directory to write (:func:`zest.outputs.check_run_folder`).
+        method: A registered method or ``auto``; ``None``: :func:`default_method`.
+        layers: ``"auto"`` (rank, then plan), ``"top:K"``, ``"all"``, or layer names.
+        param_budget: With ``layers="auto"``: share of the parameters to train, head included.
+        spread: With a budget and a sparse method: :class:`zest.planning.PlanRule`.
+        epochs: The most epochs; the model kept is the one of the best val epoch.
+        lr: AdamW learning rate, or ``"auto"`` (:func:`zest.rates.default_rate`).
+        patience: Early stopping after this many epochs without a better val epoch.
+        batch_size: Batch size.
+        method_options: Tuner options (``k``, ``ratio``, ``r``, ``importance``, ``rank``,
+            ``gradient_checkpointing``, ...); a density given here is kept.
+        predictor: Predictor for ``layers="auto"`` / ``"top:K"``.
+        overwrite: Replace an existing zest run folder at ``out``, whole, at the end.
+        seed: Seed of splits, head initialisation, batches and selection.
+        options: How to load the data set (:class:`zest.loading.DataOptions`).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        checkpoint: Weights for ``timm:<arch>`` or ``tv:<arch>``.
+
+    Attributes:
+        layer_request: ``layers`` parsed (:func:`parse_layers`; ``None`` for a method without
+            layers).
+        plan_request: The validated :class:`zest.planning.PlanRequest` when the layers are
+            planned (``"auto"`` or ``"top:K"``), else ``None``.
+        tuner_options: The trained method's validated options (``method_options``, ``lr`` and
+            ``seed``); a plan adds its density.
+    """
+
+    model: str = field(metadata=SHARED_OPTION)
+    dataset: str = field(metadata=SHARED_OPTION)
+    out: str | os.PathLike = field(metadata=_cli("Run directory to write.", type=Path))
+    method: str | None = field(default=None, metadata=_cli(
+        "gps, spsft, layers, full, head, bitfit, lora, or auto (chosen by --param-budget "
+        "from the accuracy benchmark's measured rule). Default: auto with --param-budget, "
+        "else spsft."))
+    layers: str | Sequence[str] | None = field(default="auto", metadata=_cli(
+        "auto (zest rank, then the plan), top:K, all, or comma-separated layer names.",
+        type=str))
+    param_budget: float | None = field(default=None, metadata=_cli(
+        "With --layers auto: share of the parameters to train, head included; the plan "
+        "picks the layers and the density (GPS --k, SPSFT --ratio, LoRA rank) that fill "
+        "it."))
+    spread: float | None = field(default=None, metadata=_cli(
+        "With --param-budget and a sparse method: the chosen layers hold this many times "
+        "the budget, so the density is about 1/spread (default: the method's measured "
+        "spread for the budget, zest.planning.SPREAD_RULES)."))
+    epochs: int = field(default=3, metadata=_cli(
+        "The most epochs; the model kept is the one of the best val epoch."))
+    lr: float | str = field(default=AUTO_RATE, metadata=_cli(
+        "AdamW learning rate, or auto: the method's measured rate for the model's kind "
+        "(zest.rates.RATE_RULES).", type=str))
+    patience: int | None = field(default=None, metadata=_cli(
+        "Early stopping: stop once this many epochs have not improved on the best val "
+        "epoch (default: train every epoch)."))
+    batch_size: int = field(default=32, metadata=_cli("Batch size."))
+    method_options: Mapping[str, Any] = field(default_factory=dict,
+                                              metadata={"cli": "tuner options"})
+    predictor: str = field(default="universal", metadata=_cli("Predictor for --layers auto."))
+    overwrite: bool = field(default=False, metadata=_cli(
+        "Replace an existing zest run folder at --out, whole, once the new run has "
+        "finished (without it such a folder is refused)."))
+    seed: int = field(default=0, metadata=SHARED_OPTION)
+    options: DataOptions | None = None
+    device: str = field(default="cpu", metadata=SHARED_OPTION)
+    checkpoint: str | os.PathLike | None = field(default=None, metadata=SHARED_OPTION)
+    layer_request: str | int | list[str] | None = field(init=False, repr=False)
+    plan_request: PlanRequest | None = field(init=False, repr=False)
+    tuner_options: TunerOptions = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        method = default_method(self.method, self.param_budget)
+        options = dict(self.method_options or {})
+        layers, budget = self.layers, self.param_budget
+        request = parse_layers(layers) if takes_layers(method) else None
+        if request is None:
+            if layers not in (None, "auto"):
+                shown = f"{layers!r}" if isinstance(layers, str) else "[...]"
+                raise InvalidInputError(f"method={method!r} trains a fixed set of parameters; "
+                                        f"drop layers={shown}", parameter=("method", "layers"))
+            if budget is not None:
+                raise InvalidInputError(f"method={method!r} trains a fixed set of parameters; "
+                                        "drop param_budget",
+                                        parameter=("method", "param_budget"))
+        elif isinstance(request, int) and budget is not None:
+            raise InvalidInputError(f"layers={layers!r} and param_budget={budget} contradict "
+                                    "each other; pass one (a budget goes with layers='auto')",
+                                    parameter=("layers", "param_budget"))
+        elif request != "auto" and not isinstance(request, int):
+            if budget is not None:
+                raise InvalidInputError("param_budget goes with layers='auto', not with 'all' "
+                                        "or layer names", parameter=("param_budget", "layers"))
+            if method == AUTO:
+                raise InvalidInputError("method='auto' plans from param_budget; use "
+                                        "layers='auto' or name the tuner",
+                                        parameter=("method", "param_budget", "layers"))
+        planned = request == "auto" or isinstance(request, int)
+        plan = PlanRequest(method, budget, top_k=request if isinstance(request, int) else None,
+                           spread=self.spread, options=options) if planned else None
+        if request is not None and not planned and self.spread is not None:
+            PlanRule(spread=self.spread)  # named layers: checked, though no plan reads it
+        with naming("epochs"):
+            check_positive("epochs", self.epochs)
+        with naming("batch_size"):
+            check_positive("batch_size", self.batch_size)
+        trained = plan.planned_method if plan is not None else method
+        tuner_options = method_options(trained, {**options, "lr": parse_rate(self.lr),
+                                                 "seed": self.seed})
+        for name, value in (("method", method), ("method_options", options),
+                            ("layer_request", request), ("plan_request", plan),
+                            ("tuner_options", tuner_options)):
+            object.__setattr__(self, name, value)
+
+
+def run_finetune(request: FinetuneRequest | str, dataset: str | None = None,
+                 out: str | os.PathLike | None = None, *,
                  progress: Callable[[dict], None] | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 **fields: Any) -> dict[str, Any]:
     """Fine-tunes and writes a run directory (``zest finetune``), whole or not at all.
 
+    ``request`` is a :class:`FinetuneRequest`; or, as before, the model spec, with the data
+    set, the run directory and the request's other fields as keywords
+    (``run_finetune("minilm", "r8", "run", method="gps", param_budget=0.05)``).
+
     With ``layers="auto"`` or ``"top:K"`` the layers are ranked on one training minibatch and
-    :meth:`zest.Ranking.finetune_plan` chooses what to train: the layers the method can tune
-    and, with a
-    ``param_budget`` (share of trainable parameters, head included), the density that fills it
-    (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured one for the
-    budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the method
-    (:data:`zest.planning.METHOD_RULES`), and so does no ``method`` with a ``param_budget``
-    (:func:`default_method`). ``method_options`` are tuner options (``k``,
+    the plan (:func:`zest.planning.plan_finetune`, on the request's validated
+    :class:`~zest.planning.PlanRequest`) chooses what to train: the layers the method can tune
+    and, with a ``param_budget`` (share of trainable parameters, head included), the density
+    that fills it (``spread``: :class:`zest.planning.PlanRule`; ``None``, the method's measured
+    one for the budget, :func:`zest.planning.spread_rule`); ``method="auto"`` also chooses the
+    method (:data:`zest.planning.METHOD_RULES`), and so does no ``method`` with a
+    ``param_budget`` (:func:`default_method`). ``method_options`` are tuner options (``k``,
     ``ratio``, ``r``, ``importance``, ``rank``); a density given there is kept.
     ``lr="auto"`` trains at the method's measured rate for the model's kind
     (:func:`zest.rates.default_rate`; ``config.json`` records the rate and why). ``epochs`` is
@@ -134,12 +244,12 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
     ``best_epoch``), and with ``patience`` training stops once that many epochs have not
     improved on it.
 
-    Every option is checked, the model loaded, the layers planned and the tuner built before
-    anything is written (:func:`zest.outputs.check_run_folder`: ``out_dir`` must be new, empty,
-    or with ``overwrite`` a zest run folder, replaced whole); the run is trained into a
-    temporary folder beside ``out_dir`` that takes its place at the end
+    The request is validated when built; the model is loaded, the layers planned and the
+    tuner built before anything is written (:func:`zest.outputs.check_run_folder`: ``out``
+    must be new, empty, or with ``overwrite`` a zest run folder, replaced whole); the run is
+    trained into a temporary folder beside ``out`` that takes its place at the end
     (:func:`zest.outputs.staged_folder`). A run that fails (a non-finite loss, Ctrl-C, any
-    error) leaves ``out_dir`` exactly as it was and no temporary folder behind.
+    error) leaves ``out`` exactly as it was and no temporary folder behind.
 
     Returns:
         The metrics written to ``metrics.json``, plus ``method`` (the method trained) and
@@ -147,60 +257,68 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
         ``None`` for named layers or a method without layers). ``progress`` receives
         ``{"plan": ...}`` once the plan is made, before training.
     """
-    method = default_method(method, param_budget)
-    check_layer_request(method, layers, param_budget, spread, method_options)
-    check_positive("--epochs", epochs)
-    check_positive("--batch-size", batch_size)
-    out_dir = check_run_folder(out_dir, "--out", overwrite=overwrite)
-    request = parse_layers(layers) if takes_layers(method) else None
-    if request == "auto" or isinstance(request, int):
-        load_predictor(predictor)  # a bad --predictor fails before the model is loaded
-    torch_device = resolve_device(device)
-    model, task, data = load_pair(model_spec, dataset_spec, options=options, seed=seed,
-                                  device=str(torch_device), checkpoint=checkpoint)
+    if not isinstance(request, FinetuneRequest):
+        request = FinetuneRequest(request, dataset, out, **fields)
+    elif dataset is not None or out is not None or fields:
+        raise InvalidInputError("a FinetuneRequest carries every setting; pass it alone",
+                                parameter="request")
+    with naming("out"):
+        out_dir = check_run_folder(request.out, "out", overwrite=request.overwrite)
+    layers = request.layer_request
+    if request.plan_request is not None:
+        load_predictor(request.predictor)  # a bad predictor fails before the model is loaded
+    torch_device = resolve_device(request.device)
+    checkpoint = None if request.checkpoint is None else str(request.checkpoint)
+    model, task, data = load_pair(request.model, request.dataset, options=request.options,
+                                  seed=request.seed, device=str(torch_device),
+                                  checkpoint=checkpoint)
     start = time.perf_counter()
     info: dict[str, Any] = {}
-    kwargs = dict(method_options or {})
+    method, kwargs = request.method, dict(request.method_options)
+    tuner_options = request.tuner_options
     chosen: list[str] | str | None = None
     plan: FinetunePlan | None = None
-    if request == "auto" or isinstance(request, int):
-        ranking = rank(model, task, data.batches("train", batch_size, 1, seed=seed),
-                       predictor=predictor, device=torch_device)
-        plan = ranking.finetune_plan(model, task, method, param_budget,
-                                     top_k=request if isinstance(request, int) else None,
-                                     spread=spread, options=kwargs)
+    if request.plan_request is not None:
+        ranking = rank(model, task, data.batches("train", request.batch_size, 1,
+                                                 seed=request.seed),
+                       predictor=request.predictor, device=torch_device)
+        plan = plan_finetune(ranking.table["layer"].tolist(), model, task, request.plan_request)
         method, chosen, kwargs = plan.method, plan.layers, dict(plan.options)
+        tuner_options = method_options(method, {**kwargs, "lr": tuner_options.lr,
+                                                "seed": tuner_options.seed})
         info = {"ranked_by": ranking.by, "rank_seconds": ranking.seconds,
                 "ranking": ranking.table[["rank", "layer", "params", "score"]].to_dict(
                     orient="records")}
         if progress is not None:
             progress({"plan": plan.to_dict()})
-    elif request is not None:
-        chosen = request
-    tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, lr=lr, seed=seed, **kwargs)
+    elif layers is not None:
+        chosen = layers
+    tuner: Tuner = METHODS.get(method)(model, task, layers=chosen, options=tuner_options)
     if progress is not None:
         progress({"lr": tuner.lr, "lr_reason": tuner.lr_reason_})
+    spec = request.layers
     config = {"zest": {**RUN_MARKER, "zest_version": __version__},
-              "model": model_spec, "dataset": dataset_spec, "method": method,
-              "layers_spec": layers if isinstance(layers, str) or layers is None else
-              list(layers), "layers": tuner.layer_names, "param_budget": param_budget,
-              "epochs": epochs, "patience": patience, "lr": tuner.lr,
-              "lr_requested": lr, "lr_reason": tuner.lr_reason_,
-              "batch_size": batch_size, "seed": seed,
+              "model": request.model, "dataset": request.dataset, "method": method,
+              "layers_spec": spec if isinstance(spec, str) or spec is None else list(spec),
+              "layers": tuner.layer_names, "param_budget": request.param_budget,
+              "epochs": request.epochs, "patience": request.patience, "lr": tuner.lr,
+              "lr_requested": tuner_options.lr, "lr_reason": tuner.lr_reason_,
+              "batch_size": request.batch_size, "seed": request.seed,
               "method_options": kwargs, "data": data.summary(),
               "plan": plan.to_dict() if plan is not None else None, **info}
-    with staged_folder(out_dir, replaces=("run-folder",) if overwrite else ()) as staging:
+    with staged_folder(out_dir, replaces=("run-folder",) if request.overwrite else ()
+                       ) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=1, default=str))
         try:
-            tuner.fit(data, epochs=epochs, batch_size=batch_size, progress=progress,
-                      test_each_epoch=True, patience=patience)
+            tuner.fit(data, epochs=request.epochs, batch_size=request.batch_size,
+                      progress=progress, test_each_epoch=True, patience=request.patience)
         except NonFiniteLossError as exc:
             reason = str(exc).split(";")[0]
-            raise NonFiniteLossError(f"{reason}; the run was not written and --out "
+            raise NonFiniteLossError(f"{reason}; the run was not written and out="
                                      f"{str(out_dir)!r} is as it was; lower the learning rate "
-                                     f"(--lr {tuner.lr:g})") from None
+                                     f"(lr={tuner.lr:g})", parameter=("out", "lr")) from None
         delta = tuner.delta()
-        delta.meta.update({"dataset": dataset_spec})
+        delta.meta.update({"dataset": request.dataset})
         delta.save(staging / "delta.safetensors")
         best = tuner.history_[tuner.best_epoch_ - 1]
         test_loss, test_accuracy = best.test_loss, best.test_accuracy
@@ -227,7 +345,7 @@ def run_finetune(model_spec: str, dataset_spec: str, out_dir: str | os.PathLike,
                                   trainable_share=metrics["trainable_share"])
             (staging / "config.json").write_text(json.dumps(config, indent=1, default=str))
         plot_curves(metrics, staging / "curve.png",
-                    title=f"{model_spec} / {dataset_spec} / {method}")
+                    title=f"{request.model} / {request.dataset} / {method}")
     return {**metrics, "method": method, "plan": config["plan"]}
 
 

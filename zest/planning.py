@@ -11,9 +11,9 @@ The budget is the share of the model's parameters that train, head included, for
 The plan chooses only among the layers the method can tune (``Tuner.can_tune``), best first:
 
 - A dense method (``layers``): the best layers whose weights and biases fit in the budget.
-- A sparse method (a ``Tuner.density_options`` knob: GPS's ``k``, SPSFT's ``ratio``, LoRA's
-  ``rank``): (1) the sparsest setting at which the best layers that fit the budget hold, densely,
-  at most ``spread`` times the budget — so the update has a density of about ``1 / spread``
+- A sparse method (a knob of its options' ``density_options``: GPS's ``k``, SPSFT's ``ratio``,
+  LoRA's ``rank``): (1) the sparsest setting at which the best layers that fit the budget hold,
+  densely, at most ``spread`` times the budget — so the update has a density of about ``1 / spread``
   within them; (2) those layers at the densest setting whose trained values still fit; (3)
   further layers, best first, at that setting while they fit. A setting given by the caller
   (``k=4``) is kept, and the plan chooses only the layers. Without a ``spread`` from the caller,
@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
 from zest.errors import InvalidInputError
-from zest.finetune import METHODS, Tuner, tuner_parameters
-from zest.finetune.base import LayerShape, check_finite_options, tuner_defaults
+from zest.finetune.base import Tuner
+from zest.finetune.options import TunerOptions
+from zest.finetune.registry import METHODS, LayerShape, method_options, tuner_defaults
 from zest.models import Task
 
 #: The method name that lets :data:`METHOD_RULES` choose.
@@ -70,8 +71,9 @@ class PlanRule:
     def __post_init__(self) -> None:
         if (isinstance(self.spread, bool) or not isinstance(self.spread, int | float)
                 or not math.isfinite(self.spread) or self.spread < 1):
-            raise InvalidInputError(f"--spread must be a number of at least 1 (how many times "
-                                    f"the budget the chosen layers hold), got {self.spread!r}")
+            raise InvalidInputError(f"spread must be a number of at least 1 (how many times "
+                                    f"the budget the chosen layers hold), got {self.spread!r}",
+                                    parameter="spread")
         if not 0 <= self.min_budget < 1:
             raise InvalidInputError(f"a spread rule's min_budget must be in [0, 1), got "
                                     f"{self.min_budget!r}")
@@ -133,10 +135,22 @@ METHOD_RULES = (
 def choose_method(param_budget: float | None) -> MethodRule:
     """The rule of :data:`METHOD_RULES` that ``method="auto"`` follows for ``param_budget``."""
     if param_budget is None:
-        raise InvalidInputError("--method auto chooses the method by the budget; pass "
-                                "--param-budget (e.g. 0.01) or name a method")
-    check_selection(None, param_budget)
+        raise InvalidInputError(f"method='auto' chooses by the budget; pass param_budget (e.g. "
+                                f"0.01) or name {_layer_methods()} instead",
+                                parameter=("method", "param_budget"))
+    check_param_budget(param_budget)
+    return _method_rule(param_budget)
+
+
+def _method_rule(param_budget: float) -> MethodRule:
+    """The :data:`METHOD_RULES` row for a budget already checked."""
     return next(rule for rule in METHOD_RULES if param_budget >= rule.min_budget)
+
+
+def _layer_methods() -> str:
+    """The registered methods that take layers, quoted, for a message."""
+    names = [repr(name) for name in METHODS.names() if METHODS.get(name).uses_layers]
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 @dataclass
@@ -196,59 +210,82 @@ class FinetunePlan:
                 "planned_trainable_share": self.trainable_share, "notes": list(self.notes)}
 
 
-def check_plan_request(method: str, param_budget: float | None = None, *,
-                       top_k: int | None = None, spread: float | None = None,
-                       options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
-    """Validates a plan request before any work (:func:`check_selection`, :class:`PlanRule`,
-    the method and its options) and resolves ``auto``: returns the method and, for ``auto``,
-    the reason of its :data:`METHOD_RULES` row."""
-    check_selection(top_k, param_budget)
-    if spread is not None:
-        PlanRule(spread=spread)
-    options = options or {}
-    reason = None
-    if method == AUTO:
-        rule = choose_method(param_budget)
-        specific = set(options) - _shared_options()
-        if specific:
-            raise InvalidInputError(f"--method auto chooses the method and its density; drop "
-                                    f"{', '.join(sorted(specific))} or name a method")
-        method, reason = rule.method, rule.reason
-    if not METHODS.get(method).uses_layers:
-        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
-                                "layers to plan")
-    check_method_options(method, options)
-    return method, reason
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a plan is asked for (:func:`plan_finetune`), validated once, when built, before any
+    work: :func:`check_selection`, :class:`PlanRule`, the method (``auto`` resolved by
+    :data:`METHOD_RULES`) and its options. ``zest finetune`` builds one with its request
+    (:class:`zest.pipeline.FinetuneRequest`) and the plan reads it as it is.
+
+    Args:
+        method: A registered method that takes layers, or ``auto``; or a
+            :class:`PlanRequest` (validated already), which then gives every other argument.
+        param_budget: Share of the model's parameters to train, head included, in (0, 1].
+        top_k: Instead of a budget: this many layers, with the method's own density.
+        spread: How many times the budget a sparse plan's layers hold (:class:`PlanRule`).
+        options: Tuner options fixed by the caller (``{"k": 4}``).
+
+    Attributes:
+        planned_method: The method the plan trains (``auto`` resolved).
+        method_rule: With ``auto``: the reason of its :data:`METHOD_RULES` row.
+        tuner_options: ``options`` as the planned method's validated options object.
+    """
+
+    method: str
+    param_budget: float | None = None
+    top_k: int | None = None
+    spread: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    planned_method: str = field(init=False)
+    method_rule: str | None = field(init=False)
+    tuner_options: TunerOptions = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_selection(self.top_k, self.param_budget)
+        if self.spread is not None:
+            PlanRule(spread=self.spread)
+        options = dict(self.options or {})
+        method, reason = self.method, None
+        if method == AUTO:
+            if self.param_budget is None:
+                choose_method(None)  # one line: auto needs a budget
+            specific = set(options) - set(TunerOptions.shared_names())
+            if specific:
+                raise InvalidInputError(f"method='auto' chooses the tuner and its density; drop "
+                                        f"{', '.join(sorted(specific))} or name "
+                                        f"{_layer_methods()} instead",
+                                        parameter=("method", *specific))
+            rule = _method_rule(self.param_budget)
+            method, reason = rule.method, rule.reason
+        if not METHODS.get(method).uses_layers:
+            raise InvalidInputError(f"method={method!r} trains a fixed set of parameters; it "
+                                    "has no layers to plan", parameter="method")
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "planned_method", method)
+        object.__setattr__(self, "method_rule", reason)
+        object.__setattr__(self, "tuner_options", method_options(method, options))
 
 
-def _shared_options() -> set[str]:
-    """Options every tuner takes (``weight_decay``, ...), beside the model, task and layers."""
-    return {f.name for f in fields(Tuner) if f.init} - {"model", "task", "layers"}
-
-
-def check_method_options(method: str, options: Mapping[str, Any]) -> None:
-    """Refuses options that ``method``'s tuner does not take (``k`` for SPSFT), and
-    non-finite floats (:func:`~zest.finetune.base.check_finite_options`)."""
-    check_finite_options(options)
-    unknown = set(options) - tuner_parameters(method) - _shared_options()
-    if unknown:
-        known = ", ".join(sorted(tuner_parameters(method))) or "none of its own"
-        raise InvalidInputError(f"--method {method} takes no option "
-                                f"{', '.join(sorted(unknown))}; its options: {known}")
+def check_param_budget(param_budget: float) -> None:
+    """Refuses a ``param_budget`` outside (0, 1] (the one check of a budget)."""
+    if isinstance(param_budget, bool) or not isinstance(param_budget, int | float) \
+            or not 0 < param_budget <= 1:
+        raise InvalidInputError(f"param_budget must be in (0, 1], got {param_budget!r}",
+                                parameter="param_budget")
 
 
 def check_selection(top_k: int | None, param_budget: float | None) -> None:
     """Validates how many layers to choose, before any work: at most one of ``top_k`` (a
     positive integer) and ``param_budget`` (a share in (0, 1])."""
     if top_k is not None and param_budget is not None:
-        raise InvalidInputError("pass either --top-k or --param-budget, not both")
+        raise InvalidInputError("pass either top_k or param_budget, not both",
+                                parameter=("top_k", "param_budget"))
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
-        raise InvalidInputError(f"--top-k must be a positive integer, got {top_k!r}")
-    if param_budget is not None and (isinstance(param_budget, bool)
-                                     or not isinstance(param_budget, int | float)
-                                     or not 0 < param_budget <= 1):
-        raise InvalidInputError(f"--param-budget must be in (0, 1], got {param_budget!r}")
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}",
+                                parameter="top_k")
+    if param_budget is not None:
+        check_param_budget(param_budget)
 
 
 def layer_tuner(method: str) -> type[Tuner]:
@@ -256,8 +293,8 @@ def layer_tuner(method: str) -> type[Tuner]:
     for an unknown name or a method without layers (``full``, ``head``, ``bitfit``)."""
     tuner_class = METHODS.get(method)
     if not tuner_class.uses_layers:
-        raise InvalidInputError(f"--method {method} trains a fixed set of parameters; it has no "
-                                "layers to choose")
+        raise InvalidInputError(f"method={method!r} trains a fixed set of parameters; it has "
+                                "no layers to choose", parameter="method")
     return tuner_class
 
 
@@ -285,17 +322,18 @@ def fill_budget(layers: Sequence[str], params: Sequence[int], allowed: float) ->
     return chosen
 
 
-def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, method: str,
-                  param_budget: float | None = None, *, top_k: int | None = None,
-                  spread: float | None = None, options: Mapping[str, Any] | None = None
-                  ) -> FinetunePlan:
+def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task,
+                  method: str | PlanRequest, param_budget: float | None = None, *,
+                  top_k: int | None = None, spread: float | None = None,
+                  options: Mapping[str, Any] | None = None) -> FinetunePlan:
     """Plans a fine-tuning run over ``ranked_layers`` (best first); see the module docstring.
 
     Args:
         ranked_layers: Candidate layer names, best first (a ranking's ``table["layer"]``).
         model: The model they belong to (read, not changed).
         task: Its task adapter (for the head).
-        method: A registered method that takes layers, or ``auto``.
+        method: A registered method that takes layers, or ``auto``; or a
+            :class:`PlanRequest` (validated already), which then gives every other argument.
         param_budget: Share of the model's parameters to train, head included, in (0, 1].
         top_k: Instead of a budget: this many layers, with the method's own density.
         spread: How many times the budget a sparse plan's layers hold (:class:`PlanRule`);
@@ -306,15 +344,23 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
         A :class:`FinetunePlan`. Neither ``param_budget`` nor ``top_k``: the
         :data:`DEFAULT_TOP_K` best layers at the method's default density.
     """
-    options = dict(options or {})
-    method, method_rule = check_plan_request(method, param_budget, top_k=top_k, spread=spread,
-                                             options=options)
+    if isinstance(method, PlanRequest):
+        if (param_budget, top_k, spread, options) != (None, None, None, None):
+            raise InvalidInputError("a PlanRequest carries the budget, top_k, spread and "
+                                    "options; pass it alone")
+        request = method
+    else:
+        request = PlanRequest(method, param_budget, top_k=top_k, spread=spread,
+                              options=options or {})
+    method, options = request.planned_method, dict(request.options)
+    param_budget, top_k, spread = request.param_budget, request.top_k, request.spread
     rule = spread_rule(method, param_budget) if spread is None else PlanRule(spread)
     tuner_class = METHODS.get(method)
     tunable = tunable_layers(method, model, ranked_layers)
     if not tunable:
-        raise InvalidInputError(f"none of the ranked layers can be tuned by --method {method}; "
-                                "choose another --method or name the layers with --layers")
+        raise InvalidInputError(f"none of the ranked layers can be tuned by method={method!r}; "
+                                "choose another method or name the layers",
+                                parameter="method")
     shapes = {name: LayerShape.of(model.get_submodule(name)) for name in tunable}
     settings = {**tuner_defaults(method), **options}
     head = sum(int(p.numel()) for p in task.head(model).parameters()) if task.tunes_head else 0
@@ -329,43 +375,46 @@ def plan_finetune(ranked_layers: Sequence[str], model: nn.Module, task: Task, me
 
     plan = FinetunePlan(method=method, layers=[], options=options, per_layer={},
                         head_params=head, total_params=total, param_budget=param_budget,
-                        top_k=top_k, method_rule=method_rule)
+                        top_k=top_k, method_rule=request.method_rule)
     if not any(e is not None for e in entries(tunable, settings).values()):
-        raise InvalidInputError(f"none of the layers --method {method} can tune takes "
+        raise InvalidInputError(f"none of the layers method={method!r} can tune takes "
                                 f"{', '.join(f'{k}={v}' for k, v in options.items())}; pass "
-                                "a smaller value")
+                                "a smaller value", parameter=("method", *options))
     if param_budget is None:
         eligible = [n for n, e in entries(tunable, settings).items() if e is not None]
         wanted = top_k or DEFAULT_TOP_K
         if top_k is not None and top_k > len(eligible):
-            raise InvalidInputError(f"--layers top:{top_k} exceeds the {len(eligible)} ranked "
-                                    f"layers --method {method} can tune; pass a smaller K")
+            raise InvalidInputError(f"top_k={top_k} exceeds the {len(eligible)} ranked layers "
+                                    f"method={method!r} can tune; pass a smaller top_k",
+                                    parameter=("top_k", "method"))
         chosen = eligible[:wanted]
     else:
         allowed = param_budget * total - head
         if allowed < 1:
-            raise InvalidInputError(f"--param-budget {param_budget} ({int(param_budget * total)} "
+            raise InvalidInputError(f"param_budget={param_budget} ({int(param_budget * total)} "
                                     f"parameters) does not cover the head alone ({head}); raise "
-                                    f"it above {_rounded_up((head + 1) / total)} or use --method "
-                                    "head")
-        density = next((o for o in tuner_class.density_options if o in options), None)
-        if not tuner_class.density_options or density is not None:
+                                    f"it above {_rounded_up((head + 1) / total)} or use "
+                                    "method='head'", parameter=("param_budget", "method"))
+        density_options = tuner_class.options_class.density_options
+        density = next((o for o in density_options if o in options), None)
+        if not density_options or density is not None:
             chosen = fill(tunable, settings, allowed)  # dense, or the caller's density
         else:
-            knob = tuner_class.density_options[0]
+            knob = density_options[0]
             chosen, settings = _sparse_choice(tunable, shapes, tuner_class, settings, knob,
                                               allowed, rule.spread, fill)
-            for other in tuner_class.density_options[1:]:
+            for other in density_options[1:]:
                 settings[other] = None  # the plan's knob decides (SPSFT: ratio, not r)
             plan.options = {**options, knob: settings[knob]}
             plan.spread, plan.spread_rule = rule.spread, rule.reason or None
         if not chosen:
             cheapest = min(e["trainable"] for e in entries(tunable, settings).values()
                            if e is not None)
-            raise InvalidInputError(f"--param-budget {param_budget} leaves {int(allowed)} "
+            raise InvalidInputError(f"param_budget={param_budget} leaves {int(allowed)} "
                                     f"parameters beside the head, fewer than the smallest layer "
-                                    f"--method {method} can tune ({cheapest}); raise it to at "
-                                    f"least {_rounded_up((head + cheapest) / total)}")
+                                    f"method={method!r} can tune ({cheapest}); raise it to at "
+                                    f"least {_rounded_up((head + cheapest) / total)}",
+                                    parameter=("param_budget", "method"))
     plan.layers = chosen
     plan.per_layer = {name: {"params": shapes[name].params, **entry}
                       for name, entry in entries(chosen, settings).items()}

@@ -55,12 +55,14 @@ def load_predictor(predictor: str | os.PathLike | ZestRanker = "universal") -> Z
         path = shipped_predictor_path(str(predictor))
         if not path.is_file():
             raise InvalidInputError(f"the shipped predictor {predictor!r} is missing from this "
-                                    "installation; reinstall zest or pass --predictor FILE")
+                                    "installation; reinstall zest or pass predictor= a JSON "
+                                    "file", parameter="predictor")
         return ZestRanker.load(path)
     path = Path(predictor)
     if not path.exists():
-        raise InvalidInputError(f"unknown predictor {str(predictor)!r}: neither a shipped one "
-                                f"({', '.join(SHIPPED_PREDICTORS)}) nor an existing file")
+        raise InvalidInputError(f"unknown predictor={str(predictor)!r}: neither a shipped one "
+                                f"({', '.join(SHIPPED_PREDICTORS)}) nor an existing file",
+                                parameter="predictor")
     return ZestRanker.load(path)
 
 
@@ -106,9 +108,9 @@ class Ranking:
         source = self if method is None else self.for_method(method)
         if k > len(source.table):
             which = ("candidate layers" if method is None else
-                     f"ranked layers --method {method} can tune")
-            raise InvalidInputError(f"--top-k {k} exceeds the {len(source.table)} {which}; pass "
-                                    "a smaller k")
+                     f"ranked layers method={method!r} can tune")
+            raise InvalidInputError(f"k={k} exceeds the {len(source.table)} {which}; pass "
+                                    "a smaller k", parameter=("k", "method"))
         return source.table["layer"].head(k).tolist()
 
     def default_choice(self, method: str | None = None) -> list[str]:
@@ -128,10 +130,11 @@ class Ranking:
         chosen = fill_budget(source.table["layer"], source.table["params"], allowed)
         if not chosen:
             smallest = int(source.table["params"].min())
-            which = "" if method is None else f" --method {method} can tune"
-            raise InvalidInputError(f"--param-budget {param_budget} ({int(allowed)} parameters) "
+            which = "" if method is None else f" method={method!r} can tune"
+            raise InvalidInputError(f"param_budget={param_budget} ({int(allowed)} parameters) "
                                     f"is smaller than the smallest layer{which} ({smallest}); "
-                                    f"raise it to at least {smallest / self.total_params:.2g}")
+                                    f"raise it to at least {smallest / self.total_params:.2g}",
+                                    parameter=("param_budget", "method"))
         return chosen
 
     def for_method(self, method: str) -> Ranking:
@@ -140,18 +143,19 @@ class Ranking:
         parameter total for budgets."""
         layer_tuner(method)  # an unknown name or a method without layers: one line
         if method not in self.table.columns:
-            raise InvalidInputError(f"this ranking does not record which layers --method "
-                                    f"{method} can tune (it was made before the method was "
-                                    "registered, or by hand); rank the model again with "
-                                    "zest.rank")
+            raise InvalidInputError(f"this ranking does not record which layers "
+                                    f"method={method!r} can tune (it was made before that tuner "
+                                    "was registered, or by hand); rank the model again with "
+                                    "zest.rank", parameter="method")
         table = self.table[self.table[method].astype(bool)].reset_index(drop=True)
         if table.empty:
             blocks = "type" in self.table.columns and bool((self.table["type"] == "block").all())
-            raise InvalidInputError(f"none of the ranked layers can be tuned by --method {method}"
+            raise InvalidInputError(f"none of the ranked layers can be tuned by "
+                                    f"method={method!r}"
                                     + (" (a tuner takes layers, not blocks: rank with "
-                                       "--granularity module)" if blocks else "")
-                                    + "; choose another --method or name the layers with "
-                                    "--layers")
+                                       "granularity='module')" if blocks else "")
+                                    + "; choose another method or name the layers",
+                                    parameter=("method", "granularity"))
         table["rank"] = range(1, len(table) + 1)
         return replace(self, table=table)
 
@@ -285,7 +289,8 @@ def rank(model: nn.Module, task: Task | Batch | Sequence[Batch],
         task = infer_task(model, batch_list[0], head=head)
     if by is not None:
         if by not in METRICS:
-            raise UnknownNameError(unknown_name_message("metric for --by", by, METRICS.names()))
+            raise UnknownNameError(unknown_name_message("metric for by", by, METRICS.names()),
+                                   parameter="by")
         ranker, names, label = None, [by], f"metric:{by}"
         trained_loss = "supcon"
     else:

@@ -1,23 +1,24 @@
 """Baselines with the tuner interface (ARCHITECTURE.md §3a): full, head, bitfit, layers (LoRA is in
-:mod:`zest.finetune.lora`)."""
+:mod:`zest.finetune.lora`); their options are the shared ones, the tuners' default
+``options_class`` (:class:`~zest.finetune.options.DenseOptions`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import ClassVar
 
 from zest.errors import InvalidInputError
-from zest.finetune.base import Tuner, register_tuner
+from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.registry import register_tuner
 from zest.models import Batch
 
 
 @register_tuner
-@dataclass
 class Full(Tuner):
     """Dense fine-tuning of every parameter."""
 
-    method: str = field(default="full", init=False)
-    uses_layers: bool = field(default=False, init=False)
+    method: ClassVar[str] = "full"
+    uses_layers: ClassVar[bool] = False
 
     def _prepare(self, batches: list[Batch]) -> None:
         for p in self.model.parameters():
@@ -30,18 +31,18 @@ class Full(Tuner):
 
 
 @register_tuner
-@dataclass
 class Head(Tuner):
     """Only the (fresh) classification head."""
 
-    method: str = field(default="head", init=False)
-    uses_layers: bool = field(default=False, init=False)
+    method: ClassVar[str] = "head"
+    uses_layers: ClassVar[bool] = False
 
     def _check_layers(self) -> None:
         if not self.task.tunes_head:
-            raise InvalidInputError("--method head trains a fresh classification head, and a "
-                                    "causal-LM task keeps its pretrained LM head; use --method "
-                                    "layers, gps, spsft or lora")
+            raise InvalidInputError("method='head' trains a fresh classification head, and a "
+                                    "causal-LM task keeps its pretrained LM head; train with "
+                                    "'layers', 'gps', 'spsft' or 'lora' instead",
+                                    parameter="method")
 
     def _prepare(self, batches: list[Batch]) -> None:
         self._freeze_all()
@@ -53,12 +54,11 @@ class Head(Tuner):
 
 
 @register_tuner
-@dataclass
 class BitFit(Tuner):
     """Every bias plus the head (Ben Zaken et al. 2022)."""
 
-    method: str = field(default="bitfit", init=False)
-    uses_layers: bool = field(default=False, init=False)
+    method: ClassVar[str] = "bitfit"
+    uses_layers: ClassVar[bool] = False
 
     def _prepare(self, batches: list[Batch]) -> None:
         self._freeze_all()
@@ -73,11 +73,10 @@ class BitFit(Tuner):
 
 
 @register_tuner
-@dataclass
 class Layers(Tuner):
     """The chosen layers trained densely (weight and bias), plus the head."""
 
-    method: str = field(default="layers", init=False)
+    method: ClassVar[str] = "layers"
 
     def _allows_any_module(self) -> bool:
         return True

@@ -254,8 +254,8 @@ def _apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
         raise InvalidInputError(f"this delta does not record its base ({missing} is missing "
                                 "from its sidecar), so it cannot be checked against this "
                                 "model; export it again with this zest, or pass "
-                                "--no-check-base (check_base=False) for a base you know is "
-                                "the one it was trained on")
+                                "check_base=False for a base you know is the one it was "
+                                "trained on", parameter="check_base")
     if model_spec is not None and expected is not None and model_spec != expected:
         raise InvalidInputError(f"this delta was trained on model {expected!r}, not "
                                 f"{model_spec!r}; apply it to a fresh {expected!r}")
@@ -286,7 +286,8 @@ def _apply_delta(model: nn.Module, delta: Delta | str | os.PathLike, *,
             raise InvalidInputError(
                 f"this delta was trained on another base (weights fingerprint {fingerprint}, "
                 f"this model's is {found}); load the base it was trained on ({expected!r}"
-                f"{f', --seed {seed}' if seed is not None else ''}, the same --checkpoint)")
+                f"{f', seed={seed}' if seed is not None else ''}, the same checkpoint)",
+                parameter=("seed", "checkpoint"))
     updates: list[tuple[torch.Tensor, torch.Tensor]] = []
     for target, entry in planned:
         base = target.detach().cpu()

@@ -20,7 +20,6 @@ implementation (a full-size gradient masked by a hook, dense optimizer state) is
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -29,8 +28,10 @@ from torch.nn.utils import parametrize
 
 from zest.errors import InvalidInputError
 from zest.families import gps_keeps_frozen
-from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
+from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.options import GPSOptions
+from zest.finetune.registry import LayerShape, method_aware_choice, register_tuner
 from zest.finetune.sparse import (
     SparseUpdate,
     attach_sparse_update,
@@ -98,24 +99,12 @@ def _attach_values(module: nn.Module, indices: torch.Tensor, transposed: bool) -
 
 
 @register_tuner
-@dataclass
 class GPS(Tuner):
-    """GPS on the chosen layers (ZEST) or on every layer (``layers="all"``, the paper's default).
+    """GPS on the chosen layers (ZEST) or on every layer (``layers="all"``, the paper's default);
+    its options (``k``, ``selection_batches``, ``implementation``): :class:`GPSOptions`."""
 
-    Args:
-        k: Input connections kept per output neuron (top-K by |gradient|). With
-            ``layers="all"``, neurons with fewer inputs (depthwise convolutions: 9 or 25) keep
-            all of theirs; a layer named explicitly must have at least ``k``.
-        selection_batches: Batches whose supervised-contrastive gradients are accumulated.
-        implementation: ``sparse`` (values at fixed indices) or ``dense_mask`` (reference:
-            dense gradient masked by a hook; only for comparison).
-    """
-
-    k: int = 1
-    selection_batches: int = 8
-    implementation: str = "sparse"
-    method: str = field(default="gps", init=False)
-    density_options: ClassVar[tuple[str, ...]] = ("k",)
+    method: ClassVar[str] = "gps"
+    options_class: ClassVar[type[GPSOptions]] = GPSOptions
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
@@ -139,11 +128,6 @@ class GPS(Tuner):
         return {"trainable": shape.rows * k + shape.bias, "k": k}
 
     def _check_layers(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {self.k!r}")
-        if self.implementation not in ("sparse", "dense_mask"):
-            raise InvalidInputError(f"unknown GPS implementation {self.implementation!r}; use "
-                                    "'sparse' or 'dense_mask'")
         if self.layers == "all":
             self.layer_names = [n for n in self.layer_names
                                 if self.can_tune(n, self.model.get_submodule(n))]
@@ -151,12 +135,14 @@ class GPS(Tuner):
             if not self.can_tune(name, self.model.get_submodule(name)):
                 raise InvalidInputError(f"GPS keeps {name!r} frozen (normalisation layers and "
                                         "position embeddings stay frozen, as in the paper); "
-                                        f"{method_aware_choice('gps')}, or use --method layers")
+                                        f"{method_aware_choice('gps')}, or train it with the "
+                                        "'layers' method")
             module = self.model.get_submodule(name)
             width = neuron_rows(module.weight, output_dim(module)).shape[1]
             if self.k > width and self.layers != "all":
                 raise InvalidInputError(f"k={self.k} is larger than the {width} input connections "
-                                        f"per neuron of {name!r}; use k ≤ {width}")
+                                        f"per neuron of {name!r}; use k ≤ {width}",
+                                        parameter="k")
 
     def selection_batch_count(self) -> int:
         """GPS selects from the gradients of ``selection_batches`` batches."""

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
 from zest.errors import InvalidInputError
-from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
+from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.options import LoRAOptions
+from zest.finetune.registry import LayerShape, method_aware_choice, register_tuner
 from zest.layers import transforms_weight
 from zest.models import Batch
 
@@ -59,24 +60,16 @@ def lora_config(target_modules: Sequence[str], **lora_kwargs: Any):
 
 
 @register_tuner
-@dataclass
 class LoRA(Tuner):
-    """LoRA (Hu et al. 2022) through HF peft on the chosen layers, plus the head.
+    """LoRA (Hu et al. 2022) through HF peft on the chosen layers, plus the head; its options
+    (``rank``, ``alpha``, ``dropout``): :class:`LoRAOptions`.
 
     ``target_modules`` are the chosen modules' full names, so no other module whose name ends
     the same way is wrapped.
-
-    Args:
-        rank: LoRA rank ``r``.
-        alpha: ``lora_alpha`` (scaling = alpha / rank).
-        dropout: ``lora_dropout``.
     """
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    method: str = field(default="lora", init=False)
-    density_options: ClassVar[tuple[str, ...]] = ("rank",)
+    method: ClassVar[str] = "lora"
+    options_class: ClassVar[type[LoRAOptions]] = LoRAOptions
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
@@ -98,19 +91,17 @@ class LoRA(Tuner):
         return {"trainable": rank * (shape.rows + shape.width), "rank": rank}
 
     def _check_layers(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise InvalidInputError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             if isinstance(module, nn.Conv2d) and module.groups > 1:
                 raise InvalidInputError(f"LoRA cannot wrap the grouped convolution {name!r} "
                                         f"(groups={module.groups}); "
-                                        f"{method_aware_choice('lora')}, or use --method gps or "
-                                        "spsft for it")
+                                        f"{method_aware_choice('lora')}, or train it with the "
+                                        "'gps' or 'spsft' method")
             if not lora_can_wrap(module):
                 raise InvalidInputError(f"LoRA cannot wrap {name!r} ({type(module).__name__}); "
-                                        f"{method_aware_choice('lora')}, or use --method spsft "
-                                        "or layers for it")
+                                        f"{method_aware_choice('lora')}, or train it with the "
+                                        "'spsft' or 'layers' method")
 
     def lora_config(self):
         """The ``peft.LoraConfig`` used (built by :func:`lora_config`)."""

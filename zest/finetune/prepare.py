@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from zest.errors import InvalidInputError
-from zest.finetune.base import METHODS, Tuner, prepared_tuner
+from zest.finetune.base import Tuner, prepared_tuner
 from zest.finetune.delta import Delta
+from zest.finetune.registry import METHODS, method_options
 from zest.models import Batch, Task, infer_task
-from zest.planning import FinetunePlan, check_method_options
+from zest.planning import FinetunePlan
 
 
 def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan | None,
@@ -73,8 +74,8 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
     if isinstance(layers_or_plan, FinetunePlan):
         plan = layers_or_plan
         if method is not None and method != plan.method:
-            raise InvalidInputError(f"the plan is for method {plan.method!r}, not {method!r}; "
-                                    "leave method out or plan for it")
+            raise InvalidInputError(f"the plan is for method={plan.method!r}, not {method!r}; "
+                                    "leave method out or plan for it", parameter="method")
         method, layers, options = plan.method, plan.layers, {**plan.options, **options}
     else:
         layers = layers_or_plan
@@ -82,7 +83,7 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
         raise InvalidInputError("pass method= (gps, spsft, lora, layers, ...) or a plan from "
                                 "ranking.finetune_plan(...)")
     tuner_class = METHODS.get(method)
-    check_method_options(method, options)
+    tuner_options = method_options(method, options)
     if task is None:
         first, batches = _peek(batches)
         try:
@@ -91,7 +92,7 @@ def prepare(model: nn.Module, layers_or_plan: Sequence[str] | str | FinetunePlan
             raise InvalidInputError(f"{error}; or pass task= (the Task zest.load_model returns "
                                     "with the model)") from None
     layer_options = {"layers": layers} if tuner_class.uses_layers else {}
-    tuner: Tuner = tuner_class(model, task, **layer_options, **options)
+    tuner: Tuner = tuner_class(model, task, **layer_options, options=tuner_options)
     return tuner.prepare(batches)
 
 

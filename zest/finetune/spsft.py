@@ -18,7 +18,6 @@ the rows and ``W_f`` live in a :class:`RowUpdate` child of the layer (a buffer a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -27,13 +26,14 @@ from torch import nn
 
 from zest.errors import InvalidInputError
 from zest.families import conv_forward
-from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
+from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
+from zest.finetune.options import SPSFTOptions
+from zest.finetune.registry import LayerShape, method_aware_choice, register_tuner
 from zest.finetune.sparse import add_rows
 from zest.layers import neuron_rows, output_dim, transforms_weight
 from zest.models import Batch, preserved_training_state
 
-IMPORTANCES = ("l2", "taylor", "qm_taylor")
 QUANTILES = torch.linspace(0, 1, 11)
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
 #: The child-module name under which a layer keeps its :class:`RowUpdate`.
@@ -109,28 +109,17 @@ def _row_output(module: nn.Module, rows: torch.Tensor, weight_rows: torch.Tensor
                                   use_batch, 0.0, module.eps)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         return normalized[:, rows] * weight_rows.view(shape), 1
-    raise InvalidInputError(f"SPSFT cannot handle {type(module).__name__} layers; use "
-                            "--method gps or layers for them")
+    raise InvalidInputError(f"SPSFT cannot handle {type(module).__name__} layers; train them "
+                            "with the 'gps' or 'layers' method")
 
 
 @register_tuner
-@dataclass
 class SPSFT(Tuner):
-    """SPSFT on the chosen layers.
+    """SPSFT on the chosen layers; its options (``ratio`` or ``r``, ``importance``,
+    ``selection_batches``): :class:`SPSFTOptions`."""
 
-    Args:
-        ratio: Share of each layer's output neurons to tune, in (0, 1].
-        r: Number of neurons per layer (overrides ``ratio``).
-        importance: ``l2``, ``taylor`` or ``qm_taylor``.
-        selection_batches: Batches for the Taylor importances.
-    """
-
-    ratio: float | None = 0.05
-    r: int | None = None
-    importance: str = "taylor"
-    selection_batches: int = 8
-    method: str = field(default="spsft", init=False)
-    density_options: ClassVar[tuple[str, ...]] = ("ratio", "r")
+    method: ClassVar[str] = "spsft"
+    options_class: ClassVar[type[SPSFTOptions]] = SPSFTOptions
 
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
@@ -167,29 +156,22 @@ class SPSFT(Tuner):
         return True  # normalisation layers may be named explicitly (per-row variant)
 
     def _check_layers(self) -> None:
-        if self.importance not in IMPORTANCES:
-            raise InvalidInputError(f"unknown importance {self.importance!r}; use one of "
-                                    f"{', '.join(IMPORTANCES)}")
-        if self.r is None and (self.ratio is None or not 0 < self.ratio <= 1):
-            raise InvalidInputError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if self.r is not None and (not isinstance(self.r, int) or self.r < 1):
-            raise InvalidInputError(f"r must be a positive integer, got {self.r!r}")
         for name in self.layer_names:
             module = self.model.get_submodule(name)
             if transforms_weight(module):
                 raise InvalidInputError(f"SPSFT cannot tune {name!r} ({type(module).__name__}): "
                                         "its forward standardises the weight, so an update "
-                                        "added to its output is not a weight update; use "
-                                        "--method gps or layers")
+                                        "added to its output is not a weight update; train "
+                                        "it with the 'gps' or 'layers' method")
             if not self.can_tune(name, module):
                 raise InvalidInputError(f"SPSFT cannot handle {name!r} ({type(module).__name__}); "
                                         "it tunes Linear (and GPT-2's Conv1D), Conv2d, LayerNorm "
                                         f"and BatchNorm rows — {method_aware_choice('spsft')}, "
-                                        "or use --method gps or layers for this layer")
+                                        "or train this layer with the 'gps' or 'layers' method")
             rows = module.weight.shape[output_dim(module)]
             if self.rows_for(rows) > rows:
                 raise InvalidInputError(f"r={self.r} is larger than the {rows} output neurons of "
-                                        f"{name!r}; use r ≤ {rows} or a ratio")
+                                        f"{name!r}; use r ≤ {rows} or a ratio", parameter="r")
 
     def rows_for(self, out_features: int) -> int:
         """Neurons tuned in a layer with ``out_features`` outputs (:meth:`neuron_count`)."""
@@ -246,7 +228,8 @@ class SPSFT(Tuner):
                 if output.labels is None or output.labels.ndim != 1:
                     raise InvalidInputError("importance='qm_taylor' averages over classes and "
                                             "needs one class label per example; these batches "
-                                            "have token labels, use importance='taylor'")
+                                            "have token labels, use importance='taylor'",
+                                            parameter="importance")
                 present = output.labels.unique().tolist()
                 for i, t in enumerate(present):
                     selected = output.labels == t
