@@ -127,19 +127,19 @@ def test_minilm_embeddings_rank_a_paraphrase_above_an_unrelated_sentence():
 
 def test_in_order_weights_fail_loudly_on_a_mismatch():
     from zest.errors import DataError
-    from zest.models import _load_in_order
+    from zest.models.checkpoints import load_in_order
 
     model, _ = load_model("tiny_cnn", 3)
     state = {f"old.{i}": v.clone() for i, (k, v) in enumerate(model.state_dict().items())
              if not k.startswith("classifier")}
-    _load_in_order(model, state, "test weights", skip=("classifier",))
+    load_in_order(model, state, "test weights", skip=("classifier",))
     first = next(iter(state))
     wrong = dict(state)
     wrong[first] = torch.zeros(1, 2, 3)
     with pytest.raises(DataError, match="old.0 .* does not fit"):
-        _load_in_order(model, wrong, "test weights", skip=("classifier",))
+        load_in_order(model, wrong, "test weights", skip=("classifier",))
     with pytest.raises(DataError, match="tensors but the model expects"):
-        _load_in_order(model, dict(list(state.items())[:-1]), "test weights",
+        load_in_order(model, dict(list(state.items())[:-1]), "test weights",
                        skip=("classifier",))
 
 
@@ -187,7 +187,7 @@ def test_smollm2_is_the_pretrained_decoder_and_classifies_on_the_last_token():
         out = lm.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
     model, task = load_model("smollm2", 4)
-    assert task.family == "llama" and task.pooling == "last" and task.head_name == "score"
+    assert task.architecture == "llama" and task.pooling == "last" and task.head_name == "score"
     assert task.tokenizer.padding_side == "right"
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("score")) \
         == 134_515_008

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from zest.architectures import LAYER_KINDS, layer_kind
 from zest.errors import InvalidInputError, RecordError
-from zest.families import LAYER_KINDS, layer_kind
 from zest.lightgbm_model import check_lightgbm_model
 from zest.outputs import check_output_file
 from zest.records import METRIC_PREFIX

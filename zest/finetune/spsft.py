@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zest.architectures import conv_forward
 from zest.errors import InvalidInputError
-from zest.families import conv_forward
 from zest.finetune.base import LayerShape, Tuner, method_aware_choice, register_tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.sparse import add_rows
