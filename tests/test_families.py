@@ -95,7 +95,8 @@ def test_every_architecture_is_recognised_on_a_tiny_model_of_it(name, hf_root):
 def _check_plan(model: nn.Module, task, batch, architecture: Architecture,
                 has_plan: bool | None = None) -> StagePlan | None:
     plan = stage_plan(model, task, batch)
-    assert (plan is not None) == (architecture.stage_plan is not None if has_plan is None else has_plan)
+    expected = architecture.stage_plan is not None if has_plan is None else has_plan
+    assert (plan is not None) == expected
     if plan is not None:
         layers = candidate_layers(model, task.head_name)
         assert [layer.name for layer in layers if plan.stage_of(layer.name) is None] == []
@@ -223,7 +224,8 @@ def toy_architecture():
         unregister_architecture(architecture.name)
 
 
-def test_a_new_architecture_is_one_register_call_that_loading_and_the_plan_lookup_use(toy_architecture):
+def test_a_new_architecture_is_one_register_call_that_loading_and_the_plan_lookup_use(
+        toy_architecture):
     before = load_model("timm:test_convnext", 3, image_size=32)[1]
     assert before.architecture == "generic"
     register_architecture(toy_architecture)

@@ -159,7 +159,8 @@ def test_a_timm_classifier_ranks_on_the_images_it_takes():
     std = torch.tensor(task.std).view(1, -1, 1, 1)
     inferred = zest.rank(model, ((x - mean) / std, y))  # the user's batch is normalised already
     assert inferred.task.spec == "timm:test_resnet" and inferred.task.num_classes == 3
-    assert inferred.task.head_name == task.head_name and inferred.task.architecture == task.architecture
+    assert inferred.task.head_name == task.head_name
+    assert inferred.task.architecture == task.architecture
     torch.testing.assert_close(torch.tensor(_scores(inferred).to_numpy()),
                                torch.tensor(_scores(zest.rank(model, task, (x, y))).to_numpy()),
                                rtol=1e-3, atol=1e-3)
