@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,16 @@ import torch.nn.functional as F
 from tests.conftest import TINY_MODELS, batch_for
 from zest.errors import InvalidInputError, UnknownNameError
 from zest.layers import candidate_layers
-from zest.models import MODELS, known_models, load_model
+from zest.models import (
+    MODELS,
+    SCHEMES,
+    absolute_spec,
+    check_model_spec,
+    known_models,
+    load_model,
+    model_family,
+    scheme_of,
+)
 
 
 @pytest.mark.parametrize("spec", TINY_MODELS)
@@ -84,6 +95,44 @@ def test_hf_directory_model(tmp_path):
 def test_known_models_lists_prefixes():
     assert {"minilm", "efficientnet_lite0", "efficientnet_lite2"} <= set(MODELS.names())
     assert "timm:<arch>" in known_models()
+
+
+#: For every spec scheme (``""``: the packaged names): a good spec, its name, its model family,
+#: and a bad spec with a word its one-line error must hold. A new scheme adds its row here.
+SCHEME_EXAMPLES = {
+    "": ("tiny_resnet", "tiny_resnet", "resnet", "tiny_resnett", "did you mean 'tiny_resnet'"),
+    "timm": ("timm:tf_efficientnet_b0", "tf_efficientnet_b0", "efficientnet", "timm:",
+             "lacks its name"),
+    "tv": ("tv:mobilenet_v3_small", "mobilenet_v3_small", "mobilenet", "tv:", "lacks its name"),
+    "hf": ("hf:no/such/folder", "no/such/folder", "hf", "hf:", "lacks its name"),
+}
+
+
+def test_every_spec_scheme_has_an_example():
+    assert set(SCHEME_EXAMPLES) == {"", *SCHEMES.names()}
+
+
+@pytest.mark.parametrize("prefix", list(SCHEME_EXAMPLES))
+def test_a_spec_scheme_parses_and_checks_its_specs(prefix):
+    good, name, family, bad, message = SCHEME_EXAMPLES[prefix]
+    scheme = scheme_of(good)
+    assert scheme.prefix == prefix and scheme_of(bad) is scheme
+    assert scheme.parse(good) == name and check_model_spec(good) == good
+    assert model_family(good) == family
+    with pytest.raises((InvalidInputError, UnknownNameError)) as info:
+        check_model_spec(bad)
+    assert message in str(info.value) and repr(bad) in str(info.value)
+    assert "\n" not in str(info.value)
+    if scheme.local_path:  # a folder is made absolute for workers in another folder
+        assert absolute_spec(good) == scheme.spec_of(str(Path(name).resolve()))
+    else:
+        assert absolute_spec(good) == good
+
+
+def test_a_spec_of_an_unknown_prefix_is_an_unknown_model():
+    assert scheme_of("nope:x") is scheme_of("tiny_cnn")
+    with pytest.raises(UnknownNameError, match="unknown model 'nope:x'"):
+        check_model_spec("nope:x")
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ and re-pads cached states; the plans of the built-in architectures are in
 :mod:`~zest.stages.vision`, :mod:`~zest.stages.encoders` and :mod:`~zest.stages.decoders`.
 """
 
+from zest.stages.decoders import DecoderLayout
 from zest.stages.plan import PlanBuilder, StageFunction, StagePlan, State
 from zest.stages.states import TOKEN_KEYS, pad_tokens, slice_state, trim_padding
 from zest.stages.verify import stage_plan
 
-__all__ = ["PlanBuilder", "StageFunction", "StagePlan", "State", "TOKEN_KEYS", "pad_tokens",
+__all__ = ["DecoderLayout", "PlanBuilder", "StageFunction", "StagePlan", "State", "TOKEN_KEYS", "pad_tokens",
            "slice_state", "stage_plan", "trim_padding"]
