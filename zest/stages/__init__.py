@@ -14,5 +14,5 @@ from zest.stages.plan import PlanBuilder, StageFunction, StagePlan, State
 from zest.stages.states import TOKEN_KEYS, pad_tokens, slice_state, trim_padding
 from zest.stages.verify import stage_plan
 
-__all__ = ["DecoderLayout", "PlanBuilder", "StageFunction", "StagePlan", "State", "TOKEN_KEYS", "pad_tokens",
-           "slice_state", "stage_plan", "trim_padding"]
+__all__ = ["DecoderLayout", "PlanBuilder", "StageFunction", "StagePlan", "State", "TOKEN_KEYS",
+           "pad_tokens", "slice_state", "stage_plan", "trim_padding"]
