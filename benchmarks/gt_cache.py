@@ -133,7 +133,7 @@ def measure(name: str, case: Case, model: str, steps: int, every: int) -> dict:
             cpu[cached] = time.process_time() - start_cpu
     a = frames[True].sort_values("layer").reset_index(drop=True)
     b = frames[False].sort_values("layer").reset_index(drop=True)
-    return {"model": name, "family": task.family, "weights": case.weights,
+    return {"model": name, "family": task.architecture, "weights": case.weights,
             **({"shape": case.shape} if case.shape else {}),
             "parameters": sum(p.numel() for p in net.parameters()),
             "dataset": dataset, "layers": len(layers), "steps": steps,

@@ -17,7 +17,7 @@ import torch
 
 import zest
 from tests.conftest import TINY_MODELS
-from zest.families import family_named
+from zest.architectures import architecture_named
 from zest.finetune import GPS, SPSFT, LoRA, apply_delta, lora_can_wrap
 from zest.groundtruth import GroundTruthConfig, collect_groundtruth
 from zest.layers import output_dim, transforms_weight
@@ -134,7 +134,7 @@ def check_architecture(spec: str, dataset: str, options: DataOptions, tmp_path) 
                                    atol=1e-4, rtol=1e-4)
     # ... and the cached job did use the cache wherever the family declares a stage plan (its
     # plan reproduced the model's forward and cut at the top layer), so the equality is tested
-    has_plan = family_named(task.family).plan is not None
+    has_plan = architecture_named(task.architecture).stage_plan is not None
     assert frames[0]["gt_cached"].tolist() == [has_plan] * len(frames[0])
     assert not frames[1]["gt_cached"].any()
     for method, tuner_class, kwargs in (("gps", GPS, {"k": 2}), ("spsft", SPSFT, {"ratio": 0.5}),

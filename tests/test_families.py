@@ -1,4 +1,5 @@
-"""The registry of architecture families (zest/families.py, ARCHITECTURE.md §6)."""
+"""The registry of architectures (zest/architectures/, ARCHITECTURE.md §6) and their stage
+plans (zest/stages/)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,29 @@ from torch import nn
 
 from tests.conftest import batch_for
 from tests.test_conformance import _hf_spec
-from zest import families
-from zest.families import (
-    FAMILIES,
+from zest.architectures import (
+    ARCHITECTURES,
     GENERIC,
-    Family,
-    FamilyFallbackWarning,
+    Architecture,
+    ArchitectureFallbackWarning,
     ModuleType,
-    StagePlan,
-    family_for,
-    family_named,
+    architecture_for,
+    architecture_named,
+    base,
+    conv_forward,
     gps_keeps_frozen,
     layer_kind,
-    register_family,
+    register_architecture,
     timm_head,
-    unregister_family,
+    unregister_architecture,
 )
 from zest.layers import candidate_layers, output_dim, transforms_weight
 from zest.models import load_model, model_family
-from zest.stages import slice_state, stage_plan, trim_padding
+from zest.stages import StagePlan, slice_state, stage_plan, trim_padding
 
-#: A tiny model of every built-in family: (spec, task kind); ``hf:`` names a transformers
-#: model type built by tests/test_conformance.py. A new family adds its tiny model here.
-TINY_OF_FAMILY = {
+#: A tiny model of every built-in architecture: (spec, task kind); ``hf:`` names a transformers
+#: model type built by tests/test_conformance.py. A new architecture adds its tiny model here.
+TINY_OF_ARCHITECTURE = {
     "timm_efficientnet": ("tiny_cnn", "classification"),
     "timm_resnet": ("tiny_resnet", "classification"),
     "timm_vit": ("tiny_vit", "classification"),
@@ -62,39 +63,40 @@ def _load(spec: str, hf_root, kind: str = "classification"):
     if spec.startswith("hf:"):
         spec = _hf_spec(hf_root, spec[3:])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FamilyFallbackWarning)
+        warnings.simplefilter("ignore", ArchitectureFallbackWarning)
         model, task = load_model(spec, 3, seed=0, image_size=32, kind=kind)
     return spec, model, task
 
 
-def test_every_family_has_a_tiny_model_in_this_test():
-    assert set(TINY_OF_FAMILY) == set(FAMILIES.names())
+def test_every_architecture_has_a_tiny_model_in_this_test():
+    assert set(TINY_OF_ARCHITECTURE) == set(ARCHITECTURES.names())
 
 
-@pytest.mark.parametrize("name", list(TINY_OF_FAMILY))
-def test_every_family_is_recognised_on_a_tiny_model_of_it(name, hf_root):
-    spec, kind = TINY_OF_FAMILY[name]
+@pytest.mark.parametrize("name", list(TINY_OF_ARCHITECTURE))
+def test_every_architecture_is_recognised_on_a_tiny_model_of_it(name, hf_root):
+    spec, kind = TINY_OF_ARCHITECTURE[name]
     spec, model, task = _load(spec, hf_root)
-    family = FAMILIES.get(name)
-    assert task.family == name
-    assert task.head_name == family.head(model, "classification")
-    if family.pooling is not None:
-        assert task.pooling == family.pooling
+    architecture = ARCHITECTURES.get(name)
+    assert task.architecture == name
+    assert task.head_name == architecture.head(model, "classification")
+    if architecture.pooling is not None:
+        assert task.pooling == architecture.pooling
     # its plan, when it has one, reproduces the model's own forward and runs every candidate
     batch = batch_for(task)
-    _check_plan(model, task, batch, family)
+    _check_plan(model, task, batch, architecture)
     if kind != "classification":
         _spec, model, task = _load(spec, hf_root, kind=kind)
         batch = batch_for(task)
         batch.pop("labels")
-        assert task.family == name and task.head_name == family.head(model, kind)
-        _check_plan(model, task, batch, family)
+        assert task.architecture == name and task.head_name == architecture.head(model, kind)
+        _check_plan(model, task, batch, architecture)
 
 
-def _check_plan(model: nn.Module, task, batch, family: Family,
+def _check_plan(model: nn.Module, task, batch, architecture: Architecture,
                 has_plan: bool | None = None) -> StagePlan | None:
     plan = stage_plan(model, task, batch)
-    assert (plan is not None) == (family.plan is not None if has_plan is None else has_plan)
+    expected = architecture.stage_plan is not None if has_plan is None else has_plan
+    assert (plan is not None) == expected
     if plan is not None:
         layers = candidate_layers(model, task.head_name)
         assert [layer.name for layer in layers if plan.stage_of(layer.name) is None] == []
@@ -102,7 +104,7 @@ def _check_plan(model: nn.Module, task, batch, family: Family,
 
 
 #: transformers layouts beyond the conformance configurations, each changing which modules a
-#: plan runs: (model type, configuration changes, family, whether it has a plan).
+#: plan runs: (model type, configuration changes, architecture, whether it has a plan).
 PLAN_VARIANTS = {
     "opt_projections_norm_after": ("opt", dict(word_embed_proj_dim=16,
                                                do_layer_norm_before=False), "opt", True),
@@ -125,17 +127,17 @@ PLAN_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(PLAN_VARIANTS))
 def test_a_plan_follows_the_layout_of_the_model(variant, tmp_path):
-    """The family's plan adapts to the modules the configuration builds (or, where it cannot
+    """The architecture's plan adapts to the modules the configuration builds (or, where it cannot
     follow the forward, there is none), and a prefix run on a padded batch, sliced to its short
     texts and trimmed as the ground-truth cache does, continues to the model's own logits from
     every stage."""
     model_type, changes, name, has_plan = PLAN_VARIANTS[variant]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FamilyFallbackWarning)
+        warnings.simplefilter("ignore", ArchitectureFallbackWarning)
         model, task = load_model(_hf_spec(tmp_path, model_type, **changes), 3, seed=0)
-    assert task.family == name
+    assert task.architecture == name
     batch = batch_for(task)
-    plan = _check_plan(model, task, batch, FAMILIES.get(name), has_plan)
+    plan = _check_plan(model, task, batch, ARCHITECTURES.get(name), has_plan)
     if plan is None:
         return
     mask = batch["attention_mask"]
@@ -149,7 +151,7 @@ def test_a_plan_follows_the_layout_of_the_model(variant, tmp_path):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-#: torchvision architectures → whether the torchvision family has a plan for their layout
+#: torchvision architectures → whether the torchvision architecture has a plan for their layout
 TORCHVISION_LAYOUTS = {"mobilenet_v2": True, "mobilenet_v3_small": True, "resnet18": True,
                        "efficientnet_b0": True, "mnasnet0_5": False, "densenet121": False}
 
@@ -157,9 +159,9 @@ TORCHVISION_LAYOUTS = {"mobilenet_v2": True, "mobilenet_v3_small": True, "resnet
 @pytest.mark.parametrize("arch", list(TORCHVISION_LAYOUTS))
 def test_a_torchvision_plan_continues_to_the_logits_from_every_cut(arch):
     model, task = load_model(f"tv:{arch}", 3, image_size=32, seed=0)
-    assert task.family == "torchvision"
+    assert task.architecture == "torchvision"
     batch = batch_for(task)
-    plan = _check_plan(model, task, batch, FAMILIES.get("torchvision"),
+    plan = _check_plan(model, task, batch, ARCHITECTURES.get("torchvision"),
                        TORCHVISION_LAYOUTS[arch])
     if plan is None:
         return
@@ -174,32 +176,32 @@ def test_a_torchvision_plan_continues_to_the_logits_from_every_cut(arch):
 
 @pytest.mark.parametrize("spec", ["tiny_cnn", "tiny_resnet", "tiny_vit", "tiny_bert",
                                   "tiny_llama"])
-def test_a_family_lists_the_model_family_of_its_registered_models(spec):
-    """The two notions meet here: ``Task.family`` names the adapter, whose entry lists the
+def test_an_architecture_lists_the_model_family_of_its_registered_models(spec):
+    """The two notions meet here: ``Task.architecture`` names the adapter, whose entry lists the
     spec-level families (``model_family``, what leave-one-family-out holds out) it adapts."""
     _model, task = load_model(spec, 3)
-    assert model_family(spec) in family_named(task.family).model_families
+    assert model_family(spec) in architecture_named(task.architecture).model_families
 
 
 def test_the_generic_adapter_says_once_which_family_it_fell_back_for(monkeypatch):
-    monkeypatch.setattr(families, "_fallbacks_noted", set())
-    with pytest.warns(FamilyFallbackWarning) as caught:
+    monkeypatch.setattr(base, "_fallbacks_noted", set())
+    with pytest.warns(ArchitectureFallbackWarning) as caught:
         model, task = load_model("timm:test_convnext", 3, image_size=32)
     message = str(caught[0].message)
     assert len(caught) == 1 and model_family("timm:test_convnext") in message
     assert "timm:test_convnext" in message and type(model).__name__ in message
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FamilyFallbackWarning)
+        warnings.simplefilter("error", ArchitectureFallbackWarning)
         load_model("timm:test_convnext", 3, image_size=32)  # said once: no second warning
-    assert task.family == GENERIC.name and task.head_name == timm_head(model)
+    assert task.architecture == GENERIC.name and task.head_name == timm_head(model)
     assert stage_plan(model, task, batch_for(task)) is None  # no prefix cache
 
 
 def test_a_decoder_of_a_known_structure_that_pools_otherwise_is_generic():
     """Pooling is checked against a traced forward, not assumed from the structure."""
     model, _task = load_model("tiny_llama", 3)
-    assert family_for(model, modality="text", pooling="last") is FAMILIES.get("llama")
-    assert family_for(model, modality="text", pooling="first") is GENERIC
+    assert architecture_for(model, modality="text", pooling="last") is ARCHITECTURES.get("llama")
+    assert architecture_for(model, modality="text", pooling="first") is GENERIC
 
 
 def _convnext_plan(model: nn.Module, task) -> StagePlan:
@@ -211,61 +213,60 @@ def _convnext_plan(model: nn.Module, task) -> StagePlan:
 
 
 @pytest.fixture
-def toy_family():
-    family = Family(
+def toy_architecture():
+    architecture = Architecture(
         name="toy_convnext", modality="image",
         recognise=lambda m: all(hasattr(m, a) for a in ("stem", "stages", "norm_pre", "head")),
-        head=timm_head, plan=_convnext_plan, model_families=("test",),
+        head=timm_head, stage_plan=_convnext_plan, model_families=("test",),
         frozen_name_parts=("toy_frozen",), module_types={"ToyMixer": ModuleType("conv")})
-    yield family
-    if family.name in FAMILIES:
-        unregister_family(family.name)
+    yield architecture
+    if architecture.name in ARCHITECTURES:
+        unregister_architecture(architecture.name)
 
 
-def test_a_new_family_is_one_register_call_that_loading_and_the_plan_lookup_use(toy_family):
+def test_a_new_architecture_is_one_register_call_that_loading_and_the_plan_lookup_use(
+        toy_architecture):
     before = load_model("timm:test_convnext", 3, image_size=32)[1]
-    assert before.family == "generic"
-    register_family(toy_family)
+    assert before.architecture == "generic"
+    register_architecture(toy_architecture)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FamilyFallbackWarning)  # no fallback any more
+        warnings.simplefilter("error", ArchitectureFallbackWarning)  # no fallback any more
         model, task = load_model("timm:test_convnext", 3, image_size=32)
-    assert task.family == "toy_convnext"
+    assert task.architecture == "toy_convnext"
     plan = stage_plan(model, task, batch_for(task))
     assert plan is not None and plan.names[0] == "stem"
     layers = candidate_layers(model, task.head_name)
     assert all(plan.stage_of(layer.name) is not None for layer in layers)
     assert gps_keeps_frozen("stages.0.toy_frozen") and layer_kind("ToyMixer") == "conv"
-    unregister_family("toy_convnext")
+    unregister_architecture("toy_convnext")
     assert not gps_keeps_frozen("stages.0.toy_frozen") and layer_kind("ToyMixer") == "other"
-    assert family_for(model, modality="image") is GENERIC
+    assert architecture_for(model, modality="image") is GENERIC
 
 
-def test_a_plan_that_does_not_reproduce_the_forward_is_not_used(toy_family):
+def test_a_plan_that_does_not_reproduce_the_forward_is_not_used(toy_architecture):
     def wrong(model, task):
         plan = _convnext_plan(model, task)
         plan.functions = plan.functions[:-1]  # skips the last stage
         return plan
 
-    register_family(dataclasses.replace(toy_family, plan=wrong))
+    register_architecture(dataclasses.replace(toy_architecture, stage_plan=wrong))
     model, task = load_model("timm:test_convnext", 3, image_size=32)
-    assert task.family == "toy_convnext" and stage_plan(model, task, batch_for(task)) is None
+    assert task.architecture == "toy_convnext" and stage_plan(model, task, batch_for(task)) is None
 
 
 def test_a_module_type_is_declared_once():
     with pytest.raises(ValueError, match="Conv1D"):
-        register_family(Family(name="clash", modality="text", recognise=lambda m: False,
+        register_architecture(Architecture(name="clash", modality="text", recognise=lambda m: False,
                                head=timm_head,
                                module_types={"Conv1D": ModuleType("linear", output_dim=0)}))
-    assert "clash" not in FAMILIES
+    assert "clash" not in ARCHITECTURES
     with pytest.raises(ValueError, match="built-in"):
-        unregister_family("bert")
+        unregister_architecture("bert")
 
 
 def test_module_type_facts():
     from timm.layers import Conv2dSame, StdConv2d
     from transformers.pytorch_utils import Conv1D
-
-    from zest.families import conv_forward
 
     # the layer kinds of every module type in the corpus records stay what the predictor saw
     assert {t: layer_kind(t) for t in ("Linear", "Conv2d", "Conv2dSame", "Embedding")} == {
@@ -282,7 +283,7 @@ def test_module_type_facts():
     assert output_dim(gpt2_conv) == 1
 
 
-def test_gps_keeps_the_frozen_parts_of_every_family():
+def test_gps_keeps_the_frozen_parts_of_every_architecture():
     assert gps_keeps_frozen("bert.embeddings.position_embeddings")
     assert gps_keeps_frozen("pos_embed") and gps_keeps_frozen("blocks.0.norm1")
     assert not gps_keeps_frozen("bert.encoder.layer.0.attention.self.query")

@@ -403,7 +403,7 @@ def test_gpt2_conv1d_layers_tune_by_output_neuron_and_deltas_apply_exactly(
 def test_spsft_on_grouped_convolutions_applies_exactly(tmp_path):
     import timm
 
-    from zest.models import _build_timm
+    from zest.models.timm import build_timm
 
     torch.manual_seed(0)
     spec = "timm:regnetx_002"
@@ -419,7 +419,7 @@ def test_spsft_on_grouped_convolutions_applies_exactly(tmp_path):
     apply_delta(fresh, path, model_spec=spec)
     torch.testing.assert_close(outputs(fresh, fresh_task, data), outputs(model, task, data),
                                atol=1e-5, rtol=1e-5)
-    assert timm is not None and _build_timm is not None
+    assert timm is not None and build_timm is not None
 
 
 def test_auto_layers_are_chosen_among_those_the_method_can_tune(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,16 @@ import torch.nn.functional as F
 from tests.conftest import TINY_MODELS, batch_for
 from zest.errors import InvalidInputError, UnknownNameError
 from zest.layers import candidate_layers
-from zest.models import MODELS, known_models, load_model
+from zest.models import (
+    MODELS,
+    SCHEMES,
+    absolute_spec,
+    check_model_spec,
+    known_models,
+    load_model,
+    model_family,
+    scheme_of,
+)
 
 
 @pytest.mark.parametrize("spec", TINY_MODELS)
@@ -86,6 +97,44 @@ def test_known_models_lists_prefixes():
     assert "timm:<arch>" in known_models()
 
 
+#: For every spec scheme (``""``: the packaged names): a good spec, its name, its model family,
+#: and a bad spec with a word its one-line error must hold. A new scheme adds its row here.
+SCHEME_EXAMPLES = {
+    "": ("tiny_resnet", "tiny_resnet", "resnet", "tiny_resnett", "did you mean 'tiny_resnet'"),
+    "timm": ("timm:tf_efficientnet_b0", "tf_efficientnet_b0", "efficientnet", "timm:",
+             "lacks its name"),
+    "tv": ("tv:mobilenet_v3_small", "mobilenet_v3_small", "mobilenet", "tv:", "lacks its name"),
+    "hf": ("hf:no/such/folder", "no/such/folder", "hf", "hf:", "lacks its name"),
+}
+
+
+def test_every_spec_scheme_has_an_example():
+    assert set(SCHEME_EXAMPLES) == {"", *SCHEMES.names()}
+
+
+@pytest.mark.parametrize("prefix", list(SCHEME_EXAMPLES))
+def test_a_spec_scheme_parses_and_checks_its_specs(prefix):
+    good, name, family, bad, message = SCHEME_EXAMPLES[prefix]
+    scheme = scheme_of(good)
+    assert scheme.prefix == prefix and scheme_of(bad) is scheme
+    assert scheme.parse(good) == name and check_model_spec(good) == good
+    assert model_family(good) == family
+    with pytest.raises((InvalidInputError, UnknownNameError)) as info:
+        check_model_spec(bad)
+    assert message in str(info.value) and repr(bad) in str(info.value)
+    assert "\n" not in str(info.value)
+    if scheme.local_path:  # a folder is made absolute for workers in another folder
+        assert absolute_spec(good) == scheme.spec_of(str(Path(name).resolve()))
+    else:
+        assert absolute_spec(good) == good
+
+
+def test_a_spec_of_an_unknown_prefix_is_an_unknown_model():
+    assert scheme_of("nope:x") is scheme_of("tiny_cnn")
+    with pytest.raises(UnknownNameError, match="unknown model 'nope:x'"):
+        check_model_spec("nope:x")
+
+
 @pytest.mark.slow
 def test_efficientnet_lite0_weights_recognise_a_cat():
     from skimage import data
@@ -127,19 +176,19 @@ def test_minilm_embeddings_rank_a_paraphrase_above_an_unrelated_sentence():
 
 def test_in_order_weights_fail_loudly_on_a_mismatch():
     from zest.errors import DataError
-    from zest.models import _load_in_order
+    from zest.models.checkpoints import load_in_order
 
     model, _ = load_model("tiny_cnn", 3)
     state = {f"old.{i}": v.clone() for i, (k, v) in enumerate(model.state_dict().items())
              if not k.startswith("classifier")}
-    _load_in_order(model, state, "test weights", skip=("classifier",))
+    load_in_order(model, state, "test weights", skip=("classifier",))
     first = next(iter(state))
     wrong = dict(state)
     wrong[first] = torch.zeros(1, 2, 3)
     with pytest.raises(DataError, match="old.0 .* does not fit"):
-        _load_in_order(model, wrong, "test weights", skip=("classifier",))
+        load_in_order(model, wrong, "test weights", skip=("classifier",))
     with pytest.raises(DataError, match="tensors but the model expects"):
-        _load_in_order(model, dict(list(state.items())[:-1]), "test weights",
+        load_in_order(model, dict(list(state.items())[:-1]), "test weights",
                        skip=("classifier",))
 
 
@@ -187,7 +236,7 @@ def test_smollm2_is_the_pretrained_decoder_and_classifies_on_the_last_token():
         out = lm.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
     model, task = load_model("smollm2", 4)
-    assert task.family == "llama" and task.pooling == "last" and task.head_name == "score"
+    assert task.architecture == "llama" and task.pooling == "last" and task.head_name == "score"
     assert task.tokenizer.padding_side == "right"
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("score")) \
         == 134_515_008

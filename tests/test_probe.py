@@ -230,7 +230,7 @@ def test_gradients_formed_by_the_probe_equal_autograd(spec, split):
     if spec == "shared":
         model = _SharedBlockNet()
         task = Task(spec="shared", modality="image", num_classes=3, head_name="head",
-                    family="custom")
+                    architecture="custom")
     else:
         model, task = load_model(spec, 3)
     batch = batch_for(task)

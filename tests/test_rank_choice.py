@@ -119,7 +119,7 @@ def test_an_hf_sequence_classifier_ranks_without_a_task():
     batch = text_batch(task)
     inferred = zest.rank(model, batch)
     assert inferred.task.kind == "classification" and inferred.task.head_name == "classifier"
-    assert inferred.task.num_classes == 3 and inferred.task.family == "bert"
+    assert inferred.task.num_classes == 3 and inferred.task.architecture == "bert"
     torch.testing.assert_close(torch.tensor(_scores(inferred).to_numpy()),
                                torch.tensor(_scores(zest.rank(model, task, batch)).to_numpy()))
 
@@ -159,7 +159,8 @@ def test_a_timm_classifier_ranks_on_the_images_it_takes():
     std = torch.tensor(task.std).view(1, -1, 1, 1)
     inferred = zest.rank(model, ((x - mean) / std, y))  # the user's batch is normalised already
     assert inferred.task.spec == "timm:test_resnet" and inferred.task.num_classes == 3
-    assert inferred.task.head_name == task.head_name and inferred.task.family == task.family
+    assert inferred.task.head_name == task.head_name
+    assert inferred.task.architecture == task.architecture
     torch.testing.assert_close(torch.tensor(_scores(inferred).to_numpy()),
                                torch.tensor(_scores(zest.rank(model, task, (x, y))).to_numpy()),
                                rtol=1e-3, atol=1e-3)
@@ -171,7 +172,7 @@ def test_a_torchvision_classifier_ranks_without_a_task():
     model = torchvision.models.resnet18(num_classes=4)
     ranking = zest.rank(model, image_batch(8, 32, classes=4))
     assert ranking.task.head_name == "fc" and ranking.task.num_classes == 4
-    assert ranking.task.family == "torchvision" and "fc" not in set(ranking.table["layer"])
+    assert ranking.task.architecture == "torchvision" and "fc" not in set(ranking.table["layer"])
     assert set(ranking.top(3, method="lora")) <= set(ranking.table.loc[ranking.table["lora"],
                                                                        "layer"])
 
@@ -189,7 +190,7 @@ class _ConvHead(nn.Module):
         return self.out(self.body(x)).mean(dim=(2, 3))
 
 
-@pytest.mark.filterwarnings("ignore::zest.families.FamilyFallbackWarning")
+@pytest.mark.filterwarnings("ignore::zest.architectures.ArchitectureFallbackWarning")
 def test_a_head_that_cannot_be_found_is_named_with_head():
     model = _ConvHead()
     with pytest.raises(InvalidInputError, match=r"head='<its module name>'") as error:

@@ -159,7 +159,7 @@ def test_a_config_that_is_not_an_object_is_one_line(hf_folder, tmp_path):
 
 def test_the_clean_folder_still_loads(hf_folder):
     model, task = load_model(f"hf:{hf_folder}", 3)
-    assert task.family == "bert" and model.config.num_labels == 3
+    assert task.architecture == "bert" and model.config.num_labels == 3
 
 
 def test_every_transformers_load_refuses_remote_code():

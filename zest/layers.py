@@ -4,7 +4,7 @@ A candidate layer is a module, named by its ``named_modules()`` name, that direc
 of ndim ≥ 2 (Conv, Linear, Embedding, ...). The classification head and everything inside it is
 never a candidate, nor is a module whose weight another candidate holds too (tied weights).
 Layers are identified by name only; ``depth`` (0..1) is the position in module
-order, which is the forward order for the supported families.
+order, which is the forward order for the supported architectures.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from zest.architectures import module_type
 from zest.errors import InvalidInputError, UnknownNameError, closest_names
-from zest.families import module_type
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -61,7 +61,7 @@ def block_of(name: str) -> str:
 def output_dim(module: nn.Module) -> int:
     """The weight dimension that indexes the module's output neurons: 0 for Linear, Conv and
     Embedding, 1 for GPT-2's ``Conv1D`` (a Linear with a transposed ``(in, out)`` weight); the
-    module-type table of :mod:`zest.families` declares it (``ModuleType.output_dim``)."""
+    module-type table of :mod:`zest.architectures` declares it (``ModuleType.output_dim``)."""
     facts = module_type(module)
     return facts.output_dim if facts is not None else 0
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from zest.architectures import LAYER_KINDS, layer_kind
 from zest.errors import InvalidInputError, RecordError
-from zest.families import LAYER_KINDS, layer_kind
 from zest.records import metric_columns
 
 TARGETS = ("gt_loss_gain", "gt_gain")

@@ -28,7 +28,7 @@ from zest.finetune.memory import training_state
 from zest.finetune.options import DenseOptions, TunerOptions
 from zest.finetune.registry import LayerShape, resolve_layer_names
 from zest.fingerprint import model_fingerprint
-from zest.models import Batch, Task
+from zest.models import Batch, Task, requires_grad_flags, restore_requires_grad
 from zest.rates import AUTO_RATE, default_rate
 
 #: The attribute under which a prepared model keeps its :class:`Tuner` (a plain attribute:
@@ -182,13 +182,12 @@ class Tuner(TrainingLoop):
         chosen = self._checked_batches(batches)
         self.base_fingerprint_ = model_fingerprint(self.model, self._fingerprint_head())
         existing = {id(p) for p in self.model.parameters()}
-        self._requires_grad_before = {name: p.requires_grad
-                                      for name, p in self.model.named_parameters()}
+        self._requires_grad_before = requires_grad_flags(self.model)
         with training_state(self.model, self.task):
             self._prepare(chosen)
         if not self.trainable_parameters():
             self._unwrap()
-            self._restore_requires_grad()
+            restore_requires_grad(self.model, self._requires_grad_before)
             raise InvalidInputError(f"{self.method}: nothing to train; choose at least one layer")
         self.trainable_params_ = self.count_trainable()
         # what trains in place (head, biases, dense layers), as it was: unwrap(merge=False)
@@ -262,7 +261,7 @@ class Tuner(TrainingLoop):
                     if entry.kind != "replace" and entry.name not in self._base_values:
                         target = weights[entry.name]
                         target.add_(entry.weight_delta(target.detach().cpu()).to(target.device))
-        self._restore_requires_grad()
+        restore_requires_grad(self.model, self._requires_grad_before)
         delattr(self.model, PREPARED_ATTRIBUTE)
         return self.model
 
@@ -285,15 +284,6 @@ class Tuner(TrainingLoop):
             held = module.__dict__.get("train")
             if isinstance(held, functools.partial) and held.func is _stay_in_eval:
                 del module.train
-
-    def _restore_requires_grad(self) -> None:
-        """``requires_grad`` as :meth:`prepare` found it, by parameter name. Not
-        :func:`zest.models.preserved_training_state`: that is a ``with`` block (this restore
-        comes at a later call, :meth:`unwrap`), it also resets train/eval modes, and the
-        generator it holds could not be copied with a prepared model (``copy.deepcopy``)."""
-        for name, p in self.model.named_parameters():
-            if name in self._requires_grad_before:
-                p.requires_grad_(self._requires_grad_before[name])
 
     def count_trainable(self) -> int:
         """Number of trained values (sparse entries count once each)."""

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from zest.architectures import gps_keeps_frozen
 from zest.errors import InvalidInputError
-from zest.families import gps_keeps_frozen
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.options import GPSOptions
@@ -109,7 +109,7 @@ class GPS(Tuner):
     @classmethod
     def can_tune(cls, name: str, module: nn.Module) -> bool:
         """Not normalisation layers and position embeddings (kept frozen, as in the paper;
-        each family names them: :func:`zest.families.gps_keeps_frozen`)."""
+        each architecture names them: :func:`zest.architectures.gps_keeps_frozen`)."""
         return not gps_keeps_frozen(name)
 
     @classmethod

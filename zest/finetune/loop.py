@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from zest.data import Dataset
 from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.finetune.memory import training_state
+from zest.prediction_scores import PredictionScore
 
 if TYPE_CHECKING:
     from zest.finetune.base import Tuner
@@ -166,19 +167,16 @@ class TrainingLoop:
         """Mean cross-entropy and accuracy on a split (per next token for a causal-LM task)."""
         training = self.model.training
         self.model.eval()
-        total, correct, n = 0.0, 0, 0
+        score = PredictionScore()
         try:
             with torch.no_grad():
                 for batch in data.loader(split, batch_size=batch_size):
                     output = self.task.forward(self.model, batch, self.device_ if hasattr(
                         self, "device_") else None)
-                    logits, targets = self.task.predictions(output)
-                    total += float(F.cross_entropy(logits, targets, reduction="sum"))
-                    correct += int((logits.argmax(1) == targets).sum())
-                    n += targets.shape[0]
+                    score.add(*self.task.predictions(output))
         finally:
             self.model.train(training)
-        return total / max(n, 1), correct / max(n, 1)
+        return score.loss, score.accuracy
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """What training changes: the trained values and the running statistics of the

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zest.architectures import conv_forward
 from zest.errors import InvalidInputError
-from zest.families import conv_forward
 from zest.finetune.base import Tuner
 from zest.finetune.delta import DeltaEntry
 from zest.finetune.options import SPSFTOptions

@@ -26,8 +26,9 @@ generated), :mod:`~zest.groundtruth.jobs` (the jobs still to run for a record fi
 :mod:`~zest.groundtruth.run` (one job), :mod:`~zest.groundtruth.trainer` (the training loop),
 :mod:`~zest.groundtruth.batches` (batches and the seeded batch order),
 :mod:`~zest.groundtruth.executors` (serial, loky, dask), :mod:`~zest.groundtruth.caches` (the
-process-level pair and prefix caches), :mod:`~zest.groundtruth.prefix_cache` (the cached prefix
-outputs) and :mod:`~zest.groundtruth.collection` (the driver, :func:`collect_groundtruth`).
+process-level pair and prefix caches; the cached prefix outputs are
+:class:`zest.stages.PrefixCache`) and :mod:`~zest.groundtruth.collection` (the driver,
+:func:`collect_groundtruth`).
 
 Why the ground truth has its own training loop, beside :class:`zest.finetune.Tuner`'s: the two
 answer different questions, and every difference below is part of what a ground-truth record

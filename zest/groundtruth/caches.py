@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from zest.data import Dataset
-from zest.groundtruth.prefix_cache import PrefixCache
 from zest.loading import DataOptions, load_pair
 from zest.models import Task
+from zest.stages import PrefixCache
 
 
 @dataclass(frozen=True)

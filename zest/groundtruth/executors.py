@@ -17,6 +17,7 @@ from zest.data.files import absolute_dataset_spec
 from zest.errors import InvalidInputError
 from zest.groundtruth.jobs import Job
 from zest.groundtruth.run import run_job
+from zest.models import absolute_spec
 
 #: Seconds without any finished job and without any worker before a dask run gives up.
 DASK_NO_WORKER_SECONDS = 60.0
@@ -64,11 +65,6 @@ def exit_with_driver(driver_pid: int) -> None:
     threading.Thread(target=watch, name="zest-driver-watch", daemon=True).start()
 
 
-def absolute_model_spec(spec: str) -> str:
-    # the lead replaces this with zest.models' scheme registry when merging
-    return f"hf:{Path(spec[3:]).expanduser().resolve()}" if spec.startswith("hf:") else spec
-
-
 def shippable(job: Job) -> Job:
     """The job with its data set, model folder and checkpoint paths made absolute, so that
     workers started in another folder find the files the driver found (the records keep the
@@ -77,7 +73,7 @@ def shippable(job: Job) -> Job:
     task_prefix = LM_PREFIX if pair.dataset.startswith(LM_PREFIX) else ""
     dataset = task_prefix + absolute_dataset_spec(pair.dataset[len(task_prefix):])
     checkpoint = str(Path(pair.checkpoint).expanduser().resolve()) if pair.checkpoint else None
-    return replace(job, pair=replace(pair, model=absolute_model_spec(pair.model),
+    return replace(job, pair=replace(pair, model=absolute_spec(pair.model),
                                      dataset=dataset, checkpoint=checkpoint))
 
 

@@ -20,11 +20,10 @@ from torch import nn
 from zest.data import Dataset
 from zest.groundtruth.batches import batch_of, batch_order, split_inputs
 from zest.groundtruth.caches import PREFIXES
-from zest.groundtruth.prefix_cache import PrefixCache
 from zest.groundtruth.settings import GroundTruthConfig
 from zest.models import Task, TaskOutput, check_finite
 from zest.prediction_scores import PredictionScore
-from zest.stages import StagePlan, State, pad_tokens, slice_state, trim_padding
+from zest.stages import PrefixCache, StagePlan, State, pad_tokens, slice_state, trim_padding
 
 
 class LayerTrainer:

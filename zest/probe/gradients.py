@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from zest.families import conv_forward
+from zest.architectures import conv_forward
 from zest.layers import Layer
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def _first_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: to
 
 def _supports_direct_gradient(module: nn.Module) -> bool:
     """Whether :func:`_direct_weight_gradient` handles the module: Linear, and convolutions
-    whose forward is exactly ``conv2d`` (:func:`zest.families.conv_forward`: Conv2d, and
+    whose forward is exactly ``conv2d`` (:func:`zest.architectures.conv_forward`: Conv2d, and
     timm's dynamic "same" padding ``Conv2dSame``) with numeric padding."""
     if type(module) is nn.Linear:
         return True

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zest.stages import State
+from zest.stages.plan import State
 
 
 @dataclass

