@@ -96,7 +96,8 @@ def check_labels(task: Task, batches: Sequence[Any], metrics: Sequence[str],
                      "(images, labels) pairs or dicts with 'labels'")
     raise InvalidInputError(
         f"batch {unlabelled[0]} has no labels, but {what} them; pass labelled batches "
-        f"({labelled_form}), or rank by a label-free metric (--by / by=): {', '.join(free)}")
+        f"({labelled_form}), or rank with by set to a label-free metric: {', '.join(free)}",
+        parameter="by")
 
 
 def aggregate_blocks(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:

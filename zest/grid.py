@@ -114,12 +114,13 @@ def grid_jobs(path: str | Path, only: Sequence[str] | None = None, n_jobs: int |
         known = {g.key for g in groups} | {g.model for g in groups}
         unknown = [name for name in only if name not in known]
         if unknown:
-            raise InvalidInputError(f"--only {unknown[0]!r} is no group or model of "
-                                    f"{str(path)!r}; known: {', '.join(sorted(known))}")
+            raise InvalidInputError(f"only={unknown[0]!r} is no group or model of "
+                                    f"{str(path)!r}; known: {', '.join(sorted(known))}",
+                                    parameter="only")
         groups = [g for g in groups if g.key in only or g.model in only]
     if n_jobs is not None:
         if n_jobs < 1:
-            raise InvalidInputError(f"--n-jobs must be ≥ 1, got {n_jobs}")
+            raise InvalidInputError(f"n_jobs must be ≥ 1, got {n_jobs}", parameter="n_jobs")
         for group in groups:
             group.settings["n_jobs"] = n_jobs
     for group in groups:

@@ -160,7 +160,7 @@ def stratified_layers(layers: Sequence[Layer], n: int) -> list[Layer]:
     and within a role the layers are evenly spaced in forward order. Deterministic; returned in
     model order."""
     if n < 1:
-        raise InvalidInputError(f"--sample-layers must be ≥ 1, got {n}")
+        raise InvalidInputError(f"layer_sample must be ≥ 1, got {n}", parameter="layer_sample")
     if n >= len(layers):
         return list(layers)
     roles: dict[str, list[Layer]] = {}

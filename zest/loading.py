@@ -70,10 +70,10 @@ def load_pair(model_spec: str, dataset_spec: str, *, options: DataOptions | None
     data = load_dataset(dataset_spec, seed=seed, **arguments)
     n_train = len(data.splits["train"])
     if n_train < 2:
-        cap = f" (--max-train {options.max_train})" if options.max_train else ""
+        cap = f" (max_train={options.max_train})" if options.max_train else ""
         raise InvalidInputError(f"the train split of {dataset_spec!r} has {n_train} example"
                                 f"{'' if n_train == 1 else 's'}{cap}; at least 2 are needed: "
-                                "raise --max-train or add data")
+                                "raise max_train or add data", parameter="max_train")
     model, task = load_model(model_spec, data.num_classes, seed=seed, device=device,
                              checkpoint=checkpoint, image_size=arguments["image_size"],
                              kind=data.task_kind)

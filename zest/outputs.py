@@ -57,81 +57,92 @@ _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gg
 _READ_LIMIT = 256 * 2**20  # larger files are not parsed: "a file zest did not write"
 
 
-def _writable_folder(folder: Path, flag: str, path: Path) -> None:
+def _writable_folder(folder: Path, parameter: str, path: Path) -> None:
     for parent in [folder, *folder.parents]:
         if parent.exists():
             if not parent.is_dir():
-                raise InvalidInputError(f"{flag} {str(path)!r} cannot be written: "
-                                        f"{str(parent)!r} is a file, not a folder")
+                raise InvalidInputError(f"{parameter} {str(path)!r} cannot be written: "
+                                        f"{str(parent)!r} is a file, not a folder",
+                                        parameter=parameter)
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise InvalidInputError(f"{flag} {str(path)!r} cannot be written: "
-                                        f"{str(parent)!r} is not writable")
+                raise InvalidInputError(f"{parameter} {str(path)!r} cannot be written: "
+                                        f"{str(parent)!r} is not writable",
+                                        parameter=parameter)
             return
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out",
+def check_output_file(path: str | os.PathLike, parameter: str = "out",
                       suffixes: Sequence[str] | None = None, kind: str | None = None) -> Path:
     """Validates a file that a command will write: the right suffix, not a folder, its folder
     creatable and writable, the file itself writable when it exists and, with ``kind`` (a key of
     :data:`KINDS`), holding nothing but a file of that kind (:func:`check_replaceable`)."""
     path = Path(path)
     if suffixes and path.suffix not in suffixes:
-        raise InvalidInputError(f"{flag} {str(path)!r} must end in {' or '.join(suffixes)}")
+        raise InvalidInputError(f"{parameter} {str(path)!r} must end in {' or '.join(suffixes)}",
+        parameter=parameter)
     if path.is_dir():
-        raise InvalidInputError(f"{flag} {str(path)!r} is a folder; pass a file path")
-    _writable_folder(path.parent if str(path.parent) else Path("."), flag, path)
+        raise InvalidInputError(f"{parameter} {str(path)!r} is a folder; pass a file path",
+        parameter=parameter)
+    _writable_folder(path.parent if str(path.parent) else Path("."), parameter, path)
     if path.exists() and not os.access(path, os.W_OK):
-        raise InvalidInputError(f"{flag} {str(path)!r} exists and is not writable")
+        raise InvalidInputError(f"{parameter} {str(path)!r} exists and is not writable",
+        parameter=parameter)
     if kind is not None:
-        check_replaceable(path, flag, kind)
+        check_replaceable(path, parameter, kind)
     return path
 
 
-def check_output_dir(path: str | os.PathLike, flag: str = "--out-dir") -> Path:
+def check_output_dir(path: str | os.PathLike, parameter: str = "out_dir") -> Path:
     """Validates a folder that a command will create or fill: not a file, creatable, writable."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"{flag} {str(path)!r} is a file; pass a folder")
-    _writable_folder(path, flag, path)
+        raise InvalidInputError(f"{parameter} {str(path)!r} is a file; pass a folder",
+        parameter=parameter)
+    _writable_folder(path, parameter, path)
     return path
 
 
-def check_replaceable(path: str | os.PathLike, flag: str, kind: str) -> None:
+def check_replaceable(path: str | os.PathLike, parameter: str, kind: str) -> None:
     """Refuses ``path`` when it holds anything but nothing, an empty file or a ``kind`` file:
     zest replaces only what it wrote of the kind the command writes."""
     found = path_kind(path)
     if found in (None, "empty-file", kind):
         return
-    raise InvalidInputError(f"{flag} {str(path)!r} holds {KINDS[found]}, not {KINDS[kind]}; "
+    raise InvalidInputError(f"{parameter} {str(path)!r} holds {KINDS[found]}, not {KINDS[kind]}; "
                             f"zest replaces only a file of the kind it writes: choose another "
-                            f"{flag}")
+                            f"{parameter}",
+                            parameter=parameter)
 
 
-def check_run_folder(path: str | os.PathLike, flag: str = "--out",
+def check_run_folder(path: str | os.PathLike, parameter: str = "out",
                      overwrite: bool = False) -> Path:
     """Validates a run folder that ``zest finetune`` will write (:func:`staged_folder`): a new or
     empty folder whose parent can take a temporary folder beside it, or, with ``overwrite``, an
     existing zest run folder, replaced whole. Anything else (a model folder, a folder with other
     files, a file) is refused."""
-    path = check_output_dir(path, flag)
+    path = check_output_dir(path, parameter)
     if path.name in ("", ".", ".."):
-        raise InvalidInputError(f"{flag} {str(path)!r} names no folder of its own (the run is "
-                                "renamed into place at the end); pass a path like runs/r1")
+        raise InvalidInputError(f"{parameter} {str(path)!r} names no folder of its own (the run is "
+                                "renamed into place at the end); pass a path like runs/r1",
+                                parameter=parameter)
     parent = path.parent if str(path.parent) else Path(".")
-    _writable_folder(parent, flag, path)
+    _writable_folder(parent, parameter, path)
     found = path_kind(path)
     if found in (None, "empty-folder"):
         return path
     if found == "run-folder":
         if overwrite:
             return path
-        raise InvalidInputError(f"{flag} {str(path)!r} is already a zest run folder; pass "
-                                "--overwrite to replace it whole, or choose another " + flag)
+        raise InvalidInputError(f"{parameter} {str(path)!r} is already a zest run folder; "
+                                "pass overwrite=True to replace it whole, or choose another "
+                                + parameter,
+                                parameter=(parameter, "overwrite"))
     others = sorted(p.name for p in path.iterdir() if p.name not in RUN_FILES)[:3]
     listed = f" ({', '.join(others)}{', ...' if len(others) == 3 else ''})" if others else ""
-    raise InvalidInputError(f"{flag} {str(path)!r} holds {KINDS[found]}{listed}; zest writes a "
-                            "run only into a new or empty folder or over its own run folder: "
-                            f"choose another {flag}")
+    raise InvalidInputError(f"{parameter} {str(path)!r} holds {KINDS[found]}{listed}; zest "
+                            "writes a run only into a new or empty folder or over its own run "
+                            f"folder: choose another {parameter}",
+                            parameter=parameter)
 
 
 @contextlib.contextmanager
@@ -198,8 +209,9 @@ def _move_into_place(staging: Path, path: Path, replaces: Collection[str]) -> No
         os.replace(staging, path)  # atomic; an empty folder is replaced by the rename itself
         return
     if found not in replaces:  # changed while the run was training
-        raise InvalidInputError(f"--out {str(path)!r} now holds {KINDS[found]}, written while "
-                                "this one was being made; nothing replaced: choose another --out")
+        raise InvalidInputError(f"out {str(path)!r} now holds {KINDS[found]}, written while "
+                                "this one was being made; nothing replaced: choose another out",
+                                parameter="out")
     aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
     os.rmdir(aside)  # a free name beside path
     os.replace(path, aside)

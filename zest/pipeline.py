@@ -262,8 +262,7 @@ def run_finetune(request: FinetuneRequest | str, dataset: str | None = None,
     elif dataset is not None or out is not None or fields:
         raise InvalidInputError("a FinetuneRequest carries every setting; pass it alone",
                                 parameter="request")
-    with naming("out"):
-        out_dir = check_run_folder(request.out, "out", overwrite=request.overwrite)
+    out_dir = check_run_folder(request.out, "out", overwrite=request.overwrite)
     layers = request.layer_request
     if request.plan_request is not None:
         load_predictor(request.predictor)  # a bad predictor fails before the model is loaded

@@ -118,7 +118,7 @@ class ZestRanker:
 
     # -- features ----------------------------------------------------------------------------
     def _design(self, table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-        require_metric_columns(table, metrics, "collect metrics with --metrics all")
+        require_metric_columns(table, metrics, "collect metrics with metrics='all'")
         normalized = normalize_within_groups(table[list(metrics)].astype(float), table["group"],
                                              self.normalization)
         if self.use_context:

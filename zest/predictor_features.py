@@ -137,11 +137,14 @@ def context_features(table: pd.DataFrame, modality: bool = True, roles: bool = F
     return out
 
 
-def require_metric_columns(table: pd.DataFrame, columns: Sequence[str], fix: str) -> None:
-    """Raises :class:`RecordError` naming the metric columns ``table`` lacks, and ``fix``."""
+def require_metric_columns(table: pd.DataFrame, columns: Sequence[str], fix: str,
+                           parameter: str | Sequence[str] = ()) -> None:
+    """Raises :class:`RecordError` naming the metric columns ``table`` lacks, and ``fix`` (which
+    may name the Python ``parameter`` to change)."""
     missing = sorted(set(columns) - set(table.columns))
     if missing:
-        raise RecordError(f"the records lack the metrics {missing[:8]}; {fix}")
+        raise RecordError(f"the records lack the metrics {missing[:8]}; {fix}",
+                          parameter=parameter)
 
 
 def normalize_within_groups(values: pd.DataFrame, groups: Sequence, method: str) -> pd.DataFrame:

@@ -61,7 +61,7 @@ def check_predictor_out(path: str | os.PathLike) -> Path:
     """Fails early, before any training, when ``path`` cannot take a predictor file: a folder,
     an unwritable place, or an existing file that is not a zest predictor (never replaced;
     :func:`zest.outputs.path_kind`)."""
-    return check_output_file(path, "--out", kind="predictor")
+    return check_output_file(path, "out", kind="predictor")
 
 
 def write_predictor(path: str | os.PathLike, content: dict[str, Any]) -> Path:

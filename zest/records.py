@@ -69,10 +69,10 @@ def check_writable(path: str | os.PathLike, kind: RecordKind | None = None) -> P
     (:func:`zest.outputs.check_output_file`), or (with ``kind``) when it holds anything but a
     record file of that kind (:func:`zest.outputs.path_kind`: nothing of another kind is ever
     replaced); creates its folder."""
-    path = check_output_file(path, "--out")
+    path = check_output_file(path, "out")
     if kind is not None:
         try:
-            check_replaceable(path, "--out", f"{kind}-records")
+            check_replaceable(path, "out", f"{kind}-records")
         except InvalidInputError as exc:
             raise RecordError(str(exc)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,4 +258,4 @@ def check_same_settings(path: str | os.PathLike, settings: Mapping[str, Any] | N
     difference = settings_difference(stamped, settings)
     if difference:
         raise RecordError(f"{str(path)!r} was collected with {difference}; use the same "
-                          "settings to resume, or write to another --out")
+                          "settings to resume, or write to another out", parameter="out")

@@ -48,8 +48,8 @@ def load_corpus(records: str | os.PathLike, min_seeds: int = 1
     records = Path(records)
     for kind in ("metrics", "groundtruth"):
         if not (records / kind).is_dir():
-            raise RecordError(f"{str(records / kind)!r} does not exist; pass --records with the "
-                              "folder that holds metrics/ and groundtruth/")
+            raise RecordError(f"{str(records / kind)!r} does not exist; pass records, the "
+                              "folder that holds metrics/ and groundtruth/", parameter="records")
     metrics = read_records(records / "metrics", "metrics")
     groundtruth = read_records(records / "groundtruth", "groundtruth")
     partial = incomplete_groups(metrics, groundtruth, min_seeds)
@@ -64,7 +64,8 @@ def incomplete_groups(metrics: pd.DataFrame, groundtruth: pd.DataFrame, min_seed
     partial group, and their seed-to-seed noise ceiling would be missing. A group collected on
     a sample of its layers (``gt_layer_sample``) needs only the sampled layers, all of them."""
     if min_seeds < 1:
-        raise InvalidInputError(f"--min-seeds must be at least 1, got {min_seeds}")
+        raise InvalidInputError(f"min_seeds must be at least 1, got {min_seeds}",
+                                parameter="min_seeds")
     seeds = groundtruth.groupby(["group", "layer"])["gt_seed"].nunique()
     sample_sizes = (groundtruth.groupby("group")["gt_layer_sample"].max().dropna()
                     if "gt_layer_sample" in groundtruth else pd.Series(dtype=float))
@@ -150,18 +151,20 @@ def train_predictor(records: str | os.PathLike, out: str | os.PathLike, *,
     check_predictor_out(out)
     features = list(features) if features is not None else predictor_metrics()
     if not features:
-        raise InvalidInputError("--features names no metric; pass comma-separated metric "
-                                "names, or leave it out for every predictor metric")
+        raise InvalidInputError("features names no metric; pass metric names, or leave it "
+                                "out for every predictor metric", parameter="features")
     if target not in TARGETS:
-        raise InvalidInputError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
+        raise InvalidInputError(f"unknown target={target!r}; use one of {', '.join(TARGETS)}",
+                                parameter="target")
     metrics, groundtruth = load_corpus(records, min_seeds)
     if metrics.empty:
         raise RecordError(f"no group under {str(records)!r} has ground truth from {min_seeds} "
-                          "seeds for every layer; finish the collection or lower --min-seeds")
+                          "seeds for every layer; finish the collection or lower min_seeds",
+                          parameter="min_seeds")
     table = join_records(metrics, groundtruth, target)
     metric_cols = [METRIC_PREFIX + name for name in features]
     require_metric_columns(table, metric_cols, "recollect them with `zest collect grid` or "
-                           "pass --features without them")
+                           "pass features without them", parameter="features")
     check_training_groups(table, metric_cols)
     unknown = sorted(set(ranker_params) - set(ZestRanker().get_params()))
     if unknown:
@@ -208,14 +211,14 @@ def check_training_groups(table: pd.DataFrame, metric_cols: Sequence[str]) -> No
     if len(groups) < 2:
         raise RecordError(f"training a predictor needs at least 2 complete groups, the records "
                           f"hold {len(groups)} ({', '.join(map(repr, groups))}); collect more "
-                          "groups or lower --min-seeds")
+                          "groups or lower min_seeds", parameter="min_seeds")
     absent = table[["group", *metric_cols]].groupby("group")[list(metric_cols)].count() == 0
     if absent.to_numpy().any():
         group, column = absent.stack()[absent.stack()].index[0]
         raise RecordError(f"group {group!r} has no values in the metric column {column!r} "
                           "that other groups have (collected with other metrics); recollect "
-                          "it with `zest collect metrics --metrics all` or pass --features "
-                          "without that metric")
+                          "it with `zest collect metrics --metrics all` or pass features "
+                          "without that metric", parameter="features")
 
 
 def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
@@ -224,9 +227,9 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
                        min_seeds: int = 2) -> list[str]:
     """Writes ``report.md``, ``results.json`` and ``<scheme>.png`` to ``out_dir``, holding out
     each complete group (ground truth from at least ``min_seeds`` seeds for every layer)."""
-    out_dir = check_output_dir(out_dir, "--out-dir")
+    out_dir = check_output_dir(out_dir, "out_dir")
     if report is not None:
-        check_output_file(report, "--report", (".md",), kind="report")
+        check_output_file(report, "report", (".md",), kind="report")
     ranker = load_predictor(predictor)
     schemes = list(schemes) or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
@@ -234,7 +237,7 @@ def evaluate_predictor(predictor: str | os.PathLike, records: str | os.PathLike,
         raise InvalidInputError(f"unknown schemes {unknown}; use {', '.join(SCHEMES)}")
     for name, kind in [("report.md", "report"), ("results.json", "evaluation"),
                        *((f"{scheme}.png", "plot") for scheme in schemes)]:
-        check_output_file(out_dir / name, "--out-dir", kind=kind)
+        check_output_file(out_dir / name, "out_dir", kind=kind)
     target = target or getattr(ranker, "info_", {}).get("target", "gt_loss_gain")
     metrics, groundtruth = load_corpus(records, min_seeds)
     params = ranker.get_params()

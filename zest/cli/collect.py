@@ -10,14 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from zest.cli.common import (
-    CheckpointOption,
-    DatasetOption,
-    DeviceOption,
-    GranularityOption,
-    LayersOption,
-    ModelOption,
     QuietOption,
-    SeedOption,
     collect_app,
     comma_names,
     echo_written,
@@ -25,6 +18,7 @@ from zest.cli.common import (
     settings_named,
     user_errors,
     with_data_options,
+    with_pair_options,
     with_settings,
 )
 from zest.collect import MetricsRequest
@@ -35,30 +29,23 @@ from zest.groundtruth.settings import GroundTruthConfig, GroundTruthRequest
 @collect_app.command("metrics")
 @with_data_options()
 @with_settings(MetricsRequest, "request")
+@with_pair_options()
 def collect_metrics_command(
-    model: ModelOption,
-    dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    pair: Any = None,
     request: Any = None,
-    seed: SeedOption = 0,
     options: Any = None,
-    layers: LayersOption = None,
-    granularity: GranularityOption = "module",
-    device: DeviceOption = "cpu",
-    checkpoint: CheckpointOption = None,
-    quiet: QuietOption = False,
 ) -> None:
     """Zero-shot metrics of every candidate layer from one forward and backward pass."""
     from zest.collect import run_metrics
 
     with user_errors():
         with settings_named(option_flags(MetricsRequest, layer_names="--layers")):
-            settings = MetricsRequest(model, dataset, out, seed=seed, options=options,
-                                      granularity=granularity, layer_names=comma_names(layers),
-                                      device=device,
-                                      checkpoint=str(checkpoint) if checkpoint else None,
-                                      **request)
-        with progress_bar("probe", quiet) as progress:
+            settings = MetricsRequest(pair.model, pair.dataset, out, seed=pair.seed,
+                                      options=options, granularity=pair.granularity,
+                                      layer_names=pair.layer_names, device=pair.device,
+                                      checkpoint=pair.checkpoint, **request)
+        with progress_bar("probe", pair.quiet) as progress:
             frame = run_metrics(settings, progress)
         echo_written(out, len(frame), "metric")
 
@@ -67,18 +54,13 @@ def collect_metrics_command(
 @with_data_options()
 @with_settings(GroundTruthConfig, "config")
 @with_settings(GroundTruthRequest, "request")
+@with_pair_options(granularity=False)
 def collect_groundtruth_command(
-    model: ModelOption,
-    dataset: DatasetOption,
     out: Annotated[Path, typer.Option(help="Parquet file; existing rows are kept (resume).")],
+    pair: Any = None,
     config: Any = None,
     request: Any = None,
-    seed: SeedOption = 0,
     options: Any = None,
-    layers: LayersOption = None,
-    device: DeviceOption = "cpu",
-    checkpoint: CheckpointOption = None,
-    quiet: QuietOption = False,
 ) -> None:
     """Fine-tune each candidate layer alone (plus a fresh head) and record its gain."""
     from zest.groundtruth import run_groundtruth
@@ -88,10 +70,10 @@ def collect_groundtruth_command(
     with user_errors():
         with settings_named(flags):
             settings = GroundTruthRequest(
-                model, dataset, out, config=GroundTruthConfig(**config), options=options,
-                layer_names=comma_names(layers), data_seed=seed, device=device,
-                checkpoint=str(checkpoint) if checkpoint else None, **request)
-        with progress_bar("layers", quiet) as progress:
+                pair.model, pair.dataset, out, config=GroundTruthConfig(**config),
+                options=options, layer_names=pair.layer_names, data_seed=pair.seed,
+                device=pair.device, checkpoint=pair.checkpoint, **request)
+        with progress_bar("layers", pair.quiet) as progress:
             frame = run_groundtruth(settings, progress)
         echo_written(out, len(frame), "ground-truth")
 

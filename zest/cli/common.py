@@ -5,10 +5,12 @@ running command's flags (the one place parameters become flags), and progress ba
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -253,3 +255,66 @@ def settings_named(flags: dict[str, str]):
     with naming(*flags):
         yield
 
+
+
+@dataclass(frozen=True)
+class PairArguments:
+    """The options of every command that loads one (model, data set) pair, parsed once
+    (:func:`with_pair_options`): the layer list split, the checkpoint a string."""
+
+    model: str
+    dataset: str
+    seed: int
+    layer_names: list[str] | None
+    device: str
+    checkpoint: str | None
+    quiet: bool
+    granularity: str = "module"
+
+
+#: The pair options, declared once: name → (Typer annotation, default).
+PAIR_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (ModelOption, inspect.Parameter.empty),
+    "dataset": (DatasetOption, inspect.Parameter.empty),
+    "seed": (SeedOption, 0), "layers": (LayersOption, None),
+    "granularity": (GranularityOption, "module"), "device": (DeviceOption, "cpu"),
+    "checkpoint": (CheckpointOption, None), "quiet": (QuietOption, False)}
+
+
+def with_pair_options(granularity: bool = True):
+    """Adds the pair options (:data:`PAIR_OPTIONS`; ``--granularity`` only with
+    ``granularity``) to a command, ``--model`` and ``--dataset`` first and the rest last, and
+    hands the command one ``pair`` argument, a :class:`PairArguments`."""
+    import functools
+    import typing
+
+    names = [name for name in PAIR_OPTIONS if granularity or name != "granularity"]
+
+    def option(name: str) -> inspect.Parameter:
+        annotation, default = PAIR_OPTIONS[name]
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 default=default, annotation=annotation)
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        resolved = typing.get_type_hints(command, include_extras=True)
+        kept = [p.replace(annotation=resolved.get(p.name, p.annotation))
+                for p in signature.parameters.values() if p.name != "pair"]
+        required = [p for p in kept if p.default is inspect.Parameter.empty]
+        parameters = ([option("model"), option("dataset")] + required
+                      + [p for p in kept if p not in required]
+                      + [option(name) for name in names[2:]])
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            checkpoint = values.pop("checkpoint")
+            pair = PairArguments(layer_names=comma_names(values.pop("layers")),
+                                 checkpoint=str(checkpoint) if checkpoint else None, **values)
+            return command(pair=pair, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate

@@ -12,24 +12,22 @@ from zest.cli.common import (
     CheckpointOption,
     DatasetOption,
     DeviceOption,
-    GranularityOption,
-    LayersOption,
     ModelOption,
     QuietOption,
     SeedOption,
     app,
-    comma_names,
     progress_bar,
     user_errors,
     with_data_options,
+    with_pair_options,
 )
 
 
 @app.command("rank")
 @with_data_options(exclude=("max_val",))
+@with_pair_options()
 def rank_command(
-    model: ModelOption,
-    dataset: DatasetOption,
+    pair: Any = None,
     predictor: Annotated[str, typer.Option(help="'universal' or a predictor JSON file.")]
     = "universal",
     by: Annotated[str | None, typer.Option(help="Rank by this single metric instead.")] = None,
@@ -46,13 +44,7 @@ def rank_command(
     method: Annotated[str | None, typer.Option(
         help="Choose only layers this tuning method can tune (gps, spsft, lora, layers); "
              "default: any ranked layer.")] = None,
-    seed: SeedOption = 0,
     options: Any = None,
-    layers: LayersOption = None,
-    granularity: GranularityOption = "module",
-    device: DeviceOption = "cpu",
-    checkpoint: CheckpointOption = None,
-    quiet: QuietOption = False,
 ) -> None:
     """Rank the layers of a model for fine-tuning on a data set, from one minibatch."""
     from zest.errors import InvalidInputError
@@ -72,20 +64,19 @@ def rank_command(
             raise InvalidInputError(f"--format peft lists layers for LoRA; drop --method {method} "
                                     "or use --method lora")
         if out is not None:
-            check_output_file(out, "--out", (".csv", ".json"), kind="ranking")
+            check_output_file(out, "out", (".csv", ".json"), kind="ranking")
         if plot is not None:
-            check_output_file(plot, "--plot", (".png", ".pdf", ".svg"), kind="plot")
+            check_output_file(plot, "plot", (".png", ".pdf", ".svg"), kind="plot")
         if batches < 1:
             raise InvalidInputError(f"--batches must be ≥ 1, got {batches}")
         if by is None:
             load_predictor(predictor)  # fail before loading the model
-        torch_device = resolve_device(device)
-        model_, task, data = load_pair(model, dataset, options=options, seed=seed,
-                                       device=str(torch_device),
-                                       checkpoint=str(checkpoint) if checkpoint else None)
-        minibatches = data.batches("train", batch_size, batches, seed=seed)
-        ranking = rank(model_, task, minibatches, predictor=predictor, by=by,
-                       granularity=granularity, layer_names=comma_names(layers),
+        torch_device = resolve_device(pair.device)
+        model, task, data = load_pair(pair.model, pair.dataset, options=options, seed=pair.seed,
+                                      device=str(torch_device), checkpoint=pair.checkpoint)
+        minibatches = data.batches("train", batch_size, batches, seed=pair.seed)
+        ranking = rank(model, task, minibatches, predictor=predictor, by=by,
+                       granularity=pair.granularity, layer_names=pair.layer_names,
                        device=torch_device)
         # --format peft chooses among the layers LoRA can wrap, as Ranking.to_lora_config does
         chooser = "lora" if output_format == "peft" else method
@@ -317,7 +308,7 @@ def apply_delta_command(
         if out.resolve() in (delta.resolve(), sidecar_path(delta).resolve()):
             raise InvalidInputError(f"--out {str(out)!r} is the delta itself; write the merged "
                                     "weights to another --out")
-        check_output_file(out, "--out", (".safetensors",), kind="merged-weights")
+        check_output_file(out, "out", (".safetensors",), kind="merged-weights")
         loaded = Delta.load(delta)
         num_classes = int(loaded.meta.get("num_classes") or 2)
         base, _task = load_model(model, num_classes, seed=seed,

@@ -78,18 +78,18 @@ def _table(spec: str, df: pd.DataFrame, path: Path, text_column: str, label_colu
     cols = [str(c) for c in df.columns]
     if not labels_required and label_column not in df.columns:
         df = df.assign(**{label_column: "text"})
-    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+    for col, name in ((text_column, "text_column"), (label_column, "label_column")):
         if col not in df.columns:
             raise DataError(
                 f"{path} has no column {col!r}; available columns: {', '.join(cols)}; "
-                f"set {flag} to one of them"
+                f"set {name} to one of them", parameter=name
             )
     compound = df[label_column].map(lambda value: not pd.api.types.is_scalar(value))
     if compound.any():
         value = df[label_column][compound].iloc[0]
         raise DataError(f"{path}: column {label_column!r} holds {type(value).__name__} values "
                         f"such as {str(value)[:40]!r}; labels must be one string or integer "
-                        "per row: set --label-column to such a column")
+                        "per row: set label_column to such a column", parameter="label_column")
     sub = df[[text_column, label_column]]
     sub = sub[sub[label_column].notna() & sub[text_column].notna()]
     texts = tuple(sub[text_column].astype(str).tolist())

@@ -71,15 +71,16 @@ def check_data_args(*, image_size: int | None = None, max_length: int = 128,
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
     if image_size is not None and not (integer(image_size) and image_size >= 8):
-        raise InvalidInputError(f"--image-size must be an integer of at least 8, got "
-                                f"{image_size!r}; omit it for the model's default")
+        raise InvalidInputError(f"image_size must be an integer of at least 8, got "
+                                f"{image_size!r}; omit it for the model's default",
+                                parameter="image_size")
     if not (integer(max_length) and max_length >= 8):
-        raise InvalidInputError(f"--max-length must be an integer of at least 8, got "
-                                f"{max_length!r}")
+        raise InvalidInputError(f"max_length must be an integer of at least 8, got "
+                                f"{max_length!r}", parameter="max_length")
     for split, cap in (caps or {}).items():
         if cap is not None and not (integer(cap) and cap >= 1):
-            raise InvalidInputError(f"--max-{split} must be a positive integer, got {cap!r}; "
-                                    "omit it to keep the whole split")
+            raise InvalidInputError(f"max_{split} must be a positive integer, got {cap!r}; "
+                                    "omit it to keep the whole split", parameter=f"max_{split}")
     fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction}
     for name, fraction in fractions.items():
         if fraction is not None and (isinstance(fraction, bool)
@@ -241,7 +242,8 @@ def load_dataset(
         shown = ", ".join(class_names) or "none"
         raise DataError(
             f"data set {spec} has {k} class{'' if k == 1 else 'es'} ({shown}); at least 2 are "
-            "needed; set --label-column to the column holding the classes, or add data"
+            "needed; set label_column to the column holding the classes, or add data",
+            parameter="label_column"
         )
 
     y_all = ids[0]

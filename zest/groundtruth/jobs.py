@@ -75,8 +75,8 @@ def list_jobs(request: GroundTruthRequest) -> GroundTruthJobs:
     n_val = len(data.splits["val"])
     if n_val < MIN_VAL_EXAMPLES:
         raise DataError(f"data set {request.dataset!r} has only {n_val} validation examples (at "
-                        f"least {MIN_VAL_EXAMPLES} are needed to score a layer); raise --max-val "
-                        "or use a larger data set")
+                        f"least {MIN_VAL_EXAMPLES} are needed to score a layer); raise max_val "
+                        "or use a larger data set", parameter="max_val")
     layers = select_layers(candidate_layers(model, task.head_name), request.layer_names)
     sampled = {}
     if request.layer_sample is not None:
@@ -130,7 +130,7 @@ def _resumed(out: os.PathLike, group: str, stamp: dict[str, Any], columns: dict[
         stamp = {}
     if difference:
         raise RecordError(f"{str(out)!r} was collected with {difference}; use the same "
-                          "settings to resume, or write to another --out")
+                          "settings to resume, or write to another out", parameter="out")
     done_keys = {(layer, int(seed)) for layer, seed in
                  existing[["layer", "gt_seed"]].itertuples(index=False, name=None)}
     return stamp, done_keys

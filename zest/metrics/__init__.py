@@ -100,8 +100,9 @@ def resolve_metrics(spec: str | Sequence[str] | None) -> list[str]:
             raise UnknownNameError(unknown_name_message("metric", item,
                                                         METRICS.names() + list(METRIC_KINDS)))
     if not names:
-        raise InvalidInputError(f"--metrics {spec!r} selects no metric; use 'all', a kind "
-                                f"({', '.join(METRIC_KINDS)}) or metric names")
+        raise InvalidInputError(f"metrics={spec!r} selects no metric; use 'all', a kind "
+                                f"({', '.join(METRIC_KINDS)}) or metric names",
+                                parameter="metrics")
     return list(dict.fromkeys(names))
 
 

@@ -53,8 +53,9 @@ def load_model(spec: str, num_classes: int, *, checkpoint: str | os.PathLike | N
                                 f"{num_classes!r}")
     scheme = scheme_of(spec)
     if checkpoint is not None and not scheme.takes_checkpoint:
-        raise InvalidInputError(f"--checkpoint is only used with timm:<arch> and tv:<arch> specs, "
-                                f"not {spec!r}; for Hugging Face models use hf:<local dir>")
+        raise InvalidInputError(f"checkpoint is only used with timm:<arch> and tv:<arch> specs, "
+                                f"not {spec!r}; for Hugging Face models use hf:<local dir>",
+                                parameter="checkpoint")
     check_model_spec(spec)
     check_task_kind(spec, kind)
     torch.manual_seed(seed)

@@ -24,7 +24,8 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     n = z.shape[0]
     if n < 2:
         raise InvalidInputError(f"supcon needs a batch of at least 2 examples, got {n}; "
-                                "raise --batch-size or use --probe-loss ce")
+                                "raise batch_size or use probe_loss='ce'",
+                                parameter=("batch_size", "probe_loss"))
     sim = z @ z.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(self_mask, float("-inf"))
@@ -39,8 +40,8 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     return -(pos_log_prob[has_pos] / n_pos[has_pos]).mean()
 
 
-SUPCON_LM_MESSAGE = ("--probe-loss supcon contrasts class labels; a causal-LM task (lm:<data set>) "
-                     "probes with its next-token loss: pass --probe-loss ce or omit it")
+SUPCON_LM_MESSAGE = ("probe_loss='supcon' contrasts class labels; a causal-LM task (lm:<data "
+                     "set>) probes with its next-token loss: pass probe_loss='ce' or omit it")
 
 
 def probe_loss_for(kind: str, requested: str | None, default: str = "supcon") -> str:
@@ -50,7 +51,7 @@ def probe_loss_for(kind: str, requested: str | None, default: str = "supcon") ->
     if kind != "causal_lm":
         return requested or default
     if requested == "supcon":
-        raise InvalidInputError(SUPCON_LM_MESSAGE)
+        raise InvalidInputError(SUPCON_LM_MESSAGE, parameter="probe_loss")
     if requested not in (None, "ce"):
         raise InvalidInputError(f"unknown probe loss {requested!r}; a causal-LM task probes "
                                 "with 'ce' (its next-token loss)")

@@ -279,7 +279,7 @@ class Task:
             return F.cross_entropy(logits, targets)
         if kind == "supcon":
             if self.kind == "causal_lm":
-                raise InvalidInputError(SUPCON_LM_MESSAGE)
+                raise InvalidInputError(SUPCON_LM_MESSAGE, parameter="probe_loss")
             if output.labels is None:
                 self.predictions(output)  # raises the missing-labels error
             return supervised_contrastive_loss(output.features, output.labels)

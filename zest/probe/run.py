@@ -75,13 +75,14 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
                                 f"{sorted(needs & LABEL_NEEDS)}; pass a labelled batch or only "
                                 "label-free metrics")
     if labelled and loss == "supcon" and batch_size < 2:
-        raise InvalidInputError(f"--batch-size {batch_size} is too small for the supcon probe "
-                                "loss; use --batch-size 2 or more (32 recommended)")
+        raise InvalidInputError(f"batch_size={batch_size} is too small for the supcon probe "
+                                "loss; use a batch_size of 2 or more (32 recommended)",
+                                parameter="batch_size")
     if layers is None:
         layers = candidate_layers(model, task.head_name)
     layers = select_layers(layers, layer_names)
     if not layers:
-        raise InvalidInputError("no candidate layer to probe; check --layers")
+        raise InvalidInputError("no candidate layer to probe; check layers", parameter="layers")
     if device is None:
         device = next(model.parameters()).device
     modules = {layer.name: model.get_submodule(layer.name) for layer in layers}
