@@ -216,9 +216,9 @@ def test_an_encoder_with_an_lm_head_is_refused_by_tracing(tmp_path):
 def test_supcon_is_refused_and_ce_is_the_default_probe_loss_for_lm(tmp_path):
     model, task, data = load_pair("tiny_llama", "lm:rotten_tomatoes", options=OPTIONS)
     batch = data.batches("train", 8, 1)
-    with pytest.raises(InvalidInputError, match="--probe-loss ce"):
+    with pytest.raises(InvalidInputError, match="probe_loss='ce'"):
         rank(model, task, batch, by="snip", probe_loss="supcon")
-    with pytest.raises(InvalidInputError, match="--probe-loss ce"):
+    with pytest.raises(InvalidInputError, match="probe_loss='ce'"):
         probe(model, task, batch[0], loss="supcon")
     # the library's own calls take the task's loss when none is given
     assert probe(model, task, batch[0]).loss == pytest.approx(
@@ -276,5 +276,5 @@ def test_an_lm_text_file_needs_no_label_column(tmp_path):
                                  "--epochs", "1", "--max-length", "24",
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    with pytest.raises(DataError, match="--label-column"):
+    with pytest.raises(DataError, match="label_column"):
         load_pair("tiny_llama", f"csv:{path}", options=OPTIONS)

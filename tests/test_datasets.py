@@ -283,9 +283,9 @@ def test_missing_column_names_it_and_lists_columns(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset(f"csv:{path}", label_column="target")
     msg = str(e.value)
-    assert "'text'" in msg and "sentence" in msg and "target" in msg and "--text-column" in msg
+    assert "'text'" in msg and "sentence" in msg and "target" in msg and "set text_column" in msg
     assert "\n" not in msg
-    with pytest.raises(DataError, match="--label-column"):
+    with pytest.raises(DataError, match="set label_column"):
         load_dataset(f"csv:{path}", text_column="sentence", label_column="nope")
 
 
@@ -330,11 +330,11 @@ def test_unknown_spec_lists_known_names():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"max_train": 0}, "--max-train must be a positive integer"),
-        ({"max_val": -3}, "--max-val must be a positive integer"),
-        ({"max_test": 2.5}, "--max-test must be a positive integer"),
-        ({"image_size": 4}, "--image-size must be an integer of at least 8"),
-        ({"max_length": 7}, "--max-length must be an integer of at least 8"),
+        ({"max_train": 0}, "max_train must be a positive integer"),
+        ({"max_val": -3}, "max_val must be a positive integer"),
+        ({"max_test": 2.5}, "max_test must be a positive integer"),
+        ({"image_size": 4}, "image_size must be an integer of at least 8"),
+        ({"max_length": 7}, "max_length must be an integer of at least 8"),
         ({"channels": 2}, "channels must be 1 or 3"),
         ({"val_fraction": 1.2}, "val_fraction must lie in"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be below 1"),

@@ -282,7 +282,7 @@ def test_too_small_validation_split(tmp_path):
     with pytest.raises(Exception, match="validation examples") as info:
         _run(tmp_path, "small.parquet", options=DataOptions(image_size=16, max_train=96,
                                                               max_val=5))
-    assert "--max-val" in str(info.value)
+    assert "raise max_val" in str(info.value)
     assert not (tmp_path / "small.parquet").exists()
 
 

@@ -134,8 +134,8 @@ def direct_loss(kind: str, logits: torch.Tensor, features: torch.Tensor,
 def tiny() -> tuple[TinyNet, Task, tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
     model = TinyNet().double().eval()
-    task = Task(spec="tiny", modality="image", num_classes=3, head_name="head", family="custom",
-                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    task = Task(spec="tiny", modality="image", num_classes=3, head_name="head",
+                architecture="custom", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64,
                    generator=generator)

@@ -137,7 +137,7 @@ def test_groups_still_being_collected_are_left_out():
     missing = groundtruth[~((groundtruth["group"] == groups[1]) &
                             (groundtruth["layer"] == "layer.0"))]
     assert incomplete_groups(metrics, missing, min_seeds=1) == [groups[1]]
-    with pytest.raises(InvalidInputError, match="min-seeds"):
+    with pytest.raises(InvalidInputError, match="min_seeds"):
         incomplete_groups(metrics, groundtruth, min_seeds=0)
 
 

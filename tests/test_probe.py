@@ -146,7 +146,7 @@ def test_model_intact_when_a_metric_raises_during_collection(monkeypatch):
 def test_supcon_needs_two_examples():
     model, task = load_model("tiny_cnn", 3)
     x, y = image_batch(1)
-    with pytest.raises(InvalidInputError, match="batch-size"):
+    with pytest.raises(InvalidInputError, match="batch_size"):
         probe(model, task, (x, y), needs={"grad"})
     result = probe(model, task, image_batch(2), needs={"grad"}, loss="ce")
     assert result.contexts

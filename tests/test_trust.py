@@ -365,7 +365,7 @@ def test_a_delta_that_does_not_record_its_base_is_refused_unless_told(deltas, ed
     state = _state(base)
     with pytest.raises(InvalidInputError, match="does not record its base") as caught:
         apply_delta(base, delta)
-    assert "--no-check-base" in _single_line(caught.value) and _unchanged(base, state)
+    assert "check_base=False" in _single_line(caught.value) and _unchanged(base, state)
     apply_delta(base, delta, check_base=False)
     expected = apply_delta(_base(num_classes), found["gps"])
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in expected.state_dict().items())
