@@ -12,7 +12,7 @@ from zest.errors import InvalidInputError, NonFiniteLossError
 from zest.metrics import compute_metrics, metric_names, needs_of
 from zest.models import load_model
 from zest.probe import probe
-from zest.probe.recorder import _Recorder
+from zest.probe.recorder import Recorder
 
 ALL_NEEDS = needs_of(metric_names())
 
@@ -73,7 +73,7 @@ def test_model_restored_when_a_hook_raises(monkeypatch):
     def boom(*_args, **_kwargs):
         raise RuntimeError("metric summary failed")
 
-    monkeypatch.setattr(_Recorder, "_summarise_forward", boom)
+    monkeypatch.setattr(Recorder, "_summarise_forward", boom)
     with pytest.raises(RuntimeError, match="metric summary failed"):
         probe(model, task, image_batch(), needs=ALL_NEEDS)
     assert_same(before, snapshot(model))
@@ -84,13 +84,13 @@ def test_model_restored_when_synflow_pass_raises(monkeypatch):
     before = snapshot(model)
     import zest.probe.passes as probe_module
 
-    original = probe_module._synflow
+    original = probe_module.synflow_gradients
 
     def failing(*args, **kwargs):
         original(*args, **kwargs)  # leaves the model in its float64 |θ| state
         raise RuntimeError("synflow failed")
 
-    monkeypatch.setattr(probe_module, "_synflow", failing)
+    monkeypatch.setattr(probe_module, "synflow_gradients", failing)
     with pytest.raises(RuntimeError, match="synflow failed"):
         probe(model, task, image_batch(), needs=ALL_NEEDS)
     assert_same(before, snapshot(model))
@@ -170,7 +170,7 @@ def test_direct_half_batch_gradients_match_recomputing_the_layer(monkeypatch, sp
     model, task = load_model(spec, 3)
     batch = batch_for(task)
     direct = probe(model, task, batch, needs={"grad", "grad_halves"})
-    monkeypatch.setattr(probe_module, "_supports_direct_gradient", lambda module: False)
+    monkeypatch.setattr(probe_module, "supports_direct_gradient", lambda module: False)
     recomputed = probe(model, task, batch, needs={"grad", "grad_halves"})
     checked = 0
     for name, ctx in direct.contexts.items():
@@ -309,7 +309,7 @@ def test_backward_pass_releases_what_each_layer_needed(monkeypatch, spec):
 
     model, task = load_model(spec, 3)
     held = []
-    make_hook = _Recorder._grad_hook
+    make_hook = Recorder._grad_hook
 
     def spying_hook(self, name, module, per_example):
         hook = make_hook(self, name, module, per_example)
@@ -320,7 +320,7 @@ def test_backward_pass_releases_what_each_layer_needed(monkeypatch, spec):
                          name in self.inputs or name in self.output_grads))
         return spy
 
-    monkeypatch.setattr(_Recorder, "_grad_hook", spying_hook)
+    monkeypatch.setattr(Recorder, "_grad_hook", spying_hook)
     probe(model, task, batch_for(task), needs=ALL_NEEDS, loss="ce")
     assert sum(direct for _, direct, _, _ in held) >= 3
     for name, direct, output_held, input_or_delta_held in held:

@@ -14,18 +14,18 @@ from zest.architectures import conv_forward
 from zest.layers import Layer
 
 if TYPE_CHECKING:
-    from zest.probe.recorder import _Recorder
+    from zest.probe.recorder import Recorder
 
 
-def _weight_gradients(loss: torch.Tensor, recorder: _Recorder, layers: Sequence[Layer],
+def weight_gradients(loss: torch.Tensor, recorder: Recorder, layers: Sequence[Layer],
                       modules: dict[str, nn.Module]
                       ) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """∇W of every candidate layer from the one backward pass, and with ``recorder.split`` the
     contributions of the two halves of the batch.
 
     ``∇W = Σ_n J_W,nᵀ δ_n`` is a sum over examples. Layers the probe forms itself (see
-    ``_Recorder._pre_hook``) get each half's sum straight from the recorded input and output
-    gradient δ as δ arrives (``_Recorder._grad_hook``), and ∇W as their total: the same work
+    ``Recorder._pre_hook``) get each half's sum straight from the recorded input and output
+    gradient δ as δ arrives (``Recorder._grad_hook``), and ∇W as their total: the same work
     autograd would have done, split in two. For the other layers autograd returns ∇W; the first
     half's part is computed directly for Linear and Conv2d, by re-running the layer alone on the
     first half otherwise, and the second half's part is the rest.
@@ -72,8 +72,8 @@ def _first_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: to
                          half: int, batch_size: int) -> torch.Tensor:
     """∇W of the first ``half`` examples of a layer autograd differentiated."""
     if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and \
-            _supports_direct_gradient(module):
-        return _direct_weight_gradient(module, args[0][:half].detach(), delta[:half])
+            supports_direct_gradient(module):
+        return direct_weight_gradient(module, args[0][:half].detach(), delta[:half])
     with torch.enable_grad():  # any other module type: re-run it alone on the first half
         first_args = tuple(_first_rows(a, half, batch_size) for a in args)
         first_kwargs = {k: _first_rows(v, half, batch_size) for k, v in kwargs.items()}
@@ -81,8 +81,8 @@ def _first_half_gradient(module: nn.Module, args: tuple, kwargs: dict, delta: to
         return torch.autograd.grad(out, module.weight, grad_outputs=delta[:half])[0].detach()
 
 
-def _supports_direct_gradient(module: nn.Module) -> bool:
-    """Whether :func:`_direct_weight_gradient` handles the module: Linear, and convolutions
+def supports_direct_gradient(module: nn.Module) -> bool:
+    """Whether :func:`direct_weight_gradient` handles the module: Linear, and convolutions
     whose forward is exactly ``conv2d`` (:func:`zest.architectures.conv_forward`: Conv2d, and
     timm's dynamic "same" padding ``Conv2dSame``) with numeric padding."""
     if type(module) is nn.Linear:
@@ -91,7 +91,7 @@ def _supports_direct_gradient(module: nn.Module) -> bool:
         not isinstance(module.padding, str)
 
 
-def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Tensor
+def direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Tensor
                             ) -> torch.Tensor:
     """``∇W = J_Wᵀ δ`` of the examples in ``x`` from the layer's input and output gradient."""
     if type(module) is nn.Linear:
@@ -116,21 +116,21 @@ def _direct_weight_gradient(module: nn.Module, x: torch.Tensor, delta: torch.Ten
     return grad.detach().contiguous()
 
 
-def _per_example_fisher(recorder: _Recorder, modules: dict[str, nn.Module]
+def per_example_fisher(recorder: Recorder, modules: dict[str, nn.Module]
                         ) -> dict[str, float]:
     """``mean_n ‖g_n‖²`` per layer, ``g_n`` the contribution of example n to ∇(W, b) (the
     layer's part of the diagonal empirical Fisher; Lodha et al. 2023), in the order the output
     gradients arrived: the layers the probe differentiates itself have it from their gradient
     hook, the others get it here from their recorded input and δ."""
     return {name: value if value is not None else
-            _per_example_fisher_of(modules[name], *recorder.inputs[name],
+            per_example_fisher_of(modules[name], *recorder.inputs[name],
                                    recorder.output_grads[name])
             for name, value in recorder.example_fisher.items()}
 
 
-def _per_example_fisher_of(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
+def per_example_fisher_of(module: nn.Module, args: tuple, kwargs: dict, delta: torch.Tensor,
                            closed_form_only: bool = False) -> float | None:
-    """One layer's ``mean_n ‖g_n‖²`` (see :func:`_per_example_fisher`); with
+    """One layer's ``mean_n ‖g_n‖²`` (see :func:`per_example_fisher`); with
     ``closed_form_only``, ``None`` where that takes the per-example loop (autograd), which is
     left for after the backward pass."""
     norms = _closed_form_squared_norms(module, args, kwargs, delta)

@@ -1,5 +1,5 @@
 """The probe's extra passes: a finite-difference Hessian-vector product (GraSP) and a data-free
-SynFlow pass; each swaps parameter storages and puts them back (:func:`_swap_back`)."""
+SynFlow pass; each swaps parameter storages and puts them back (:func:`swap_back`)."""
 
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ from torch import nn
 from zest.layers import Layer
 from zest.models import Batch, Task, check_finite
 from zest.probe.context import sum64_of
-from zest.probe.gradients import _weight_gradients
-from zest.probe.recorder import _Recorder
+from zest.probe.gradients import weight_gradients
+from zest.probe.recorder import Recorder
 
 HVP_EPSILON = 1e-2
 
 
-def _swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:
+def swap_back(saved: dict[torch.Tensor, torch.Tensor]) -> None:
     """Puts the original storages back into parameters and buffers."""
     for tensor, original in saved.items():
         tensor.data = original
     saved.clear()
 
 
-def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,
+def finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: Any, loss: str,
                            layers: Sequence[Layer], modules: dict[str, nn.Module],
                            grads: list[torch.Tensor], saved: dict[torch.Tensor, torch.Tensor],
                            batch_label: str) -> list[torch.Tensor]:
     """``H g ≈ (∇L(θ + εĝ) − ∇L(θ)) · ‖g‖ / ε`` over the candidate weights (one extra pass,
-    whose weight gradients are formed like the main pass's, see :func:`_weight_gradients`).
+    whose weight gradients are formed like the main pass's, see :func:`weight_gradients`).
 
     The original weight storages are kept in ``saved`` and swapped back by the caller, so the
     model returns bit-for-bit to its state even if this pass raises.
@@ -45,20 +45,20 @@ def _finite_difference_hvp(model: nn.Module, task: Task, batch: Batch, device: A
             w = modules[layer.name].weight
             saved[w] = w.data
             w.data = w.data + step * g
-    recorder = _Recorder(layers, modules, {"grad"}, batch, task.batch_size(batch), model)
+    recorder = Recorder(layers, modules, {"grad"}, batch, task.batch_size(batch), model)
     try:
         recorder.attach()
         with torch.enable_grad():
             output = task.forward(model, batch, device)
             value = task.loss(output, loss)
             check_finite(value, f"{batch_label} (Hessian-vector pass)")
-            shifted, _ = _weight_gradients(value, recorder, layers, modules)
+            shifted, _ = weight_gradients(value, recorder, layers, modules)
     finally:
         recorder.detach()
     return [s.sub_(g).div_(step) for s, g in zip(shifted, grads, strict=True)]
 
 
-def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
+def synflow_gradients(model: nn.Module, task: Task, batch: Batch, device: Any,
              weights: list[nn.Parameter], saved: dict[torch.Tensor, torch.Tensor]
              ) -> list[torch.Tensor] | None:
     """∂R/∂|θ| for R = 1ᵀ f(1; |θ|) on a single all-ones input (Tanaka et al. 2020).
@@ -78,7 +78,7 @@ def _synflow(model: nn.Module, task: Task, batch: Batch, device: Any,
     # overflow the float32 sum only near float32's range, which calls for float64 as well
     if bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all()):
         return grads
-    _swap_back(saved)
+    swap_back(saved)
     return _synflow_pass(model, task, batch, device, weights, saved, torch.float64)
 
 

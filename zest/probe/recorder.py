@@ -186,7 +186,7 @@ def _channel_fisher(act: torch.Tensor, grad: torch.Tensor, channel_dim: int) -> 
     return 0.5 * g_nk.double().pow(2).mean(dim=0).cpu()
 
 
-class _Recorder:
+class Recorder:
     """Forward and tensor hooks of one probe; summarises what the metrics need."""
 
     def __init__(self, layers: Sequence[Layer], modules: dict[str, nn.Module], needs: set[str],
@@ -258,7 +258,7 @@ class _Recorder:
             x = args[0] if len(args) == 1 and not kwargs else None
             direct = (name not in self._called and isinstance(x, torch.Tensor)
                       and x.requires_grad and x.ndim > 0 and x.shape[0] == self.batch_size
-                      and gradients._supports_direct_gradient(module))
+                      and gradients.supports_direct_gradient(module))
             self._called.add(name)
             module.weight.requires_grad_(not direct)
             if direct:
@@ -367,13 +367,13 @@ class _Recorder:
             if self.split:
                 half = self.batch_size // 2
                 self.direct_parts[name] = (
-                    gradients._direct_weight_gradient(module, x[:half], delta[:half]),
-                    gradients._direct_weight_gradient(module, x[half:], delta[half:]))
+                    gradients.direct_weight_gradient(module, x[:half], delta[:half]),
+                    gradients.direct_weight_gradient(module, x[half:], delta[half:]))
             else:
-                self.direct_parts[name] = (gradients._direct_weight_gradient(module, x, delta),
+                self.direct_parts[name] = (gradients.direct_weight_gradient(module, x, delta),
                                            None)
             if "per_example_fisher" in self.needs:
-                value = gradients._per_example_fisher_of(module, args, kwargs, delta,
+                value = gradients.per_example_fisher_of(module, args, kwargs, delta,
                                                          closed_form_only=True)
                 if value is None:  # the per-example loop runs after the backward pass
                     self._keep_for_later(name, delta)

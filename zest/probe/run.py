@@ -35,7 +35,7 @@ from zest.models import Batch, Task, check_finite, preserved_training_state, pro
 from zest.probe import gradients
 from zest.probe import passes as extra_passes
 from zest.probe.context import BACKWARD_NEEDS, LABEL_NEEDS, NEEDS, LayerContext, ProbeResult
-from zest.probe.recorder import _Recorder
+from zest.probe.recorder import Recorder
 
 
 def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer] | None = None,
@@ -91,7 +91,7 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
 
     start = time.perf_counter()
     passes: list[str] = []
-    recorder = _Recorder(layers, modules, needs, batch, batch_size, model)
+    recorder = Recorder(layers, modules, needs, batch, batch_size, model)
     saved_storages: dict[torch.Tensor, torch.Tensor] = {}
     grads: list[torch.Tensor] | None = None
     hvps: list[torch.Tensor] | None = None
@@ -113,36 +113,36 @@ def probe(model: nn.Module, task: Task, batch: Batch, *, layers: Sequence[Layer]
                     check_finite(loss_value, batch_label)
                 passes.append("forward")
                 if needs_backward:
-                    grads, halves = gradients._weight_gradients(loss_value, recorder, layers,
+                    grads, halves = gradients.weight_gradients(loss_value, recorder, layers,
                                                                 modules)
                     passes.append("backward")
                 recorder.detach()  # the passes below must not re-fire the output hooks
                 for w in weights:
                     w.requires_grad_(True)
                 if "per_example_fisher" in needs:
-                    fisher_diagonal = gradients._per_example_fisher(recorder, modules)
+                    fisher_diagonal = gradients.per_example_fisher(recorder, modules)
                 recorder.output_grads.clear()
                 recorder.outputs.clear()
                 recorder.inputs.clear()
             recorder.detach()
             del output
             if "hvp" in needs and grads is not None:
-                hvps = extra_passes._finite_difference_hvp(
+                hvps = extra_passes.finite_difference_hvp(
                     model, task, batch, device, loss, layers, modules, grads, saved_storages,
                     batch_label)
-                extra_passes._swap_back(saved_storages)
+                extra_passes.swap_back(saved_storages)
                 for w in weights:
                     w.requires_grad_(True)
                 passes.append("hvp")
             if "synflow" in needs:
-                synflow_grads = extra_passes._synflow(model, task, batch, device, weights,
+                synflow_grads = extra_passes.synflow_gradients(model, task, batch, device, weights,
                                                       saved_storages)
-                extra_passes._swap_back(saved_storages)
+                extra_passes.swap_back(saved_storages)
                 if synflow_grads is not None:
                     passes.append("synflow")
         finally:
             recorder.detach()
-            extra_passes._swap_back(saved_storages)
+            extra_passes.swap_back(saved_storages)
 
     labels = task.labels(batch).detach().cpu() if "labels" in needs else None
     contexts: dict[str, LayerContext] = {}
