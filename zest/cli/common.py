@@ -25,7 +25,8 @@ app.add_typer(collect_app, name="collect")
 
 # -- shared options ------------------------------------------------------------------------------
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model spec: minilm, smollm2, "
-                                          "efficientnet_lite0, efficientnet_lite2, mobilenetv2, "
+                                          "mpnet, gemma3, efficientnet_lite0, "
+                                          "efficientnet_lite2, mobilenetv2, "
                                           "timm:<arch>, tv:<arch>, "
                                           "hf:<dir>, tiny_* test models.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", "-d", help="Data set spec: digits, "
