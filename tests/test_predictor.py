@@ -241,3 +241,34 @@ def test_ranking_says_when_the_model_family_is_unseen():
     assert unseen_family_note(ranker, SimpleNamespace(spec="minilm")) is None
     ranker.info_ = {}
     assert unseen_family_note(ranker, SimpleNamespace(spec="smollm2")) is None
+
+
+def test_a_predictor_file_is_validated_once_per_content(tmp_path, monkeypatch):
+    """``ZestRanker.load`` keeps what it validated, by the bytes' SHA-256: the same file again
+    is not re-checked, an edited one is (and a damaged edit is still refused)."""
+    import json as _json
+
+    import zest.predictor as predictor_module
+    from zest.predictor import ZestRanker
+    from zest.predictor_file import CHECKSUM_KEY, content_checksum
+    from zest.ranking import shipped_predictor_path
+
+    path = tmp_path / "p.json"
+    path.write_bytes(shipped_predictor_path().read_bytes())
+    first = ZestRanker.load(path)
+    calls = []
+    real = predictor_module.check_lightgbm_model
+    monkeypatch.setattr(predictor_module, "check_lightgbm_model",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ZestRanker.load(path)
+    assert calls == [] and again is not first and again.features_ == first.features_
+    spec = _json.loads(path.read_text())
+    spec.pop(CHECKSUM_KEY)
+    spec["groups"] = ["edited"]
+    spec[CHECKSUM_KEY] = content_checksum(spec)
+    path.write_text(_json.dumps(spec))
+    ZestRanker.load(path)
+    assert calls == [1]
+    path.write_text(path.read_text().replace('"edited"', '"damaged"'))
+    with pytest.raises(RecordError, match="checksum"):
+        ZestRanker.load(path)

@@ -14,6 +14,8 @@ importable from here too.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -296,9 +298,21 @@ class ZestRanker:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ZestRanker:
         """Reads a ranker saved by :meth:`save`; corrupt files and other format versions raise
-        a one-line error."""
+        a one-line error. A file whose bytes were loaded and validated before in this process
+        is not read again (:data:`LOADED`, keyed by the SHA-256 of the bytes, so an edited file
+        is validated again): every ``zest.rank`` call loads its predictor, and the checks cost
+        about a tenth of a small CNN's forward+backward pass."""
+        content = Path(path).read_bytes() if Path(path).is_file() else None
+        key = hashlib.sha256(content).hexdigest() if content is not None else None
+        if key in LOADED:
+            return copy.copy(LOADED[key])
         spec, source = read_predictor(path)
-        return cls.from_dict(spec, source=source)
+        ranker = cls.from_dict(spec, source=source)
+        if key is not None:
+            while len(LOADED) >= LOADED_LIMIT:
+                LOADED.pop(next(iter(LOADED)))
+            LOADED[key] = ranker
+        return copy.copy(ranker)
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], source: str = "predictor") -> ZestRanker:
@@ -360,3 +374,9 @@ class ZestRanker:
                                   f"{len(ranker.features_)}); train it again with "
                                   "`zest train-predictor`")
         return ranker
+
+
+#: Rankers loaded (and validated) in this process, by the SHA-256 of their file's bytes.
+LOADED: dict[str, ZestRanker] = {}
+#: The most rankers :data:`LOADED` keeps (the oldest is dropped first).
+LOADED_LIMIT = 8
