@@ -398,7 +398,8 @@ def ranking_section() -> list[str]:
     cross = {r["method"]: r["kendall"] for r in data["summary"] if r["scheme"] == "cross_modality"}
     if "predictor" in cross:
         best = max((m for m in cross if m != "predictor"), key=lambda m: cross[m])
-        verdict = "above" if cross["predictor"] > cross[best] else "below"
+        gap = round(cross["predictor"] - cross[best], 3)
+        verdict = "above" if gap > 0 else "below" if gap < 0 else "equal to"
         lines += ["", f"Cross-modality (train on one modality, test on the other): predictor "
                   f"Kendall τ {cross['predictor']:.3f}, {verdict} the best single method "
                   f"({best}, {cross[best]:.3f})."]
