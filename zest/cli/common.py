@@ -60,7 +60,6 @@ def command_flags(command: Callable[..., Any]) -> dict[str, str]:
     the command's Typer options (a two-way flag also by ``name=True``/``name=False``); how
     :func:`zest.errors.message_for` names a library error's parameters on the command line
     (the one place parameters become flags)."""
-    import inspect
     import typing
 
     from typer.models import OptionInfo
@@ -154,7 +153,6 @@ def with_data_options(exclude: tuple[str, ...] = ()):
     ``options`` argument built from them (validated before any work)."""
     import dataclasses
     import functools
-    import inspect
     import typing
 
     from zest.loading import DataOptions
@@ -201,7 +199,6 @@ def with_settings(settings_class: type, argument: str):
     values. The class is built by the command, under :func:`settings_named` with the
     flags of :func:`zest.command_line.option_flags`."""
     import functools
-    import inspect
     import typing
 
     from zest.command_line import cli_fields
